@@ -1,0 +1,115 @@
+"""Building blocks shared by the reference architectures.
+
+Everything here exports to plain ONNX ops (Sub/Div, Conv, BatchNormalization,
+Relu/Clip) with ``torch.onnx.export(..., dynamo=False, opset_version=17)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+# The same numbers are used for ImageNet and CIFAR models (the pretrained CIFAR
+# ResNet checkpoints were trained with exactly these).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+MNIST_MEAN: tuple[float] = (0.1307,)
+MNIST_STD: tuple[float] = (0.3081,)
+
+
+class Normalize(nn.Module):
+    """Per-channel input normalisation ``(x - mean) / std`` on NCHW tensors.
+
+    ``mean`` and ``std`` are non-persistent buffers: they move with ``.to()``
+    and become ONNX constants, but stay out of ``state_dict()`` so that
+    checkpoints trained with normalisation in the data pipeline load as is.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError(f"mean has {len(mean)} entries but std has {len(std)}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {tuple(std)}")
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        mean = tuple(round(v, 4) for v in self.mean.flatten().tolist())
+        std = tuple(round(v, 4) for v in self.std.flatten().tolist())
+        return f"mean={mean}, std={std}"
+
+
+def make_normalize(
+    enabled: bool,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> nn.Module:
+    """A :class:`Normalize` when ``enabled``, else ``nn.Identity`` (exports to nothing)."""
+    return Normalize(mean, std) if enabled else nn.Identity()
+
+
+def scaled(channels: int, width: float) -> int:
+    """``channels * width`` rounded to the nearest int, at least 1."""
+    if width <= 0:
+        raise ValueError(f"width multiplier must be positive, got {width}")
+    return max(1, int(round(channels * width)))
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round ``value`` to a multiple of ``divisor``, never going down by more than 10 %.
+
+    Same rule as torchvision's ``_make_divisible`` (MobileNet / MnasNet widths).
+    """
+    if min_value is None:
+        min_value = divisor
+    new_value = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if new_value < 0.9 * value:
+        new_value += divisor
+    return new_value
+
+
+class ConvBNAct(nn.Sequential):
+    """``Conv2d(bias=False) -> BatchNorm2d -> activation`` as a Sequential.
+
+    Indices 0/1/2 match torchvision's ``Conv2dNormActivation`` so state-dict keys
+    follow the torchvision layout. ``activation=None`` leaves out the activation.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        activation: type[nn.Module] | None = nn.ReLU,
+        bn_momentum: float = 0.1,
+    ) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=(kernel_size - 1) // 2,
+                groups=groups,
+                bias=False,
+            ),
+            nn.BatchNorm2d(out_channels, momentum=bn_momentum),
+        ]
+        if activation is not None:
+            layers.append(activation())
+        super().__init__(*layers)

@@ -1,0 +1,5 @@
+"""``python -m onnxprune`` is the ``onnxprune`` command."""
+
+from onnxprune.cli import main
+
+raise SystemExit(main())

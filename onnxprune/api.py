@@ -1,0 +1,242 @@
+"""The Python API: ``prune`` and ``run_passes`` on a model or a path."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxprune import __version__
+from onnxprune.channels.analysis import ChannelAnalysis, analyze
+from onnxprune.channels.plan import PrunePlan, WidthPolicy, make_plan, round_to
+from onnxprune.cost import CostSummary, model_cost
+from onnxprune.errors import OnnxPruneError, PassError
+from onnxprune.graphio import to_graph, to_model
+from onnxprune.modelio import LoadedModel, as_loaded, check_output_path, needs_external_data, staged_write
+from onnxprune.pass_infra import GraphPass, PassManager, PassRecord
+from onnxprune.verify import VerifyResult, verify_same_function
+
+
+@dataclass
+class RunReport:
+    """What a pass pipeline did, how long each stage took, and what it cost before and after."""
+
+    input: str | None
+    output: str | None
+    before: CostSummary
+    after: CostSummary
+    passes: list[PassRecord] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    verification: VerifyResult | None = None
+    plan: PrunePlan | None = None
+
+    def to_dict(self) -> dict:
+        out = {
+            "onnxprune_version": __version__,
+            "input": self.input,
+            "output": self.output,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "passes": [
+                {"name": r.name, "modified": r.result.modified, "summary": r.result.summary, "seconds": r.seconds, "auto": r.auto}
+                for r in self.passes
+            ],
+            "timings_s": self.timings,
+        }
+        if self.verification is not None:
+            out["verification"] = {
+                "trials": self.verification.trials,
+                "max_relative_error": self.verification.max_relative_error,
+                "tolerance": self.verification.tolerance,
+            }
+        if self.plan is not None:
+            out["groups"] = group_report(self.plan)
+            out["barriers"] = self.plan.analysis.barriers
+        return out
+
+
+@dataclass
+class RunResult:
+    model: onnx.ModelProto
+    report: RunReport
+
+
+def group_report(plan: PrunePlan) -> list[dict]:
+    """Per channel group: size, live, dead, removed, and why dead channels were kept."""
+    rows = []
+    for d in plan.groups:
+        g = d.group
+        first = plan.keep_mask(g.tensors[0]) if g.tensors else np.ones(0, dtype=bool)
+        comps = plan.analysis.components_of(g.tensors[0])
+        in_group = np.isin(comps, g.components)
+        rows.append(
+            {
+                "group": g.name,
+                "tensors": g.tensors,
+                "layers": g.producers,
+                "channels": d.channels,
+                "live": d.live,
+                "dead": d.dead,
+                "removed": d.removed,
+                "kept": d.kept,
+                "kept_dead": d.kept_dead,
+                "removed_index": np.flatnonzero(~first[in_group]).tolist(),
+            }
+        )
+    return rows
+
+
+def _removed_metadata(plan: PrunePlan) -> dict[str, object]:
+    removed = {
+        row["group"]: {"tensor": row["tensors"][0], "channels": row["channels"], "removed": row["removed_index"]}
+        for row in group_report(plan)
+        if row["removed"]
+    }
+    return {"onnxprune.version": __version__, "onnxprune.removed": removed}
+
+
+def _check_output_model(model: onnx.ModelProto, path: Path | None = None) -> None:
+    try:
+        if path is not None:
+            onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PassError(f"internal error: the rewritten model fails the ONNX checker ({first}); nothing was written") from None
+
+
+def run_passes(
+    model_or_path: onnx.ModelProto | str | os.PathLike[str],
+    passes: list[GraphPass],
+    *,
+    output: str | os.PathLike[str] | None = None,
+    verify: bool = True,
+    metadata: dict[str, object] | None = None,
+    external_data: bool | None = None,
+    progress=None,
+) -> RunResult:
+    """Run ``passes`` on a model; check, verify on ONNX Runtime and (optionally) write it atomically.
+
+    Nothing is written if the result fails the ONNX checker or differs from the
+    input on ONNX Runtime (unless ``verify`` is False).
+    """
+    from passes import PROVIDERS
+    from passes.structure import InferShapesPass
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    loaded: LoadedModel = as_loaded(model_or_path)
+    if output is not None:
+        check_output_path(output, loaded)
+    graph = to_graph(loaded.model)
+    timings["load"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    manager = PassManager([], PROVIDERS, on_pass=progress)
+    holds: set[str] = set()
+    records = manager.run(graph, [InferShapesPass()], holds=holds)
+    before = model_cost(graph)
+    records += manager.run(graph, passes, holds=holds)
+    plan = next((r.result.details["plan"] for r in reversed(records) if "plan" in r.result.details), None)
+    after = model_cost(graph)
+    meta = dict(metadata or {})
+    if plan is not None:
+        meta.update(_removed_metadata(plan))
+    result_model = to_model(graph, loaded.model, meta)
+    del graph
+    timings["analysis+rewrite"] = time.perf_counter() - t1
+
+    report = RunReport(
+        input=str(loaded.path) if loaded.path else None,
+        output=str(output) if output is not None else None,
+        before=before,
+        after=after,
+        passes=records,
+        timings=timings,
+        plan=plan,
+    )
+    reference = loaded.path if loaded.path is not None else loaded.model
+    big = needs_external_data(result_model)
+    if output is None:
+        if not big:
+            _check_output_model(result_model)
+        if verify:
+            t2 = time.perf_counter()
+            report.verification = verify_same_function(reference, result_model)
+            timings["verify"] = time.perf_counter() - t2
+        return RunResult(result_model, report)
+
+    use_external = loaded.uses_external_data if external_data is None else external_data
+    t3 = time.perf_counter()
+    with staged_write(result_model, output, external_data=use_external or big) as staged:
+        timings["save"] = time.perf_counter() - t3
+        _check_output_model(result_model, staged if big else None)
+        if verify:
+            t2 = time.perf_counter()
+            report.verification = verify_same_function(reference, staged)
+            timings["verify"] = time.perf_counter() - t2
+        t4 = time.perf_counter()
+    timings["save"] += time.perf_counter() - t4  # the move into place
+    return RunResult(result_model, report)
+
+
+def prune_model(
+    model_or_path: onnx.ModelProto | str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str] | None = None,
+    round_to_n: int | None = None,
+    width_policy: WidthPolicy | None = None,
+    verify: bool = True,
+    external_data: bool | None = None,
+    progress=None,
+) -> RunResult:
+    """Delete provably dead channels; see :func:`prune` (this variant also returns the report)."""
+    from passes.prune_channels import PruneChannelsPass
+
+    if round_to_n is not None and round_to_n < 1:
+        raise OnnxPruneError("--round-to must be a positive integer")
+    policy = width_policy or (round_to(round_to_n) if round_to_n and round_to_n > 1 else None)
+    return run_passes(
+        model_or_path,
+        [PruneChannelsPass(policy)],
+        output=output,
+        verify=verify,
+        external_data=external_data,
+        progress=progress,
+    )
+
+
+def prune(
+    model_or_path: onnx.ModelProto | str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str] | None = None,
+    round_to: int | None = None,
+    verify: bool = True,
+) -> onnx.ModelProto:
+    """Return a smaller model computing the same function: provably dead channels deleted.
+
+    ``round_to`` keeps just enough dead channels that every pruned width is a
+    multiple of it. With ``verify`` (default) the result is run on ONNX Runtime
+    against the input and a mismatch raises VerificationError. With ``output``
+    the result is also written there atomically.
+    """
+    return prune_model(model_or_path, output=output, round_to_n=round_to, verify=verify).model
+
+
+def inspect_model(model_or_path: onnx.ModelProto | str | os.PathLike[str]) -> tuple[ChannelAnalysis, PrunePlan, CostSummary, LoadedModel]:
+    """Analyse a model without changing it: channel groups, dead channels, barriers, cost."""
+    from passes import PROVIDERS
+    from passes.fold_constants import FoldConstantsPass
+    from passes.structure import InferShapesPass
+
+    loaded = as_loaded(model_or_path)
+    graph = to_graph(loaded.model)
+    PassManager([FoldConstantsPass(), InferShapesPass()], PROVIDERS).run(graph)
+    graph.toposort()
+    analysis = analyze(graph)
+    return analysis, make_plan(analysis), model_cost(graph), loaded

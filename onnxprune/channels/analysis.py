@@ -1,0 +1,186 @@
+"""Channel analysis: run the rule table over a graph, resolve components and groups.
+
+The result says, for every *component* (one channel as it appears in every
+tensor it reaches), whether it is live (some consumer sees a value that is not
+provably zero, or a constant it cannot fold) and whether it is pinned (it
+reaches a graph input/output or an op no rule covers), and why. Components that
+span the same tensors form a *group*: "the 64 channels of layer1.0.conv1".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.channels.context import AnalysisContext, ReadKind
+from onnxprune.channels.rules import RULES
+from onnxprune.graphutil import has_subgraphs, is_default_domain, producer, walk_subgraph_inputs
+
+CHANNEL_SOURCES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class ChannelGroup:
+    """Components spanning the same set of tensors."""
+
+    index: int
+    name: str
+    tensors: list[str]
+    producers: list[str]
+    components: np.ndarray  # component ids, in channel order of the first tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.components.size)
+
+
+@dataclass
+class ChannelAnalysis:
+    """What the analysis found; see the module docstring."""
+
+    graph: gs.Graph
+    ctx: AnalysisContext
+    component_of_slot: np.ndarray
+    live: np.ndarray
+    pinned: np.ndarray
+    reasons: list[str]
+    live_reason: np.ndarray
+    pin_reason: np.ndarray
+    groups: list[ChannelGroup] = field(default_factory=list)
+    group_of_component: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def num_components(self) -> int:
+        return int(self.live.size)
+
+    @property
+    def removable(self) -> np.ndarray:
+        """Components that are provably dead and free to delete everywhere."""
+        return ~self.live & ~self.pinned
+
+    def components_of(self, tensor: str) -> np.ndarray:
+        return self.component_of_slot[self.ctx.slots.ids(tensor)]
+
+    @property
+    def barriers(self) -> dict[str, str]:
+        return dict(self.ctx.barrier_nodes)
+
+
+class _Reasons:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def id(self, text: str) -> int:
+        if text not in self._index:
+            self._index[text] = len(self.items)
+            self.items.append(text)
+        return self._index[text]
+
+
+def _run_rules(graph: gs.Graph) -> AnalysisContext:
+    ctx = AnalysisContext(graph)
+    for node in graph.nodes:
+        if has_subgraphs(node):
+            outer = list(walk_subgraph_inputs(node))
+            ctx.barrier(node, "it has subgraphs")
+            tensors = graph.tensors()
+            for name in outer:
+                t = tensors.get(name)
+                if t is not None and ctx.tracked(t) is not None:
+                    ctx.read(t, node, ReadKind.BARRIER, f"read inside a subgraph of {node.op} '{node.name}'")
+            continue
+        rule = RULES.get(node.op) if is_default_domain(node) else None
+        if rule is None:
+            if any(ctx.tracked(t) is not None for t in node.inputs):
+                domain = f"{node.domain}." if node.domain not in (None, "", "ai.onnx") else ""
+                ctx.barrier(node, f"no channel rule for {domain}{node.op}")
+            continue
+        rule.analyze(node, ctx)
+    for t in graph.outputs:
+        if ctx.tracked(t) is not None:
+            ctx.read(t, None, ReadKind.BARRIER, f"reaches graph output '{t.name}'")
+    return ctx
+
+
+def analyze(graph: gs.Graph) -> ChannelAnalysis:
+    """Analyse a toposorted graph whose tensors carry shapes (see the infer-shapes pass)."""
+    ctx = _run_rules(graph)
+    labels = ctx.slots.components()
+    roots, comp = np.unique(labels, return_inverse=True)
+    k = roots.size
+    reasons = _Reasons()
+    live = np.zeros(k, dtype=bool)
+    pinned = np.zeros(k, dtype=bool)
+    live_reason = np.full(k, -1, dtype=np.int64)
+    pin_reason = np.full(k, -1, dtype=np.int64)
+
+    def mark(flags, why, ids, text):
+        c = comp[ids]
+        flags[c] = True
+        fresh = c[why[c] < 0]
+        if fresh.size:
+            why[fresh] = reasons.id(text)
+
+    for read in ctx.reads:
+        ids = ctx.slots.ids(read.tensor, read.index)
+        vals = ctx.values[read.tensor] if read.index is None else ctx.values[read.tensor][read.index]
+        if read.kind is ReadKind.FOLD:
+            bad = ~np.isfinite(vals)
+            text = f"not constant where {read.reason}"
+        else:
+            bad = vals != 0
+            text = f"not zero where {read.reason}" if read.kind is ReadKind.ZERO else f"live: {read.reason}"
+        if bad.any():
+            mark(live, live_reason, ids[bad], text)
+        if read.kind is ReadKind.BARRIER:
+            mark(pinned, pin_reason, ids, read.reason)
+    for pin in ctx.pins:
+        mark(pinned, pin_reason, ctx.slots.ids(pin.tensor, pin.index), pin.reason)
+
+    analysis = ChannelAnalysis(graph, ctx, comp, live, pinned, reasons.items, live_reason, pin_reason)
+    _build_groups(analysis)
+    return analysis
+
+
+def _build_groups(analysis: ChannelAnalysis) -> None:
+    ctx = analysis.ctx
+    tracked = ctx.slots.tracked
+    k = analysis.num_components
+    if not tracked:
+        analysis.group_of_component = np.zeros(0, dtype=np.int64)
+        return
+    key_of_slot = np.repeat(np.arange(len(tracked)), [t.size for t in tracked])
+    pairs = np.unique(analysis.component_of_slot * len(tracked) + key_of_slot)
+    pair_comp, pair_key = pairs // len(tracked), pairs % len(tracked)
+    splits = np.flatnonzero(np.diff(pair_comp)) + 1
+    signatures: dict[tuple[int, ...], int] = {}
+    group_of = np.empty(k, dtype=np.int64)
+    for c, keys in zip(np.split(pair_comp, splits), np.split(pair_key, splits)):
+        sig = tuple(keys.tolist())
+        group_of[c[0]] = signatures.setdefault(sig, len(signatures))
+    analysis.group_of_component = group_of
+    tensor_map = analysis.graph.tensors()
+    for sig, gid in signatures.items():
+        names = [tracked[i].tensor for i in sig]
+        first = tracked[sig[0]].tensor
+        members = np.flatnonzero(group_of == gid)
+        order = np.argsort(_position_in(analysis, first, members))
+        producers = []
+        for n in names:
+            node = producer(tensor_map[n]) if n in tensor_map else None
+            if node is not None and node.op in CHANNEL_SOURCES:
+                producers.append(node.name)
+        label = producers[0] if producers else first
+        analysis.groups.append(ChannelGroup(gid, label, names, producers, members[order]))
+
+
+def _position_in(analysis: ChannelAnalysis, tensor: str, members: np.ndarray) -> np.ndarray:
+    """First position of each component along ``tensor``'s channel axis."""
+    comps = analysis.components_of(tensor)
+    first = {}
+    for pos, c in enumerate(comps.tolist()):
+        first.setdefault(c, pos)
+    return np.asarray([first.get(int(c), 1 << 40) for c in members])

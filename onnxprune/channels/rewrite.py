@@ -1,0 +1,99 @@
+"""Applying a prune plan to the graph: every rule edits its own node."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.channels.plan import PrunePlan
+from onnxprune.channels.rules import RULES
+from onnxprune.graphutil import NameSource, constant_value, optional_input, set_const_input
+
+
+class Rewriter:
+    """The :class:`~onnxprune.channels.rule_base.RewriteContext` the rules edit through."""
+
+    def __init__(self, graph: gs.Graph, plan: PrunePlan) -> None:
+        self.graph = graph
+        self.plan = plan
+        self.names = NameSource(graph)
+        self._slots = plan.analysis.ctx.slots
+        self._values = plan.analysis.ctx.values
+        self._keep: dict[str, np.ndarray] = {}
+        for tracked in self._slots.tracked:
+            mask = plan.keep_mask(tracked.tensor)
+            if not mask.all():
+                self._keep[tracked.tensor] = mask
+        self.inserted: list[gs.Variable] = []
+
+    # -- queries ------------------------------------------------------------
+    def keep(self, t: gs.Tensor | None) -> np.ndarray | None:
+        if t is None or self._slots.get(t.name) is None:
+            return None
+        mask = self._keep.get(t.name)
+        return mask if mask is not None else np.ones(self._slots.get(t.name).size, dtype=bool)
+
+    def changed(self, t: gs.Tensor | None) -> bool:
+        return t is not None and t.name in self._keep
+
+    def values(self, t: gs.Tensor) -> np.ndarray:
+        return self._values[t.name]
+
+    def axis(self, t: gs.Tensor) -> int:
+        return self._slots.get(t.name).axis
+
+    @staticmethod
+    def const(t: gs.Tensor | None) -> np.ndarray | None:
+        return None if t is None else constant_value(t)
+
+    @property
+    def changed_tensors(self) -> dict[str, np.ndarray]:
+        return self._keep
+
+    # -- edits --------------------------------------------------------------
+    def set_const(self, node: gs.Node, index: int, value: np.ndarray) -> None:
+        set_const_input(node, index, value, self.names)
+
+    def set_const_or_add(self, node: gs.Node, index: int, value: np.ndarray) -> None:
+        if optional_input(node, index) is not None:
+            self.set_const(node, index, value)
+            return
+        while len(node.inputs) <= index:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs[index] = gs.Constant(self.names.fresh(f"{node.name}_input{index}"), np.ascontiguousarray(value))
+
+    def insert_after(self, node: gs.Node, op: str, extra_inputs: list, attrs: dict) -> gs.Node:
+        out = node.outputs[0]
+        mid = gs.Variable(self.names.fresh(f"{out.name}_pre_{op.lower()}"), dtype=out.dtype)
+        node.outputs[0] = mid
+        consts = [gs.Constant(self.names.fresh(f"{out.name}_{op.lower()}_arg"), np.ascontiguousarray(v)) for v in extra_inputs]
+        new = gs.Node(op, name=self.names.fresh(f"{node.name}_{op.lower()}"), attrs=attrs, inputs=[mid, *consts], outputs=[out])
+        self.graph.nodes.append(new)
+        self.inserted.append(mid)
+        return new
+
+    def add_bias_after(self, node: gs.Node, bias: np.ndarray) -> None:
+        self.insert_after(node, "Add", [bias], {})
+
+
+def apply_plan(graph: gs.Graph, plan: PrunePlan) -> Rewriter:
+    """Edit ``graph`` in place so that the plan's components disappear."""
+    rw = Rewriter(graph, plan)
+    if not rw.changed_tensors:
+        return rw
+    for node in list(graph.nodes):
+        if not any(rw.changed(t) for t in list(node.inputs) + list(node.outputs)):
+            continue
+        rule = RULES.get(node.op)
+        if rule is None:  # the analysis pins every channel that reaches an uncovered op
+            raise AssertionError(f"no rule to rewrite {node.op} '{node.name}' although its channels change")
+        rule.rewrite(node, rw)
+    tensors = graph.tensors()
+    for name, mask in rw.changed_tensors.items():
+        t = tensors.get(name)
+        if isinstance(t, gs.Variable) and t.shape is not None:
+            shape = list(t.shape)
+            shape[rw.axis(t)] = int(mask.sum())
+            t.shape = shape
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return rw

@@ -1,0 +1,102 @@
+"""The interface every channel rule implements, and helpers rules share."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.graphutil import NameSource
+
+if TYPE_CHECKING:
+    from onnxprune.channels.context import AnalysisContext
+
+
+class RewriteContext(Protocol):
+    """What a rule may ask and do while the plan is applied (see :mod:`onnxprune.channels.rewrite`)."""
+
+    graph: gs.Graph
+    names: NameSource
+
+    def keep(self, t: gs.Tensor | None) -> np.ndarray | None:
+        """Boolean mask of the channels kept in a tracked tensor (None if untracked)."""
+
+    def changed(self, t: gs.Tensor | None) -> bool:
+        """True if any channel of the tensor is deleted."""
+
+    def values(self, t: gs.Tensor) -> np.ndarray:
+        """Per-channel constant values found by the analysis (NaN unknown)."""
+
+    def axis(self, t: gs.Tensor) -> int:
+        """The tracked tensor's channel axis."""
+
+    def const(self, t: gs.Tensor | None) -> np.ndarray | None:
+        """The current value of a constant tensor (None if not constant)."""
+
+    def set_const(self, node: gs.Node, index: int, value: np.ndarray) -> None:
+        """Replace constant input ``index`` of ``node`` (copy-on-write if shared)."""
+
+    def add_bias_after(self, node: gs.Node, bias: np.ndarray) -> None:
+        """Insert ``Add(node's output, bias)`` so the output keeps its name and consumers."""
+
+    def insert_after(self, node: gs.Node, op: str, extra_inputs: list, attrs: dict) -> gs.Node:
+        """Insert a node reading ``node``'s first output and writing that output's tensor."""
+
+
+class PlanView(Protocol):
+    """What a rule's ``constrain`` hook sees: the current deletion decision."""
+
+    def removed(self, t: gs.Tensor) -> np.ndarray:
+        """Boolean mask: which channels of a tracked tensor are currently to be deleted."""
+
+    def components(self, t: gs.Tensor) -> np.ndarray:
+        """Component index of each channel slot of a tracked tensor."""
+
+
+class ChannelRule:
+    """How channels flow through one kind of op.
+
+    ``analyze`` declares channel axes, ties, reads and values on an
+    :class:`AnalysisContext`; ``rewrite`` edits the node (its constant inputs and
+    attributes) once the plan says which channels go; ``constrain`` may veto
+    deletions that the op cannot express (e.g. unequal group sizes).
+    """
+
+    ops: ClassVar[tuple[str, ...]] = ()
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        raise NotImplementedError
+
+    def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
+        """Default: the op needs no edit (its output shape follows its inputs)."""
+
+    def constrain(self, node: gs.Node, view: PlanView) -> tuple[np.ndarray, str] | None:
+        """Components to keep after all, and why (None: nothing to veto)."""
+        return None
+
+
+def normalize_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def keep_or_all(mask: np.ndarray | None, size: int) -> np.ndarray:
+    return np.ones(size, dtype=bool) if mask is None else mask
+
+
+def ints_attr_or_input(node: gs.Node, ctx_const, attr: str, input_index: int) -> tuple[list[int] | None, bool]:
+    """Integer list from an attribute (older opsets) or a constant input (newer).
+
+    Returns (values, ok); ok is False when the input exists but is not constant.
+    """
+    if attr in node.attrs:
+        return [int(v) for v in node.attrs[attr]], True
+    if input_index < len(node.inputs):
+        t = node.inputs[input_index]
+        if t is None or (not isinstance(t, gs.Constant) and not t.name):
+            return None, True
+        v = ctx_const(t)
+        if v is None:
+            return None, False
+        return [int(x) for x in np.asarray(v).reshape(-1)], True
+    return None, True

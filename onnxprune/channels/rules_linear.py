@@ -1,0 +1,277 @@
+"""Rules for ops that produce new channels from weighted sums: Conv, ConvTranspose, Gemm, MatMul.
+
+These end a channel group: their output channels are a new group (weight
+rows), and their inputs are *read* (weight columns). A dead input channel is
+deleted together with its weight columns; a constant one is folded into the
+bias where that is exact (Gemm, MatMul, unpadded Conv).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.channels.context import AnalysisContext, ReadKind
+from onnxprune.channels.rule_base import ChannelRule, PlanView, RewriteContext, keep_or_all
+from onnxprune.channels.values import linear_values
+from onnxprune.graphutil import optional_input
+
+
+def _conv_unpadded(node: gs.Node) -> bool:
+    pads = [int(p) for p in node.attrs.get("pads", [])]
+    return not any(pads) and str(node.attrs.get("auto_pad", "NOTSET")) in ("NOTSET", "VALID")
+
+
+def _folded_delta(values: np.ndarray, dropped: np.ndarray, weight_sums) -> np.ndarray | None:
+    """Bias change that replaces dropped constant input channels (None if all are zero)."""
+    idx = dropped[np.isfinite(values[dropped]) & (values[dropped] != 0)]
+    if idx.size == 0:
+        return None
+    return weight_sums(idx) @ values[idx]
+
+
+def _set_bias(node: gs.Node, rw: RewriteContext, index: int, bias: np.ndarray, dtype) -> None:
+    if optional_input(node, index) is not None:
+        rw.set_const(node, index, bias.astype(dtype))
+        return
+    while len(node.inputs) < index:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs.append(gs.Constant(rw.names.fresh(f"{node.name}_bias"), bias.astype(dtype)))
+
+
+class ConvRule(ChannelRule):
+    """Conv: plain (reads its input), depthwise (ties input to output) or grouped (equal group sizes)."""
+
+    ops = ("Conv",)
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        x, w_t, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        w = ctx.const(w_t)
+        b_t = optional_input(node, 2)
+        b = ctx.const(b_t) if b_t is not None else None
+        if w is None or (b_t is not None and b is None):
+            ctx.barrier(node, "its weights or bias are not constant")
+            return
+        group = int(node.attrs.get("group", 1))
+        cout, cin = w.shape[0], w.shape[1] * group
+        tx = ctx.tracked(x)
+        if (tx is not None and tx.axis != 1) or not ctx.demand(x, 1, cin, node):
+            ctx.barrier(node, "its input's channels are not on axis 1")
+            return
+        bias = np.zeros(cout) if b is None else b.astype(np.float64)
+        unpadded = _conv_unpadded(node)
+        v = ctx.value(x)
+        if group == 1:
+            ctx.read(x, node, ReadKind.FOLD if unpadded else ReadKind.ZERO, f"read by Conv '{node.name}'")
+            out = linear_values(v, w, bias, allow_constant=unpadded)
+            ctx.track(y, 1, cout, node, out)
+        elif w.shape[1] == 1 and cout % cin == 0:
+            mult = cout // cin
+            src = np.repeat(np.arange(cin), mult)
+            wsum = w.reshape(cout, -1).astype(np.float64)
+            allzero = ~np.any(wsum != 0, axis=1)
+            vin = v[src]
+            const_ok = np.isfinite(vin) & unpadded
+            out = np.where(allzero | (vin == 0), bias, np.where(const_ok, vin * wsum.sum(axis=1) + bias, np.nan))
+            ctx.track(y, 1, cout, node, out)
+            ctx.tie(x, y, src, np.arange(cout))
+        else:
+            if cin % group or cout % group:
+                ctx.barrier(node, "its group count does not divide its channels")
+                return
+            ctx.read(x, node, ReadKind.ZERO, f"read by grouped Conv '{node.name}'")
+            cpg, opg = cin // group, cout // group
+            out = np.empty(cout)
+            for g in range(group):
+                rows = slice(g * opg, (g + 1) * opg)
+                out[rows] = linear_values(v[g * cpg : (g + 1) * cpg], w[rows], bias[rows], allow_constant=False)
+            ctx.track(y, 1, cout, node, out)
+            ctx.add_constraint(node)
+
+    def constrain(self, node: gs.Node, view: PlanView):
+        """Grouped Conv: groups go whole, and the remaining ones keep equal sizes."""
+        x, y = node.inputs[0], node.outputs[0]
+        group = int(node.attrs.get("group", 1))
+        rem_in = view.removed(x).reshape(group, -1).copy()
+        rem_out = view.removed(y).reshape(group, -1).copy()
+        comp_in = view.components(x).reshape(group, -1)
+        comp_out = view.components(y).reshape(group, -1)
+        full = rem_in.all(axis=1) & rem_out.all(axis=1)
+        if full.all():
+            full[0] = False
+        alive = np.flatnonzero(~full)
+        d_in = min(int(rem_in[alive].sum(axis=1).min()), rem_in.shape[1] - 1)
+        d_out = min(int(rem_out[alive].sum(axis=1).min()), rem_out.shape[1] - 1)
+        keep: list[int] = []
+        for g in alive:
+            for rem, comp, d in ((rem_in, comp_in, d_in), (rem_out, comp_out, d_out)):
+                idx = np.flatnonzero(rem[g])
+                keep.extend(comp[g, idx[d:]].tolist())
+        if not keep:
+            return None
+        return np.unique(np.asarray(keep)), f"grouped Conv '{node.name}' needs equal group sizes"
+
+    def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        if not (rw.changed(x) or rw.changed(y)):
+            return
+        w = rw.const(node.inputs[1])
+        b_t = optional_input(node, 2)
+        b = rw.const(b_t) if b_t is not None else None
+        group = int(node.attrs.get("group", 1))
+        cout, cin = w.shape[0], w.shape[1] * group
+        kin, kout = keep_or_all(rw.keep(x), cin), keep_or_all(rw.keep(y), cout)
+        bias = np.zeros(cout) if b is None else b.astype(np.float64)
+        if group == 1:
+            dropped = np.flatnonzero(~kin)
+            delta = _folded_delta(rw.values(x), dropped, lambda idx: w[:, idx].reshape(cout, idx.size, -1).sum(axis=2))
+            if delta is not None:
+                bias = bias + delta
+            rw.set_const(node, 1, w[kout][:, kin])
+            if b is not None or delta is not None:
+                _set_bias(node, rw, 2, bias[kout], w.dtype)
+        elif w.shape[1] == 1 and cout % cin == 0:
+            rw.set_const(node, 1, w[kout])
+            if b is not None:
+                rw.set_const(node, 2, b[kout])
+            node.attrs["group"] = int(kin.sum())
+        else:
+            kin_g, kout_g = kin.reshape(group, -1), kout.reshape(group, -1)
+            opg = cout // group
+            alive = np.flatnonzero(kout_g.any(axis=1))
+            blocks = [w[g * opg : (g + 1) * opg][kout_g[g]][:, kin_g[g]] for g in alive]
+            rw.set_const(node, 1, np.concatenate(blocks, axis=0))
+            if b is not None:
+                rw.set_const(node, 2, b[kout])
+            node.attrs["group"] = int(alive.size)
+
+
+class ConvTransposeRule(ChannelRule):
+    """ConvTranspose with group 1: weights are (in, out, ...)."""
+
+    ops = ("ConvTranspose",)
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        w = ctx.const(node.inputs[1])
+        b_t = optional_input(node, 2)
+        b = ctx.const(b_t) if b_t is not None else None
+        if w is None or (b_t is not None and b is None) or int(node.attrs.get("group", 1)) != 1:
+            ctx.barrier(node, "only group-1 ConvTranspose with constant weights is covered")
+            return
+        cin, cout = w.shape[0], w.shape[1]
+        tx = ctx.tracked(x)
+        if (tx is not None and tx.axis != 1) or not ctx.demand(x, 1, cin, node):
+            ctx.barrier(node, "its input's channels are not on axis 1")
+            return
+        ctx.read(x, node, ReadKind.ZERO, f"read by ConvTranspose '{node.name}'")
+        bias = np.zeros(cout) if b is None else b.astype(np.float64)
+        out = linear_values(ctx.value(x), np.swapaxes(w, 0, 1), bias, allow_constant=False)
+        ctx.track(y, 1, cout, node, out)
+
+    def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        if not (rw.changed(x) or rw.changed(y)):
+            return
+        w = rw.const(node.inputs[1])
+        kin, kout = keep_or_all(rw.keep(x), w.shape[0]), keep_or_all(rw.keep(y), w.shape[1])
+        rw.set_const(node, 1, w[kin][:, kout])
+        b_t = optional_input(node, 2)
+        if b_t is not None:
+            rw.set_const(node, 2, rw.const(b_t)[kout])
+
+
+class GemmRule(ChannelRule):
+    """Gemm: A's axis 1 is read through B's K axis; the output's axis 1 is B's N axis (transB aware)."""
+
+    ops = ("Gemm",)
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        a, y = node.inputs[0], node.outputs[0]
+        bmat = ctx.const(node.inputs[1])
+        c_t = optional_input(node, 2)
+        c = ctx.const(c_t) if c_t is not None else None
+        if bmat is None or int(node.attrs.get("transA", 0)) or (c_t is not None and c is None):
+            ctx.barrier(node, "B (or C) is not constant, or A is transposed")
+            return
+        w = bmat if int(node.attrs.get("transB", 0)) else bmat.T  # (N, K)
+        n, k = w.shape
+        ta = ctx.tracked(a)
+        if (ta is not None and ta.axis != 1) or not ctx.demand(a, 1, k, node):
+            ctx.barrier(node, "A's features are not on axis 1")
+            return
+        ctx.read(a, node, ReadKind.FOLD, f"read by Gemm '{node.name}'")
+        alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        cvals = np.zeros(n) if c is None else _row_constant(c, n)
+        out = alpha * linear_values(ctx.value(a), w, 0.0, allow_constant=True) + beta * cvals
+        ctx.track(y, 1, n, node, out)
+
+    def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
+        a, y = node.inputs[0], node.outputs[0]
+        if not (rw.changed(a) or rw.changed(y)):
+            return
+        bmat = rw.const(node.inputs[1])
+        trans_b = int(node.attrs.get("transB", 0))
+        w = bmat if trans_b else bmat.T
+        n, k = w.shape
+        kin, kout = keep_or_all(rw.keep(a), k), keep_or_all(rw.keep(y), n)
+        alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        delta = _folded_delta(rw.values(a), np.flatnonzero(~kin), lambda idx: w[:, idx].astype(np.float64))
+        rw.set_const(node, 1, w[kout][:, kin] if trans_b else w[kout][:, kin].T)
+        c_t = optional_input(node, 2)
+        c = rw.const(c_t) if c_t is not None else None
+        if delta is not None:
+            if c is None or beta == 0:
+                new_c = alpha * delta
+                node.attrs["beta"] = 1.0
+            else:
+                c64 = np.asarray(c, dtype=np.float64)
+                new_c = np.broadcast_to(c64, c64.shape[:-1] + (n,)) + alpha * delta / beta
+            _set_bias(node, rw, 2, np.compress(kout, new_c, axis=-1), bmat.dtype)
+        elif c is not None and c.ndim >= 1 and c.shape[-1] == n and n > 1:
+            rw.set_const(node, 2, np.compress(kout, c, axis=-1))
+
+
+def _row_constant(c: np.ndarray, n: int) -> np.ndarray:
+    """Per-output-column value of Gemm's C (NaN where it varies over rows)."""
+    c2 = np.broadcast_to(np.asarray(c, dtype=np.float64), (1, n) if c.ndim <= 1 else (c.shape[0], n))
+    first = c2[0]
+    return np.where(np.all(c2 == first, axis=0), first, np.nan)
+
+
+class MatMulRule(ChannelRule):
+    """MatMul by a constant 2-D matrix: the last axis is the channel axis (2-D and 3-D inputs alike)."""
+
+    ops = ("MatMul",)
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        a, y = node.inputs[0], node.outputs[0]
+        bmat = ctx.const(node.inputs[1])
+        rank = ctx.rank(a)
+        if bmat is None or bmat.ndim != 2 or rank is None or rank < 2:
+            if ctx.tracked(a) is not None or ctx.tracked(node.inputs[1]) is not None:
+                ctx.barrier(node, "only activation @ constant 2-D matrix is covered")
+            return
+        k, n = bmat.shape
+        ta = ctx.tracked(a)
+        if (ta is not None and ta.axis != rank - 1) or not ctx.demand(a, rank - 1, k, node):
+            ctx.barrier(node, "its input's channels are not on the last axis")
+            return
+        ctx.read(a, node, ReadKind.FOLD, f"read by MatMul '{node.name}'")
+        out = linear_values(ctx.value(a), bmat.T, 0.0, allow_constant=True)
+        ctx.track(y, rank - 1, n, node, out)
+
+    def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
+        a, y = node.inputs[0], node.outputs[0]
+        if not (rw.changed(a) or rw.changed(y)):
+            return
+        bmat = rw.const(node.inputs[1])
+        k, n = bmat.shape
+        kin, kout = keep_or_all(rw.keep(a), k), keep_or_all(rw.keep(y), n)
+        delta = _folded_delta(rw.values(a), np.flatnonzero(~kin), lambda idx: bmat[idx].T.astype(np.float64))
+        rw.set_const(node, 1, bmat[kin][:, kout])
+        if delta is not None:
+            rw.add_bias_after(node, np.compress(kout, delta).astype(bmat.dtype))
+
+
+LINEAR_RULES: list[ChannelRule] = [ConvRule(), ConvTransposeRule(), GemmRule(), MatMulRule()]

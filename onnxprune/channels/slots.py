@@ -1,0 +1,115 @@
+"""Channel slots and the ties between them.
+
+Every tracked tensor owns one *slot* per channel along its channel axis. An op
+that couples channels (a residual Add, an elementwise activation, a Concat
+with offsets, a depthwise Conv) ties slots together; the connected components
+of those ties are the units the engine deletes: a component is removed from
+every tensor it spans, or from none.
+
+Ties are collected as index arrays and resolved at once with a vectorised
+union-find (hooking plus pointer jumping), so a ResNet-50 with ~10^5 slots
+resolves in milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TrackedAxis:
+    """The channel axis of one tensor and the range of slot ids it owns."""
+
+    tensor: str
+    axis: int
+    size: int
+    start: int
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.arange(self.start, self.start + self.size)
+
+
+class SlotSpace:
+    """Allocates slot ids per tracked tensor and records ties between them."""
+
+    def __init__(self) -> None:
+        self._axes: dict[str, TrackedAxis] = {}
+        self._order: list[TrackedAxis] = []
+        self._n = 0
+        self._tie_a: list[np.ndarray] = []
+        self._tie_b: list[np.ndarray] = []
+        self._labels: np.ndarray | None = None
+
+    # -- allocation ---------------------------------------------------------
+    def add(self, tensor: str, axis: int, size: int) -> TrackedAxis:
+        if tensor in self._axes:
+            raise ValueError(f"tensor '{tensor}' is already tracked")
+        tracked = TrackedAxis(tensor, axis, int(size), self._n)
+        self._axes[tensor] = tracked
+        self._order.append(tracked)
+        self._n += int(size)
+        self._labels = None
+        return tracked
+
+    def get(self, tensor: str) -> TrackedAxis | None:
+        return self._axes.get(tensor)
+
+    def __contains__(self, tensor: str) -> bool:
+        return tensor in self._axes
+
+    @property
+    def tracked(self) -> list[TrackedAxis]:
+        return list(self._order)
+
+    @property
+    def size(self) -> int:
+        return self._n
+
+    def ids(self, tensor: str, index: np.ndarray | None = None) -> np.ndarray:
+        t = self._axes[tensor]
+        return t.ids if index is None else t.start + np.asarray(index, dtype=np.int64)
+
+    # -- ties ---------------------------------------------------------------
+    def tie(self, a: str, b: str, a_index: np.ndarray | None = None, b_index: np.ndarray | None = None) -> None:
+        """Tie slot ``a_index[i]`` of ``a`` to slot ``b_index[i]`` of ``b`` (whole axes by default)."""
+        ia, ib = self.ids(a, a_index), self.ids(b, b_index)
+        if ia.shape != ib.shape:
+            raise ValueError(f"cannot tie {a} ({ia.size} slots) to {b} ({ib.size} slots)")
+        self._tie_a.append(ia)
+        self._tie_b.append(ib)
+        self._labels = None
+
+    # -- components ---------------------------------------------------------
+    def components(self) -> np.ndarray:
+        """Component label (the smallest slot id in it) for every slot."""
+        if self._labels is not None:
+            return self._labels
+        parent = np.arange(self._n, dtype=np.int64)
+        if self._tie_a:
+            a = np.concatenate(self._tie_a)
+            b = np.concatenate(self._tie_b)
+            while True:
+                _compress(parent)
+                ra, rb = parent[a], parent[b]
+                differ = ra != rb
+                if not differ.any():
+                    break
+                lo = np.minimum(ra[differ], rb[differ])
+                hi = np.maximum(ra[differ], rb[differ])
+                # Hook every larger root onto the smallest root it meets.
+                np.minimum.at(parent, hi, lo)
+        _compress(parent)
+        self._labels = parent
+        return parent
+
+
+def _compress(parent: np.ndarray) -> None:
+    """Pointer jumping until every slot points at its root."""
+    while True:
+        grand = parent[parent]
+        if np.array_equal(grand, parent):
+            return
+        parent[:] = grand

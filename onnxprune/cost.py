@@ -1,0 +1,91 @@
+"""Parameters and multiply-accumulates per layer (batch 1; symbolic dimensions count as 1)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.graphutil import constant_value, optional_input
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class LayerCost:
+    name: str
+    op: str
+    in_channels: int
+    out_channels: int
+    params: int
+    macs: int
+
+
+@dataclass
+class CostSummary:
+    layers: list[LayerCost] = field(default_factory=list)
+    params: int = 0
+    macs: int = 0
+
+    def by_name(self) -> dict[str, LayerCost]:
+        return {layer.name: layer for layer in self.layers}
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "macs": self.macs, "layers": [asdict(layer) for layer in self.layers]}
+
+
+def _dims(t: gs.Tensor | None) -> list[int] | None:
+    if t is None or t.shape is None:
+        return None
+    return [int(d) if isinstance(d, (int, np.integer)) and d >= 0 else 1 for d in t.shape]
+
+
+def _prod(xs) -> int:
+    return int(np.prod(xs, dtype=np.int64)) if len(xs) else 1
+
+
+def _layer(node: gs.Node) -> LayerCost | None:
+    w = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    b_t = optional_input(node, 2)
+    b = constant_value(b_t) if b_t is not None else None
+    params = (0 if w is None else int(w.size)) + (0 if b is None else int(b.size))
+    x, y = _dims(node.inputs[0]), _dims(node.outputs[0])
+    group = int(node.attrs.get("group", 1))
+    if node.op == "Conv" and w is not None:
+        out_spatial = _prod(y[2:]) if y else 0
+        return LayerCost(node.name, node.op, w.shape[1] * group, w.shape[0], params, out_spatial * w.shape[0] * _prod(w.shape[1:]))
+    if node.op == "ConvTranspose" and w is not None:
+        in_spatial = _prod(x[2:]) if x else 0
+        return LayerCost(node.name, node.op, w.shape[0], w.shape[1] * group, params, in_spatial * w.shape[0] * _prod(w.shape[1:]))
+    if node.op == "Gemm" and w is not None and w.ndim == 2:
+        n, k = (w.shape if int(node.attrs.get("transB", 0)) else w.shape[::-1])
+        m = x[0] if x else 1
+        return LayerCost(node.name, node.op, k, n, params, m * k * n)
+    if node.op == "MatMul":
+        if w is not None and w.ndim == 2:
+            k, n = w.shape
+            rows = _prod(x[:-1]) if x else 1
+            return LayerCost(node.name, node.op, k, n, int(w.size), rows * k * n)
+        a = x
+        if a and y and len(a) >= 2:
+            k = a[-1]
+            return LayerCost(node.name, node.op, k, y[-1], 0, _prod(y) * k)
+    return None
+
+
+def model_cost(graph: gs.Graph) -> CostSummary:
+    """Per-layer and total parameters and MACs of a graph whose tensors carry shapes."""
+    summary = CostSummary()
+    for node in graph.nodes:
+        if node.op in LAYER_OPS:
+            layer = _layer(node)
+            if layer is not None:
+                summary.layers.append(layer)
+                summary.macs += layer.macs
+    summary.params = sum(
+        int(np.asarray(t.values).size)
+        for t in graph.tensors().values()
+        if isinstance(t, gs.Constant) and np.issubdtype(t.dtype, np.floating)
+    )
+    return summary

@@ -1,0 +1,53 @@
+"""Between ModelProto and onnx-graphsurgeon Graph, keeping what the graph does not hold."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import onnx_graphsurgeon as gs
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def to_model(graph: gs.Graph, original: onnx.ModelProto, metadata: dict[str, object] | None = None) -> onnx.ModelProto:
+    """Export ``graph`` with the original model's IR version, opsets, producer and metadata.
+
+    For IR < 4 models, where every initializer must also be a graph input, the
+    initializers are listed as inputs again (original order first, shapes current).
+    ``metadata`` entries are added to ``metadata_props`` (non-strings as JSON).
+    """
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = original.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(original.opset_import)
+    for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, attr, getattr(original, attr))
+    model.graph.name = original.graph.name
+    model.graph.doc_string = original.graph.doc_string
+    props = {p.key: p.value for p in original.metadata_props}
+    for key, value in (metadata or {}).items():
+        props[key] = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    if original.ir_version < 4:
+        _list_initializers_as_inputs(model, [i.name for i in original.graph.input])
+    return model
+
+
+def _list_initializers_as_inputs(model: onnx.ModelProto, original_order: list[str]) -> None:
+    g = model.graph
+    present = {i.name for i in g.input}
+    inits = {t.name: t for t in g.initializer}
+    rank = {name: i for i, name in enumerate(original_order)}
+    extra = sorted((n for n in inits if n not in present), key=lambda n: rank.get(n, len(rank)))
+    for name in extra:
+        t = inits[name]
+        g.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    if extra:
+        ordered = sorted(g.input, key=lambda vi: rank.get(vi.name, len(rank)))
+        del g.input[:]
+        g.input.extend(ordered)

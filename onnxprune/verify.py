@@ -1,0 +1,100 @@
+"""Check on ONNX Runtime that a rewritten model computes what the input model computes."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxprune.errors import VerificationError
+from onnxprune.runtime import ModelSource, input_specs, make_session, random_feed
+
+# Relative tolerance (of the output's largest magnitude) per output dtype. Deleting
+# zero channels changes only the order of float additions; anything wrong is O(1).
+RELATIVE_TOLERANCE = {np.dtype(np.float64): 1e-9, np.dtype(np.float32): 1e-4, np.dtype(np.float16): 1e-2}
+
+
+@dataclass
+class VerifyResult:
+    """How far the candidate's outputs are from the reference's, per output."""
+
+    trials: int
+    max_relative_error: dict[str, float] = field(default_factory=dict)
+    tolerance: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(self.max_relative_error[k] <= self.tolerance[k] for k in self.max_relative_error)
+
+    def worst(self) -> tuple[str, float]:
+        name = max(self.max_relative_error, key=lambda k: self.max_relative_error[k] / self.tolerance[k])
+        return name, self.max_relative_error[name]
+
+
+def _run(model: ModelSource, feeds: list[dict[str, np.ndarray]] | None, symbolic_dim: int, seed: int, trials: int):
+    session = make_session(model)
+    if feeds is None:
+        rng = np.random.default_rng(seed)
+        specs = input_specs(session, symbolic_dim)
+        feeds = [random_feed(specs, rng) for _ in range(trials)]
+    names = [o.name for o in session.get_outputs()]
+    outputs = [dict(zip(names, session.run(names, feed))) for feed in feeds]
+    del session
+    gc.collect()
+    return feeds, outputs
+
+
+def _relative_error(ref: np.ndarray, got: np.ndarray) -> float:
+    if ref.shape != got.shape:
+        return float("inf")
+    if ref.dtype.kind not in "fc":
+        return 0.0 if np.array_equal(ref, got) else float("inf")
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    finite = np.isfinite(ref64)
+    if not np.array_equal(finite, np.isfinite(got64)) or not np.array_equal(ref64[~finite], got64[~finite]):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    scale = max(float(np.max(np.abs(ref64[finite]))), 1e-30)
+    return float(np.max(np.abs(ref64[finite] - got64[finite]))) / scale
+
+
+def compare_models(
+    reference: ModelSource,
+    candidate: ModelSource,
+    *,
+    trials: int = 2,
+    symbolic_dim: int = 2,
+    seed: int = 0,
+    feeds: list[dict[str, np.ndarray]] | None = None,
+) -> VerifyResult:
+    """Run both models on the same random inputs; report the largest relative error per output.
+
+    Inputs follow the reference's declared shapes and types, with symbolic
+    dimensions set to ``symbolic_dim``. The sessions are created one after the
+    other so that only one model's weights are held by the runtime at a time.
+    """
+    feeds, ref_out = _run(reference, feeds, symbolic_dim, seed, trials)
+    _, got_out = _run(candidate, feeds, symbolic_dim, seed, trials)
+    result = VerifyResult(trials=len(feeds))
+    for ref, got in zip(ref_out, got_out):
+        if set(ref) != set(got):
+            raise VerificationError(f"outputs differ: input model has {sorted(ref)}, result has {sorted(got)}")
+        for name, value in ref.items():
+            err = _relative_error(value, got[name])
+            result.max_relative_error[name] = max(err, result.max_relative_error.get(name, 0.0))
+            result.tolerance[name] = RELATIVE_TOLERANCE.get(value.dtype, 0.0)
+    return result
+
+
+def verify_same_function(reference: ModelSource, candidate: ModelSource, **kwargs) -> VerifyResult:
+    """Like :func:`compare_models`, but raise VerificationError on a mismatch."""
+    result = compare_models(reference, candidate, **kwargs)
+    if not result.ok:
+        name, err = result.worst()
+        raise VerificationError(
+            f"verification failed: output '{name}' differs from the input model by {err:.3g} "
+            f"(relative; tolerance {result.tolerance[name]:.0e}); nothing was written"
+        )
+    return result

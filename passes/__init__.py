@@ -1,0 +1,49 @@
+"""The graph passes onnxprune can run, by name (``onnxprune passes`` lists them)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from onnxprune.errors import PassError
+from onnxprune.pass_infra import GraphPass
+from passes.fold_batchnorm import FoldBatchNormPass
+from passes.fold_bias_add import FoldBiasAddPass
+from passes.fold_constants import FoldConstantsPass
+from passes.prune_channels import PruneChannelsPass
+from passes.remove_identity import RemoveIdentityPass
+from passes.structure import CleanupPass, InferShapesPass, ToposortPass
+
+PASSES: dict[str, type[GraphPass]] = {
+    p.name: p
+    for p in (
+        ToposortPass,
+        InferShapesPass,
+        CleanupPass,
+        FoldConstantsPass,
+        RemoveIdentityPass,
+        FoldBatchNormPass,
+        FoldBiasAddPass,
+        PruneChannelsPass,
+    )
+}
+
+# The pass that establishes each manager-tracked or checkable property.
+PROVIDERS: dict[str, Callable[[], GraphPass]] = {
+    "toposorted": ToposortPass,
+    "shapes": InferShapesPass,
+    "constants-folded": FoldConstantsPass,
+    "clean": CleanupPass,
+}
+
+
+def make_passes(names: list[str]) -> list[GraphPass]:
+    """Instantiate passes by name; an unknown name is a PassError listing the known ones."""
+    out = []
+    for name in names:
+        if name not in PASSES:
+            raise PassError(f"unknown pass '{name}'; known passes: {', '.join(PASSES)}")
+        out.append(PASSES[name]())
+    return out
+
+
+__all__ = ["PASSES", "PROVIDERS", "make_passes"]

@@ -1,0 +1,32 @@
+"""The pruning pass: delete provably dead channels across every dependent node."""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from onnxprune.channels.analysis import analyze
+from onnxprune.channels.plan import WidthPolicy, make_plan
+from onnxprune.channels.rewrite import apply_plan
+from onnxprune.pass_infra import GraphPass, PassResult
+
+
+class PruneChannelsPass(GraphPass):
+    name = "prune-channels"
+    summary = "delete channels that are provably zero (or constant and foldable) from every node they reach"
+    requires = frozenset({"toposorted", "shapes", "constants-folded"})
+    ensures = frozenset({"toposorted"})
+
+    def __init__(self, width_policy: WidthPolicy | None = None) -> None:
+        self.width_policy = width_policy
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        analysis = analyze(graph)
+        plan = make_plan(analysis, self.width_policy)
+        if plan.changes_graph:
+            apply_plan(graph, plan)
+        groups = sum(1 for g in plan.groups if g.removed)
+        return PassResult(
+            modified=plan.changes_graph,
+            summary=f"{plan.removed_channels} channel(s) removed from {groups} group(s)",
+            details={"plan": plan},
+        )
