@@ -14,8 +14,9 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.channels.context import AnalysisContext
 from onnxprune.channels.rule_base import ChannelRule, RewriteContext, ints_attr_or_input, keep_or_all, normalize_axis
+from onnxprune.channels.shape_values import Dim, Literal, resolve_target, shape_entries
 from onnxprune.channels.values import channel_constant, combine_same
-from onnxprune.graphutil import opset_version, optional_input
+from onnxprune.graphutil import constant_value, opset_version, optional_input
 
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -523,7 +524,12 @@ def _reshape_block(in_shape, out_shape, a: int, channels: int):
 
 
 class ReshapeRule(ChannelRule):
-    """Reshape that keeps each channel a contiguous block: channel axis kept ([B, C, H*W]) or flattened."""
+    """Reshape that keeps each channel a contiguous block: channel axis kept ([B, C, H*W]) or flattened.
+
+    The target shape may be a constant or computed at run time (see
+    :mod:`onnxprune.channels.shape_values`); the entry at the channel position
+    must be -1, a literal we can rewrite, or the input's own channel dimension.
+    """
 
     ops = ("Reshape",)
 
@@ -532,12 +538,15 @@ class ReshapeRule(ChannelRule):
         tx = ctx.tracked(x)
         if tx is None:
             return
-        shape_const = ctx.const(node.inputs[1])
         in_shape, out_shape = ctx.shape(x), ctx.shape(y)
-        if shape_const is None:
-            ctx.barrier(node, "its target shape is computed at run time")
+        entries = shape_entries(node.inputs[1], ctx.graph)
+        if entries is None:
+            ctx.barrier(node, "its target shape is computed in a way onnxprune does not follow")
             return
-        if in_shape is None or out_shape is None:
+        allowzero = int(node.attrs.get("allowzero", 0))
+        if in_shape is not None:  # exact where it resolves; inference may leave -1 entries unknown
+            out_shape = resolve_target(in_shape, entries, ctx.graph, bool(allowzero)) or out_shape
+        if in_shape is None or out_shape is None or len(entries) != len(out_shape):
             ctx.barrier(node, "shapes unknown")
             return
         found = _reshape_block(in_shape, out_shape, tx.axis, tx.size)
@@ -545,25 +554,44 @@ class ReshapeRule(ChannelRule):
             ctx.barrier(node, "it splits the channel axis or merges it with an outer axis")
             return
         b, m = found
-        target = [int(v) for v in np.asarray(shape_const).reshape(-1)]
-        allowzero = int(node.attrs.get("allowzero", 0))
-        if target[b] == 0 and not allowzero and not (b == tx.axis and m == 1):
-            ctx.barrier(node, "its target shape copies a dimension that changes")
-            return
-        if not allowzero and any(v == 0 for i, v in enumerate(target) if i == tx.axis and i != b):
-            ctx.barrier(node, "its target shape copies the channel dimension")
-            return
+        for i, e in enumerate(entries):
+            if isinstance(e, Dim):
+                src = ctx.tracked(e.tensor)
+                follows = i == b and m == 1 and e.tensor == x.name and e.axis == tx.axis
+                if src is not None and src.axis == e.axis and not follows:
+                    ctx.barrier(node, "its target shape reads a channel count")
+                    return
+            elif i == b:
+                keeps_channels = e.value == 0 and not allowzero and b == tx.axis and m == 1
+                rewritable = e.value > 0 and (constant_value(node.inputs[1]) is not None or e.source is not None)
+                if not (e.value == -1 or keeps_channels or rewritable):
+                    ctx.barrier(node, "its target shape names the channel count where onnxprune cannot change it")
+                    return
+            elif e.value == 0 and not allowzero and i == tx.axis:
+                ctx.barrier(node, "its target shape copies the channel dimension")
+                return
         _tie_blocks(ctx, node, x, y, b, tx.size, m)
 
     def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
         y = node.outputs[0]
         if not rw.changed(y):
             return
-        target = np.asarray(rw.const(node.inputs[1])).reshape(-1).copy()
         b = rw.axis(y)
-        if target[b] > 0:
-            target[b] = int(rw.keep(y).sum())
-            rw.set_const(node, 1, target)
+        new_size = int(rw.keep(y).sum())
+        target = rw.const(node.inputs[1])
+        if target is not None:
+            target = np.asarray(target).reshape(-1).copy()
+            if target[b] > 0:
+                target[b] = new_size
+                rw.set_const(node, 1, target)
+            return
+        e = shape_entries(node.inputs[1], rw.graph)[b]
+        if isinstance(e, Literal) and e.value > 0:
+            holder, index, pos = e.source
+            part = np.asarray(rw.const(holder.inputs[index])).copy()
+            flat = part.reshape(-1)
+            flat[pos] = new_size
+            rw.set_const(holder, index, part)
 
 
 LAYOUT_RULES: list[ChannelRule] = [

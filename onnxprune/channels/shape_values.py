@@ -1,0 +1,152 @@
+"""Symbolic values of small shape tensors (the targets of Reshape).
+
+Exporters often compute a Reshape target at run time, e.g. ``x.view(x.size(0), -1, 1, 1)``
+becomes ``Concat(Unsqueeze(Gather(Shape(x), 0)), [-1], [1], [1])``. Each entry of
+such a tensor is either a literal (and where it is stored, so a rewrite can
+change it) or "dimension j of tensor t" read at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.channels.rule_base import normalize_axis
+from onnxprune.graphutil import constant_value, opset_version, optional_input, producer
+
+
+@dataclass(frozen=True)
+class Literal:
+    """A constant entry; ``source`` = (node, input index, element index) holding it, if rewritable."""
+
+    value: int
+    source: tuple[gs.Node, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Dim:
+    """Dimension ``axis`` of tensor ``tensor``, read at run time."""
+
+    tensor: str
+    axis: int
+
+
+Entry = Literal | Dim
+
+
+def _ints(t: gs.Tensor) -> list[int] | None:
+    v = constant_value(t)
+    return None if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
+
+
+def shape_entries(t: gs.Tensor, graph: gs.Graph, depth: int = 0) -> list[Entry] | None:
+    """Entries of a 1-D int64 shape tensor, or None if they cannot be followed."""
+    if depth > 16:
+        return None
+    v = constant_value(t)
+    if v is not None:
+        return [Literal(int(x)) for x in np.asarray(v).reshape(-1)]
+    node = producer(t)
+    if node is None:
+        return None
+    op = node.op
+    if op == "Concat" and int(node.attrs.get("axis", 0)) in (0, -1):
+        out: list[Entry] = []
+        for i, part in enumerate(node.inputs):
+            entries = shape_entries(part, graph, depth + 1)
+            if entries is None:
+                return None
+            if constant_value(part) is not None:
+                entries = [Literal(e.value, (node, i, k)) for k, e in enumerate(entries)]
+            out += entries
+        return out
+    if op in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+        return shape_entries(node.inputs[0], graph, depth + 1)
+    if op == "Shape":
+        x = node.inputs[0]
+        if x.shape is None:
+            return None
+        rank = len(x.shape)
+        start = normalize_axis(int(node.attrs.get("start", 0)), rank)
+        end = node.attrs.get("end")
+        end = rank if end is None else min(normalize_axis(int(end), rank), rank)
+        return [Dim(x.name, j) for j in range(start, end)]
+    if op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
+        data, idx = shape_entries(node.inputs[0], graph, depth + 1), _ints(node.inputs[1])
+        if data is None or idx is None:
+            return None
+        return [_strip(data[normalize_axis(i, len(data))]) for i in idx]
+    if op == "Slice":
+        data = shape_entries(node.inputs[0], graph, depth + 1)
+        if data is None:
+            return None
+        if opset_version(graph) < 10:
+            starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
+            steps = [1]
+        else:
+            starts, ends = _ints(node.inputs[1]), _ints(node.inputs[2])
+            steps_t = optional_input(node, 4)
+            steps = _ints(steps_t) if steps_t is not None else [1]
+        if not starts or not ends or steps is None or len(starts) != 1:
+            return None
+        return [_strip(e) for e in data[slice(starts[0], ends[0], steps[0])]]
+    return None
+
+
+def _strip(e: Entry) -> Entry:
+    """An entry moved by Gather/Slice no longer sits where its constant is stored."""
+    return Literal(e.value) if isinstance(e, Literal) else e
+
+
+def resolve_target(in_shape: list, entries: list[Entry], graph: gs.Graph, allowzero: bool = False) -> list | None:
+    """The Reshape output shape implied by the input shape and the target entries.
+
+    Symbolic dimensions (strings) cancel out when computing a -1 entry, so
+    ``[batch, 16] -> (Dim(x, 0), -1, 1, 1)`` resolves to ``[batch, 16, 1, 1]``.
+    """
+    tensors = graph.tensors()
+    out: list = []
+    infer_at = None
+    for i, e in enumerate(entries):
+        if isinstance(e, Dim):
+            t = tensors.get(e.tensor)
+            if t is None or t.shape is None or e.axis >= len(t.shape):
+                return None
+            out.append(t.shape[e.axis])
+        elif e.value == -1:
+            if infer_at is not None:
+                return None
+            infer_at = i
+            out.append(None)
+        elif e.value == 0 and not allowzero:
+            if i >= len(in_shape):
+                return None
+            out.append(in_shape[i])
+        else:
+            out.append(e.value)
+    if infer_at is not None:
+        num_int, num_sym = _split(in_shape)
+        den_int, den_sym = _split([d for j, d in enumerate(out) if j != infer_at])
+        for s in den_sym:
+            if s not in num_sym:
+                return None
+            num_sym.remove(s)
+        if num_sym or den_int == 0 or num_int % den_int:
+            return None
+        out[infer_at] = num_int // den_int
+    return out
+
+
+def _split(dims) -> tuple[int, list]:
+    """Product of the integer dims, and the list of symbolic ones."""
+    prod, syms = 1, []
+    for d in dims:
+        if isinstance(d, (int, np.integer)) and d >= 0:
+            prod *= int(d)
+        elif d is None:
+            syms.append(object())  # unknown: never cancels
+        else:
+            syms.append(d)
+    return prod, syms
