@@ -14,7 +14,7 @@ from onnxprune import __version__
 from onnxprune.channels.analysis import ChannelAnalysis, analyze
 from onnxprune.channels.plan import PrunePlan, WidthPolicy, make_plan, round_to
 from onnxprune.cost import CostSummary, model_cost
-from onnxprune.errors import OnnxPruneError, PassError
+from onnxprune.errors import InputError, OnnxPruneError, PassError
 from onnxprune.graphio import to_graph, to_model
 from onnxprune.modelio import LoadedModel, as_loaded, check_output_path, needs_external_data, staged_write
 from onnxprune.pass_infra import GraphPass, PassManager, PassRecord
@@ -99,7 +99,8 @@ def _removed_metadata(plan: PrunePlan) -> dict[str, object]:
     return {"onnxprune.version": __version__, "onnxprune.removed": removed}
 
 
-def _check_output_model(model: onnx.ModelProto, path: Path | None = None) -> None:
+def _check_output_model(model: onnx.ModelProto, path: Path | None, source: onnx.ModelProto | Path) -> None:
+    """Full ONNX check of the result; if it fails, find out whether the input already did."""
     try:
         if path is not None:
             onnx.checker.check_model(str(path), full_check=True)
@@ -107,6 +108,11 @@ def _check_output_model(model: onnx.ModelProto, path: Path | None = None) -> Non
             onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        try:
+            onnx.checker.check_model(source if isinstance(source, onnx.ModelProto) else str(source), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e_in:
+            first_in = str(e_in).strip().splitlines()[0] if str(e_in).strip() else type(e_in).__name__
+            raise InputError(f"the input model fails the ONNX checker ({first_in}); nothing was written") from None
         raise PassError(f"internal error: the rewritten model fails the ONNX checker ({first}); nothing was written") from None
 
 
@@ -148,7 +154,6 @@ def run_passes(
     if plan is not None:
         meta.update(_removed_metadata(plan))
     result_model = to_model(graph, loaded.model, meta)
-    del graph
     timings["analysis+rewrite"] = time.perf_counter() - t1
 
     report = RunReport(
@@ -161,21 +166,24 @@ def run_passes(
         plan=plan,
     )
     reference = loaded.path if loaded.path is not None else loaded.model
+    use_external = loaded.uses_external_data if external_data is None else external_data
+    if plan is not None:
+        plan.release_graph()
+    del loaded, graph  # the runtime re-reads the input from its file; free the parsed copies first
     big = needs_external_data(result_model)
     if output is None:
         if not big:
-            _check_output_model(result_model)
+            _check_output_model(result_model, None, reference)
         if verify:
             t2 = time.perf_counter()
             report.verification = verify_same_function(reference, result_model)
             timings["verify"] = time.perf_counter() - t2
         return RunResult(result_model, report)
 
-    use_external = loaded.uses_external_data if external_data is None else external_data
     t3 = time.perf_counter()
     with staged_write(result_model, output, external_data=use_external or big) as staged:
         timings["save"] = time.perf_counter() - t3
-        _check_output_model(result_model, staged if big else None)
+        _check_output_model(result_model, staged if big else None, reference)
         if verify:
             t2 = time.perf_counter()
             report.verification = verify_same_function(reference, staged)

@@ -118,10 +118,13 @@ def _check_structure(model: onnx.ModelProto, name: str) -> None:
         raise InputError(f"{name} is not a usable ONNX model: it declares no opset")
 
 
-def load_model(path: str | os.PathLike[str], *, check: bool = True) -> LoadedModel:
+def load_model(path: str | os.PathLike[str], *, check: bool = False) -> LoadedModel:
     """Load and validate an ONNX file, external data included.
 
     Raises :class:`InputError` with one clear sentence for anything unusable.
+    The ONNX checker runs only with ``check`` (it needs a second copy of the
+    model in memory); callers check the *output* and blame the input only if
+    the output fails.
     """
     p = Path(path)
     name = str(path)
@@ -160,18 +163,22 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> LoadedMod
 
 
 def check_input_model(loaded: LoadedModel, name: str) -> None:
-    """Run the ONNX checker on an input model; a failure is an InputError."""
+    """Run the ONNX checker on an input model; a failure is an InputError.
+
+    A model read from a file is checked by path: the checker then streams it
+    from disk instead of holding a serialised copy beside the parsed one.
+    """
     try:
-        if loaded.model.ByteSize() < PROTO_LIMIT_BYTES:
-            onnx.checker.check_model(loaded.model)
-        elif loaded.path is not None:
+        if loaded.path is not None:
             onnx.checker.check_model(str(loaded.path))
+        elif loaded.model.ByteSize() < PROTO_LIMIT_BYTES:
+            onnx.checker.check_model(loaded.model)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise InputError(f"{name} fails the ONNX checker: {first}") from None
 
 
-def as_loaded(model_or_path: onnx.ModelProto | str | os.PathLike[str]) -> LoadedModel:
+def as_loaded(model_or_path: onnx.ModelProto | str | os.PathLike[str], *, check: bool = False) -> LoadedModel:
     """Accept a path or an in-memory ModelProto (validated the same way)."""
     if isinstance(model_or_path, onnx.ModelProto):
         _check_structure(model_or_path, "model")
@@ -179,9 +186,10 @@ def as_loaded(model_or_path: onnx.ModelProto | str | os.PathLike[str]) -> Loaded
         if problem:
             raise InputError(f"model: {problem}")
         loaded = LoadedModel(model=model_or_path, size_bytes=model_or_path.ByteSize())
-        check_input_model(loaded, "model")
+        if check:
+            check_input_model(loaded, "model")
         return loaded
-    return load_model(model_or_path)
+    return load_model(model_or_path, check=check)
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:

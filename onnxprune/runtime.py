@@ -36,6 +36,15 @@ def _ort():
     return onnxruntime
 
 
+def lean_session_options(threads: int | None = None):
+    """Options for checking results rather than speed: no graph rewrites, no weight prepacking,
+    no memory arena, so a session holds little beyond the model's own weights."""
+    so = session_options(threads, optimize=False)
+    so.enable_cpu_mem_arena = False
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
 def session_options(threads: int | None = None, *, optimize: bool = True, quiet: bool = True):
     """SessionOptions with a fixed thread count and logging kept quiet."""
     ort = _ort()

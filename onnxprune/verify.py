@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxprune.errors import VerificationError
-from onnxprune.runtime import ModelSource, input_specs, make_session, random_feed
+from onnxprune.errors import InputError, VerificationError
+from onnxprune.runtime import ModelSource, input_specs, lean_session_options, make_session, random_feed
 
 # Relative tolerance (of the output's largest magnitude) per output dtype. Deleting
 # zero channels changes only the order of float additions; anything wrong is O(1).
@@ -33,7 +33,7 @@ class VerifyResult:
 
 
 def _run(model: ModelSource, feeds: list[dict[str, np.ndarray]] | None, symbolic_dim: int, seed: int, trials: int):
-    session = make_session(model)
+    session = make_session(model, options=lean_session_options())
     if feeds is None:
         rng = np.random.default_rng(seed)
         specs = input_specs(session, symbolic_dim)
@@ -75,7 +75,13 @@ def compare_models(
     dimensions set to ``symbolic_dim``. The sessions are created one after the
     other so that only one model's weights are held by the runtime at a time.
     """
-    feeds, ref_out = _run(reference, feeds, symbolic_dim, seed, trials)
+    try:
+        feeds, ref_out = _run(reference, feeds, symbolic_dim, seed, trials)
+    except InputError:
+        raise
+    except Exception as e:  # onnxruntime cannot load or run the input model itself
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise InputError(f"onnxruntime cannot run the input model: {first}") from None
     _, got_out = _run(candidate, feeds, symbolic_dim, seed, trials)
     result = VerifyResult(trials=len(feeds))
     for ref, got in zip(ref_out, got_out):

@@ -72,6 +72,11 @@ class PrunePlan:
     def changes_graph(self) -> bool:
         return bool(self.remove.any())
 
+    def release_graph(self) -> None:
+        """Drop references to the graph (and its weights); reports need only the decisions."""
+        self.analysis.graph = None
+        self.analysis.ctx.graph = None
+
 
 class _View:
     def __init__(self, analysis: ChannelAnalysis, remove: np.ndarray) -> None:
