@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .common import Normalize
+from .common import Normalize, layer_call_order, randomize_batchnorm
 from .densenet_cifar import densenet_cifar
 from .lenet import lenet5, lenet300, lenet500
 from .mnasnet import mnasnet
@@ -27,7 +27,7 @@ from .senet_cifar import senet_cifar
 from .transformer import transformer_block
 from .vgg_cifar import vgg_cifar
 
-__all__ = ["REGISTRY", "ModelSpec", "Normalize", "build", "names"]
+__all__ = ["REGISTRY", "ModelSpec", "Normalize", "build", "layer_call_order", "names", "randomize_batchnorm"]
 
 
 @dataclass(frozen=True)

@@ -113,3 +113,39 @@ class ConvBNAct(nn.Sequential):
         if activation is not None:
             layers.append(activation())
         super().__init__(*layers)
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm non-trivial statistics and affine parameters (fresh ones are near identity).
+
+    Used by tests and benchmarks so that constants and folded biases are really non-zero.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def layer_call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of Conv2d/Linear modules in the order forward() calls them.
+
+    The ONNX exporter emits one Conv/Gemm/MatMul per call in the same order, so
+    this maps ONNX layers back to modules.
+    """
+    order: list[str] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: order.append(name))
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order

@@ -32,6 +32,7 @@ def same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, seed: int = 0, rtol: fl
     sa = make_session(a)
     feed = random_feed(input_specs(sa), np.random.default_rng(seed))
     for x, y in zip(sa.run(None, feed), make_session(b).run(None, feed)):
+        x, y = x.astype(np.float64), y.astype(np.float64)
         scale = max(float(np.max(np.abs(x))), 1e-12)
         if x.shape != y.shape or float(np.max(np.abs(x - y))) > rtol * scale:
             return False

@@ -38,33 +38,6 @@ def kill(model, layer: str, idx, bn: str | None = None) -> None:
             b.bias[idx] = 0
 
 
-def randomize_bn(model, seed: int = 0) -> None:
-    """Non-trivial BatchNorm statistics and shifts, so constants are really non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
-def layer_order(model, example) -> list[str]:
-    """Names of Conv2d/Linear modules in the order forward() calls them."""
-    order: list[str] = []
-    hooks = [
-        m.register_forward_hook(lambda mod, inp, out, name=name: order.append(name))
-        for name, m in model.named_modules()
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
-    ]
-    with torch.no_grad():
-        model(example)
-    for h in hooks:
-        h.remove()
-    return order
-
-
 def out_widths(model) -> dict[str, int]:
     return {
         name: m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
@@ -213,12 +186,12 @@ def test_reference_model_prunes_exactly_the_killed_channels(case):
     spec = models.REGISTRY[name]
     torch.manual_seed(0)
     model = models.build(name, **kwargs).eval()
-    randomize_bn(model)
+    models.randomize_batchnorm(model)
     before = out_widths(model)
     expected_changes = plan(model)
     expected = {**before, **expected_changes}
     example = torch.rand(2, *spec.input_shape)
-    order = layer_order(model, example)
+    order = models.layer_call_order(model, example)
     dense = export_onnx(model, example)
 
     result = prune_checked(dense)

@@ -50,6 +50,7 @@ class ChannelAnalysis:
     pin_reason: np.ndarray
     groups: list[ChannelGroup] = field(default_factory=list)
     group_of_component: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    layer_tensors: set[str] = field(default_factory=set)  # tracked inputs/outputs of Conv/Gemm/MatMul
 
     @property
     def num_components(self) -> int:
@@ -141,6 +142,13 @@ def analyze(graph: gs.Graph) -> ChannelAnalysis:
         mark(pinned, pin_reason, ctx.slots.ids(pin.tensor, pin.index), pin.reason)
 
     analysis = ChannelAnalysis(graph, ctx, comp, live, pinned, reasons.items, live_reason, pin_reason)
+    analysis.layer_tensors = {
+        t.name
+        for node in graph.nodes
+        if node.op in CHANNEL_SOURCES
+        for t in (node.inputs[0], node.outputs[0])
+        if ctx.tracked(t) is not None
+    }
     _build_groups(analysis)
     return analysis
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -20,19 +20,34 @@ import onnx_graphsurgeon as gs
 from onnxprune.channels.analysis import ChannelAnalysis, ChannelGroup
 from onnxprune.channels.rules import RULES
 
-# (group, channels that must stay, channels in all) -> channels to keep (>= the first)
-WidthPolicy = Callable[[ChannelGroup, int, int], int]
+class WidthPolicy(Protocol):
+    """Chooses how many channels a layer tensor keeps: at least ``needed``, at most ``total``.
+
+    Called for every tensor a Conv/ConvTranspose/Gemm/MatMul reads or writes
+    whose width the plan changes; ``reason`` explains the dead channels it keeps.
+    """
+
+    reason: str
+
+    def __call__(self, tensor: str, needed: int, total: int) -> int: ...
+
+
+@dataclass(frozen=True)
+class RoundTo:
+    """Keep just enough dead channels that every pruned layer width is a multiple of ``n``."""
+
+    n: int
+
+    @property
+    def reason(self) -> str:
+        return f"--round-to {self.n}"
+
+    def __call__(self, tensor: str, needed: int, total: int) -> int:
+        return min(total, max(self.n, math.ceil(needed / self.n) * self.n))
 
 
 def round_to(n: int) -> WidthPolicy:
-    """Keep just enough dead channels that a pruned group's width is a multiple of ``n``."""
-
-    def policy(group: ChannelGroup, needed: int, total: int) -> int:
-        if needed >= total:
-            return total
-        return min(total, max(n, math.ceil(needed / n) * n))
-
-    return policy
+    return RoundTo(n)
 
 
 @dataclass
@@ -112,6 +127,28 @@ def make_plan(analysis: ChannelAnalysis, width_policy: WidthPolicy | None = None
         keep_reason[comps] = reason_id(text)
         return True
 
+    tensors = [(t.tensor, analysis.components_of(t.tensor)) for t in analysis.ctx.slots.tracked]
+    layer_tensors = analysis.layer_tensors
+
+    def widen(name: str, comps: np.ndarray) -> bool:
+        """Keep back removed components of one tensor until its width satisfies the rules."""
+        gone = remove[comps]
+        if not gone.any():
+            return False
+        kept, total = int((~gone).sum()), comps.size
+        target, text = 1, "a tensor cannot be empty"
+        if width_policy is not None and name in layer_tensors:
+            wanted = width_policy(name, max(kept, 1), total)
+            if wanted > max(kept, 1):
+                target, text = wanted, width_policy.reason
+        if kept >= target:
+            return False
+        uniq, first, counts = np.unique(comps[gone], return_index=True, return_counts=True)
+        by_position = np.argsort(first)
+        order, per_comp = uniq[by_position], counts[by_position]
+        take = int(np.searchsorted(np.cumsum(per_comp), target - kept)) + 1
+        return keep_back(order[:take], text)
+
     changed = True
     while changed:
         changed = False
@@ -119,21 +156,8 @@ def make_plan(analysis: ChannelAnalysis, width_policy: WidthPolicy | None = None
             veto = RULES[node.op].constrain(node, view)
             if veto is not None:
                 changed |= keep_back(*veto)
-        for group in analysis.groups:
-            comps = group.components
-            gone = comps[remove[comps]]
-            if gone.size == 0:
-                continue
-            needed = group.size - gone.size
-            target = max(needed, 1)
-            text = "a tensor cannot be empty"
-            if width_policy is not None:
-                wanted = width_policy(group, target, group.size)
-                if wanted > target:
-                    target, text = wanted, "width policy (--round-to / --target)"
-            extra = target - needed
-            if extra > 0:
-                changed |= keep_back(gone[:extra], text)
+        for name, comps in tensors:
+            changed |= widen(name, comps)
 
     plan = PrunePlan(analysis, remove, reasons, keep_reason)
     for group in analysis.groups:

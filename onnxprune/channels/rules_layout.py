@@ -174,8 +174,7 @@ class SplitRule(ChannelRule):
         elif optional_input(node, 1) is not None:
             rw.set_const(node, 1, np.asarray(sizes, dtype=np.int64))
         else:
-            del node.inputs[1:]
-            node.inputs.append(gs.Constant(rw.names.fresh(f"{node.name}_split"), np.asarray(sizes, dtype=np.int64)))
+            rw.set_const_or_add(node, 1, np.asarray(sizes, dtype=np.int64))
 
 
 def _slice_params(node: gs.Node, ctx_const, opset: int, rank: int):

@@ -24,6 +24,13 @@ from onnxprune.channels.values import (
 from onnxprune.graphutil import opset_version, optional_input
 
 
+def _to_bfloat16(v: np.ndarray) -> np.ndarray:
+    """Round to bfloat16 (nearest, ties to even) and back, as a runtime's Cast does."""
+    bits = np.nan_to_num(v).astype(np.float32).view(np.uint32)
+    rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000).astype(np.uint32)
+    return np.where(np.isnan(v), np.nan, rounded.view(np.float32).astype(np.float64))
+
+
 def _extra_outputs_used(node: gs.Node, ctx: AnalysisContext) -> bool:
     return any(ctx.used(t) for t in node.outputs[1:])
 
@@ -78,8 +85,13 @@ class UnaryRule(ChannelRule):
             return lambda v: np.where(np.isnan(v), np.nan, np.clip(v, lo, hi))
         if op == "Cast":
             to = int(node.attrs.get("to", 1))
-            if to in (1, 10, 11, 16):  # float, float16, double, bfloat16
+            if to == 11:  # double
                 return lambda v: v
+            if to in (1, 10):  # float, float16: the value as that type holds it
+                dtype = np.float32 if to == 1 else np.float16
+                return lambda v: v.astype(dtype).astype(np.float64)
+            if to == 16:  # bfloat16
+                return _to_bfloat16
             if to == 9:  # bool
                 return lambda v: np.where(np.isnan(v), np.nan, (v != 0).astype(np.float64))
             return np.trunc

@@ -1,0 +1,141 @@
+"""Shared pieces of the benchmark scripts: machine description, timing, memory, results files."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = re.search(r"Model name:\s*(.+)", lscpu)
+        info["cpu"] = model.group(1).strip() if model else platform.processor()
+        flags = re.search(r"Flags:\s*(.+)", lscpu)
+        if flags:
+            info["avx512"] = "avx512f" in flags.group(1).split()
+    except OSError:
+        info["cpu"] = platform.processor()
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def interleaved_latency(
+    runners: dict[str, Callable[[], object]], *, repeats: int = 30, warmup: int = 3, budget_s: float | None = None
+) -> dict[str, dict]:
+    """Time several callables side by side: round-robin, so drifts in machine load hit all of them.
+
+    Returns per name: median and quartiles in milliseconds and the number of runs.
+    """
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    start = time.perf_counter()
+    for i in range(repeats):
+        order = list(runners.items())
+        if i % 2:
+            order.reverse()
+        for name, fn in order:
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1000)
+        if budget_s is not None and time.perf_counter() - start > budget_s and i >= 4:
+            break
+    return {k: summarize(v) for k, v in times.items()}
+
+
+def summarize(samples_ms: Sequence[float]) -> dict:
+    a = np.asarray(samples_ms)
+    return {
+        "median_ms": float(np.median(a)),
+        "p25_ms": float(np.percentile(a, 25)),
+        "p75_ms": float(np.percentile(a, 75)),
+        "runs": int(a.size),
+    }
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def run_measured(args: list[str], *, env: dict | None = None) -> tuple[float, int, subprocess.CompletedProcess]:
+    """Run ``python ARGS`` (e.g. ``["-m", "onnxprune", ...]`` or ``["script.py", ...]``).
+
+    Returns (wall seconds, peak RSS in bytes of that interpreter, completed process).
+    The peak is read inside the child after exec (see benchmarks/peak_rss.py).
+    """
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        cmd = [sys.executable, str(Path(__file__).with_name("peak_rss.py")), rss.name, *args]
+        t = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        wall = time.perf_counter() - t
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        peak = int(rss.read().strip() or 0)
+    return wall, peak, done
+
+
+def python_peak_rss(code: str) -> int:
+    """Peak RSS (bytes) of a fresh interpreter running ``code`` (e.g. just the imports: a baseline)."""
+    with tempfile.TemporaryDirectory() as d:
+        script = Path(d) / "baseline.py"
+        script.write_text(code + "\n")
+        _, rss, _ = run_measured([str(script)])
+    return rss
+
+
+def ort_runner(path_or_bytes, feed: dict, *, threads: int = 2, providers=("CPUExecutionProvider",)):
+    """A zero-argument callable running one inference on ONNX Runtime with ``threads`` threads."""
+    from onnxprune.runtime import make_session
+
+    session = make_session(path_or_bytes, threads=threads, providers=providers)
+    return lambda: session.run(None, feed)
+
+
+def write_result(run: str, result: dict) -> Path:
+    """Write benchmarks/results/<run>/result.json (pretty, stable key order)."""
+    out = RESULTS / run
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "result.json"
+    path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def fmt_ms(x: float) -> str:
+    return f"{x:.2f} ms" if x < 100 else f"{x:.0f} ms"

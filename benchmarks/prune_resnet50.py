@@ -1,0 +1,275 @@
+"""The engine benchmark: prune a ResNet-50 with half of each prunable group's channels dead.
+
+Measures, in one run on this machine:
+  * ``onnxprune prune`` as a separate process: time split into load /
+    analysis+rewrite / verify / save, total wall time, peak memory (RSS);
+  * Torch-Pruning deleting the *same* channels from the same PyTorch model:
+    model load, dependency analysis + pruning, output check, ONNX export, peak RSS;
+  * ONNX Runtime CPU latency (2 threads; batch 1 and 8) of the dense model, the
+    onnxprune result and the Torch-Pruning result, interleaved, medians;
+  * MACs of each, and speed-up relative to the MAC reduction.
+
+    python benchmarks/prune_resnet50.py            # ~2 minutes on 2 cores
+    python benchmarks/prune_resnet50.py --quick    # resnet50_small at 64x64, for a smoke test
+
+Writes benchmarks/results/prune-resnet50/result.json (or prune-resnet50-quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    interleaved_latency,
+    machine_info,
+    median,
+    ort_runner,
+    python_peak_rss,
+    run_measured,
+    write_result,
+)
+
+ONNXPRUNE_IMPORTS = "import onnxprune.cli, onnxprune.api, passes, onnx, onnxruntime, onnx_graphsurgeon, numpy"
+TP_IMPORTS = "import torch, torch_pruning, models, onnx, numpy"
+
+
+def build_dense(name: str, size: int, seed: int):
+    import torch
+
+    import models
+
+    torch.manual_seed(seed)
+    model = models.build(name).eval()
+    models.randomize_batchnorm(model, seed)
+    example = torch.rand(1, 3, size, size)
+    return model, example
+
+
+def zero_in_torch(model, by_module: dict[str, list[int]], groups_modules: dict[str, list[str]]) -> None:
+    """Zero the killed channels in every producer (conv rows and the BatchNorm after it)."""
+    import torch
+
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for first, idx in by_module.items():
+            for conv_name in groups_modules[first]:
+                conv = mods[conv_name]
+                conv.weight[idx] = 0
+                bn_name = _bn_after(conv_name, mods)
+                if bn_name:
+                    mods[bn_name].weight[idx] = 0
+                    mods[bn_name].bias[idx] = 0
+
+
+def _bn_after(conv_name: str, mods) -> str | None:
+    """The BatchNorm that follows a conv in models/resnet_imagenet.py (conv1->bn1, downsample.0->downsample.1)."""
+    if conv_name.endswith(".0") and conv_name[:-2] + ".1" in mods:
+        return conv_name[:-2] + ".1"
+    head, _, leaf = conv_name.rpartition(".")
+    if leaf.startswith("conv"):
+        cand = (head + "." if head else "") + "bn" + leaf[4:]
+        return cand if cand in mods else None
+    return None
+
+
+def torch_pruning_worker(args) -> None:
+    """Runs in its own process so its peak memory is its own."""
+    import onnx
+    import torch
+    import torch_pruning as tp
+
+    import models
+    from onnxprune.torch_export import export_onnx
+
+    spec = json.loads(Path(args.worker_spec).read_text())
+    t0 = time.perf_counter()
+    model = models.build(spec["model"]).eval()
+    model.load_state_dict(torch.load(spec["state"], weights_only=True))
+    example = torch.rand(1, 3, spec["size"], spec["size"])
+    with torch.no_grad():
+        ref = model(example)
+    t_load = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    mods = dict(model.named_modules())
+    for name, idx in spec["prune"].items():
+        group = dg.get_pruning_group(mods[name], tp.prune_conv_out_channels, idxs=idx)
+        group.prune()
+    t_prune = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    with torch.no_grad():
+        got = model(example)
+    err = float((got - ref).abs().max() / ref.abs().max())
+    t_verify = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    onnx.save(export_onnx(model, example), spec["out"])
+    t_save = time.perf_counter() - t3
+    Path(spec["result"]).write_text(
+        json.dumps({"load": t_load, "analysis+rewrite": t_prune, "verify": t_verify, "save": t_save, "max_rel_err": err})
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="resnet50_small at 64x64 (smoke test)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each pruning tool (medians reported)")
+    ap.add_argument("--latency-runs", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--worker-spec", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker_spec:
+        torch_pruning_worker(args)
+        return
+
+    import onnx
+    import torch
+
+    from onnxprune.api import prune_model
+    from onnxprune.kill import kill_channels
+    from onnxprune.torch_export import export_onnx
+    from tests.prune_helpers import layer_widths
+
+    name, size = ("resnet50_small", 64) if args.quick else ("resnet50", 224)
+    run_name = "prune-resnet50-quick" if args.quick else "prune-resnet50"
+    work = Path(tempfile.mkdtemp(prefix="onnxprune-bench-"))
+    print(f"[setup] {name} at {size}x{size}; work folder {work}")
+    model, example = build_dense(name, size, args.seed)
+    dense = export_onnx(model, example)
+    dead, killed = kill_channels(dense, 0.5, seed=args.seed)
+    dead_path = work / "dense_half_dead.onnx"
+    onnx.save(dead, dead_path)
+    model_bytes = dead_path.stat().st_size
+
+    # The same channels, zeroed in PyTorch, for Torch-Pruning. ONNX layers map to modules by call order;
+    # each killed group is named by its first producer and zeroed in all of them.
+    import models
+    from onnxprune.api import inspect_model
+
+    node_to_module = dict(zip(layer_widths(dense), models.layer_call_order(model, example), strict=True))
+    by_module = {node_to_module[group]: idx for group, idx in killed.items()}
+    analysis = inspect_model(dead)[0]
+    producers = {node_to_module[g.name]: [node_to_module[p] for p in g.producers] for g in analysis.groups if g.name in killed}
+    zero_in_torch(model, by_module, producers)
+    with torch.no_grad():
+        torch_out = model(example).numpy()
+    from onnxprune.runtime import make_session
+
+    onnx_out = make_session(dead).run(None, {"input": example.numpy()})[0]
+    agree = float(np.abs(torch_out - onnx_out).max() / np.abs(torch_out).max())
+    print(f"[setup] {sum(len(v) for v in killed.values())} channels killed in {len(killed)} groups; "
+          f"PyTorch and ONNX dense models agree to {agree:.1e}")
+    state = work / "state.pt"
+    torch.save(model.state_dict(), state)
+
+    # -- onnxprune, as the user runs it ------------------------------------------
+    baseline_op = python_peak_rss(ONNXPRUNE_IMPORTS)
+    op_runs = []
+    pruned_path = work / "pruned_onnxprune.onnx"
+    for r in range(args.repeats):
+        report = work / f"report{r}.json"
+        wall, peak, _ = run_measured(
+            ["-m", "onnxprune", "prune", str(dead_path), "-o", str(pruned_path), "--report", str(report), "-q"]
+        )
+        timings = json.loads(report.read_text())["timings_s"]
+        op_runs.append({"wall": wall, "peak_rss": peak, **timings})
+        print(f"[onnxprune] run {r + 1}: {wall:.2f} s, peak {peak / 1e6:.0f} MB, {timings}")
+    op_report = json.loads((work / "report0.json").read_text())
+
+    # -- Torch-Pruning, same channels --------------------------------------------
+    baseline_tp = python_peak_rss(TP_IMPORTS)
+    tp_runs = []
+    tp_path = work / "pruned_torch_pruning.onnx"
+    for r in range(args.repeats):
+        spec = work / "tp_spec.json"
+        res = work / f"tp_result{r}.json"
+        spec.write_text(json.dumps({"model": name, "state": str(state), "size": size, "prune": by_module,
+                                    "out": str(tp_path), "result": str(res)}))
+        wall, peak, _ = run_measured([__file__, "--worker-spec", str(spec)])
+        timings = json.loads(res.read_text())
+        tp_runs.append({"wall": wall, "peak_rss": peak, **timings})
+        print(f"[torch-pruning] run {r + 1}: {wall:.2f} s, peak {peak / 1e6:.0f} MB, {timings}")
+
+    # -- sizes ----------------------------------------------------------------------
+    op_pruned = onnx.load(pruned_path)
+    tp_pruned = onnx.load(tp_path)
+    widths_op = layer_widths(op_pruned)
+    widths_tp = layer_widths(tp_pruned)
+    same_widths = sorted(w[1] for w in widths_op.values()) == sorted(w[1] for w in widths_tp.values())
+    macs = {"dense": op_report["before"]["macs"], "onnxprune": op_report["after"]["macs"], "torch_pruning": _macs(tp_pruned)}
+    params = {"dense": op_report["before"]["params"], "onnxprune": op_report["after"]["params"], "torch_pruning": _params(tp_pruned)}
+
+    # -- ORT CPU latency, side by side ----------------------------------------------
+    latency = {}
+    for batch in (1, 8):
+        feed = {"input": np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)}
+        runners = {
+            "dense": ort_runner(str(dead_path), feed),
+            "onnxprune": ort_runner(str(pruned_path), feed),
+            "torch_pruning": ort_runner(str(tp_path), feed),
+        }
+        latency[f"batch{batch}"] = interleaved_latency(runners, repeats=args.latency_runs, budget_s=120)
+        print(f"[latency] batch {batch}: " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in latency[f'batch{batch}'].items()))
+
+    def summary(runs):
+        keys = ["wall", "peak_rss", "load", "analysis+rewrite", "verify", "save"]
+        return {k: median([r[k] for r in runs]) for k in keys if k in runs[0]}
+
+    op_sum, tp_sum = summary(op_runs), summary(tp_runs)
+    mac_ratio = macs["dense"] / macs["onnxprune"]
+    speedup = {b: v["dense"]["median_ms"] / v["onnxprune"]["median_ms"] for b, v in latency.items()}
+    result = {
+        "benchmark": "prune-resnet50",
+        "machine": machine_info(),
+        "config": {"model": name, "input": [1, 3, size, size], "dead_fraction_per_group": 0.5, "groups_killed": len(killed),
+                   "channels_killed": sum(len(v) for v in killed.values()), "repeats": args.repeats,
+                   "ort_threads": 2, "model_file_bytes": model_bytes},
+        "onnxprune": {"runs": op_runs, "median": op_sum, "baseline_rss": baseline_op,
+                      "peak_over_baseline_vs_model": (op_sum["peak_rss"] - baseline_op) / model_bytes,
+                      "peak_vs_model": op_sum["peak_rss"] / model_bytes},
+        "torch_pruning": {"runs": tp_runs, "median": tp_sum, "baseline_rss": baseline_tp,
+                          "peak_over_baseline_vs_model": (tp_sum["peak_rss"] - baseline_tp) / model_bytes,
+                          "same_widths_as_onnxprune": same_widths},
+        "macs": macs,
+        "params": params,
+        "latency": latency,
+        "mac_reduction": mac_ratio,
+        "speedup": speedup,
+        "speedup_over_mac_reduction": {b: s / mac_ratio for b, s in speedup.items()},
+        "targets": {
+            "analysis+rewrite < 1 s": op_sum["analysis+rewrite"] < 1.0,
+            "whole command < 5 s": op_sum["wall"] < 5.0,
+            "peak memory < 3x model size (above interpreter baseline)": (op_sum["peak_rss"] - baseline_op) < 3 * model_bytes,
+            "speed-up >= 0.9x MAC reduction (batch 1)": speedup["batch1"] >= 0.9 * mac_ratio,
+        },
+    }
+    path = write_result(run_name, result)
+    print(json.dumps(result["targets"], indent=2))
+    print(f"wrote {path}")
+
+
+def _macs(model) -> int:
+    from onnxprune.api import inspect_model
+
+    return inspect_model(model)[2].macs
+
+
+def _params(model) -> int:
+    from onnxprune.api import inspect_model
+
+    return inspect_model(model)[2].params
+
+
+if __name__ == "__main__":
+    main()
