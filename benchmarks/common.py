@@ -120,17 +120,31 @@ def python_peak_rss(code: str) -> int:
     return rss
 
 
+def use_global_ort_threads(threads: int = 2) -> None:
+    """Every ONNX Runtime CPU session in this process shares one pool of ``threads`` threads.
+
+    Call before any session exists. Sessions with their own pools keep spinning
+    after a run and steal the cores of the next session measured side by side
+    (on 2 cores this tripled latencies); one shared pool removes that.
+    """
+    from onnxprune.runtime import use_global_thread_pool
+
+    use_global_thread_pool(threads)
+
+
 def ort_runner(path_or_bytes, feed: dict, *, threads: int = 2, providers=("CPUExecutionProvider",)):
-    """A zero-argument callable running one inference on ONNX Runtime with ``threads`` threads."""
+    """A zero-argument callable running one inference on ONNX Runtime (CPU: the shared pool)."""
     from onnxprune.runtime import make_session
 
-    session = make_session(path_or_bytes, threads=threads, providers=providers)
+    if providers[0] == "CPUExecutionProvider":
+        use_global_ort_threads(threads)
+    session = make_session(path_or_bytes, providers=providers, threads=threads)
     return lambda: session.run(None, feed)
 
 
-def write_result(run: str, result: dict) -> Path:
-    """Write benchmarks/results/<run>/result.json (pretty, stable key order)."""
-    out = RESULTS / run
+def write_result(run: str, result: dict, root: Path | None = None) -> Path:
+    """Write <root or benchmarks/results>/<run>/result.json (pretty, stable key order)."""
+    out = (root or RESULTS) / run
     out.mkdir(parents=True, exist_ok=True)
     path = out / "result.json"
     path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")

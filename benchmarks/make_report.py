@@ -75,7 +75,7 @@ def engine_section(run: str, r: dict) -> str:
                      f"{base[0] / lat[0]:.2f}x / {base[1] / lat[1]:.2f}x", f"{r['macs']['dense'] / r['macs'][key]:.2f}x"])
     out.append(md_table(["model", "MACs", "params", "ORT CPU batch 1", "ORT CPU batch 8", "speed-up (b1 / b8)", "MAC reduction"], rows))
     sb = r["speedup_over_mac_reduction"]
-    out.append(f"\nONNX Runtime CPU, {cfg['ort_threads']} threads, interleaved runs, medians. Speed-up / MAC reduction: "
+    out.append(f"\nONNX Runtime CPU, one shared pool of {cfg['ort_threads']} threads, interleaved runs, medians. Speed-up / MAC reduction: "
                f"{sb['batch1']:.2f} (batch 1), {sb['batch8']:.2f} (batch 8); MAC reduction {mr:.2f}x.\n")
     out.append("Targets: " + "; ".join(f"{k}: {'met' if v else '**not met**'}" for k, v in r["targets"].items()) + ".\n")
     return "\n".join(out)

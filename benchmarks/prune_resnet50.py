@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     interleaved_latency,
+    use_global_ort_threads,
     machine_info,
     median,
     ort_runner,
@@ -127,16 +128,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs of each pruning tool (medians reported)")
     ap.add_argument("--latency-runs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", type=Path, help="results folder (default benchmarks/results)")
     ap.add_argument("--worker-spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker_spec:
         torch_pruning_worker(args)
         return
 
+    use_global_ort_threads(2)  # before any ONNX Runtime session exists in this process
     import onnx
     import torch
 
-    from onnxprune.api import prune_model
     from onnxprune.kill import kill_channels
     from onnxprune.torch_export import export_onnx
     from tests.prune_helpers import layer_widths
@@ -254,7 +256,7 @@ def main() -> None:
             "speed-up >= 0.9x MAC reduction (batch 1)": speedup["batch1"] >= 0.9 * mac_ratio,
         },
     }
-    path = write_result(run_name, result)
+    path = write_result(run_name, result, args.results)
     print(json.dumps(result["targets"], indent=2))
     print(f"wrote {path}")
 

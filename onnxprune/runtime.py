@@ -45,11 +45,32 @@ def lean_session_options(threads: int | None = None):
     return so
 
 
+_global_pool_threads: int | None = None
+
+
+def use_global_thread_pool(threads: int) -> None:
+    """Make every CPU session this process creates share one pool of ``threads`` threads.
+
+    Must run before the first session. For measuring models side by side: a
+    session with its own pool keeps spinning after a run and steals the cores
+    of the next one.
+    """
+    global _global_pool_threads
+    if _global_pool_threads == threads:
+        return
+    if _global_pool_threads is not None:
+        raise RuntimeError(f"the global thread pool already has {_global_pool_threads} threads")
+    _ort().set_global_thread_pool_sizes(threads, 1)
+    _global_pool_threads = threads
+
+
 def session_options(threads: int | None = None, *, optimize: bool = True, quiet: bool = True):
-    """SessionOptions with a fixed thread count and logging kept quiet."""
+    """SessionOptions with a fixed thread count (or the global pool) and logging kept quiet."""
     ort = _ort()
     so = ort.SessionOptions()
-    if threads:
+    if _global_pool_threads is not None:
+        so.use_per_session_threads = False
+    elif threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     if quiet:
@@ -91,7 +112,7 @@ def _probe(ir_version: int, opsets: tuple[tuple[str, int], ...]) -> str | None:
         imports.append(helper.make_opsetid("", 13))
     model = helper.make_model(graph, opset_imports=imports)
     model.ir_version = ir_version
-    so = ort.SessionOptions()
+    so = session_options()
     so.log_severity_level = 4
     try:
         ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
