@@ -33,6 +33,7 @@ class RunReport:
     timings: dict[str, float] = field(default_factory=dict)
     verification: VerifyResult | None = None
     plan: PrunePlan | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         out = {
@@ -46,6 +47,7 @@ class RunReport:
                 for r in self.passes
             ],
             "timings_s": self.timings,
+            "notes": self.notes,
         }
         if self.verification is not None:
             out["verification"] = {
@@ -165,11 +167,15 @@ def run_passes(
         timings=timings,
         plan=plan,
     )
-    reference = loaded.path if loaded.path is not None else loaded.model
+    # The runtime re-reads the input from its file, unless its IR version had to be lowered to load.
+    reference = loaded.path if loaded.path is not None and loaded.ir_lowered_from is None else loaded.model
+    if loaded.ir_lowered_from is not None:
+        meta_note = f"IR version lowered from {loaded.ir_lowered_from} to {loaded.model.ir_version} for onnxruntime"
+        report.notes.append(meta_note)
     use_external = loaded.uses_external_data if external_data is None else external_data
     if plan is not None:
         plan.release_graph()
-    del loaded, graph  # the runtime re-reads the input from its file; free the parsed copies first
+    del loaded, graph  # free the parsed copies before the runtime loads anything
     big = needs_external_data(result_model)
     if output is None:
         if not big:

@@ -57,6 +57,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         removed = report.plan.removed_channels if report.plan else 0
         print(f"removed {removed} channel(s); wrote {args.output}")
         _print_verification(report.verification)
+        for note in report.notes:
+            print(f"note: {note}")
         t = report.timings
         print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))
     if args.explain:

@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from onnxprune.errors import InputError
-from onnxprune.runtime import ort_load_problem
+from onnxprune.runtime import max_loadable_ir, ort_load_problem
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay well below it.
 PROTO_LIMIT_BYTES = 2_000_000_000
@@ -39,6 +39,7 @@ class LoadedModel:
     path: Path | None = None
     external_data_files: list[Path] = field(default_factory=list)
     size_bytes: int = 0
+    ir_lowered_from: int | None = None  # the file's IR version, if onnxruntime needed a lower one
 
     @property
     def uses_external_data(self) -> bool:
@@ -118,6 +119,23 @@ def _check_structure(model: onnx.ModelProto, name: str) -> None:
         raise InputError(f"{name} is not a usable ONNX model: it declares no opset")
 
 
+def _lower_ir_if_needed(model: onnx.ModelProto, name: str) -> int | None:
+    """Make onnxruntime able to load the model; lower only the IR version if that suffices.
+
+    onnx's helpers may stamp an IR version newer than onnxruntime accepts
+    (onnxruntime 1.31 refuses IR 14) although nothing in the model needs it.
+    Returns the original IR version if it was lowered (in memory only).
+    """
+    problem = ort_load_problem(model)
+    if problem is None:
+        return None
+    ir = max_loadable_ir(model)
+    if ir is None or ir == model.ir_version:
+        raise InputError(f"{name}: {problem}")
+    original, model.ir_version = model.ir_version, ir
+    return original
+
+
 def load_model(path: str | os.PathLike[str], *, check: bool = False) -> LoadedModel:
     """Load and validate an ONNX file, external data included.
 
@@ -152,11 +170,9 @@ def load_model(path: str | os.PathLike[str], *, check: bool = False) -> LoadedMo
             external_data_helper.load_external_data_for_model(model, str(p.parent))
         except (OSError, ValueError) as e:
             raise InputError(f"{name}: cannot read external data: {e}") from None
-    problem = ort_load_problem(model)
-    if problem:
-        raise InputError(f"{name}: {problem}")
+    lowered = _lower_ir_if_needed(model, name)
     size = p.stat().st_size + sum(f.stat().st_size for f in files)
-    loaded = LoadedModel(model=model, path=p, external_data_files=files, size_bytes=size)
+    loaded = LoadedModel(model=model, path=p, external_data_files=files, size_bytes=size, ir_lowered_from=lowered)
     if check:
         check_input_model(loaded, name)
     return loaded
@@ -182,10 +198,12 @@ def as_loaded(model_or_path: onnx.ModelProto | str | os.PathLike[str], *, check:
     """Accept a path or an in-memory ModelProto (validated the same way)."""
     if isinstance(model_or_path, onnx.ModelProto):
         _check_structure(model_or_path, "model")
-        problem = ort_load_problem(model_or_path)
-        if problem:
-            raise InputError(f"model: {problem}")
-        loaded = LoadedModel(model=model_or_path, size_bytes=model_or_path.ByteSize())
+        model, lowered = model_or_path, None
+        if ort_load_problem(model) is not None:
+            model = onnx.ModelProto()
+            model.CopyFrom(model_or_path)  # never change the caller's model
+            lowered = _lower_ir_if_needed(model, "model")
+        loaded = LoadedModel(model=model, size_bytes=model.ByteSize(), ir_lowered_from=lowered)
         if check:
             check_input_model(loaded, "model")
         return loaded

@@ -121,6 +121,15 @@ def _probe(ir_version: int, opsets: tuple[tuple[str, int], ...]) -> str | None:
     return None
 
 
+def max_loadable_ir(model: onnx.ModelProto) -> int | None:
+    """The highest IR version (up to the model's) at which onnxruntime loads the model's opsets."""
+    opsets = tuple(sorted((o.domain, o.version) for o in model.opset_import))
+    for ir in range(model.ir_version, 2, -1):
+        if _probe(ir, opsets) is None:
+            return ir
+    return None
+
+
 def ort_load_problem(model: onnx.ModelProto) -> str | None:
     """Why onnxruntime would refuse this model's IR version or opsets (None if it would not)."""
     opsets = tuple(sorted((o.domain, o.version) for o in model.opset_import))

@@ -283,3 +283,15 @@ def test_mnist8_from_the_model_zoo_prunes_after_zeroing_channels(tmp_path, capsy
     inputs = [i.name for i in pruned.graph.input]
     assert inputs[0] == "Input3" and set(t.name for t in pruned.graph.initializer) <= set(inputs)
     assert same_outputs(model, pruned)
+
+
+def test_ir_version_newer_than_the_runtime_is_lowered_not_refused(tmp_path, capsys):
+    src = tmp_path / "ir14.onnx"
+    onnx.save(tiny_model(ir=14), src)
+    out = tmp_path / "o.onnx"
+    code, stdout, err = run_cli("prune", str(src), "-o", str(out), capsys=capsys)
+    assert code == 0, err
+    assert "IR version lowered from 14" in stdout
+    pruned = onnx.load(out)
+    assert pruned.ir_version < 14 and layer_widths(pruned)["conv1"] == (3, 4)
+    assert onnx.load(src).ir_version == 14  # the input file is untouched
