@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -58,36 +56,10 @@ def machine_info() -> dict:
 def interleaved_latency(
     runners: dict[str, Callable[[], object]], *, repeats: int = 30, warmup: int = 3, budget_s: float | None = None
 ) -> dict[str, dict]:
-    """Time several callables side by side: round-robin, so drifts in machine load hit all of them.
+    """Side-by-side timing (see onnxprune.latency.timing.interleaved), as plain dicts for result files."""
+    from onnxprune.latency.timing import interleaved
 
-    Returns per name: median and quartiles in milliseconds and the number of runs.
-    """
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    start = time.perf_counter()
-    for i in range(repeats):
-        order = list(runners.items())
-        if i % 2:
-            order.reverse()
-        for name, fn in order:
-            t = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t) * 1000)
-        if budget_s is not None and time.perf_counter() - start > budget_s and i >= 4:
-            break
-    return {k: summarize(v) for k, v in times.items()}
-
-
-def summarize(samples_ms: Sequence[float]) -> dict:
-    a = np.asarray(samples_ms)
-    return {
-        "median_ms": float(np.median(a)),
-        "p25_ms": float(np.percentile(a, 25)),
-        "p75_ms": float(np.percentile(a, 75)),
-        "runs": int(a.size),
-    }
+    return {k: t.to_dict() for k, t in interleaved(runners, repeats=repeats, warmup=warmup, budget_s=budget_s).items()}
 
 
 def median(xs: Sequence[float]) -> float:

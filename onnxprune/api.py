@@ -34,6 +34,7 @@ class RunReport:
     verification: VerifyResult | None = None
     plan: PrunePlan | None = None
     notes: list[str] = field(default_factory=list)
+    latency: dict | None = None
 
     def to_dict(self) -> dict:
         out = {
@@ -49,6 +50,8 @@ class RunReport:
             "timings_s": self.timings,
             "notes": self.notes,
         }
+        if self.latency is not None:
+            out["latency"] = self.latency
         if self.verification is not None:
             out["verification"] = {
                 "trials": self.verification.trials,
@@ -118,8 +121,17 @@ def _check_output_model(model: onnx.ModelProto, path: Path | None, source: onnx.
         raise PassError(f"internal error: the rewritten model fails the ONNX checker ({first}); nothing was written") from None
 
 
+def _source(model_or_path) -> LoadedModel:
+    return model_or_path if isinstance(model_or_path, LoadedModel) else as_loaded(model_or_path)
+
+
+def _reference(loaded: LoadedModel) -> onnx.ModelProto | Path:
+    """What the runtime compares against: the input file, unless its IR version had to be lowered."""
+    return loaded.path if loaded.path is not None and loaded.ir_lowered_from is None else loaded.model
+
+
 def run_passes(
-    model_or_path: onnx.ModelProto | str | os.PathLike[str],
+    model_or_path: onnx.ModelProto | str | os.PathLike[str] | LoadedModel,
     passes: list[GraphPass],
     *,
     output: str | os.PathLike[str] | None = None,
@@ -138,7 +150,8 @@ def run_passes(
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    loaded: LoadedModel = as_loaded(model_or_path)
+    owned = not isinstance(model_or_path, LoadedModel)
+    loaded = _source(model_or_path)
     if output is not None:
         check_output_path(output, loaded)
     graph = to_graph(loaded.model)
@@ -167,61 +180,86 @@ def run_passes(
         timings=timings,
         plan=plan,
     )
-    # The runtime re-reads the input from its file, unless its IR version had to be lowered to load.
-    reference = loaded.path if loaded.path is not None and loaded.ir_lowered_from is None else loaded.model
     if loaded.ir_lowered_from is not None:
-        meta_note = f"IR version lowered from {loaded.ir_lowered_from} to {loaded.model.ir_version} for onnxruntime"
-        report.notes.append(meta_note)
+        report.notes.append(f"IR version lowered from {loaded.ir_lowered_from} to {loaded.model.ir_version} for onnxruntime")
+    reference = _reference(loaded)
     use_external = loaded.uses_external_data if external_data is None else external_data
     if plan is not None:
         plan.release_graph()
-    del loaded, graph  # free the parsed copies before the runtime loads anything
-    big = needs_external_data(result_model)
+    del graph
+    if owned:
+        del loaded  # free the parsed copy before the runtime loads anything
     if output is None:
-        if not big:
+        if not needs_external_data(result_model):
             _check_output_model(result_model, None, reference)
         if verify:
             t2 = time.perf_counter()
             report.verification = verify_same_function(reference, result_model)
             timings["verify"] = time.perf_counter() - t2
         return RunResult(result_model, report)
+    write_checked(result_model, output, reference, report, verify=verify, external_data=use_external)
+    return RunResult(result_model, report)
 
+
+def write_checked(
+    model: onnx.ModelProto,
+    output: str | os.PathLike[str],
+    reference: onnx.ModelProto | Path,
+    report: RunReport,
+    *,
+    verify: bool,
+    external_data: bool = False,
+) -> None:
+    """Stage ``model`` beside ``output``, check (and verify) it there, then move it into place."""
+    big = needs_external_data(model)
+    timings = report.timings
     t3 = time.perf_counter()
-    with staged_write(result_model, output, external_data=use_external or big) as staged:
+    with staged_write(model, output, external_data=external_data or big) as staged:
         timings["save"] = time.perf_counter() - t3
-        _check_output_model(result_model, staged if big else None, reference)
+        _check_output_model(model, staged if big else None, reference)
         if verify:
             t2 = time.perf_counter()
             report.verification = verify_same_function(reference, staged)
             timings["verify"] = time.perf_counter() - t2
         t4 = time.perf_counter()
     timings["save"] += time.perf_counter() - t4  # the move into place
-    return RunResult(result_model, report)
+    report.output = str(output)
 
 
 def prune_model(
     model_or_path: onnx.ModelProto | str | os.PathLike[str],
     *,
     output: str | os.PathLike[str] | None = None,
+    target: str = "ort-cpu",
+    threads: int | None = None,
+    batch: int = 1,
     round_to_n: int | None = None,
     width_policy: WidthPolicy | None = None,
     verify: bool = True,
     external_data: bool | None = None,
     progress=None,
+    measure_progress=None,
 ) -> RunResult:
-    """Delete provably dead channels; see :func:`prune` (this variant also returns the report)."""
+    """Delete provably dead channels; see :func:`prune` (this variant also returns the report).
+
+    ``progress`` is called with each pass record; ``measure_progress(done, total)``
+    while layer latencies are measured for the target (cold cache only).
+    """
+    from onnxprune.latency.target import make_target
     from passes.prune_channels import PruneChannelsPass
 
     if round_to_n is not None and round_to_n < 1:
         raise OnnxPruneError("--round-to must be a positive integer")
     policy = width_policy or (round_to(round_to_n) if round_to_n and round_to_n > 1 else None)
-    return run_passes(
-        model_or_path,
-        [PruneChannelsPass(policy)],
-        output=output,
-        verify=verify,
-        external_data=external_data,
-        progress=progress,
+    runtime_target = make_target(target, threads=threads, batch=batch)
+    if policy is not None or runtime_target is None:  # --round-to is the manual override of --target
+        return run_passes(
+            model_or_path, [PruneChannelsPass(policy)], output=output, verify=verify, external_data=external_data, progress=progress
+        )
+    from onnxprune.latency.guarantee import prune_for_target
+
+    return prune_for_target(
+        model_or_path, runtime_target, output=output, verify=verify, external_data=external_data, measure_progress=measure_progress
     )
 
 
@@ -229,17 +267,21 @@ def prune(
     model_or_path: onnx.ModelProto | str | os.PathLike[str],
     *,
     output: str | os.PathLike[str] | None = None,
+    target: str = "ort-cpu",
     round_to: int | None = None,
     verify: bool = True,
 ) -> onnx.ModelProto:
     """Return a smaller model computing the same function: provably dead channels deleted.
 
-    ``round_to`` keeps just enough dead channels that every pruned width is a
-    multiple of it. With ``verify`` (default) the result is run on ONNX Runtime
-    against the input and a mismatch raises VerificationError. With ``output``
-    the result is also written there atomically.
+    ``target`` ("ort-cpu", "ort-cuda" or "none") keeps dead channels where the
+    width that results runs faster there, and guarantees by measurement that the
+    result is not slower than the input; "none" deletes every dead channel.
+    ``round_to`` instead keeps just enough dead channels that every pruned width
+    is a multiple of it. With ``verify`` (default) the result is run on ONNX
+    Runtime against the input and a mismatch raises VerificationError. With
+    ``output`` the result is also written there atomically.
     """
-    return prune_model(model_or_path, output=output, round_to_n=round_to, verify=verify).model
+    return prune_model(model_or_path, output=output, target=target, round_to_n=round_to, verify=verify).model
 
 
 def inspect_model(model_or_path: onnx.ModelProto | str | os.PathLike[str]) -> tuple[ChannelAnalysis, PrunePlan, CostSummary, LoadedModel]:

@@ -45,11 +45,72 @@ def _print_verification(result) -> None:
     print(f"verification: outputs match on ONNX Runtime ({result.trials} random inputs, max relative error {worst:.2g})")
 
 
+class _MeasureBar:
+    """A progress bar for measuring layer latencies, shown only when there is something to measure."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.bar = quiet, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="measuring layer latencies", unit="layer", file=sys.stderr, leave=False)
+        self.bar.total = max(self.bar.total, total)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _use_target_threads(args: argparse.Namespace) -> None:
+    """Time on one process-wide pool (set before any session exists; see onnxprune.runtime).
+
+    Only when this process is the ``onnxprune`` program: called with an explicit
+    argv (embedded, tests) the CLI leaves process-wide runtime settings alone.
+    """
+    if getattr(args, "target", "none") == "ort-cpu" and getattr(args, "own_process", False):
+        from onnxprune.runtime import use_global_thread_pool
+
+        use_global_thread_pool(args.threads or os.cpu_count() or 1)
+
+
+def _print_latency(latency: dict | None) -> None:
+    if not latency:
+        return
+    m = latency["measured_ms"]
+    where = f"{latency['target']} ({latency['threads']} threads, batch {latency['batch']})"
+    if m.get("input") is None:
+        print(f"target {where}: {latency['attempts'][-1].get('why', 'nothing to compare')}")
+        return
+    line = f"target {where}: {m['input']:.3g} ms -> {m['output']:.3g} ms measured side by side"
+    pred = latency.get("predicted_ms")
+    if pred:
+        line += f" (predicted {pred['input']:.3g} -> {pred['output']:.3g} ms; deleting every dead channel: {pred['max_pruned']:.3g} ms)"
+    print(line)
+    if len(latency["attempts"]) > 1:
+        tried = "; ".join(f"{a['attempt']}: {a.get('output_ms', 0):.3g} ms" for a in latency["attempts"])
+        print(f"fell back to '{latency['accepted']}' (tried {tried}; input {m['input']:.3g} ms)")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from onnxprune.api import prune_model
     from onnxprune.table import before_after_table
 
-    result = prune_model(args.input, output=args.output, round_to_n=args.round_to, verify=not args.no_verify)
+    _use_target_threads(args)
+    bar = _MeasureBar(args.quiet)
+    try:
+        result = prune_model(
+            args.input, output=args.output, target=args.target, threads=args.threads, batch=args.batch,
+            round_to_n=args.round_to, verify=not args.no_verify, measure_progress=bar,
+        )
+    finally:
+        bar.close()
     report = result.report
     if not args.quiet:
         print(before_after_table(report.before, report.after))
@@ -57,6 +118,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         removed = report.plan.removed_channels if report.plan else 0
         print(f"removed {removed} channel(s); wrote {args.output}")
         _print_verification(report.verification)
+        _print_latency(report.latency)
         for note in report.notes:
             print(f"note: {note}")
         t = report.timings
@@ -126,10 +188,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import time
+
+    from onnxprune.api import inspect_model
+    from onnxprune.latency.cache import LatencyCache
+    from onnxprune.latency.search import choose_widths
+    from onnxprune.latency.target import make_target
+
+    _use_target_threads(args)
+    target = make_target(args.target, threads=args.threads, batch=args.batch)
+    if target is None:
+        raise OnnxPruneError("calibrate needs a runtime target (ort-cpu or ort-cuda)")
+    cache = LatencyCache(target)
+    before = len(cache.entries)
+    start = time.perf_counter()
+    for path in args.models:
+        analysis, plan, _, _ = inspect_model(path)
+        bar = _MeasureBar(False)
+        try:
+            choice = choose_widths(analysis, plan, target, cache, progress=bar)
+        finally:
+            bar.close()
+        pred = choice.predicted_us
+        print(f"{path}: {choice.measured_layers} layer configuration(s) measured; predicted "
+              f"{pred['input'] / 1000:.3g} ms as is, {pred['max_pruned'] / 1000:.3g} ms with every dead channel deleted, "
+              f"{pred['output'] / 1000:.3g} ms with the chosen widths")
+    cache.save()
+    print(f"{len(cache.entries) - before} new entries ({len(cache.entries)} in all) in {time.perf_counter() - start:.1f} s; "
+          f"cache: {cache.path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from onnxprune.demo import run_demo
 
     return run_demo(model=args.model, fraction=args.fraction, out_dir=args.out, seed=args.seed)
+
+
+def _target_args(p: argparse.ArgumentParser, default: str = "ort-cpu", choices=("ort-cpu", "ort-cuda", "none")) -> None:
+    p.add_argument("--target", default=default, choices=choices,
+                   help="runtime to be fast on: keep dead channels where the resulting width runs faster there, and "
+                        "never write a model measured slower than the input ('none': delete every dead channel; "
+                        f"default {default})")
+    p.add_argument("--threads", type=int, metavar="N", help="threads the target runs with (default: all cores)")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="batch size to be fast at (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,12 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
         "verify the result on ONNX Runtime against the input, and write it atomically."))
     p.add_argument("input", help="input .onnx file (never modified)")
     p.add_argument("-o", "--output", required=True, help="output .onnx file")
-    p.add_argument("--round-to", type=int, metavar="N", help="keep dead channels so every pruned width is a multiple of N")
+    _target_args(p)
+    p.add_argument("--round-to", type=int, metavar="N",
+                   help="manual override of --target: keep dead channels so every pruned layer width is a multiple of N")
     p.add_argument("--explain", action="store_true", help="list, per channel group, why channels were kept")
     p.add_argument("--report", metavar="R.json", help="write a JSON report (groups, costs, timings)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison with the input")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("calibrate", help="measure layer latencies on a target for the given models (fills the cache)",
+                       description="Measure, on this machine, the latency of every Conv/Gemm/MatMul of the models at the "
+                                   "channel widths `onnxprune prune --target` would consider, and cache it on disk "
+                                   "($ONNXPRUNE_CACHE_DIR or ~/.cache/onnxprune). `prune` measures what is missing by "
+                                   "itself; calibrating first makes it fast.")
+    p.add_argument("models", nargs="+", help=".onnx files whose layers to measure")
+    _target_args(p, default="ort-cpu", choices=("ort-cpu", "ort-cuda"))
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("inspect", help="show layers, channel groups, dead channels, parameters and MACs")
     p.add_argument("input", help="input .onnx file")
@@ -183,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.own_process = argv is None
     try:
         return args.func(args)
     except OnnxPruneError as e:

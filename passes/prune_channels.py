@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxprune.channels.analysis import analyze
-from onnxprune.channels.plan import WidthPolicy, make_plan
+from collections.abc import Callable
+
+from onnxprune.channels.analysis import ChannelAnalysis, analyze
+from onnxprune.channels.plan import PrunePlan, WidthPolicy, make_plan
 from onnxprune.channels.rewrite import apply_plan
 from onnxprune.pass_infra import GraphPass, PassResult
 
@@ -16,12 +18,18 @@ class PruneChannelsPass(GraphPass):
     requires = frozenset({"toposorted", "shapes", "constants-folded"})
     ensures = frozenset({"toposorted"})
 
-    def __init__(self, width_policy: WidthPolicy | None = None) -> None:
+    def __init__(
+        self,
+        width_policy: WidthPolicy | None = None,
+        planner: Callable[[ChannelAnalysis], PrunePlan] | None = None,
+    ) -> None:
+        """``planner`` (e.g. a latency-aware one) replaces the default: every dead channel, ``width_policy`` aside."""
         self.width_policy = width_policy
+        self.planner = planner
 
     def call(self, graph: gs.Graph) -> PassResult:
         analysis = analyze(graph)
-        plan = make_plan(analysis, self.width_policy)
+        plan = self.planner(analysis) if self.planner else make_plan(analysis, self.width_policy)
         if plan.changes_graph:
             apply_plan(graph, plan)
         groups = sum(1 for g in plan.groups if g.removed)

@@ -24,3 +24,15 @@ def shared_file(*parts: str) -> Path:
 @pytest.fixture
 def shared():
     return shared_file
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _latency_cache(tmp_path_factory):
+    """Latency measurements go to a temporary cache, never the user's."""
+    old = os.environ.get("ONNXPRUNE_CACHE_DIR")
+    os.environ["ONNXPRUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("latency-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ONNXPRUNE_CACHE_DIR", None)
+    else:
+        os.environ["ONNXPRUNE_CACHE_DIR"] = old

@@ -45,6 +45,9 @@ def tiny_model(dead=(1, 3), channels=6, opset=17, ir=8, big=False) -> onnx.Model
     return model
 
 
+PRUNE = ("prune", "--target", "none")  # exact widths; the latency-aware default has its own tests
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -64,7 +67,7 @@ def model_file(tmp_path: Path) -> Path:
 
 def test_prune_command_writes_smaller_model_and_prints_table(model_file, tmp_path, capsys):
     out = tmp_path / "out.onnx"
-    code, stdout, err = run_cli("prune", str(model_file), "-o", str(out), capsys=capsys)
+    code, stdout, err = run_cli(*PRUNE, str(model_file), "-o", str(out), capsys=capsys)
     assert code == 0, err
     assert "conv1" in stdout and "6 -> 4" in stdout and "MACs" in stdout
     assert "verification: outputs match" in stdout
@@ -75,7 +78,7 @@ def test_prune_command_writes_smaller_model_and_prints_table(model_file, tmp_pat
 
 def test_prune_records_what_was_removed_in_metadata(model_file, tmp_path, capsys):
     out = tmp_path / "out.onnx"
-    assert run_cli("prune", str(model_file), "-o", str(out), capsys=capsys)[0] == 0
+    assert run_cli(*PRUNE, str(model_file), "-o", str(out), capsys=capsys)[0] == 0
     props = {p.key: p.value for p in onnx.load(out).metadata_props}
     removed = json.loads(props["onnxprune.removed"])
     assert removed["conv1"]["removed"] == [1, 3]
@@ -84,7 +87,7 @@ def test_prune_records_what_was_removed_in_metadata(model_file, tmp_path, capsys
 
 def test_input_file_is_never_modified(model_file, tmp_path, capsys):
     before = sha(model_file)
-    run_cli("prune", str(model_file), "-o", str(tmp_path / "out.onnx"), capsys=capsys)
+    run_cli(*PRUNE, str(model_file), "-o", str(tmp_path / "out.onnx"), capsys=capsys)
     assert sha(model_file) == before
 
 
@@ -107,7 +110,7 @@ def test_explain_names_a_graph_output_that_keeps_dead_channels(tmp_path, capsys)
     model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["n", 6, 8, 8]))
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
-    code, stdout, _ = run_cli("prune", str(path), "-o", str(tmp_path / "o.onnx"), "--explain", capsys=capsys)
+    code, stdout, _ = run_cli(*PRUNE, str(path), "-o", str(tmp_path / "o.onnx"), "--explain", capsys=capsys)
     assert code == 0
     assert "2 dead kept: reaches graph output 'r'" in stdout
 
@@ -116,7 +119,7 @@ def test_round_to_keeps_dead_channels_to_reach_a_multiple(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save(tiny_model(dead=(0, 1, 2, 3, 4), channels=8), path)
     out = tmp_path / "o.onnx"
-    assert run_cli("prune", str(path), "-o", str(out), "--round-to", "2", capsys=capsys)[0] == 0
+    assert run_cli(*PRUNE, str(path), "-o", str(out), "--round-to", "2", capsys=capsys)[0] == 0
     assert layer_widths(onnx.load(out))["conv1"] == (3, 4)
 
 
@@ -135,7 +138,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, make, me
     path = tmp_path / "bad.onnx"
     make(path)
     out = tmp_path / "out.onnx"
-    code, stdout, err = run_cli("prune", str(path), "-o", str(out), capsys=capsys)
+    code, stdout, err = run_cli(*PRUNE, str(path), "-o", str(out), capsys=capsys)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and message in err, err
     assert not out.exists()
@@ -144,13 +147,13 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, make, me
 
 def test_output_equal_to_input_is_refused(model_file, capsys):
     before = sha(model_file)
-    code, _, err = run_cli("prune", str(model_file), "-o", str(model_file), capsys=capsys)
+    code, _, err = run_cli(*PRUNE, str(model_file), "-o", str(model_file), capsys=capsys)
     assert code == 2 and "would overwrite the input" in err
     assert sha(model_file) == before
 
 
 def test_output_in_missing_folder_is_refused(model_file, tmp_path, capsys):
-    code, _, err = run_cli("prune", str(model_file), "-o", str(tmp_path / "nope" / "o.onnx"), capsys=capsys)
+    code, _, err = run_cli(*PRUNE, str(model_file), "-o", str(tmp_path / "nope" / "o.onnx"), capsys=capsys)
     assert code == 2 and "does not exist" in err
 
 
@@ -163,7 +166,7 @@ def test_external_data_is_read_and_written(tmp_path, capsys):
     save_external(tiny_model(big=True), src, "m.weights")
     out = tmp_path / "out" / "p.onnx"
     out.parent.mkdir()
-    code, _, err = run_cli("prune", str(src), "-o", str(out), capsys=capsys)
+    code, _, err = run_cli(*PRUNE, str(src), "-o", str(out), capsys=capsys)
     assert code == 0, err
     assert (out.parent / "p.onnx.data").exists()
     pruned = onnx.load(out)  # loads the weights from p.onnx.data
@@ -175,7 +178,7 @@ def test_missing_external_data_is_reported(tmp_path, capsys):
     src = tmp_path / "m.onnx"
     save_external(tiny_model(), src, "m.weights")
     (tmp_path / "m.weights").unlink()
-    code, _, err = run_cli("prune", str(src), "-o", str(tmp_path / "o.onnx"), capsys=capsys)
+    code, _, err = run_cli(*PRUNE, str(src), "-o", str(tmp_path / "o.onnx"), capsys=capsys)
     assert code == 2 and "external data file 'm.weights'" in err and "missing" in err
     assert not (tmp_path / "o.onnx").exists()
 
@@ -185,7 +188,7 @@ def test_truncated_external_data_is_reported(tmp_path, capsys):
     save_external(tiny_model(), src, "m.weights")
     data = tmp_path / "m.weights"
     data.write_bytes(data.read_bytes()[:100])
-    code, _, err = run_cli("prune", str(src), "-o", str(tmp_path / "o.onnx"), capsys=capsys)
+    code, _, err = run_cli(*PRUNE, str(src), "-o", str(tmp_path / "o.onnx"), capsys=capsys)
     assert code == 2 and "truncated" in err
 
 
@@ -201,7 +204,7 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path, capsys):
             if entry.key == "location":
                 entry.value = "../secret.bin"
     onnx.save(model, src)
-    code, _, err = run_cli("prune", str(src), "-o", str(tmp_path / "o.onnx"), capsys=capsys)
+    code, _, err = run_cli(*PRUNE, str(src), "-o", str(tmp_path / "o.onnx"), capsys=capsys)
     assert code == 2 and "outside the model's folder" in err
 
 
@@ -271,7 +274,7 @@ def test_mnist8_from_the_model_zoo_prunes_after_zeroing_channels(tmp_path, capsy
     dead = tmp_path / "mnist-dead.onnx"
     onnx.save(model, dead)
     out = tmp_path / "mnist-pruned.onnx"
-    code, stdout, err = run_cli("prune", str(dead), "-o", str(out), capsys=capsys)
+    code, stdout, err = run_cli(*PRUNE, str(dead), "-o", str(out), capsys=capsys)
     assert code == 0, err
     pruned = onnx.load(out)
     onnx.checker.check_model(pruned, full_check=True)
@@ -289,7 +292,7 @@ def test_ir_version_newer_than_the_runtime_is_lowered_not_refused(tmp_path, caps
     src = tmp_path / "ir14.onnx"
     onnx.save(tiny_model(ir=14), src)
     out = tmp_path / "o.onnx"
-    code, stdout, err = run_cli("prune", str(src), "-o", str(out), capsys=capsys)
+    code, stdout, err = run_cli(*PRUNE, str(src), "-o", str(out), capsys=capsys)
     assert code == 0, err
     assert "IR version lowered from 14" in stdout
     pruned = onnx.load(out)

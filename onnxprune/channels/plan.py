@@ -104,8 +104,18 @@ class _View:
         return self.analysis.components_of(t.name)
 
 
-def make_plan(analysis: ChannelAnalysis, width_policy: WidthPolicy | None = None) -> PrunePlan:
-    """Decide the deletions (see module docstring)."""
+def make_plan(
+    analysis: ChannelAnalysis,
+    width_policy: WidthPolicy | None = None,
+    *,
+    group_targets: dict[int, int] | None = None,
+    group_reason: str = "faster on the target",
+) -> PrunePlan:
+    """Decide the deletions (see module docstring).
+
+    ``group_targets`` asks group ``i`` to keep at least that many channels
+    (dead ones are kept back in channel order, with ``group_reason``).
+    """
     remove = analysis.removable.copy()
     reasons = list(analysis.reasons)
     index = {r: i for i, r in enumerate(reasons)}
@@ -148,6 +158,16 @@ def make_plan(analysis: ChannelAnalysis, width_policy: WidthPolicy | None = None
         order, per_comp = uniq[by_position], counts[by_position]
         take = int(np.searchsorted(np.cumsum(per_comp), target - kept)) + 1
         return keep_back(order[:take], text)
+
+    for group in analysis.groups:
+        want = (group_targets or {}).get(group.index)
+        if want is None:
+            continue
+        comps = group.components
+        gone = comps[remove[comps]]
+        extra = want - (comps.size - gone.size)
+        if extra > 0:
+            keep_back(gone[:extra], group_reason)
 
     changed = True
     while changed:

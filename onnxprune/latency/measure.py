@@ -1,0 +1,133 @@
+"""Measuring layer latencies: many single layers per micro-model, timed by ONNX Runtime's profiler.
+
+Each micro-model holds up to ~48 independent layers (inputs shared where shapes
+agree). The runtime's own per-node kernel times are read from its profile, so
+one session measures many layers, and each layer is timed in the layout the
+runtime picks for it (on CPU, the blocked NCHWc kernels when the widths allow,
+the plain ones otherwise). Layout conversions (ReorderInput/ReorderOutput) are
+not charged to the layer; their cost per byte is recorded as a constant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxprune.latency.cache import LatencyCache
+from onnxprune.latency.layers import LayerSpec
+from onnxprune.latency.target import Target
+
+MAX_LAYERS_PER_MODEL = 48
+MAX_INPUT_BYTES = 64 << 20
+WARMUP_RUNS = 2
+TIMED_RUNS = 8
+
+Request = tuple[LayerSpec, int, int]  # layer, input width, output width
+
+
+def _micro_model(batch: list[tuple[str, Request]], target: Target) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    inputs: dict[tuple, str] = {}
+    feeds: dict[str, np.ndarray] = {}
+    nodes, inits, outputs = [], [], []
+    for i, (_, (spec, in_w, out_w)) in enumerate(batch):
+        real_in, _ = spec.widths(in_w, out_w)
+        shape = tuple(spec.input_shape(real_in, target.batch))
+        if shape not in inputs:
+            name = f"x{len(inputs)}"
+            inputs[shape] = name
+            feeds[name] = rng.standard_normal(shape).astype(np.float32)
+        node, node_inits = spec.micro_node(i, inputs[shape], in_w, out_w, rng)
+        nodes.append(node)
+        inits += node_inits
+        outputs.append(helper.make_tensor_value_info(f"o{i}", onnx.TensorProto.FLOAT, None))
+    graph = helper.make_graph(
+        nodes,
+        "micro",
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, list(s)) for s, n in inputs.items()],
+        outputs,
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, feeds
+
+
+def _profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], target: Target) -> list[dict]:
+    session = target.session(model.SerializeToString(), profile=True)
+    for _ in range(WARMUP_RUNS + TIMED_RUNS):
+        session.run(None, feeds)
+    path = session.end_profiling()
+    try:
+        with open(path) as f:
+            events = json.load(f)
+    finally:
+        os.remove(path)
+    return [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+
+
+def _measure_batch(batch: list[tuple[str, Request]], target: Target, cache: LatencyCache) -> None:
+    model, feeds = _micro_model(batch, target)
+    events = _profile(model, feeds, target)
+    per_node: dict[str, list[float]] = {}
+    reorder_ns_per_byte: list[float] = []
+    for e in events:
+        name = e["name"][: -len("_kernel_time")]
+        op = e.get("args", {}).get("op_name", "")
+        if op in ("ReorderInput", "ReorderOutput"):
+            size = int(e["args"].get("output_size", 0) or 0)
+            if size:
+                reorder_ns_per_byte.append(1000.0 * e["dur"] / size)
+            continue
+        per_node.setdefault(name, []).append(float(e["dur"]))
+    for i, (key, _) in enumerate(batch):
+        blocked = per_node.get(f"o{i}_nchwc")
+        plain = per_node.get(f"n{i}")
+        samples = blocked or plain
+        if not samples:
+            continue  # the runtime fused or dropped it: leave unmeasured (predicted as unknown)
+        timed = samples[WARMUP_RUNS:] or samples
+        cache.put(key, {"us": statistics.median(timed), "layout": "nchwc" if blocked else "plain"})
+    if reorder_ns_per_byte:
+        old = cache.constants.get("reorder_ns_per_byte")
+        new = statistics.median(reorder_ns_per_byte)
+        cache.constants["reorder_ns_per_byte"] = new if old is None else (old + new) / 2
+
+
+def measure(
+    requests: Iterable[Request],
+    target: Target,
+    cache: LatencyCache,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Measure every request not in the cache; returns how many were measured."""
+    todo: dict[str, Request] = {}
+    for spec, in_w, out_w in requests:
+        key = spec.key(in_w, out_w, target.batch)
+        if key not in cache and key not in todo:
+            todo[key] = (spec, in_w, out_w)
+    items = list(todo.items())
+    done = 0
+    while done < len(items):
+        batch, input_bytes, shapes = [], 0, set()
+        while done + len(batch) < len(items) and len(batch) < MAX_LAYERS_PER_MODEL:
+            key, (spec, in_w, out_w) = items[done + len(batch)]
+            shape = tuple(spec.input_shape(spec.widths(in_w, out_w)[0], target.batch))
+            extra = 0 if shape in shapes else 4 * int(np.prod(shape))
+            if batch and input_bytes + extra > MAX_INPUT_BYTES:
+                break
+            shapes.add(shape)
+            input_bytes += extra
+            batch.append((key, (spec, in_w, out_w)))
+        _measure_batch(batch, target, cache)
+        done += len(batch)
+        if progress:
+            progress(done, len(items))
+    return len(items)

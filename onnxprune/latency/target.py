@@ -1,0 +1,112 @@
+"""Where a model will run: the runtime, execution provider, threads and batch size to measure on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+from dataclasses import dataclass
+from functools import cached_property
+
+from onnxprune.errors import InputError
+
+TARGETS = ("ort-cpu", "ort-cuda", "none")
+
+
+def _cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        m = re.search(r"Model name:\s*(.+)", out)
+        if m:
+            return m.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass(frozen=True)
+class Target:
+    """A runtime configuration that latencies are measured for."""
+
+    name: str
+    threads: int
+    batch: int = 1
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return ("CUDAExecutionProvider",) if self.name == "ort-cuda" else ("CPUExecutionProvider",)
+
+    @cached_property
+    def fingerprint(self) -> dict:
+        """What the cached measurements depend on."""
+        import onnxruntime
+
+        info = {
+            "target": self.name,
+            "onnxruntime": onnxruntime.__version__,
+            "cpu": _cpu_name(),
+            "cpus": os.cpu_count(),
+            "threads": self.threads,
+        }
+        if self.name == "ort-cuda":
+            info["gpu"] = _gpu_name()
+        return info
+
+    @property
+    def cache_id(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+        return f"{self.name}-{digest}"
+
+    def session_options(self, *, profile: bool = False):
+        """Options for timing on this target.
+
+        If the process opted into one shared thread pool (the CLI does, see
+        onnxprune.runtime.use_global_thread_pool), sessions use it; a library
+        call never changes that process-wide setting, so otherwise each session
+        gets its own pool with spinning off (an idle spinning pool would steal
+        the cores of the session timed next to it).
+        """
+        from onnxprune import runtime
+
+        so = runtime.session_options(self.threads)
+        if so.use_per_session_threads:
+            # Own pool: do not spin after a run, or it steals the next session's cores.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if profile:
+            so.enable_profiling = True
+        return so
+
+    def session(self, model, *, profile: bool = False):
+        from onnxprune.runtime import make_session
+
+        return make_session(model, providers=self.providers, options=self.session_options(profile=profile))
+
+
+def _gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=False)
+        return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown GPU"
+    except OSError:
+        return "unknown GPU"
+
+
+def make_target(name: str, *, threads: int | None = None, batch: int = 1) -> Target | None:
+    """A Target for ``name`` (None for "none"); raises InputError if the runtime lacks the provider."""
+    if name not in TARGETS:
+        raise InputError(f"unknown target '{name}'; choose one of {', '.join(TARGETS)}")
+    if name == "none":
+        return None
+    if batch < 1:
+        raise InputError("--batch must be a positive integer")
+    if name == "ort-cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise InputError(
+                "--target ort-cuda needs onnxruntime-gpu with CUDAExecutionProvider; this onnxruntime has "
+                + ", ".join(onnxruntime.get_available_providers())
+            )
+    return Target(name, threads or os.cpu_count() or 1, batch)

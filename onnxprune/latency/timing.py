@@ -1,0 +1,53 @@
+"""Timing several callables side by side (used by the latency check and the benchmarks)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Summary of repeated runs, in milliseconds."""
+
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    runs: int
+
+    @classmethod
+    def of(cls, samples_ms: Sequence[float]) -> Timing:
+        a = np.asarray(samples_ms, dtype=np.float64)
+        return cls(float(np.median(a)), float(np.percentile(a, 25)), float(np.percentile(a, 75)), int(a.size))
+
+    def to_dict(self) -> dict:
+        return {"median_ms": self.median_ms, "p25_ms": self.p25_ms, "p75_ms": self.p75_ms, "runs": self.runs}
+
+
+def interleaved(
+    runners: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 30,
+    warmup: int = 3,
+    budget_s: float | None = None,
+    min_repeats: int = 5,
+) -> dict[str, Timing]:
+    """Run each callable in turn, ``repeats`` rounds (alternating order), so drifts in machine load
+    affect all of them alike; stop early once ``budget_s`` is spent (after ``min_repeats`` rounds)."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in runners}
+    start = time.perf_counter()
+    items = list(runners.items())
+    for i in range(repeats):
+        for name, fn in items if i % 2 == 0 else items[::-1]:
+            t = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t) * 1000.0)
+        if budget_s is not None and i + 1 >= min_repeats and time.perf_counter() - start > budget_s:
+            break
+    return {k: Timing.of(v) for k, v in samples.items()}

@@ -1,0 +1,154 @@
+"""Latency-aware pruning: measured layer costs, width choice, the not-slower guarantee (real ORT sessions)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune.api import inspect_model, prune_model
+from onnxprune.cli import main
+from onnxprune.latency.cache import LatencyCache
+from onnxprune.latency.layers import layer_specs
+from onnxprune.latency.measure import measure
+from onnxprune.latency.planner import LatencyPlanner
+from onnxprune.latency.search import candidates, choose_widths
+from onnxprune.latency.target import Target, make_target
+from tests.graphs import GraphBuilder
+from tests.prune_helpers import layer_widths, same_outputs
+
+torch = pytest.importorskip("torch")
+import models  # noqa: E402
+from onnxprune.kill import kill_channels  # noqa: E402
+from onnxprune.torch_export import export_onnx  # noqa: E402
+
+TARGET = Target("ort-cpu", threads=2, batch=1)
+
+
+@pytest.fixture(scope="module")
+def dead_mobilenet() -> onnx.ModelProto:
+    """MobileNetV2 (CIFAR size) with 40 % of every prunable group's channels dead."""
+    torch.manual_seed(0)
+    net = models.build("mobilenetv2_cifar").eval()
+    models.randomize_batchnorm(net)
+    dense = export_onnx(net, torch.rand(1, 3, 32, 32))
+    return kill_channels(dense, 0.4, seed=3)[0]
+
+
+def test_candidates_are_max_pruning_block_roundings_and_unpruned():
+    assert candidates(21, 64) == [21, 24, 32, 64]
+    assert candidates(37, 40) == [37, 40]
+    assert candidates(16, 16) == [16]
+
+
+def test_layer_specs_describe_every_conv_and_gemm(dead_mobilenet):
+    analysis = inspect_model(dead_mobilenet)[0]
+    specs = layer_specs(analysis.graph)
+    kinds = {s.kind for s in specs}
+    assert {"conv", "dwconv", "gemm"} <= kinds
+    dw = next(s for s in specs if s.kind == "dwconv")
+    assert dw.widths(24, 999) == (24, 24 * dw.multiplier)
+    assert dw.key(24, 24, 1) != dw.key(32, 32, 1)
+
+
+def test_measurements_are_cached_on_disk_and_reused(tmp_path, dead_mobilenet):
+    analysis = inspect_model(dead_mobilenet)[0]
+    specs = layer_specs(analysis.graph)[:6]
+    requests = [(s, s.in_width, s.out_width) for s in specs] + [(s, 16, 16) for s in specs]
+    cache = LatencyCache(TARGET, tmp_path / "c.json")
+    assert measure(requests, TARGET, cache) == len({s.key(a, b, 1) for s, a, b in requests})
+    cache.save()
+    entry = cache.get(specs[0].key(specs[0].in_width, specs[0].out_width, 1))
+    assert entry["us"] > 0 and entry["layout"] in ("nchwc", "plain")
+    reloaded = LatencyCache(TARGET, tmp_path / "c.json")
+    assert measure(requests, TARGET, reloaded) == 0
+    other = LatencyCache(Target("ort-cpu", threads=1, batch=1), tmp_path / "c.json")
+    assert not other.entries  # another fingerprint: never reuse
+
+
+def test_choice_lies_between_every_dead_channel_deleted_and_unpruned(dead_mobilenet):
+    analysis, base, _, _ = inspect_model(dead_mobilenet)
+    choice = choose_widths(analysis, base, TARGET, LatencyCache(TARGET))
+    for g in choice.groups:
+        assert g.live_or_kept <= g.chosen <= g.total
+        assert g.chosen in candidates(g.live_or_kept, g.total)
+    assert choice.predicted_us["output"] <= choice.predicted_us["max_pruned"] + 1e-6
+
+
+def test_prune_for_cpu_is_verified_and_not_slower_than_the_input(dead_mobilenet):
+    result = prune_model(dead_mobilenet, target="ort-cpu", threads=2)
+    lat = result.report.latency
+    accepted = lat["attempts"][-1]
+    assert accepted["accepted"] and lat["accepted"] == accepted["attempt"]
+    if "output_ms" in accepted:
+        assert accepted["output_ms"] < accepted["input_ms"] or accepted["attempt"] == "nothing pruned"
+    assert result.report.verification.ok
+    assert same_outputs(dead_mobilenet, result.model, seed=5)
+    exact = layer_widths(prune_model(dead_mobilenet, target="none").model)
+    for name, (cin, cout) in layer_widths(result.model).items():
+        assert cout >= exact[name][1]  # only dead channels are kept for speed
+
+
+@pytest.mark.parametrize("attempt", ["round to 32", "nothing pruned", "fewer pruned groups"])
+def test_fallback_rungs_prune_less(dead_mobilenet, attempt):
+    from passes.prune_channels import PruneChannelsPass
+    from onnxprune.api import run_passes
+
+    planner = LatencyPlanner(TARGET, LatencyCache(TARGET), attempt)
+    out = run_passes(dead_mobilenet, [PruneChannelsPass(planner=planner)]).model
+    dense = layer_widths(dead_mobilenet)
+    widths = layer_widths(out)
+    if attempt == "nothing pruned":
+        assert widths == dense
+    elif attempt == "round to 32":
+        assert all(w[1] % 32 == 0 or w[1] == dense[n][1] for n, w in widths.items())
+    else:
+        full = layer_widths(run_passes(dead_mobilenet, [PruneChannelsPass(planner=LatencyPlanner(TARGET, LatencyCache(TARGET)))]).model)
+        assert sum(w[1] for w in widths.values()) >= sum(w[1] for w in full.values())
+    assert same_outputs(dead_mobilenet, out)
+
+
+def test_model_without_dead_channels_is_accepted_unchanged():
+    g = GraphBuilder()
+    x = g.input("x", [1, 3, 8, 8])
+    y = g.conv(x, 3, 8, k=3)
+    g.output(g.conv(g.relu(y), 8, 4, k=1))
+    model = g.build()
+    result = prune_model(model, target="ort-cpu")
+    assert result.report.latency["attempts"] == [
+        {"attempt": "latency model", "removed_channels": 0, "accepted": True, "why": "no channel removed: the model is unchanged"}
+    ]
+
+
+def test_unknown_target_is_refused():
+    from onnxprune.errors import InputError
+
+    with pytest.raises(InputError, match="unknown target"):
+        make_target("tpu")
+
+
+def test_cli_prune_reports_measured_latency_and_calibrate_fills_cache(tmp_path, capsys, dead_mobilenet):
+    src = tmp_path / "m.onnx"
+    onnx.save(dead_mobilenet, src)
+    assert main(["calibrate", str(src), "--threads", "2"]) == 0
+    assert "cache:" in capsys.readouterr().out
+    report = tmp_path / "r.json"
+    assert main(["prune", str(src), "-o", str(tmp_path / "o.onnx"), "--threads", "2", "--report", str(report), "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "target ort-cpu (2 threads, batch 1):" in out and "measured side by side" in out
+    data = json.loads(report.read_text())
+    assert data["latency"]["layers_measured"] == 0  # everything came from the calibrated cache
+    assert {"input", "output", "max_pruned"} <= set(data["latency"]["predicted_ms"])
+
+
+def test_library_call_leaves_the_users_runtime_settings_alone(dead_mobilenet):
+    """After a latency-aware prune, a plain session of the user's still works (no process-wide pool)."""
+    import onnxruntime
+
+    prune_model(dead_mobilenet, target="ort-cpu", threads=2)
+    so = onnxruntime.SessionOptions()
+    so.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(dead_mobilenet.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})[0].shape == (1, 10)
