@@ -31,6 +31,7 @@ from onnxprune.latency.measure import Request, measure
 from onnxprune.latency.target import Target
 
 ROUNDINGS = (8, 16, 32, 64)
+START_ROUNDINGS = (8, 16)  # descents also start from every group rounded up to these
 SWEEPS = 3
 
 
@@ -160,26 +161,8 @@ def candidates(k_min: int, total: int) -> list[int]:
     return sorted(out)
 
 
-def choose_widths(
-    analysis: ChannelAnalysis,
-    base: PrunePlan,
-    target: Target,
-    cache: LatencyCache,
-    *,
-    progress: Callable[[int, int], None] | None = None,
-) -> LatencyChoice:
-    """Kept channels per group minimising the predicted latency (see module docstring)."""
-    model = WidthModel(analysis, base, target, cache)
-    assign = dict(model.k_min)
-    cands = {g: candidates(model.k_min[g], model.size[g]) for g in model.free}
-    # Measure every layer at every width one group's candidates give it (one batch), then the rest lazily.
-    requests = []
-    for g in model.free:
-        for c in cands[g]:
-            trial = {**assign, g: c}
-            requests += [model.request(i, trial) for i in model.layers_of[g]]
-    requests += [model.request(i, {g: model.size[g] for g in model.size}) for i in range(len(model.specs))]
-    model.ensure(requests, progress)
+def _descend(model: WidthModel, assign: dict[int, int], cands: dict[int, list[int]]) -> dict[int, int]:
+    """Coordinate descent: each group in turn takes its best candidate with the others fixed."""
     for _ in range(SWEEPS):
         changed = False
         for g in model.free:
@@ -192,6 +175,39 @@ def choose_widths(
                 assign[g], changed = best, True
         if not changed:
             break
+    return assign
+
+
+def choose_widths(
+    analysis: ChannelAnalysis,
+    base: PrunePlan,
+    target: Target,
+    cache: LatencyCache,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> LatencyChoice:
+    """Kept channels per group minimising the predicted latency (see module docstring)."""
+    model = WidthModel(analysis, base, target, cache)
+    cands = {g: candidates(model.k_min[g], model.size[g]) for g in model.free}
+    starts = [dict(model.k_min)] + [
+        {**model.k_min, **{g: min(model.size[g], math.ceil(model.k_min[g] / b) * b) for g in model.free}} for b in START_ROUNDINGS
+    ]
+    # Measure every layer at every width one group's candidates give it (one batch), then the rest lazily.
+    requests = []
+    for g in model.free:
+        for c in cands[g]:
+            for start in starts:
+                trial = {**start, g: c}
+                requests += [model.request(i, trial) for i in model.layers_of[g]]
+    requests += [model.request(i, {g: model.size[g] for g in model.size}) for i in range(len(model.specs))]
+    model.ensure(requests, progress)
+    best_assign, best_cost = None, math.inf
+    for start in starts:
+        assign = _descend(model, dict(start), cands)
+        cost = model.total(assign)
+        if cost < best_cost:
+            best_assign, best_cost = assign, cost
+    assign = best_assign
     unpruned = {g: model.size[g] for g in model.size}
     groups = []
     for d in base.groups:

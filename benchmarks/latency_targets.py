@@ -1,0 +1,185 @@
+"""Is the pruned model faster on the runtime? --target vs --target none vs --round-to 16, side by side.
+
+For every architecture in models/ (40 % of the channels of every prunable group
+dead, by zeroed weights): the input model, the model pruned with --target none
+(every dead channel deleted), with --round-to 16 (the widths Torch-Pruning's
+fixed round_to=16 gives) and with --target ort-cpu (or ort-cuda), all timed in
+one process, interleaved, medians. The noise floor is the same input file timed
+in two sessions against each other.
+
+Also measured: cold calibration time per model, and the wall time --target adds
+to `onnxprune prune` with a warm cache (ResNet-50, separate processes).
+
+    python benchmarks/latency_targets.py                     # ORT CPU, 2 threads, batch 1
+    python benchmarks/latency_targets.py --models mnasnet mobilenetv2
+    python benchmarks/latency_targets.py --target ort-cuda --batch 1 64   # on the GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import interleaved_latency, machine_info, median, run_measured, use_global_ort_threads, write_result  # noqa: E402
+
+DEAD_FRACTION = 0.4
+
+
+def build(name: str, seed: int):
+    import torch
+
+    import models
+    from onnxprune.kill import kill_channels
+    from onnxprune.torch_export import export_onnx
+
+    spec = models.REGISTRY[name]
+    torch.manual_seed(seed)
+    net = models.build(name).eval()
+    models.randomize_batchnorm(net, seed)
+    dense = export_onnx(net, torch.rand(1, *spec.input_shape))
+    dead, killed = kill_channels(dense, DEAD_FRACTION, seed=seed)
+    return dead, spec.input_shape, sum(len(v) for v in killed.values())
+
+
+def macs_of(model) -> int:
+    from onnxprune.api import inspect_model
+
+    return inspect_model(model)[2].macs
+
+
+def run_model(name: str, args, target_name: str, cache_dir: Path) -> dict:
+    from onnxprune.api import inspect_model, prune_model
+    from onnxprune.latency.cache import LatencyCache
+    from onnxprune.latency.search import choose_widths
+    from onnxprune.latency.target import make_target
+    from onnxprune.runtime import make_session
+
+    dead, shape, killed = build(name, args.seed)
+    out = {"model": name, "channels_killed": killed}
+    # Cold calibration for this model alone (a fresh cache file), then prune with the warm cache.
+    batches = args.batch
+    for batch in batches:
+        target = make_target(target_name, threads=args.threads, batch=batch)
+        fresh = LatencyCache(target, cache_dir / f"cold-{name}-{batch}.json")
+        t = time.perf_counter()
+        analysis, base, _, _ = inspect_model(dead)
+        choice = choose_widths(analysis, base, target, fresh)
+        calib_s = time.perf_counter() - t
+        variants = {
+            "none": prune_model(dead, target="none").model,
+            "round16": prune_model(dead, round_to_n=16).model,
+        }
+        result = prune_model(dead, target=target_name, threads=args.threads, batch=batch)
+        variants["target"] = result.model
+        providers = target.providers
+        x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
+        feed = {"input": x}
+
+        def runner(model):
+            session = make_session(model.SerializeToString(), providers=providers, threads=args.threads)
+            return lambda: session.run(None, feed)
+
+        runners = {"input": runner(dead), "input_again": runner(dead)}
+        runners.update({k: runner(v) for k, v in variants.items()})
+        lat = interleaved_latency(runners, repeats=args.rounds, budget_s=args.budget)
+        base_ms = lat["input"]["median_ms"]
+        noise = abs(lat["input_again"]["median_ms"] / base_ms - 1.0)
+        macs = {"input": macs_of(dead), **{k: macs_of(v) for k, v in variants.items()}}
+        ms = {k: lat[k]["median_ms"] for k in ("input", "none", "round16", "target")}
+        tol = 1.0 + max(noise, 0.01)
+        out[f"batch{batch}"] = {
+            "latency": lat,
+            "noise_floor": noise,
+            "macs": macs,
+            "calibration_s": calib_s,
+            "layers_measured_cold": choice.measured_layers,
+            "predicted_ms": {k: v / 1000.0 for k, v in choice.predicted_us.items()},
+            "attempts": result.report.latency["attempts"],
+            "kept_for_speed": sum(g["kept_for_speed"] for g in result.report.latency.get("groups", [])),
+            "checks": {
+                "target <= input": ms["target"] <= ms["input"] * tol,
+                "target <= none": ms["target"] <= ms["none"] * tol,
+                "target <= round16": ms["target"] <= ms["round16"] * tol,
+            },
+        }
+        print(f"[{name} b{batch}] input {ms['input']:.3g} ms | none {ms['none']:.3g} | round16 {ms['round16']:.3g} | "
+              f"target {ms['target']:.3g} (noise {noise:.1%}); calibration {calib_s:.1f} s; "
+              f"attempt '{result.report.latency['accepted']}'", flush=True)
+    return out
+
+
+def extra_time(args, target_name: str, cache_dir: Path, work: Path) -> dict:
+    """Wall time of `onnxprune prune` on ResNet-50 (40 % dead), --target none vs the target, warm cache."""
+    import onnx
+
+    dead, _, _ = build("resnet50", args.seed)
+    src = work / "resnet50_dead.onnx"
+    onnx.save(dead, src)
+    env = dict(os.environ, ONNXPRUNE_CACHE_DIR=str(cache_dir / "cli"))
+    threads = ["--threads", str(args.threads)]
+    cold, _, _ = run_measured(["-m", "onnxprune", "calibrate", str(src), "--target", target_name, *threads], env=env)
+    walls = {"none": [], "target": []}
+    for _ in range(args.repeats):
+        for key, extra in (("none", ["--target", "none"]), ("target", ["--target", target_name, *threads])):
+            w, _, _ = run_measured(["-m", "onnxprune", "prune", str(src), "-o", str(work / f"o_{key}.onnx"), "-q", *extra], env=env)
+            walls[key].append(w)
+    res = {"calibrate_cold_s": cold, "prune_none_s": median(walls["none"]), "prune_target_s": median(walls["target"])}
+    res["extra_s"] = res["prune_target_s"] - res["prune_none_s"]
+    print(f"[resnet50 CLI] calibrate (cold) {cold:.1f} s; prune --target none {res['prune_none_s']:.2f} s, "
+          f"--target {target_name} {res['prune_target_s']:.2f} s (+{res['extra_s']:.2f} s)", flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="ort-cpu", choices=("ort-cpu", "ort-cuda"))
+    ap.add_argument("--models", nargs="*", help="registry names (default: every architecture in models/)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds per model")
+    ap.add_argument("--budget", type=float, default=60.0, help="seconds of timing per model at most")
+    ap.add_argument("--repeats", type=int, default=3, help="CLI runs for the extra-time measurement")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-cli", action="store_true", help="skip the extra-time measurement")
+    ap.add_argument("--results", type=Path)
+    args = ap.parse_args()
+    if args.target == "ort-cpu":
+        use_global_ort_threads(args.threads)
+    import models
+
+    names = args.models or models.names()
+    work = Path(tempfile.mkdtemp(prefix="onnxprune-latency-"))
+    cache_dir = work / "cache"
+    os.environ["ONNXPRUNE_CACHE_DIR"] = str(cache_dir / "api")
+    rows = []
+    try:
+        for name in names:
+            rows.append(run_model(name, args, args.target, cache_dir))
+        cli = None if args.skip_cli else extra_time(args, args.target, cache_dir, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "benchmark": "latency-targets",
+        "machine": machine_info(),
+        "config": {"target": args.target, "threads": args.threads, "batch": args.batch, "dead_fraction": DEAD_FRACTION,
+                   "rounds": args.rounds, "seed": args.seed},
+        "models": rows,
+        "cli_extra_time_resnet50": cli,
+    }
+    run = f"latency-{args.target}" + ("" if args.models is None else "-" + "-".join(args.models))
+    path = write_result(run, result, args.results)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
