@@ -1,9 +1,10 @@
 """Pruning for a target with a measured guarantee: the written model is not slower than the input.
 
-Each rung of :data:`~onnxprune.latency.planner.ATTEMPTS` prunes the input
-afresh, verifies the result, and times input and result side by side on the
-target (interleaved runs, medians). The first result that is faster is kept;
-if none is, the last rung prunes nothing. The report records every attempt.
+Candidates are pruned afresh from the input and timed side by side with it on
+the target (interleaved runs, medians); the fastest one that beats the input
+is verified and kept. If none does, the fall-back rungs of
+:data:`~onnxprune.latency.planner.ATTEMPTS` are tried; the last prunes nothing.
+The report records every attempt.
 """
 
 from __future__ import annotations
@@ -16,28 +17,36 @@ import onnx
 
 from onnxprune.api import RunResult, _reference, run_passes, write_checked
 from onnxprune.latency.cache import LatencyCache
-from onnxprune.latency.planner import ATTEMPTS, LatencyPlanner
+from onnxprune.latency.planner import ALTERNATIVES, ATTEMPTS, CHEAP_US, CLOSE, LatencyPlanner
 from onnxprune.latency.target import Target
-from onnxprune.latency.timing import interleaved
+from onnxprune.latency.timing import clear_winner, interleaved
 from onnxprune.modelio import LoadedModel, as_loaded, check_output_path
 from onnxprune.runtime import input_specs, random_feed
+from onnxprune.verify import verify_same_function
 
 CHECK_BUDGET_S = 0.6
 CHECK_ROUNDS = 40
 
 
-def compare_latency(target: Target, reference, candidate, *, budget_s: float = CHECK_BUDGET_S) -> dict:
-    """Median latency of two models on ``target``, timed side by side (milliseconds)."""
-    ref = target.session(os.fspath(reference) if not isinstance(reference, onnx.ModelProto) else reference.SerializeToString())
-    cand = target.session(candidate.SerializeToString() if isinstance(candidate, onnx.ModelProto) else os.fspath(candidate))
+def time_side_by_side(target: Target, reference, candidates: dict[str, onnx.ModelProto], *, budget_s: float = CHECK_BUDGET_S) -> dict[str, float]:
+    """Median latency (ms) of the input ("input") and each candidate on ``target``, interleaved."""
+    ref = target.session(reference.SerializeToString() if isinstance(reference, onnx.ModelProto) else os.fspath(reference))
+    sessions = {"input": ref, **{k: target.session(m.SerializeToString()) for k, m in candidates.items()}}
     feed = random_feed(input_specs(ref, symbolic_dim=target.batch), np.random.default_rng(0))
-    timings = interleaved(
-        {"input": lambda: ref.run(None, feed), "output": lambda: cand.run(None, feed)},
-        repeats=CHECK_ROUNDS,
-        warmup=2,
-        budget_s=budget_s,
-    )
-    return {"input_ms": timings["input"].median_ms, "output_ms": timings["output"].median_ms, "runs": timings["input"].runs}
+    runners = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
+    timings = interleaved(runners, repeats=CHECK_ROUNDS, warmup=2, budget_s=budget_s, until=clear_winner)
+    return {k: t.median_ms for k, t in timings.items()}
+
+
+def _prune(loaded: LoadedModel, target: Target, cache: LatencyCache, attempt: str, progress) -> tuple[RunResult, LatencyPlanner]:
+    from passes.prune_channels import PruneChannelsPass
+
+    planner = LatencyPlanner(target, cache, attempt, progress=progress)
+    return run_passes(loaded, [PruneChannelsPass(planner=planner)], verify=False), planner
+
+
+def _removed(result: RunResult) -> int:
+    return result.report.plan.removed_channels if result.report.plan else 0
 
 
 def prune_for_target(
@@ -52,42 +61,70 @@ def prune_for_target(
 ) -> RunResult:
     """Prune, choosing widths for ``target``; never return a model measured slower than the input.
 
-    ``measure_progress(done, total)`` is called while layer latencies are measured (cold cache).
+    The latency model's choice is timed side by side with the input, together
+    with the alternatives (every dead channel deleted; widths rounded to 16)
+    that the model predicts within :data:`CLOSE` of it, or all of them when the
+    model is cheap to run (predicted under :data:`CHEAP_US`); the fastest wins. If none is
+    faster than the input, the remaining rungs of :data:`ATTEMPTS` are tried.
+    ``measure_progress(done, total)`` is called while layer latencies are
+    measured (cold cache).
     """
-    from passes.prune_channels import PruneChannelsPass
-
     loaded: LoadedModel = as_loaded(model_or_path)
     if output is not None:
         check_output_path(output, loaded)
     cache = cache or LatencyCache(target)
     reference = _reference(loaded)
-    attempts = []
-    result: RunResult | None = None
-    choice = None
-    search_s = check_s = 0.0
-    for i, attempt in enumerate(ATTEMPTS):
-        planner = LatencyPlanner(target, cache, attempt, progress=measure_progress)
+    t = time.perf_counter()
+    first, planner = _prune(loaded, target, cache, ATTEMPTS[0], measure_progress)
+    choice = planner.choice
+    candidates = {ATTEMPTS[0]: first}
+    predicted = choice.predicted_us if choice else {}
+    cheap = predicted.get("input", float("inf")) < CHEAP_US
+    for alt, key in zip(ALTERNATIVES, ("max_pruned", "round16")):
+        if predicted and (cheap or predicted.get(key, float("inf")) <= predicted["output"] * (1 + CLOSE)):
+            result, _ = _prune(loaded, target, cache, alt, None)
+            if not any(np.array_equal(result.report.plan.remove, c.report.plan.remove) for c in candidates.values()):
+                candidates[alt] = result
+    search_s = time.perf_counter() - t
+    attempts: list[dict] = []
+    t = time.perf_counter()
+    winner = None
+    pruning = {k: r for k, r in candidates.items() if _removed(r)}
+    if not pruning:
+        attempts.append({"attempt": ATTEMPTS[0], "removed_channels": 0, "accepted": True,
+                         "why": "no channel removed: the model is unchanged"})
+        winner = first
+    else:
+        ms = time_side_by_side(target, reference, {k: r.model for k, r in pruning.items()})
+        best = min(pruning, key=ms.get)
+        for k, r in pruning.items():
+            attempts.append({"attempt": k, "removed_channels": _removed(r), "input_ms": ms["input"], "output_ms": ms[k],
+                             "accepted": k == best and ms[k] < ms["input"]})
+        if ms[best] < ms["input"]:
+            winner = pruning[best]
+        for i, attempt in enumerate(ATTEMPTS[1:], start=1):
+            if winner is not None:
+                break
+            result, _ = _prune(loaded, target, cache, attempt, None)
+            last = i == len(ATTEMPTS) - 1
+            if not _removed(result):
+                attempts.append({"attempt": attempt, "removed_channels": 0, "accepted": True,
+                                 "why": "no channel removed: the model is unchanged"})
+                winner = result
+                break
+            ms = time_side_by_side(target, reference, {attempt: result.model})
+            faster = ms[attempt] < ms["input"]
+            attempts.append({"attempt": attempt, "removed_channels": _removed(result), "input_ms": ms["input"],
+                             "output_ms": ms[attempt], "accepted": faster or last})
+            if faster or last:
+                winner = result
+    check_s = time.perf_counter() - t
+    report = winner.report
+    if verify:
         t = time.perf_counter()
-        result = run_passes(loaded, [PruneChannelsPass(planner=planner)], verify=verify)
-        search_s += time.perf_counter() - t - result.report.timings.get("verify", 0.0)
-        choice = planner.choice or choice
-        removed = result.report.plan.removed_channels if result.report.plan else 0
-        entry = {"attempt": attempt, "removed_channels": removed}
-        last = i == len(ATTEMPTS) - 1
-        if removed == 0:
-            entry.update(accepted=True, why="no channel removed: the model is unchanged")
-            attempts.append(entry)
-            break
-        t = time.perf_counter()
-        measured = compare_latency(target, reference, result.model)
-        check_s += time.perf_counter() - t
-        faster = measured["output_ms"] < measured["input_ms"]
-        entry.update(measured, accepted=faster or last)
-        attempts.append(entry)
-        if faster or last:
-            break
-    report = result.report
-    accepted = attempts[-1]
+        report.verification = verify_same_function(reference, winner.model)
+        report.timings["verify"] = time.perf_counter() - t
+    accepted = next(a for a in attempts if a["accepted"])
     report.latency = {
         "target": target.name,
         "threads": target.threads,
@@ -112,10 +149,9 @@ def prune_for_target(
             }
             for c in choice.groups
         ]
-    if len(attempts) > 1:
-        report.notes.append(
-            f"on {target.name} the first plan was not faster than the input; used '{accepted['attempt']}' instead"
-        )
+    if accepted["attempt"] in ATTEMPTS[1:]:
+        report.notes.append(f"on {target.name} no first-rung candidate was faster than the input; used '{accepted['attempt']}'")
     if output is not None:
-        write_checked(result.model, output, reference, report, verify=False, external_data=bool(loaded.uses_external_data if external_data is None else external_data))
-    return result
+        write_checked(winner.model, output, reference, report, verify=False,
+                      external_data=bool(loaded.uses_external_data if external_data is None else external_data))
+    return winner

@@ -1,11 +1,17 @@
-"""Measuring layer latencies: many single layers per micro-model, timed by ONNX Runtime's profiler.
+"""Measuring layer latencies on the target.
 
-Each micro-model holds up to ~48 independent layers (inputs shared where shapes
-agree). The runtime's own per-node kernel times are read from its profile, so
-one session measures many layers, and each layer is timed in the layout the
-runtime picks for it (on CPU, the blocked NCHWc kernels when the widths allow,
-the plain ones otherwise). Layout conversions (ReorderInput/ReorderOutput) are
-not charged to the layer; their cost per byte is recorded as a constant.
+CPU: each micro-model holds up to ~48 independent layers (inputs shared where
+shapes agree). The runtime's own per-node kernel times are read from its
+profile, so one session measures many layers, and each layer is timed in the
+layout the runtime picks for it (the blocked NCHWc kernels when the widths
+allow, the plain ones otherwise). Layout conversions (ReorderInput/
+ReorderOutput) are not charged to the layer; their cost per byte is recorded
+as a constant.
+
+CUDA: the profiler sees kernel launches, not GPU time, so each layer gets its
+own micro-model holding ``CUDA_REPLICAS`` copies of it; inputs and outputs stay
+on the device (I/O binding) and a run's wall time over the copies is the
+layer's latency.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ MAX_LAYERS_PER_MODEL = 48
 MAX_INPUT_BYTES = 64 << 20
 WARMUP_RUNS = 2
 TIMED_RUNS = 8
+CUDA_REPLICAS = 4
+CUDA_TIMED_RUNS = 10
 
 Request = tuple[LayerSpec, int, int]  # layer, input width, output width
 
@@ -100,6 +108,27 @@ def _measure_batch(batch: list[tuple[str, Request]], target: Target, cache: Late
         cache.constants["reorder_ns_per_byte"] = new if old is None else (old + new) / 2
 
 
+def _measure_cuda(key: str, request: Request, target: Target, cache: LatencyCache) -> None:
+    import time
+
+    import onnxruntime
+
+    model, feeds = _micro_model([(key, request)] * CUDA_REPLICAS, target)
+    session = target.session(model.SerializeToString())
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, onnxruntime.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for out in session.get_outputs():
+        binding.bind_output(out.name, "cuda")
+    times = []
+    for i in range(WARMUP_RUNS + CUDA_TIMED_RUNS):
+        t = time.perf_counter()
+        session.run_with_iobinding(binding)  # returns once the device is done with the outputs
+        if i >= WARMUP_RUNS:
+            times.append((time.perf_counter() - t) * 1e6 / CUDA_REPLICAS)
+    cache.put(key, {"us": statistics.median(times), "layout": "plain"})
+
+
 def measure(
     requests: Iterable[Request],
     target: Target,
@@ -115,6 +144,13 @@ def measure(
             todo[key] = (spec, in_w, out_w)
     items = list(todo.items())
     done = 0
+    if target.name == "ort-cuda":
+        for key, request in items:
+            _measure_cuda(key, request, target, cache)
+            done += 1
+            if progress:
+                progress(done, len(items))
+        return len(items)
     while done < len(items):
         batch, input_bytes, shapes = [], 0, set()
         while done + len(batch) < len(items) and len(batch) < MAX_LAYERS_PER_MODEL:

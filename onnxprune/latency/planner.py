@@ -15,6 +15,13 @@ COARSE_ROUNDING = 32
 
 # Tried in this order until the result is not slower than the input on the target.
 ATTEMPTS = ("latency model", f"round to {COARSE_ROUNDING}", "fewer pruned groups", "nothing pruned")
+# Timed beside the latency model's choice when predicted within CLOSE of it: the model
+# misses some costs (layout changes around ops other than Conv/Gemm/MatMul), the runtime does not.
+ALTERNATIVES = ("every dead channel", "round to 16")
+CLOSE = 0.05
+# Below this predicted latency (microseconds) every alternative is timed: small
+# models are where per-op overheads the model ignores matter most, and timing is cheap.
+CHEAP_US = 5000.0
 
 
 @dataclass
@@ -34,6 +41,10 @@ class LatencyPlanner:
             return make_plan(analysis, group_targets=everything, group_reason=f"pruning did not pay on {self.target.name}")
         if self.attempt == f"round to {COARSE_ROUNDING}":
             return make_plan(analysis, RoundTo(COARSE_ROUNDING))
+        if self.attempt == "round to 16":
+            return make_plan(analysis, RoundTo(16))
+        if self.attempt == "every dead channel":
+            return make_plan(analysis)
         base = make_plan(analysis)
         self.choice = choose_widths(analysis, base, self.target, self.cache, progress=self.progress)
         targets = dict(self.choice.targets)

@@ -229,6 +229,11 @@ def choose_widths(
     return LatencyChoice(
         targets={g: assign[g] for g in model.free},
         groups=groups,
-        predicted_us={"input": model.total(unpruned), "max_pruned": model.total(model.k_min), "output": model.total(assign)},
+        predicted_us={
+            "input": model.total(unpruned),
+            "max_pruned": model.total(model.k_min),
+            "round16": model.total(starts[START_ROUNDINGS.index(16) + 1]),
+            "output": model.total(assign),
+        },
         measured_layers=model.measured,
     )

@@ -34,9 +34,11 @@ def interleaved(
     warmup: int = 3,
     budget_s: float | None = None,
     min_repeats: int = 5,
+    until: Callable[[dict[str, list[float]]], bool] | None = None,
 ) -> dict[str, Timing]:
     """Run each callable in turn, ``repeats`` rounds (alternating order), so drifts in machine load
-    affect all of them alike; stop early once ``budget_s`` is spent (after ``min_repeats`` rounds)."""
+    affect all of them alike. After ``min_repeats`` rounds, stop early once ``budget_s`` is spent
+    or ``until(samples)`` says the answer is clear."""
     for fn in runners.values():
         for _ in range(warmup):
             fn()
@@ -48,6 +50,16 @@ def interleaved(
             t = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - t) * 1000.0)
-        if budget_s is not None and i + 1 >= min_repeats and time.perf_counter() - start > budget_s:
-            break
+        if i + 1 >= min_repeats:
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                break
+            if until is not None and until(samples):
+                break
     return {k: Timing.of(v) for k, v in samples.items()}
+
+
+def clear_winner(samples: dict[str, list[float]]) -> bool:
+    """True once the fastest entry's upper quartile is below every other entry's lower quartile."""
+    q = {k: np.percentile(v, [25, 50, 75]) for k, v in samples.items() if v}
+    best = min(q, key=lambda k: q[k][1])
+    return all(q[best][2] < q[k][0] for k in q if k != best)
