@@ -13,6 +13,7 @@ import onnx
 from onnxprune import __version__
 from onnxprune.channels.analysis import ChannelAnalysis, analyze
 from onnxprune.channels.plan import PrunePlan, WidthPolicy, make_plan, round_to
+from onnxprune.channels.rewrite import apply_plan
 from onnxprune.cost import CostSummary, model_cost
 from onnxprune.errors import InputError, OnnxPruneError, PassError
 from onnxprune.graphio import to_graph, to_model
@@ -282,6 +283,48 @@ def prune(
     ``output`` the result is also written there atomically.
     """
     return prune_model(model_or_path, output=output, target=target, round_to_n=round_to, verify=verify).model
+
+
+class Pruner:
+    """One analysis of a model; any number of prune plans turned into models.
+
+    Each plan is applied to its own copy of the prepared graph (copies share the
+    weight arrays; rewrites replace arrays, never change them), so candidates
+    cost a rewrite and an export each, not a reload and a re-analysis.
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        from passes import PROVIDERS
+        from passes.fold_constants import FoldConstantsPass
+        from passes.structure import InferShapesPass
+
+        self.loaded = loaded
+        self.graph = to_graph(loaded.model)
+        PassManager([FoldConstantsPass(), InferShapesPass()], PROVIDERS).run(self.graph)
+        self.graph.toposort()
+        self.before = model_cost(self.graph)
+        self.analysis = analyze(self.graph)
+
+    def build(self, plan: PrunePlan) -> RunResult:
+        t = time.perf_counter()
+        graph = self.graph.copy()
+        if plan.changes_graph:
+            apply_plan(graph, plan)
+        after = model_cost(graph)
+        model = to_model(graph, self.loaded.model, _removed_metadata(plan))
+        report = RunReport(
+            input=str(self.loaded.path) if self.loaded.path else None,
+            output=None,
+            before=self.before,
+            after=after,
+            timings={"analysis+rewrite": time.perf_counter() - t},
+            plan=plan,
+        )
+        if self.loaded.ir_lowered_from is not None:
+            report.notes.append(
+                f"IR version lowered from {self.loaded.ir_lowered_from} to {self.loaded.model.ir_version} for onnxruntime"
+            )
+        return RunResult(model, report)
 
 
 def inspect_model(model_or_path: onnx.ModelProto | str | os.PathLike[str]) -> tuple[ChannelAnalysis, PrunePlan, CostSummary, LoadedModel]:

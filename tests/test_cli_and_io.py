@@ -94,7 +94,7 @@ def test_input_file_is_never_modified(model_file, tmp_path, capsys):
 def test_explain_and_report(model_file, tmp_path, capsys):
     report = tmp_path / "r.json"
     code, stdout, _ = run_cli(
-        "prune", str(model_file), "-o", str(tmp_path / "o.onnx"), "--explain", "--report", str(report), capsys=capsys
+        *PRUNE, str(model_file), "-o", str(tmp_path / "o.onnx"), "--explain", "--report", str(report), capsys=capsys
     )
     assert code == 0
     assert "why kept" in stdout and "live" in stdout

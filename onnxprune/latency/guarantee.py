@@ -15,17 +15,18 @@ import time
 import numpy as np
 import onnx
 
-from onnxprune.api import RunResult, _reference, run_passes, write_checked
+from onnxprune.api import Pruner, RunResult, _check_output_model, _reference, write_checked
 from onnxprune.latency.cache import LatencyCache
 from onnxprune.latency.planner import ALTERNATIVES, ATTEMPTS, CHEAP_US, CLOSE, LatencyPlanner
 from onnxprune.latency.target import Target
 from onnxprune.latency.timing import clear_winner, interleaved
-from onnxprune.modelio import LoadedModel, as_loaded, check_output_path
+from onnxprune.modelio import LoadedModel, as_loaded, check_output_path, needs_external_data
 from onnxprune.runtime import input_specs, random_feed
 from onnxprune.verify import verify_same_function
 
 CHECK_BUDGET_S = 0.6
-CHECK_ROUNDS = 40
+CHECK_ROUNDS = 60
+CHECK_MIN_ROUNDS = 8
 
 
 def time_side_by_side(target: Target, reference, candidates: dict[str, onnx.ModelProto], *, budget_s: float = CHECK_BUDGET_S) -> dict[str, float]:
@@ -34,15 +35,9 @@ def time_side_by_side(target: Target, reference, candidates: dict[str, onnx.Mode
     sessions = {"input": ref, **{k: target.session(m.SerializeToString()) for k, m in candidates.items()}}
     feed = random_feed(input_specs(ref, symbolic_dim=target.batch), np.random.default_rng(0))
     runners = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
-    timings = interleaved(runners, repeats=CHECK_ROUNDS, warmup=2, budget_s=budget_s, until=clear_winner)
+    timings = interleaved(runners, repeats=CHECK_ROUNDS, warmup=2, budget_s=budget_s, min_repeats=CHECK_MIN_ROUNDS,
+                          until=clear_winner)
     return {k: t.median_ms for k, t in timings.items()}
-
-
-def _prune(loaded: LoadedModel, target: Target, cache: LatencyCache, attempt: str, progress) -> tuple[RunResult, LatencyPlanner]:
-    from passes.prune_channels import PruneChannelsPass
-
-    planner = LatencyPlanner(target, cache, attempt, progress=progress)
-    return run_passes(loaded, [PruneChannelsPass(planner=planner)], verify=False), planner
 
 
 def _removed(result: RunResult) -> int:
@@ -75,16 +70,18 @@ def prune_for_target(
     cache = cache or LatencyCache(target)
     reference = _reference(loaded)
     t = time.perf_counter()
-    first, planner = _prune(loaded, target, cache, ATTEMPTS[0], measure_progress)
+    pruner = Pruner(loaded)
+    planner = LatencyPlanner(target, cache, ATTEMPTS[0], progress=measure_progress)
+    first = pruner.build(planner(pruner.analysis))
     choice = planner.choice
     candidates = {ATTEMPTS[0]: first}
     predicted = choice.predicted_us if choice else {}
     cheap = predicted.get("input", float("inf")) < CHEAP_US
     for alt, key in zip(ALTERNATIVES, ("max_pruned", "round16")):
         if predicted and (cheap or predicted.get(key, float("inf")) <= predicted["output"] * (1 + CLOSE)):
-            result, _ = _prune(loaded, target, cache, alt, None)
-            if not any(np.array_equal(result.report.plan.remove, c.report.plan.remove) for c in candidates.values()):
-                candidates[alt] = result
+            plan = LatencyPlanner(target, cache, alt)(pruner.analysis)
+            if not any(np.array_equal(plan.remove, c.report.plan.remove) for c in candidates.values()):
+                candidates[alt] = pruner.build(plan)
     search_s = time.perf_counter() - t
     attempts: list[dict] = []
     t = time.perf_counter()
@@ -105,7 +102,7 @@ def prune_for_target(
         for i, attempt in enumerate(ATTEMPTS[1:], start=1):
             if winner is not None:
                 break
-            result, _ = _prune(loaded, target, cache, attempt, None)
+            result = pruner.build(LatencyPlanner(target, cache, attempt)(pruner.analysis))
             last = i == len(ATTEMPTS) - 1
             if not _removed(result):
                 attempts.append({"attempt": attempt, "removed_channels": 0, "accepted": True,
@@ -120,6 +117,10 @@ def prune_for_target(
                 winner = result
     check_s = time.perf_counter() - t
     report = winner.report
+    winner.report.plan.release_graph()
+    del pruner
+    if not needs_external_data(winner.model):
+        _check_output_model(winner.model, None, reference)
     if verify:
         t = time.perf_counter()
         report.verification = verify_same_function(reference, winner.model)

@@ -58,8 +58,17 @@ def interleaved(
     return {k: Timing.of(v) for k, v in samples.items()}
 
 
-def clear_winner(samples: dict[str, list[float]]) -> bool:
-    """True once the fastest entry's upper quartile is below every other entry's lower quartile."""
+def clear_winner(samples: dict[str, list[float]], *, tie: float = 0.02, reference: str = "input") -> bool:
+    """True once the ordering is settled: the fastest entry's upper quartile is below the lower
+    quartile of every other entry, except other candidates within ``tie`` of it (equally good),
+    and the ``reference`` entry is clearly slower than it."""
     q = {k: np.percentile(v, [25, 50, 75]) for k, v in samples.items() if v}
     best = min(q, key=lambda k: q[k][1])
-    return all(q[best][2] < q[k][0] for k in q if k != best)
+    for k in q:
+        if k == best:
+            continue
+        separated = q[best][2] < q[k][0]
+        equal = k != reference and abs(q[k][1] / q[best][1] - 1.0) < tie
+        if not (separated or equal):
+            return False
+    return True
