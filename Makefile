@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the main job on the embedded default
-	$(VENV)/bin/onnxprune demo
+demo: $(STAMP)  ## the main job on the embedded default: train LeNet5 with SBP on digits, export, prune, measure
+	$(VENV)/bin/onnxprune train
 
 test: $(STAMP)  ## the default test suite (pytest exits 5 when no test ran: a failure)
 	$(PY) -m pytest -q

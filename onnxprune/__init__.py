@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "prune", "prune_model", "run_passes", "inspect_model"]
+__all__ = ["__version__", "prune", "prune_model", "run_passes", "inspect_model", "export", "compress"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from onnxprune import api
 
         return getattr(api, name)
+    if name in ("export", "compress"):  # need torch
+        from onnxprune.bayes import exporting
+
+        return getattr(exporting, name)
     raise AttributeError(f"module 'onnxprune' has no attribute {name!r}")

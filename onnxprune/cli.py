@@ -220,6 +220,35 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # pragma: no cover - torch is a declared extra
+        raise OnnxPruneError("`onnxprune train` needs PyTorch: pip install -e '.[torch]'") from None
+    from onnxprune.pipeline import TrainConfig, results_table, run
+
+    _use_target_threads(args)
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = TrainConfig(
+        model=args.model, data=args.data, data_dir=args.data_dir, out=args.output or f"out/{args.model}-{args.data}-{args.method}",
+        method=args.method, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, pretrained=args.pretrained,
+        batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup, seed=args.seed,
+        device=device, target=args.target, threads=args.threads, progress=not args.quiet,
+    )
+    report = run(cfg)
+    print()
+    print(f"{cfg.model} on {cfg.data}, {cfg.method}: {report['wrapped']['kept_fraction']:.1%} of the gated channels kept; "
+          f"pruned model agrees with the wrapped model on {report['pruned']['agreement_with_wrapped']:.2%} of the test set")
+    print(results_table(report))
+    print(f"\nwrote {cfg.out}/: dense.onnx, gated.onnx, pruned.onnx, report.json, channels.png "
+          f"({report['timings_s']['total']:.0f} s)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from onnxprune.demo import run_demo
 
@@ -284,6 +313,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison with the input")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="train with Bayesian channel gates, export, prune, measure (needs torch)",
+                       description="The whole pipeline: dense model (trained here or --pretrained) -> Bayesian gates "
+                                   "(--method) -> ONNX with gates folded -> onnxprune prune -> test error, parameters, "
+                                   "MACs and ONNX Runtime latency, dense vs pruned. Defaults: LeNet5 on scikit-learn's "
+                                   "digits (offline).")
+    p.add_argument("--model", default="lenet5", help="an architecture from models/ (default lenet5)")
+    p.add_argument("--data", default="digits", help="mnist, fashion-mnist, cifar10 or digits (default digits, offline)")
+    p.add_argument("--data-dir", help="folder holding the datasets (default $ONNXPRUNE_DATA or ../shared/data)")
+    p.add_argument("--method", default="sbp", choices=("sbp", "rbp", "turbo-vbi"), help="posterior over channels (default sbp)")
+    p.add_argument("--epochs", type=int, help="epochs of Bayesian training (default by dataset)")
+    p.add_argument("--pretrain-epochs", type=int, help="epochs of dense training first (default by dataset; 0 with --pretrained)")
+    p.add_argument("--pretrained", metavar="CKPT", help="start from this PyTorch checkpoint instead of training the dense model")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, as the SBP paper)")
+    p.add_argument("--gate-lr", type=float, default=3e-2, help="learning rate of the gates' mu and log sigma (default 3e-2)")
+    p.add_argument("--kl-warmup", type=float, default=0.0, metavar="EPOCHS", help="linear warm-up of the KL weight")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("-o", "--output", metavar="DIR", help="output folder (default out/MODEL-DATA-METHOD)")
+    _target_args(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="build a reference model, kill some channels, prune it, print the table (needs torch)")
     p.add_argument("--model", default="resnet20", help="a name from models/ (default resnet20)")

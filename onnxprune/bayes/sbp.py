@@ -1,0 +1,129 @@
+"""Structured Bayesian Pruning gate (Neklyudov, Molchanov, Ashukha, Vetrov, NIPS 2017).
+
+``y = x * theta`` with one multiplicative ``theta`` per channel (conv) or neuron (linear).
+Prior: log-uniform on ``theta``, i.e. ``log theta ~ U[a, b]``; posterior:
+``log theta ~ Normal(mu, sigma^2)`` truncated to ``[a, b]``. Training samples ``theta`` by
+the inverse CDF (reparametrised, one sample per example and channel); evaluation uses the
+deterministic ``E[theta] * 1[SNR > tau]``. The numerics live in
+:mod:`onnxprune.bayes.truncnorm`; this module holds the parameters and the layer logic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from onnxprune.bayes import truncnorm
+
+__all__ = ["SBPGate"]
+
+
+class SBPGate(nn.Module):
+    """Multiplicative per-channel gate with a truncated log-normal posterior.
+
+    Parameters ``mu`` (init 0) and ``log_sigma`` (init -5), both clipped to
+    ``[MU_MIN, MU_MAX] = [-20, 5]`` and ``[LOG_SIGMA_MIN, LOG_SIGMA_MAX] = [-20, 5]``
+    inside every computation (and in place by :meth:`clip_`, to call after optimiser
+    steps as in the authors' code).
+    """
+
+    MU_MIN = -20.0
+    MU_MAX = 5.0
+    LOG_SIGMA_MIN = -20.0
+    LOG_SIGMA_MAX = 5.0
+
+    def __init__(self, num_channels: int, a: float = -20.0, b: float = 0.0) -> None:
+        super().__init__()
+        if int(num_channels) != num_channels or num_channels < 1:
+            raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
+        if not a < b:
+            raise ValueError(f"need a < b for the truncation interval, got a={a}, b={b}")
+        self.num_channels = int(num_channels)
+        self.a = float(a)
+        self.b = float(b)
+        self.mu = nn.Parameter(torch.zeros(self.num_channels))
+        self.log_sigma = nn.Parameter(torch.full((self.num_channels,), -5.0))
+
+    # -- parameters ---------------------------------------------------------
+
+    def _clipped64(self) -> tuple[Tensor, Tensor]:
+        """(mu, sigma) clipped and in float64 (differentiable through the clamp)."""
+        mu = self.mu.clamp(self.MU_MIN, self.MU_MAX).to(torch.float64)
+        log_sigma = self.log_sigma.clamp(self.LOG_SIGMA_MIN, self.LOG_SIGMA_MAX).to(torch.float64)
+        return mu, torch.exp(log_sigma)
+
+    @torch.no_grad()
+    def clip_(self) -> "SBPGate":
+        """Clamp ``mu`` and ``log_sigma`` into ``[-20, 5]`` in place; returns self."""
+        self.mu.clamp_(self.MU_MIN, self.MU_MAX)
+        self.log_sigma.clamp_(self.LOG_SIGMA_MIN, self.LOG_SIGMA_MAX)
+        return self
+
+    # -- closed forms -------------------------------------------------------
+
+    def kl(self) -> Tensor:
+        """KL(posterior || log-uniform prior), summed over channels (scalar)."""
+        mu, sigma = self._clipped64()
+        return truncnorm.kl(mu, sigma, self.a, self.b).sum().to(self.mu.dtype)
+
+    def expected(self) -> Tensor:
+        """E[theta] per channel, shape [C]."""
+        mu, sigma = self._clipped64()
+        return truncnorm.expected(mu, sigma, self.a, self.b).to(self.mu.dtype)
+
+    def snr(self) -> Tensor:
+        """Signal-to-noise ratio E[theta] / std[theta] per channel (finite, capped at 1e12)."""
+        mu, sigma = self._clipped64()
+        return truncnorm.snr(mu, sigma, self.a, self.b).to(self.mu.dtype)
+
+    def mask(self, tau: float = 1.0) -> Tensor:
+        """Channels kept at evaluation: ``snr > tau`` (bool, shape [C])."""
+        with torch.no_grad():
+            mu, sigma = self._clipped64()
+            return truncnorm.snr(mu, sigma, self.a, self.b) > tau
+
+    def deterministic(self, tau: float = 1.0) -> Tensor:
+        """Evaluation-time gate ``E[theta] * 1[SNR > tau]`` (exact zeros for rejected channels)."""
+        return self.expected() * self.mask(tau).to(self.mu.dtype)
+
+    # -- sampling -----------------------------------------------------------
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` independent draws of theta per channel, shape [n, C], differentiable
+        w.r.t. ``mu`` and ``log_sigma`` (inverse-CDF reparametrisation)."""
+        mu, sigma = self._clipped64()
+        u = torch.rand((int(n), self.num_channels), generator=generator, dtype=torch.float64, device=mu.device)
+        log_theta = truncnorm.sample_log(mu.unsqueeze(0), sigma.unsqueeze(0), self.a, self.b, u)
+        return torch.exp(log_theta).to(self.mu.dtype)
+
+    # -- layer --------------------------------------------------------------
+
+    def _view_shape(self, x: Tensor, channel_axis: int, batch: int) -> list[int]:
+        axis = channel_axis if channel_axis >= 0 else channel_axis + x.dim()
+        if not 0 <= axis < x.dim():
+            raise ValueError(f"channel_axis {channel_axis} out of range for a {x.dim()}-d input")
+        if x.shape[axis] != self.num_channels:
+            raise ValueError(
+                f"input has {x.shape[axis]} channels on axis {channel_axis}, gate has {self.num_channels}"
+            )
+        if batch != 1 and axis == 0:
+            raise ValueError("channel_axis must not be the batch axis (0) in training mode")
+        shape = [1] * x.dim()
+        shape[0] = batch
+        shape[axis] = self.num_channels
+        return shape
+
+    def forward(self, x: Tensor, channel_axis: int = 1) -> Tensor:
+        """Training: ``x * theta`` with theta drawn per example ([B, C] broadcast into
+        ``channel_axis``); evaluation: ``x * deterministic()``."""
+        if self.training:
+            batch = x.shape[0]
+            shape = self._view_shape(x, channel_axis, batch)
+            theta = self.sample(batch)
+        else:
+            shape = self._view_shape(x, channel_axis, 1)
+            theta = self.deterministic()
+        return x * theta.reshape(shape).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_channels={self.num_channels}, a={self.a}, b={self.b}"

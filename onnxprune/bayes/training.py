@@ -1,0 +1,231 @@
+"""Training with the negative ELBO: ``elbo`` and ``fit`` (one process, or several under torchrun).
+
+``fit`` trains a wrapped model (loss: the negative ELBO) or a plain one (loss:
+cross-entropy, for dense pre-training), with optimizer groups (gate parameters
+may take their own learning rate), a linear warm-up of the KL weight, a
+progress bar, checkpoints after every epoch and resume, and a fixed seed. Under
+``torchrun`` it trains with DistributedDataParallel (gloo on CPU, NCCL on GPU):
+each rank sees its own slice of every epoch's permutation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from onnxprune.bayes.wrapper import BayesianModel
+
+
+def elbo(logits: torch.Tensor, targets: torch.Tensor, model: BayesianModel, n_train: int, kl_weight: float = 1.0) -> torch.Tensor:
+    """Negative ELBO: ``n_train * mean cross-entropy + kl_weight * sum of the gates' KL``."""
+    return n_train * F.cross_entropy(logits, targets) + kl_weight * model.kl()
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    loss: float
+    accuracy: float
+    kl_weight: float
+    kept_fraction: float
+    seconds: float
+    eval_accuracy: float | None = None
+
+
+@dataclass
+class History:
+    epochs: list[EpochStats] = field(default_factory=list)
+
+    def to_dict(self) -> list[dict]:
+        return [asdict(e) for e in self.epochs]
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins the process group torchrun describes, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, *, batch_size: int = 512, device: str | torch.device = "cpu") -> np.ndarray:
+    """Class predictions of ``model`` in evaluation mode for images ``x`` (numpy, float or uint8)."""
+    model = _base(model)
+    was = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = torch.as_tensor(x[i : i + batch_size])
+            xb = xb.float() / 255.0 if xb.dtype == torch.uint8 else xb.float()
+            out.append(model(xb.to(device)).argmax(dim=1).cpu().numpy())
+    finally:
+        model.train(was)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, **kwargs) -> float:
+    """Accuracy of ``model`` in evaluation mode."""
+    return float((predict(model, x, **kwargs) == y).mean())
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def fit(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    gate_lr: float | None = None,
+    weight_decay: float = 0.0,
+    kl_warmup_epochs: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    augment: Callable | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    eval_data: tuple[np.ndarray, np.ndarray] | None = None,
+    progress: bool = True,
+    lr_schedule: str = "constant",
+    desc: str = "train",
+) -> History:
+    """Train ``model`` on (x, y) for ``epochs`` epochs; see the module docstring.
+
+    A :class:`BayesianModel` is trained on the negative ELBO (N = len(x), the
+    whole training set across ranks), anything else on cross-entropy. With
+    ``checkpoint``, the state after every epoch is written there (atomically)
+    and a later call with the same path resumes after the last finished epoch.
+    ``lr_schedule`` is "constant" or "cosine".
+    """
+    from onnxprune.data import ArrayLoader
+
+    device = torch.device(device)
+    rank, world = _distributed(device)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    base = model.to(device)
+    bayesian = isinstance(base, BayesianModel)
+    groups = [{"params": list(base.weight_parameters()) if bayesian else list(base.parameters()), "lr": lr}]
+    if bayesian:
+        groups.append({"params": list(base.gate_parameters()), "lr": gate_lr or lr, "weight_decay": 0.0})
+    optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    start_epoch, history = 0, History()
+    ckpt_path = Path(checkpoint) if checkpoint else None
+    if ckpt_path is not None and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        base.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"]
+        history = History([EpochStats(**e) for e in state["history"]])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+    train_model: nn.Module = base
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(base, device_ids=ids)
+    loader = ArrayLoader(x, y, batch_size, shuffle=True, seed=seed, device=device, augment=augment,
+                         drop_last=True, rank=rank, world_size=world)
+    n_train = len(x)
+    steps_per_epoch = max(1, len(loader))
+    total_steps = epochs * steps_per_epoch
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)
+        train_model.train()
+        t0 = time.perf_counter()
+        bar = None
+        if progress and rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+        seen = correct = 0
+        loss_sum = 0.0
+        kl_w = 1.0
+        for step, (xb, yb) in enumerate(loader):
+            done = epoch * steps_per_epoch + step
+            if lr_schedule == "cosine":
+                for g, base_lr in zip(optimizer.param_groups, [lr, gate_lr or lr]):
+                    g["lr"] = 0.5 * base_lr * (1 + math.cos(math.pi * done / total_steps))
+            logits = train_model(xb)
+            if bayesian:
+                kl_w = min(1.0, (done + 1) / (kl_warmup_epochs * steps_per_epoch)) if kl_warmup_epochs > 0 else 1.0
+                loss = elbo(logits, yb, base, n_train, kl_w) / n_train
+            else:
+                loss = F.cross_entropy(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if bayesian:
+                base.clip_()
+            with torch.no_grad():
+                correct += int((logits.argmax(1) == yb).sum())
+                seen += len(yb)
+                loss_sum += float(loss) * len(yb)
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    post = {"loss": f"{loss_sum / seen:.4f}", "acc": f"{correct / seen:.3f}"}
+                    if bayesian:
+                        post["kept"] = f"{base.kept_fraction():.2f}"
+                    bar.set_postfix(post)
+        if bar is not None:
+            bar.close()
+        stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(stats)
+        kept = base.kept_fraction() if bayesian else 1.0
+        record = EpochStats(epoch + 1, float(stats[0] / stats[2]), float(stats[1] / stats[2]), kl_w, kept, time.perf_counter() - t0)
+        if eval_data is not None and rank == 0:
+            record.eval_accuracy = evaluate(base, *eval_data, device=device)
+        history.epochs.append(record)
+        if rank == 0 and progress:
+            msg = f"{desc} {epoch + 1}/{epochs}: loss {record.loss:.4f}, train acc {record.accuracy:.4f}"
+            if record.eval_accuracy is not None:
+                msg += f", test acc {record.eval_accuracy:.4f}"
+            if bayesian:
+                msg += f", channels kept {kept:.1%}"
+            print(msg + f" ({record.seconds:.1f} s)", flush=True)
+        if ckpt_path is not None and rank == 0:
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_torch_save(
+                {
+                    "model": base.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history.to_dict(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                },
+                ckpt_path,
+            )
+        if world > 1:
+            dist.barrier()
+    return history
+
+
+def history_json(history: History) -> str:
+    return json.dumps(history.to_dict(), indent=1)

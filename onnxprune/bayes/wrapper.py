@@ -1,0 +1,286 @@
+"""Wrapping any (torch.fx-traceable) model with Bayesian channel gates.
+
+``wrap(model, example_inputs, method="sbp")`` returns a :class:`BayesianModel`:
+the model traced with torch.fx, with a :class:`GateSite` inserted after every
+Conv/Linear whose channels can be pruned, at the end of its conv -> [BN] ->
+[activation] chain (or right after the layer when nothing follows). Sites whose
+channels are coupled (one engine group, see :mod:`onnxprune.bayes.grouping`)
+share one gate and, within a forward pass, one sample of it.
+
+Not gated: layers whose channels reach the graph output (the classifier) or
+an op the engine cannot prune through, modules named in ``exclude``, and
+producers whose output only feeds a depthwise conv of the same group or a Mul
+(an SE excitation branch): there the channel is gated once, further on.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from onnxprune.bayes.grouping import Grouping, channel_grouping
+
+ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.Sigmoid, nn.Mish)
+ACTIVATION_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.elu, F.silu, F.gelu, F.hardswish, torch.relu, torch.tanh, torch.sigmoid, F.mish}
+ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+# Positively homogeneous: act(g * x) == g * act(x) for g >= 0, so a gate after them folds into the layer.
+HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
+HOMOGENEOUS_FUNCTIONS = {F.relu, F.leaky_relu, torch.relu}
+NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def gate_factory(method: str) -> Callable[[int], nn.Module]:
+    """The gate class for a method name ("sbp", "rbp", "turbo-vbi")."""
+    from onnxprune.bayes import methods
+
+    if method not in methods.METHODS:
+        raise ValueError(f"unknown method '{method}'; known: {', '.join(methods.METHODS)}")
+    return methods.METHODS[method]
+
+
+class GateBank(nn.Module):
+    """The gates, one per channel group, and one sample of each per forward pass."""
+
+    def __init__(self, gates: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.gates = nn.ModuleDict(gates)
+        self._samples: dict[str, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        self._samples.clear()
+
+    def theta(self, group: str, batch: int) -> torch.Tensor:
+        """[batch, G] (training: one sample per example) or [G] (eval: E[theta] * mask)."""
+        gate = self.gates[group]
+        if not self.training:
+            return gate.deterministic()
+        cached = self._samples.get(group)
+        if cached is None or cached.shape[0] != batch:
+            cached = gate.sample(batch)
+            self._samples[group] = cached
+        return cached
+
+
+class GateSite(nn.Module):
+    """Multiplies one tensor by the gates of the groups its channels belong to (ungated channels: 1)."""
+
+    def __init__(self, bank: GateBank, parts: list[tuple[str, torch.Tensor, torch.Tensor]], channels: int, channel_axis: int) -> None:
+        super().__init__()
+        self._bank = [bank]  # a reference, not a submodule: the bank is registered once, by the model
+        self.groups = [key for key, _, _ in parts]
+        self.channels = channels
+        self.channel_axis = channel_axis
+        for i, (_, ch, pos) in enumerate(parts):
+            self.register_buffer(f"channels_{i}", torch.as_tensor(ch, dtype=torch.long).clone(), persistent=False)
+            self.register_buffer(f"positions_{i}", torch.as_tensor(pos, dtype=torch.long).clone(), persistent=False)
+
+    def gate_vector(self, batch: int) -> torch.Tensor:
+        """[batch, C] while training (one sample per example), [C] in evaluation."""
+        out = None
+        for i, key in enumerate(self.groups):
+            theta = self._bank[0].theta(key, batch)
+            if out is None:
+                out = torch.ones((*theta.shape[:-1], self.channels), dtype=theta.dtype, device=theta.device)
+            values = theta.index_select(-1, getattr(self, f"positions_{i}"))
+            out = out.index_copy(out.dim() - 1, getattr(self, f"channels_{i}"), values)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate_vector(x.shape[0]).to(x.dtype)
+        axis = self.channel_axis % x.dim()
+        shape = [1] * x.dim()
+        shape[axis] = g.shape[-1]
+        if g.dim() == 2:  # per example
+            shape[0] = g.shape[0]
+        return x * g.reshape(shape)
+
+
+@dataclass
+class SiteInfo:
+    """Where a gate site sits: the layer it follows and the chain between them."""
+
+    name: str
+    layer: str
+    groups: list[str]
+    chain: list[str]  # fx nodes from the layer to the site (layer, [bn], [act])
+    norm: str | None  # BatchNorm module in the chain, if any
+    foldable: bool  # all activations in the chain are positively homogeneous
+
+
+class BayesianModel(nn.Module):
+    """A model with Bayesian channel gates (see module docstring)."""
+
+    def __init__(self, traced: fx.GraphModule, bank: GateBank, sites: list[SiteInfo], method: str, group_layers: dict[str, list[str]]) -> None:
+        super().__init__()
+        self.model = traced
+        self.bank = bank
+        self.sites = sites
+        self.method = method
+        self.group_layers = group_layers
+
+    def forward(self, *args, **kwargs):
+        self.bank.clear()
+        return self.model(*args, **kwargs)
+
+    @property
+    def gates(self) -> nn.ModuleDict:
+        return self.bank.gates
+
+    def kl(self) -> torch.Tensor:
+        """Sum of every gate's KL divergence from its prior."""
+        return torch.stack([g.kl() for g in self.gates.values()]).sum() if len(self.gates) else torch.zeros(())
+
+    def gate_parameters(self) -> Iterable[nn.Parameter]:
+        return self.bank.parameters()
+
+    def weight_parameters(self) -> Iterable[nn.Parameter]:
+        gate_ids = {id(p) for p in self.bank.parameters()}
+        return (p for p in self.parameters() if id(p) not in gate_ids)
+
+    def clip_(self) -> None:
+        for g in self.gates.values():
+            if hasattr(g, "clip_"):
+                g.clip_()
+
+    @torch.no_grad()
+    def kept(self) -> dict[str, tuple[int, int]]:
+        """Per gated group: (channels the posterior keeps, channels gated)."""
+        return {name: (int((g.deterministic() != 0).sum()), g.num_channels) for name, g in self.gates.items()}
+
+    def kept_fraction(self) -> float:
+        k = self.kept()
+        total = sum(t for _, t in k.values())
+        return sum(a for a, _ in k.values()) / total if total else 1.0
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), NORM_MODULES)
+
+
+def _activation(gm: fx.GraphModule, node: fx.Node) -> tuple[bool, bool]:
+    """(is an activation, is positively homogeneous)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return isinstance(m, ACTIVATION_MODULES), isinstance(m, HOMOGENEOUS_MODULES)
+    if node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS:
+        return True, node.target in HOMOGENEOUS_FUNCTIONS
+    if node.op == "call_method" and node.target in ACTIVATION_METHODS:
+        return True, node.target in ("relu", "relu_")
+    return False, False
+
+
+def _chain(gm: fx.GraphModule, layer: fx.Node) -> tuple[list[fx.Node], str | None, bool]:
+    """layer -> [norm] -> [activation...]: the nodes, the norm module name, and foldability."""
+    chain, norm, foldable = [layer], None, True
+    node = layer
+    while True:
+        nxt = _single_user(node)
+        if nxt is None or len(nxt.all_input_nodes) != 1:
+            break
+        if _is_norm(gm, nxt) and norm is None and len(chain) == 1:
+            norm = nxt.target
+        else:
+            is_act, homogeneous = _activation(gm, nxt)
+            if not is_act:
+                break
+            foldable &= homogeneous
+        chain.append(nxt)
+        node = nxt
+    return chain, norm, foldable
+
+
+_PASS_THROUGH_FUNCS = {torch.flatten, torch.reshape, operator.getitem}
+_PASS_THROUGH_METHODS = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "expand_as"}
+
+
+def _feeds_only_gated_product(gm: fx.GraphModule, node: fx.Node, groups: set[int], layer_groups: dict[str, set[int]]) -> bool:
+    """True if every path from ``node`` ends in a Mul or in a depthwise conv of the same groups."""
+    users = list(node.users)
+    if not users:
+        return False
+    for u in users:
+        if u.op == "call_function" and u.target in (operator.mul, torch.mul):
+            continue
+        if u.op == "call_module":
+            m = gm.get_submodule(u.target)
+            if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels and layer_groups.get(u.target) == groups:
+                continue
+        if (u.op == "call_function" and u.target in _PASS_THROUGH_FUNCS) or (u.op == "call_method" and u.target in _PASS_THROUGH_METHODS):
+            if _feeds_only_gated_product(gm, u, groups, layer_groups):
+                continue
+        return False
+    return True
+
+
+def wrap(
+    model: nn.Module,
+    example_inputs: tuple | torch.Tensor,
+    method: str = "sbp",
+    exclude: Iterable[str] = (),
+    **gate_kwargs,
+) -> BayesianModel:
+    """Insert Bayesian gates into ``model`` (traced with torch.fx); the original is not modified."""
+    import copy
+
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    factory = gate_factory(method)
+    model = copy.deepcopy(model)
+    grouping: Grouping = channel_grouping(model, example_inputs)
+    gm = fx.symbolic_trace(model)
+    layer_groups = {name: set(mc.groups) for name, mc in grouping.modules.items()}
+    excluded = set(exclude)
+    group_layers: dict[int, list[str]] = {}
+    plans = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.target not in grouping.modules or node.target in excluded:
+            continue
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, LAYER_MODULES):
+            continue
+        mc = grouping.modules[node.target]
+        chain, norm, foldable = _chain(gm, node)
+        for g in mc.groups:
+            group_layers.setdefault(g, []).append(node.target)
+        if _feeds_only_gated_product(gm, chain[-1], set(mc.groups), layer_groups):
+            continue
+        axis = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
+        width = module.out_channels if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else module.out_features
+        plans.append((node, chain, norm, foldable, mc, axis, width))
+    gates: dict[str, nn.Module] = {}
+    names: dict[int, str] = {}
+    for *_, mc, _, _ in plans:
+        for g in mc.groups:
+            if g not in names:
+                key = group_layers[g][0].replace(".", "_")  # module names may not contain dots
+                while key in gates:
+                    key += "_"
+                names[g] = key
+                gates[key] = factory(grouping.group_sizes[g], **gate_kwargs)
+    bank = GateBank(gates)
+    sites = []
+    for i, (node, chain, norm, foldable, mc, axis, width) in enumerate(plans):
+        site_name = f"gate_site_{i}"
+        parts = [(names[g], torch.as_tensor(ch), torch.as_tensor(pos)) for g, ch, pos in mc.parts]
+        gm.add_submodule(site_name, GateSite(bank, parts, width, axis))
+        end = chain[-1]
+        with gm.graph.inserting_after(end):
+            new = gm.graph.call_module(site_name, (end,))
+        end.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+        sites.append(SiteInfo(site_name, node.target, [names[g] for g in mc.groups], [n.name for n in chain], norm, foldable))
+    gm.graph.lint()
+    gm.recompile()
+    layers_by_name = {names[g]: layers for g, layers in group_layers.items() if g in names}
+    return BayesianModel(gm, bank, sites, method, layers_by_name)

@@ -1,0 +1,138 @@
+"""Wrapping models with Bayesian gates, the ELBO, and export with gates folded in (real ORT sessions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import models  # noqa: E402
+from onnxprune import bayes  # noqa: E402
+from onnxprune.api import prune_model  # noqa: E402
+from onnxprune.bayes.exporting import export  # noqa: E402
+from onnxprune.runtime import make_session  # noqa: E402
+from tests.prune_helpers import layer_widths  # noqa: E402
+
+SMALL = ["lenet300", "lenet5", "vgg_cifar", "resnet20", "mobilenetv2_cifar", "densenet_cifar", "resnext_cifar",
+         "senet_cifar", "transformer_block"]
+
+
+def build(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    kwargs = {"width": 0.25} if name == "vgg_cifar" else {}
+    model = models.build(name, **kwargs).eval()
+    models.randomize_batchnorm(model, seed)
+    spec = models.REGISTRY[name]
+    return model, torch.rand(4, *spec.input_shape)
+
+
+def reject_some(wrapped, fraction: float = 0.4, seed: int = 0) -> None:
+    """Posterior that rejects ``fraction`` of every gate's channels (as a trained one would)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in wrapped.gates.values():
+            n = gate.num_channels
+            k = int(round(fraction * n))
+            if k >= n:
+                k = n - 1
+            idx = torch.randperm(n, generator=g)[:k]
+            gate.mu.zero_()
+            gate.log_sigma.fill_(-5.0)
+            gate.mu[idx] = -15.0
+            gate.log_sigma[idx] = 2.0
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_wrap_gates_every_prunable_group_and_export_prunes_the_rejected_channels(name):
+    model, x = build(name)
+    wrapped = bayes.wrap(model, (x[:1],), method="sbp")
+    assert wrapped.gates, "no gate inserted"
+    reject_some(wrapped)
+    wrapped.eval()
+    with torch.no_grad():
+        ref = wrapped(x).numpy()
+    onnx_model = export(wrapped, (x[:1],))
+    out = make_session(onnx_model).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+    pruned = prune_model(onnx_model, target="none").model
+    got = make_session(pruned).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+    # Every rejected channel is deleted: the gated layers shrink by exactly the rejected count.
+    kept = wrapped.kept()
+    dense_w, pruned_w = layer_widths(onnx_model), layer_widths(pruned)
+    removed = sum(dense_w[n][1] - pruned_w[n][1] for n in dense_w)
+    assert removed > 0
+    rejected = sum(total - k for k, total in kept.values())
+    assert removed >= rejected  # coupled layers (a residual stream) lose the channel in each producer
+
+
+def test_classifier_outputs_are_never_gated():
+    model, x = build("lenet5")
+    wrapped = bayes.wrap(model, (x[:1],))
+    assert set(wrapped.gates) == {"conv1", "conv2", "fc1"}
+    assert all(site.layer != "fc2" for site in wrapped.sites)
+
+
+def test_residual_stream_channels_share_one_gate():
+    model, x = build("resnet20")
+    wrapped = bayes.wrap(model, (x[:1],))
+    streams = [g for g, layers in wrapped.group_layers.items() if len(layers) > 1]
+    assert streams, "the residual stream should be one gated group"
+    # Stage 1 stream: the stem and every stage-1 block's second conv.
+    stem = next(g for g in streams if "conv1" in wrapped.group_layers[g])
+    assert {"layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"} <= set(wrapped.group_layers[stem])
+
+
+def test_exclude_leaves_a_layer_ungated():
+    model, x = build("lenet5")
+    wrapped = bayes.wrap(model, (x[:1],), exclude=["conv1"])
+    assert "conv1" not in wrapped.gates
+
+
+def test_training_mode_samples_per_example_and_eval_is_deterministic():
+    model, x = build("lenet5")
+    wrapped = bayes.wrap(model, (x[:1],))
+    with torch.no_grad():
+        for gate in wrapped.gates.values():
+            gate.log_sigma.fill_(0.0)
+    wrapped.train()
+    torch.manual_seed(0)
+    a = wrapped(x)
+    b = wrapped(x)
+    assert not torch.allclose(a, b)
+    wrapped.eval()
+    assert torch.equal(wrapped(x), wrapped(x))
+
+
+def test_elbo_is_n_times_cross_entropy_plus_kl():
+    model, x = build("lenet5")
+    wrapped = bayes.wrap(model, (x[:1],))
+    y = torch.tensor([0, 1, 2, 3])
+    logits = wrapped(x)
+    expected = 100 * torch.nn.functional.cross_entropy(logits, y) + 0.5 * wrapped.kl()
+    assert torch.allclose(bayes.elbo(logits, y, wrapped, n_train=100, kl_weight=0.5), expected)
+
+
+def test_export_records_gate_statistics_in_metadata():
+    import json
+
+    model, x = build("lenet5")
+    wrapped = bayes.wrap(model, (x[:1],))
+    reject_some(wrapped)
+    meta = {p.key: p.value for p in export(wrapped, (x[:1],)).metadata_props}
+    gates = json.loads(meta["onnxprune.gates"])
+    assert meta["onnxprune.method"] == "sbp"
+    assert set(gates) == {"conv1", "conv2", "fc1"}
+    assert all(len(g["snr"]) == g["channels"] and len(g["expected"]) == g["channels"] for g in gates.values())
+    assert gates["fc1"]["kept"] == 500 - 200
+
+
+def test_non_foldable_gate_becomes_a_constant_multiply():
+    """ReLU6 is not positively homogeneous: the gate stays as a Mul by E[theta] * mask."""
+    model, x = build("mobilenetv2_cifar")
+    wrapped = bayes.wrap(model, (x[:1],))
+    assert any(not s.foldable for s in wrapped.sites)
+    reject_some(wrapped)
+    ops = {n.op_type for n in export(wrapped, (x[:1],)).graph.node}
+    assert "Mul" in ops

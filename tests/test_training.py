@@ -1,0 +1,167 @@
+"""fit(): determinism, checkpoints and resume, DistributedDataParallel; the `onnxprune train` pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import models  # noqa: E402
+from onnxprune import bayes  # noqa: E402
+from onnxprune.bayes.training import evaluate, fit  # noqa: E402
+from onnxprune.cli import main  # noqa: E402
+from onnxprune.data import load_dataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_dataset("digits", split="train")
+    xt, yt = load_dataset("digits", split="test")
+    return x[:512], y[:512], xt, yt
+
+
+def wrapped_lenet(seed=0):
+    torch.manual_seed(seed)
+    model = models.build("lenet5")
+    return bayes.wrap(model, (torch.zeros(1, 1, 28, 28),))
+
+
+def params(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.state_dict().values()]
+
+
+def test_fit_is_deterministic_with_a_seed(digits):
+    x, y, _, _ = digits
+    a, b = wrapped_lenet(), wrapped_lenet()
+    ha = fit(a, x, y, epochs=2, batch_size=64, gate_lr=0.03, seed=3, progress=False)
+    hb = fit(b, x, y, epochs=2, batch_size=64, gate_lr=0.03, seed=3, progress=False)
+    assert [e.loss for e in ha.epochs] == [e.loss for e in hb.epochs]
+    assert all(torch.equal(p, q) for p, q in zip(params(a), params(b)))
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path, digits):
+    x, y, _, _ = digits
+    straight = wrapped_lenet()
+    fit(straight, x, y, epochs=3, batch_size=64, gate_lr=0.03, seed=1, progress=False)
+    ckpt = tmp_path / "c.pt"
+    first = wrapped_lenet()
+    fit(first, x, y, epochs=2, batch_size=64, gate_lr=0.03, seed=1, checkpoint=ckpt, progress=False)
+    resumed = wrapped_lenet()
+    history = fit(resumed, x, y, epochs=3, batch_size=64, gate_lr=0.03, seed=1, checkpoint=ckpt, progress=False)
+    assert [e.epoch for e in history.epochs] == [1, 2, 3]
+    for p, q in zip(params(straight), params(resumed)):
+        torch.testing.assert_close(p, q)
+
+
+def test_fit_trains_a_plain_model_on_cross_entropy(digits):
+    x, y, xt, yt = digits
+    torch.manual_seed(0)
+    model = models.build("lenet5")
+    fit(model, x, y, epochs=3, batch_size=64, progress=False)
+    assert evaluate(model, xt, yt) > 0.8
+
+
+DDP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import models
+from onnxprune import bayes
+from onnxprune.bayes.training import fit
+from onnxprune.data import load_dataset
+x, y = load_dataset("digits", split="train")
+torch.manual_seed(0)
+w = bayes.wrap(models.build("lenet5"), (torch.zeros(1, 1, 28, 28),))
+h = fit(w, x[:512], y[:512], epochs=2, batch_size=32, gate_lr=0.03, seed=0, progress=False)
+flat = torch.cat([p.detach().flatten() for p in w.state_dict().values()])
+gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+dist.all_gather(gathered, flat)
+assert all(torch.equal(gathered[0], g) for g in gathered), "ranks diverged"
+if dist.get_rank() == 0:
+    print("OK", dist.get_world_size(), h.epochs[-1].loss)
+dist.destroy_process_group()
+"""
+
+
+def test_fit_runs_under_torchrun_with_gloo_and_two_processes(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK 2" in result.stdout
+
+
+def test_train_command_runs_the_whole_pipeline_and_pruned_predictions_match(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--epochs", "25", "--pretrain-epochs", "6", "-o", str(out), "-q", "--target", "none"])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "test error" in stdout and "ORT CPU latency" in stdout
+    for name in ("dense.onnx", "gated.onnx", "pruned.onnx", "report.json", "channels.png"):
+        assert (out / name).exists(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruned"]["agreement_with_wrapped"] >= 0.999
+    assert report["pruned"]["macs"] < report["dense"]["macs"]
+    assert not any(p.name.startswith(".stage-") for p in out.iterdir())
+
+
+@pytest.mark.parametrize("name", ["lenet300", "lenet500", "lenet5"])
+def test_trained_models_prune_to_the_same_predictions(name, digits):
+    """The bar: the pruned ONNX model predicts what the wrapped model predicts in eval mode (>= 99.9 %)."""
+    from onnxprune.api import prune_model
+    from onnxprune.bayes.exporting import export
+    from onnxprune.bayes.training import predict
+    from onnxprune.pipeline import onnx_predictions
+
+    x, y, xt, yt = digits
+    torch.manual_seed(0)
+    dense = models.build(name)
+    fit(dense, x, y, epochs=3, batch_size=64, progress=False)
+    wrapped = bayes.wrap(dense, (torch.zeros(1, 1, 28, 28),))
+    fit(wrapped, x, y, epochs=15, batch_size=64, gate_lr=0.1, progress=False)
+    assert wrapped.kept_fraction() < 1.0, "training rejected no channel"
+    pruned = prune_model(export(wrapped, (torch.zeros(1, 1, 28, 28),)), target="none").model
+    import onnx
+
+    path = Path(os.environ["ONNXPRUNE_CACHE_DIR"]) / f"{name}-pruned.onnx"
+    onnx.save(pruned, path)
+    agreement = float((onnx_predictions(path, xt) == predict(wrapped, xt)).mean())
+    assert agreement >= 0.999
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--data", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--data", "mnist", "--data-dir", "/nonexistent/folder"], "does not exist"),
+        (["--model", "vgg_cifar"], "takes inputs (3, 32, 32) but dataset 'digits' has (1, 28, 28)"),
+    ],
+)
+def test_bad_train_arguments_are_one_line_and_exit_2(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    code = main(["train", *args, "-o", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_checkpoint_that_does_not_fit_is_refused(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    torch.save(models.build("lenet300").state_dict(), bad)
+    code = main(["train", "--pretrained", str(bad), "-o", str(tmp_path / "run"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit the model" in err
+    assert not (tmp_path / "run" / "pruned.onnx").exists()
