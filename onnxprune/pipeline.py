@@ -126,23 +126,26 @@ def onnx_predictions(model_path: Path, x: np.ndarray, batch: int = 256) -> np.nd
 
 
 def plot_channels(groups: list[dict], path: Path, title: str) -> None:
-    """Bar chart: channels per gated group, dense vs kept."""
+    """Horizontal bars: the share of each gated group's channels the posterior keeps, labelled kept/total."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [g["name"] for g in groups]
-    dense = [g["channels"] for g in groups]
-    kept = [g["kept"] for g in groups]
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4))
-    xs = np.arange(len(names))
-    ax.bar(xs, dense, color="#c8d6e5", label="dense")
-    ax.bar(xs, kept, color="#2e86de", label="kept")
-    ax.set_xticks(xs, names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("channels / neurons")
+    names = [g["name"] for g in groups][::-1]
+    frac = [g["kept"] / g["channels"] for g in groups][::-1]
+    labels = [f"{g['kept']}/{g['channels']}" for g in groups][::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.4))
+    ys = np.arange(len(names))
+    ax.barh(ys, [1.0] * len(names), color="#dfe6ee", label="pruned")
+    ax.barh(ys, frac, color="#2e86de", label="kept")
+    for y, f, text in zip(ys, frac, labels):
+        ax.text(min(f, 0.85) + 0.01, y, text, va="center", fontsize=8)
+    ax.set_yticks(ys, names, fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of channels / neurons kept")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
