@@ -18,4 +18,16 @@ def _sbp(num_channels: int, **kwargs) -> nn.Module:
     return SBPGate(num_channels, **kwargs)
 
 
-METHODS: dict[str, Callable[..., nn.Module]] = {"sbp": _sbp}
+def _rbp(num_channels: int, **kwargs) -> nn.Module:
+    from onnxprune.bayes.rbp import RBPGate
+
+    return RBPGate(num_channels, **kwargs)
+
+
+def _turbo_vbi(num_channels: int, **kwargs) -> nn.Module:
+    from onnxprune.bayes.turbo_vbi import TurboVBIGate
+
+    return TurboVBIGate(num_channels, **kwargs)
+
+
+METHODS: dict[str, Callable[..., nn.Module]] = {"sbp": _sbp, "rbp": _rbp, "turbo-vbi": _turbo_vbi}

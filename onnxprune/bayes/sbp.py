@@ -93,7 +93,7 @@ class SBPGate(nn.Module):
         w.r.t. ``mu`` and ``log_sigma`` (inverse-CDF reparametrisation)."""
         mu, sigma = self._clipped64()
         u = torch.rand((int(n), self.num_channels), generator=generator, dtype=torch.float64, device=mu.device)
-        log_theta = truncnorm.sample_log(mu.unsqueeze(0), sigma.unsqueeze(0), self.a, self.b, u)
+        log_theta = truncnorm.sample_log_channels(mu, sigma, self.a, self.b, u)
         return torch.exp(log_theta).to(self.mu.dtype)
 
     # -- layer --------------------------------------------------------------

@@ -112,6 +112,7 @@ def fit(
     progress: bool = True,
     lr_schedule: str = "constant",
     desc: str = "train",
+    amp: bool = False,
 ) -> History:
     """Train ``model`` on (x, y) for ``epochs`` epochs; see the module docstring.
 
@@ -119,7 +120,8 @@ def fit(
     whole training set across ranks), anything else on cross-entropy. With
     ``checkpoint``, the state after every epoch is written there (atomically)
     and a later call with the same path resumes after the last finished epoch.
-    ``lr_schedule`` is "constant" or "cosine".
+    ``lr_schedule`` is "constant" or "cosine". ``amp`` runs the forward pass in
+    bfloat16 autocast on CUDA (the gates' statistics stay in float64).
     """
     from onnxprune.data import ArrayLoader
 
@@ -130,8 +132,9 @@ def fit(
     base = model.to(device)
     bayesian = isinstance(base, BayesianModel)
     groups = [{"params": list(base.weight_parameters()) if bayesian else list(base.parameters()), "lr": lr}]
-    if bayesian:
-        groups.append({"params": list(base.gate_parameters()), "lr": gate_lr or lr, "weight_decay": 0.0})
+    gate_params = list(base.gate_parameters()) if bayesian else []
+    if gate_params:  # Turbo-VBI's gates hold no trainable parameters
+        groups.append({"params": gate_params, "lr": gate_lr or lr, "weight_decay": 0.0})
     optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     start_epoch, history = 0, History()
     ckpt_path = Path(checkpoint) if checkpoint else None
@@ -147,7 +150,9 @@ def fit(
     train_model: nn.Module = base
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(base, device_ids=ids)
+        # Gates on a schedule (RBP's dormant and frozen stages) leave some parameters without gradient.
+        scheduled = bayesian and any(hasattr(g, "begin_epoch") for g in base.gates.values())
+        train_model = nn.parallel.DistributedDataParallel(base, device_ids=ids, find_unused_parameters=scheduled)
     loader = ArrayLoader(x, y, batch_size, shuffle=True, seed=seed, device=device, augment=augment,
                          drop_last=True, rank=rank, world_size=world)
     n_train = len(x)
@@ -156,6 +161,8 @@ def fit(
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
         train_model.train()
+        if bayesian:
+            base.begin_epoch(epoch, epochs)
         t0 = time.perf_counter()
         bar = None
         if progress and rank == 0:
@@ -170,7 +177,9 @@ def fit(
             if lr_schedule == "cosine":
                 for g, base_lr in zip(optimizer.param_groups, [lr, gate_lr or lr]):
                     g["lr"] = 0.5 * base_lr * (1 + math.cos(math.pi * done / total_steps))
-            logits = train_model(xb)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+                logits = train_model(xb)
+            logits = logits.float()
             if bayesian:
                 kl_w = min(1.0, (done + 1) / (kl_warmup_epochs * steps_per_epoch)) if kl_warmup_epochs > 0 else 1.0
                 loss = elbo(logits, yb, base, n_train, kl_w) / n_train
@@ -180,6 +189,7 @@ def fit(
             loss.backward()
             optimizer.step()
             if bayesian:
+                base.after_step()
                 base.clip_()
             with torch.no_grad():
                 correct += int((logits.argmax(1) == yb).sum())

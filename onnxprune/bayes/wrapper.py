@@ -149,6 +149,18 @@ class BayesianModel(nn.Module):
             if hasattr(g, "clip_"):
                 g.clip_()
 
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        """Let gates with a schedule (recursive, layer-by-layer methods) know where training is."""
+        for g in self.gates.values():
+            if hasattr(g, "begin_epoch"):
+                g.begin_epoch(epoch, epochs)
+
+    def after_step(self) -> None:
+        """After each optimizer step: gates with closed-form updates (Turbo-VBI) run them here."""
+        for g in self.gates.values():
+            if hasattr(g, "after_step"):
+                g.after_step()
+
     @torch.no_grad()
     def kept(self) -> dict[str, tuple[int, int]]:
         """Per gated group: (channels the posterior keeps, channels gated)."""
@@ -280,6 +292,18 @@ def wrap(
             new = gm.graph.call_module(site_name, (end,))
         end.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         sites.append(SiteInfo(site_name, node.target, [names[g] for g in mc.groups], [n.name for n in chain], norm, foldable))
+    producers: dict[str, list] = {}
+    for name, mc in grouping.modules.items():
+        if name in excluded or not isinstance(gm.get_submodule(name), LAYER_MODULES):
+            continue
+        for g, ch, pos in mc.parts:
+            if g in names:
+                weight = gm.get_submodule(name).weight
+                producers.setdefault(names[g], []).append((weight, torch.as_tensor(ch), torch.as_tensor(pos)))
+    for i, (key, gate) in enumerate(gates.items()):
+        gate.stage_index, gate.stage_count = i, len(gates)  # topological order, for recursive methods
+        if hasattr(gate, "attach"):
+            gate.attach(producers.get(key, []))
     gm.graph.lint()
     gm.recompile()
     layers_by_name = {names[g]: layers for g, layers in group_layers.items() if g in names}

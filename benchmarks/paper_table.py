@@ -1,0 +1,298 @@
+"""Reproduce the SBP paper's table end to end, measured on ONNX Runtime (and beat it).
+
+One command per run:
+
+    python benchmarks/paper_table.py mnist-lenet500          # CPU is fine for the MNIST-family runs
+    python benchmarks/paper_table.py mnist-lenet5
+    python benchmarks/paper_table.py fmnist-lenet500 | fmnist-lenet5
+    python benchmarks/paper_table.py cifar-vgg --device cuda  # VGG-like x1 on the CIFAR-10 JPEG copy
+    python benchmarks/paper_table.py cifar-vgg15 --device cuda
+    python benchmarks/paper_table.py cifar-resnet56 --device cuda  # from the pretrained checkpoint
+    python benchmarks/paper_table.py RUN --stage measure       # re-measure the saved ONNX files (e.g. with CUDA)
+
+Each run: the dense net (trained here, or the pretrained checkpoint), the
+Bayesian net (SBP unless --method), export with gates folded, `onnxprune prune`
+(--target ort-cpu), and a Torch-Pruning baseline: L2-magnitude pruning of the
+same dense net to the same MACs, fine-tuned for the same number of epochs.
+Then, on ONNX Runtime: test error of every model, units kept per layer,
+parameters, MACs, and latency (CPU: 2 threads, batch 1 and 64; CUDA, where the
+CUDA provider exists: batch 1 and 256), all variants timed side by side.
+
+Stages checkpoint into --work (default benchmarks/work/RUN, ignored by git), so
+a run resumes after an interruption (e.g. a 10-minute call on the GPU machine).
+Results: benchmarks/results/RUN/result.json (+ dense.onnx and pruned.onnx).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, ROOT, interleaved_latency, machine_info, use_global_ort_threads  # noqa: E402
+
+PRETRAINED = Path(os.environ.get("ONNXPRUNE_DATA", ROOT.parent / "shared" / "data")) / "pretrained" / "resnet-cifar10"
+
+
+@dataclass
+class Run:
+    model: str
+    data: str
+    pretrain_epochs: int
+    epochs: int
+    paper: dict = field(default_factory=dict)
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained: str | None = None
+    batch_size: int = 128
+    commit_onnx: bool = False
+    tp_ignore: tuple[str, ...] = ()  # module-name patterns Torch-Pruning must not prune
+
+
+PAPER_LENET500 = {"error": 1.55, "units": "245-160-55", "cpu_speedup": 2.33, "gpu_speedup": 1.08, "flops_reduction": 11.23}
+PAPER_LENET5 = {"error": 0.86, "units": "3-18-284-283", "cpu_speedup": 5.41, "gpu_speedup": 1.91, "flops_reduction": 10.49}
+PAPER_VGG15 = {"error": 7.2, "dense_error": 6.8, "cpu_speedup": 3.6, "gpu_speedup": 2.17}
+
+RUNS: dict[str, Run] = {
+    "mnist-lenet500": Run("lenet500", "mnist", 20, 40, PAPER_LENET500, commit_onnx=True),
+    "mnist-lenet5": Run("lenet5", "mnist", 20, 40, PAPER_LENET5, commit_onnx=True),
+    "fmnist-lenet500": Run("lenet500", "fashion-mnist", 20, 40),
+    "fmnist-lenet5": Run("lenet5", "fashion-mnist", 20, 40),
+    "cifar-vgg": Run("vgg_cifar", "cifar10", 30, 30, {}, {"width": 1.0}),
+    "cifar-vgg15": Run("vgg_cifar", "cifar10", 30, 30, PAPER_VGG15, {"width": 1.5}),
+    "cifar-resnet56": Run("resnet56", "cifar10", 0, 30, {}, pretrained=str(PRETRAINED / "resnet56-4bfd9763.th"),
+                          tp_ignore=("conv1", r"layer\d+\.\d+\.conv2")),
+}
+
+
+def stage_times(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def timed(times: dict, key: str, path: Path):
+    """Context manager recording a stage's wall time into times[key] (and the file)."""
+
+    class _T:
+        def __enter__(self):
+            self.t = time.perf_counter()
+
+        def __exit__(self, *exc):
+            if exc[0] is None:
+                times[key] = times.get(key, 0.0) + time.perf_counter() - self.t
+                path.write_text(json.dumps(times, indent=1))
+
+    return _T()
+
+
+def train(name: str, run: Run, args, work: Path) -> None:
+    import onnx
+    import torch
+
+    import models
+    from benchmarks.tp_baseline import prune_to_macs
+    from onnxprune.api import inspect_model, prune_model
+    from onnxprune.bayes.exporting import export
+    from onnxprune.bayes.training import evaluate, fit
+    from onnxprune.bayes.wrapper import wrap
+    from onnxprune.data import augment_batch, load_dataset
+    from onnxprune.pipeline import load_checkpoint
+    from onnxprune.torch_export import export_onnx
+
+    times_path = work / "times.json"
+    times = stage_times(times_path)
+    device = torch.device(args.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    (work / "train_device.json").write_text(json.dumps({"device": args.device, "gpu": gpu}))
+    raw = run.data == "cifar10"
+    x, y = load_dataset(run.data, args.data_dir, "train", as_uint8=raw)
+    xt, yt = load_dataset(run.data, args.data_dir, "test", as_uint8=raw)
+    if args.quick:  # a random subset: the arrays are sorted by class
+        i, j = np.random.default_rng(0).permutation(len(x))[:1024], np.random.default_rng(1).permutation(len(xt))[:512]
+        x, y, xt, yt = x[i], y[i], xt[j], yt[j]
+    augment = augment_batch if raw else None
+    pre_epochs, epochs = (1, 2) if args.quick else (run.pretrain_epochs, args.epochs or run.epochs)
+    common = dict(batch_size=run.batch_size, seed=args.seed, device=device, augment=augment, amp=device.type == "cuda",
+                  progress=not args.quiet)
+    example = torch.zeros(1, *models.REGISTRY[run.model].input_shape)
+
+    # 1. dense
+    torch.manual_seed(args.seed)
+    dense = models.build(run.model, **run.model_kwargs)
+    dense_state = work / "dense_final.pt"
+    if dense_state.exists():
+        dense.load_state_dict(torch.load(dense_state, map_location="cpu", weights_only=True))
+    else:
+        with timed(times, "dense_training_s", times_path):
+            if run.pretrained:
+                load_checkpoint(dense, run.pretrained)
+            else:
+                fit(dense, x, y, epochs=pre_epochs, lr=1e-3, lr_schedule="cosine", checkpoint=work / "dense.pt", desc="dense", **common)
+        torch.save(dense.state_dict(), dense_state)
+    dense = dense.to(device).eval()
+    print(f"[{name}] dense test accuracy (PyTorch): {evaluate(dense, xt, yt, device=device):.4f}", flush=True)
+
+    # 2. Bayesian
+    wrapped = wrap(dense, (example.to(device),), method=args.method).to(device)
+    sbp_state = work / f"{args.method}_final.pt"
+    if sbp_state.exists():
+        wrapped.load_state_dict(torch.load(sbp_state, map_location=device, weights_only=True))
+    else:
+        with timed(times, f"{args.method}_training_s", times_path):
+            fit(wrapped, x, y, epochs=epochs, lr=1e-3, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup,
+                lr_schedule="cosine", checkpoint=work / f"{args.method}.pt", desc=args.method, **common)
+        torch.save(wrapped.state_dict(), sbp_state)
+
+    # 3. export and prune
+    if not (work / "pruned.onnx").exists():
+        with timed(times, "export_prune_s", times_path):
+            onnx.save(export_onnx(dense.cpu(), example), work / "dense.onnx")
+            export(wrapped.cpu(), (example,), work / "gated.onnx")
+            prune_model(work / "gated.onnx", output=work / "pruned.onnx", target="ort-cpu", threads=2)
+        dense.to(device)
+
+    # 4. Torch-Pruning baseline: same dense net, same MACs, same epochs of fine-tuning
+    if not (work / "tp.onnx").exists():
+        target_macs = inspect_model(work / "pruned.onnx")[2].macs
+        with timed(times, "torch_pruning_s", times_path):
+            baseline = models.build(run.model, **run.model_kwargs)
+            baseline.load_state_dict(torch.load(dense_state, map_location="cpu", weights_only=True))
+            baseline = prune_to_macs(baseline.eval(), example, target_macs, ignore=run.tp_ignore)
+            fit(baseline, x, y, epochs=epochs, lr=1e-3, lr_schedule="cosine", checkpoint=work / "tp.pt", desc="tp-finetune", **common)
+            onnx.save(export_onnx(baseline.cpu().eval(), example), work / "tp.onnx")
+
+
+def onnx_error(path: Path, x: np.ndarray, y: np.ndarray, providers) -> float:
+    from onnxprune.runtime import make_session
+
+    session = make_session(str(path), providers=providers)
+    pred = []
+    for i in range(0, len(x), 500):
+        xb = x[i : i + 500]
+        xb = xb.astype(np.float32) / 255.0 if xb.dtype == np.uint8 else xb.astype(np.float32)
+        pred.append(session.run(None, {"input": xb})[0].argmax(1))
+    return float((np.concatenate(pred) != y).mean())
+
+
+def units(path: Path) -> list[int]:
+    """Output width of every Conv/Gemm/MatMul but the last (the classifier)."""
+    import onnx
+
+    from tests.prune_helpers import layer_widths
+
+    return [w[1] for w in layer_widths(onnx.load(path)).values()][:-1]
+
+
+def measure(name: str, run: Run, args, work: Path) -> dict:
+    from onnxprune.api import inspect_model
+    from onnxprune.data import load_dataset
+
+    xt, yt = load_dataset(run.data, args.data_dir, "test", as_uint8=run.data == "cifar10")
+    if args.quick:
+        j = np.random.default_rng(1).permutation(len(xt))[:512]
+        xt, yt = xt[j], yt[j]
+    files = {"dense": work / "dense.onnx", "sbp": work / "pruned.onnx", "torch_pruning": work / "tp.onnx"}
+    out: dict = {"error_pct": {}, "macs": {}, "params": {}, "units": {}}
+    for key, path in files.items():
+        cost = inspect_model(path)[2]
+        out["macs"][key], out["params"][key] = cost.macs, cost.params
+        out["units"][key] = units(path)
+        out["error_pct"][key] = 100 * onnx_error(path, xt, yt, ["CPUExecutionProvider"])
+    shape = xt.shape[1:]
+    out["latency_cpu"] = {"threads": 2}
+    for batch in (1, 64):
+        feed = {"input": np.random.default_rng(0).random((batch, *shape), dtype=np.float32)}
+        from benchmarks.common import ort_runner
+
+        runners = {k: ort_runner(str(p), feed, threads=2) for k, p in files.items()}
+        out["latency_cpu"][f"batch{batch}"] = interleaved_latency(runners, repeats=args.rounds, budget_s=60)
+    return out
+
+
+def measure_cuda(run: Run, args, work: Path) -> dict:
+    """ORT CUDA latency, batch 1 and 256, of the saved models (on the GPU machine)."""
+    import onnxruntime
+
+    from benchmarks.cuda_timing import cuda_latency
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise SystemExit("measure-cuda needs onnxruntime-gpu with CUDAExecutionProvider")
+    import models
+
+    shape = models.REGISTRY[run.model].input_shape
+    files = {"dense": work / "dense.onnx", "sbp": work / "pruned.onnx", "torch_pruning": work / "tp.onnx"}
+    return {f"batch{b}": cuda_latency(files, (b, *shape), rounds=args.rounds) for b in (1, 256)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", choices=sorted(RUNS))
+    ap.add_argument("--stage", choices=("all", "train", "measure", "measure-cuda"), default="all",
+                    help="measure-cuda (on the GPU machine) adds only CUDA latencies to an existing result")
+    ap.add_argument("--method", default="sbp", choices=("sbp", "rbp", "turbo-vbi"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--epochs", type=int, help="Bayesian epochs (default per run; the baseline fine-tunes as long)")
+    ap.add_argument("--gate-lr", type=float, default=3e-2)
+    ap.add_argument("--kl-warmup", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir")
+    ap.add_argument("--work", type=Path)
+    ap.add_argument("--rounds", type=int, default=30, help="interleaved latency rounds")
+    ap.add_argument("--quick", action="store_true", help="tiny data and epochs: a smoke test of the script")
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    use_global_ort_threads(2)
+    run = RUNS[args.run]
+    label = args.run if args.method == "sbp" else f"{args.run}-{args.method.replace('-', '')}"
+    work = args.work or ROOT / "benchmarks" / "work" / label
+    work.mkdir(parents=True, exist_ok=True)
+    if args.stage in ("all", "train"):
+        train(args.run, run, args, work)
+    result_dir = args.results / label
+    path = result_dir / "result.json"
+    if args.stage == "measure-cuda":
+        result = json.loads(path.read_text())
+        result["latency_cuda"] = measure_cuda(run, args, work)
+        result["machine_cuda"] = machine_info()
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["latency_cuda"], indent=1))
+        return
+    if args.stage in ("all", "measure"):
+        result_dir.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        measured = measure(args.run, run, args, work)
+        for key in ("latency_cuda", "machine_cuda"):  # measured on the GPU machine, kept across CPU re-measurements
+            if key in previous:
+                measured[key] = previous[key]
+        device_file = work / "train_device.json"
+        result = {
+            "benchmark": "paper-table",
+            "run": label,
+            "method": args.method,
+            "machine": machine_info(),
+            "config": {"model": run.model, "model_kwargs": run.model_kwargs, "data": run.data, "pretrained": bool(run.pretrained),
+                       "pretrain_epochs": run.pretrain_epochs, "epochs": args.epochs or run.epochs, "batch_size": run.batch_size,
+                       "gate_lr": args.gate_lr, "optimizer": "Adam lr 1e-3, cosine decay", "quick": args.quick,
+                       "trained_on": json.loads(device_file.read_text()) if device_file.exists() else None},
+            "paper": run.paper,
+            "stage_times_s": stage_times(work / "times.json"),
+            **measured,
+        }
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        if run.commit_onnx and not args.quick:
+            for f in ("dense.onnx", "pruned.onnx"):
+                shutil.copyfile(work / f, result_dir / f)
+        print(json.dumps({k: result[k] for k in ("error_pct", "macs", "units")}, indent=1))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

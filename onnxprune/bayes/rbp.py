@@ -1,0 +1,248 @@
+"""Recursive Bayesian Pruning gate (Zhou, Zhang, Wang, Tian, arXiv 1812.00353 / ICCV 2019).
+
+``y = x * z`` with one multiplicative Gaussian dropout noise per channel (conv) or
+neuron (linear)::
+
+    z_c = theta_c * (1 + sqrt(alpha_c) * eps),   eps ~ N(0, 1),   theta_c = exp(log_theta_c) > 0
+
+so ``E[z] = theta``, ``Var[z] = alpha theta^2`` and the signal-to-noise ratio is
+``alpha^-1/2``. The prior is the log-uniform ``p(|z|) ∝ 1/|z|`` (improper, with
+infinite mass at every neighbourhood of 0: a Dirac-like spike), whose KL from
+``N(theta, alpha theta^2)`` depends on ``alpha`` only; we use the approximation of
+Molchanov, Ashukha, Vetrov (ICML 2017). A channel is redundant (rejected) when its
+noise dominates its signal, ``log alpha > log_alpha_threshold`` (default 3).
+
+The Markov chain over layers of the paper is optimised greedily, layer by layer in
+topological order (one *stage* per gate): in stage k gate k is ``active`` (samples
+noise, pays the KL), gates before it are ``frozen`` (their posterior collapsed to a
+point mass at ``theta * mask``, mask fixed at the end of their stage), gates after
+it are ``dormant`` (multiply by 1, no prior yet). ``begin_epoch(epoch, epochs)``
+moves the gate through these states from its ``stage_index`` / ``stage_count``
+(set by the wrapper). With ``recursive=False`` the gate is always active (joint
+training, the ablation). Derivation, constants and what is our own choice:
+``docs/methods_rbp.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["RBPGate", "kl_log_uniform", "K1", "K2", "K3"]
+
+# Molchanov, Ashukha, Vetrov (2017), eq. (14): -KL ≈ k1 sigmoid(k2 + k3 log alpha) - 0.5 log1p(1/alpha) - k1.
+K1 = 0.63576
+K2 = 1.87320
+K3 = 1.48695
+
+_STATES = ("dormant", "active", "frozen")
+_DORMANT, _ACTIVE, _FROZEN = 0, 1, 2
+
+
+def kl_log_uniform(log_alpha: Tensor) -> Tensor:
+    """KL(N(theta, alpha theta^2) || log-uniform) per element (approximation, >= 0, -> 0 as alpha -> inf).
+
+    ``0.5 log1p(1/alpha)`` is written ``0.5 softplus(-log alpha)`` (no overflow of 1/alpha).
+    """
+    return K1 - K1 * torch.sigmoid(K2 + K3 * log_alpha) + 0.5 * F.softplus(-log_alpha)
+
+
+class RBPGate(nn.Module):
+    """Per-channel Gaussian dropout gate with a log-uniform prior, trained layer by layer.
+
+    Parameters ``log_theta`` (init 0: theta = 1) and ``log_alpha`` (init ``init_log_alpha``,
+    default -8: almost no noise, the network starts as the pre-trained one). ``log_alpha``
+    is clipped to ``[LOG_ALPHA_MIN, LOG_ALPHA_MAX] = [-10, 10]`` inside every computation
+    and in place by :meth:`clip_`. Persistent buffers ``state_code`` (0 dormant, 1 active,
+    2 frozen) and ``frozen_mask`` make the schedule's state survive ``state_dict`` round trips
+    (checkpoints, resume, export from a saved model).
+    """
+
+    LOG_ALPHA_MIN = -10.0
+    LOG_ALPHA_MAX = 10.0
+
+    def __init__(
+        self,
+        num_channels: int,
+        log_alpha_threshold: float = 3.0,
+        init_log_alpha: float = -8.0,
+        recursive: bool = True,
+    ) -> None:
+        super().__init__()
+        if int(num_channels) != num_channels or num_channels < 1:
+            raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
+        if not self.LOG_ALPHA_MIN <= init_log_alpha <= self.LOG_ALPHA_MAX:
+            raise ValueError(f"init_log_alpha must lie in [{self.LOG_ALPHA_MIN}, {self.LOG_ALPHA_MAX}], got {init_log_alpha}")
+        self.num_channels = int(num_channels)
+        self.log_alpha_threshold = float(log_alpha_threshold)
+        self.init_log_alpha = float(init_log_alpha)
+        self.recursive = bool(recursive)
+        # Position among the model's gates (topological order of their first layer) and their number;
+        # the wrapper overwrites these before training. Defaults: a lone gate, always active.
+        self.stage_index = 0
+        self.stage_count = 1
+        self.log_theta = nn.Parameter(torch.zeros(self.num_channels))
+        self.log_alpha = nn.Parameter(torch.full((self.num_channels,), self.init_log_alpha))
+        self.register_buffer("state_code", torch.tensor(_ACTIVE, dtype=torch.long))
+        self._code = _ACTIVE  # host-side copy of state_code: no device sync in the forward pass
+        # uint8 rather than bool: every collective backend (DDP broadcasts buffers) handles it.
+        self.register_buffer("frozen_mask", torch.ones(self.num_channels, dtype=torch.uint8))
+
+    # -- parameters ---------------------------------------------------------
+
+    def _log_alpha(self) -> Tensor:
+        return self.log_alpha.clamp(self.LOG_ALPHA_MIN, self.LOG_ALPHA_MAX)
+
+    def theta(self) -> Tensor:
+        """Posterior mean of the multiplier, ``exp(log_theta)`` > 0, shape [C]."""
+        return torch.exp(self.log_theta)
+
+    @torch.no_grad()
+    def clip_(self) -> "RBPGate":
+        """Clamp ``log_alpha`` into ``[-10, 10]`` in place; returns self."""
+        self.log_alpha.clamp_(self.LOG_ALPHA_MIN, self.LOG_ALPHA_MAX)
+        return self
+
+    # -- schedule -----------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """One of "dormant" (multiplies by 1), "active" (noise and KL), "frozen" (theta * fixed mask)."""
+        return _STATES[self._code]
+
+    @torch.no_grad()
+    def set_state(self, state: str) -> None:
+        """Move to ``state``; entering "frozen" fixes the mask from the current ``log_alpha``."""
+        if state not in _STATES:
+            raise ValueError(f"unknown state {state!r}; known: {', '.join(_STATES)}")
+        code = _STATES.index(state)
+        if code == _FROZEN and self._code != _FROZEN:
+            self.frozen_mask.copy_(self._log_alpha() <= self.log_alpha_threshold)  # bool -> uint8
+        elif code != _FROZEN:
+            self.frozen_mask.fill_(1)
+        self.state_code.fill_(code)
+        self._code = code
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._code = int(self.state_code)  # keep the host-side copy in step with the loaded buffer
+
+    @staticmethod
+    def schedule(stage_index: int, stage_count: int, epoch: int, epochs: int) -> str:
+        """State of gate ``stage_index`` of ``stage_count`` in epoch ``epoch`` (0-based) of ``epochs``.
+
+        ``stage_count <= epochs``: the current stage is ``min(S - 1, epoch * S // epochs)``;
+        the gate is active in its stage, frozen after, dormant before. ``stage_count > epochs``
+        (more gates than epochs; the rule above would skip some gates entirely): gate k is
+        active in epoch ``k * epochs // S`` together with its neighbours that map to the same
+        epoch, so every gate is trained for at least one epoch. Epochs past the end count as
+        the last one.
+        """
+        S, E = int(stage_count), int(epochs)
+        k = int(stage_index)
+        if S < 1 or E < 1:
+            raise ValueError(f"need stage_count >= 1 and epochs >= 1, got {S} and {E}")
+        if not 0 <= k < S:
+            raise ValueError(f"stage_index {k} out of range for stage_count {S}")
+        e = min(max(int(epoch), 0), E - 1)
+        if S <= E:
+            stage = min(S - 1, e * S // E)
+            return "active" if k == stage else ("frozen" if k < stage else "dormant")
+        first = k * E // S
+        return "active" if e == first else ("frozen" if e > first else "dormant")
+
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        """Set the state for this epoch from ``stage_index`` / ``stage_count`` (see :meth:`schedule`)."""
+        if not self.recursive:
+            self.set_state("active")
+            return
+        self.set_state(self.schedule(self.stage_index, self.stage_count, epoch, epochs))
+
+    def after_step(self) -> None:
+        """Nothing to do after an optimiser step (all updates are gradient steps)."""
+
+    # -- closed forms -------------------------------------------------------
+
+    def kl(self) -> Tensor:
+        """KL(q || log-uniform prior) summed over channels while active; 0 otherwise (scalar).
+
+        Frozen and dormant gates are point masses whose KL from the log-uniform prior is a
+        constant independent of their location (see the doc), hence dropped.
+        """
+        if self._code != _ACTIVE:
+            return self.log_alpha.new_zeros(())
+        return kl_log_uniform(self._log_alpha()).sum()
+
+    def expected(self) -> Tensor:
+        """E[z] = theta per channel, shape [C]."""
+        return self.theta()
+
+    def snr(self) -> Tensor:
+        """Signal-to-noise ratio E[z] / std[z] = alpha^-1/2 per channel, shape [C]."""
+        return torch.exp(-0.5 * self._log_alpha())
+
+    def dropout_rate(self) -> Tensor:
+        """Equivalent Bernoulli dropout rate alpha / (1 + alpha) per channel."""
+        return torch.sigmoid(self._log_alpha())
+
+    def mask(self, log_alpha_threshold: float | None = None) -> Tensor:
+        """Channels kept (bool, [C]): active: ``log alpha <= threshold``; frozen: the mask fixed
+        when the gate froze; dormant: all (the layer has not been considered yet)."""
+        code = self._code
+        if code == _FROZEN:
+            return self.frozen_mask.bool()
+        if code == _DORMANT:
+            return torch.ones(self.num_channels, dtype=torch.bool, device=self.log_alpha.device)
+        thr = self.log_alpha_threshold if log_alpha_threshold is None else float(log_alpha_threshold)
+        with torch.no_grad():
+            return self._log_alpha() <= thr
+
+    def deterministic(self, log_alpha_threshold: float | None = None) -> Tensor:
+        """Evaluation-time gate ``theta * mask`` (exact zeros for rejected channels; ones while dormant)."""
+        if self._code == _DORMANT:
+            return torch.ones(self.num_channels, dtype=self.log_theta.dtype, device=self.log_theta.device)
+        return self.theta() * self.mask(log_alpha_threshold).to(self.log_theta.dtype)
+
+    # -- sampling -----------------------------------------------------------
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` draws per channel, shape [n, C]: active: ``theta (1 + sqrt(alpha) eps)``
+        (reparametrised, differentiable w.r.t. ``log_theta`` and ``log_alpha``); frozen:
+        ``theta * mask`` repeated (differentiable w.r.t. ``log_theta``); dormant: ones."""
+        n = int(n)
+        code = self._code
+        if code == _DORMANT:
+            return torch.ones((n, self.num_channels), dtype=self.log_theta.dtype, device=self.log_theta.device)
+        if code == _FROZEN:
+            return self.deterministic().unsqueeze(0).expand(n, -1)
+        eps = torch.randn((n, self.num_channels), generator=generator, dtype=self.log_theta.dtype, device=self.log_theta.device)
+        return self.theta() * (1.0 + torch.exp(0.5 * self._log_alpha()) * eps)
+
+    # -- layer --------------------------------------------------------------
+
+    def forward(self, x: Tensor, channel_axis: int = 1) -> Tensor:
+        """Training: ``x * z`` with z drawn per example ([B, C] broadcast into ``channel_axis``);
+        evaluation: ``x * deterministic()``."""
+        axis = channel_axis if channel_axis >= 0 else channel_axis + x.dim()
+        if not 0 <= axis < x.dim():
+            raise ValueError(f"channel_axis {channel_axis} out of range for a {x.dim()}-d input")
+        if x.shape[axis] != self.num_channels:
+            raise ValueError(f"input has {x.shape[axis]} channels on axis {channel_axis}, gate has {self.num_channels}")
+        shape = [1] * x.dim()
+        shape[axis] = self.num_channels
+        if self.training:
+            if axis == 0:
+                raise ValueError("channel_axis must not be the batch axis (0) in training mode")
+            shape[0] = x.shape[0]
+            z = self.sample(x.shape[0])
+        else:
+            z = self.deterministic()
+        return x * z.reshape(shape).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_channels={self.num_channels}, log_alpha_threshold={self.log_alpha_threshold}, "
+            f"recursive={self.recursive}, stage={self.stage_index}/{self.stage_count}, state={self.state}"
+        )
+
