@@ -55,6 +55,7 @@ class Run:
     batch_size: int = 128
     commit_onnx: bool = False
     tp_ignore: tuple[str, ...] = ()  # module-name patterns Torch-Pruning must not prune
+    gate_inputs: bool = False  # gate the MLP's input pixels too, as the paper does for LeNet-500-300
 
 
 PAPER_LENET500 = {"error": 1.55, "units": "245-160-55", "cpu_speedup": 2.33, "gpu_speedup": 1.08, "flops_reduction": 11.23}
@@ -62,9 +63,10 @@ PAPER_LENET5 = {"error": 0.86, "units": "3-18-284-283", "cpu_speedup": 5.41, "gp
 PAPER_VGG15 = {"error": 7.2, "dense_error": 6.8, "cpu_speedup": 3.6, "gpu_speedup": 2.17}
 
 RUNS: dict[str, Run] = {
-    "mnist-lenet500": Run("lenet500", "mnist", 20, 40, PAPER_LENET500, commit_onnx=True),
+    "mnist-lenet500": Run("lenet500", "mnist", 20, 40, PAPER_LENET500, commit_onnx=True, gate_inputs=True),
     "mnist-lenet5": Run("lenet5", "mnist", 20, 40, PAPER_LENET5, commit_onnx=True),
-    "fmnist-lenet500": Run("lenet500", "fashion-mnist", 20, 40),
+    "fmnist-lenet500": Run("lenet500", "fashion-mnist", 20, 40, gate_inputs=True),
+    "mnist-lenet300": Run("lenet300", "mnist", 20, 40, commit_onnx=False, gate_inputs=True),
     "fmnist-lenet5": Run("lenet5", "fashion-mnist", 20, 40),
     "cifar-vgg": Run("vgg_cifar", "cifar10", 30, 30, {}, {"width": 1.0}),
     "cifar-vgg15": Run("vgg_cifar", "cifar10", 30, 30, PAPER_VGG15, {"width": 1.5}),
@@ -123,10 +125,10 @@ def train(name: str, run: Run, args, work: Path) -> None:
                   progress=not args.quiet)
     example = torch.zeros(1, *models.REGISTRY[run.model].input_shape)
 
-    # 1. dense
+    # 1. dense (shared by every method of this run: same starting point)
     torch.manual_seed(args.seed)
     dense = models.build(run.model, **run.model_kwargs)
-    dense_state = work / "dense_final.pt"
+    dense_state = args.dense_dir / "dense_final.pt"
     if dense_state.exists():
         dense.load_state_dict(torch.load(dense_state, map_location="cpu", weights_only=True))
     else:
@@ -134,13 +136,14 @@ def train(name: str, run: Run, args, work: Path) -> None:
             if run.pretrained:
                 load_checkpoint(dense, run.pretrained)
             else:
-                fit(dense, x, y, epochs=pre_epochs, lr=1e-3, lr_schedule="cosine", checkpoint=work / "dense.pt", desc="dense", **common)
+                fit(dense, x, y, epochs=pre_epochs, lr=1e-3, lr_schedule="cosine", checkpoint=args.dense_dir / "dense.pt",
+                    desc="dense", **common)
         torch.save(dense.state_dict(), dense_state)
     dense = dense.to(device).eval()
     print(f"[{name}] dense test accuracy (PyTorch): {evaluate(dense, xt, yt, device=device):.4f}", flush=True)
 
     # 2. Bayesian
-    wrapped = wrap(dense, (example.to(device),), method=args.method).to(device)
+    wrapped = wrap(dense, (example.to(device),), method=args.method, gate_inputs=run.gate_inputs).to(device)
     sbp_state = work / f"{args.method}_final.pt"
     if sbp_state.exists():
         wrapped.load_state_dict(torch.load(sbp_state, map_location=device, weights_only=True))
@@ -181,13 +184,15 @@ def onnx_error(path: Path, x: np.ndarray, y: np.ndarray, providers) -> float:
     return float((np.concatenate(pred) != y).mean())
 
 
-def units(path: Path) -> list[int]:
-    """Output width of every Conv/Gemm/MatMul but the last (the classifier)."""
+def units(path: Path, with_inputs: bool = False) -> list[int]:
+    """Output width of every Conv/Gemm/MatMul but the last (the classifier); with ``with_inputs``
+    the first layer's input features first (the paper's convention for gated MLP inputs)."""
     import onnx
 
     from tests.prune_helpers import layer_widths
 
-    return [w[1] for w in layer_widths(onnx.load(path)).values()][:-1]
+    widths = list(layer_widths(onnx.load(path)).values())
+    return ([widths[0][0]] if with_inputs else []) + [w[1] for w in widths][:-1]
 
 
 def measure(name: str, run: Run, args, work: Path) -> dict:
@@ -203,7 +208,7 @@ def measure(name: str, run: Run, args, work: Path) -> dict:
     for key, path in files.items():
         cost = inspect_model(path)[2]
         out["macs"][key], out["params"][key] = cost.macs, cost.params
-        out["units"][key] = units(path)
+        out["units"][key] = units(path, run.gate_inputs)
         out["error_pct"][key] = 100 * onnx_error(path, xt, yt, ["CPUExecutionProvider"])
     shape = xt.shape[1:]
     out["latency_cpu"] = {"threads": 2}
@@ -252,7 +257,9 @@ def main() -> None:
     use_global_ort_threads(2)
     run = RUNS[args.run]
     label = args.run if args.method == "sbp" else f"{args.run}-{args.method.replace('-', '')}"
-    work = args.work or ROOT / "benchmarks" / "work" / label
+    base = args.work or ROOT / "benchmarks" / "work" / args.run
+    args.dense_dir = base
+    work = base if args.method == "sbp" else base / args.method
     work.mkdir(parents=True, exist_ok=True)
     if args.stage in ("all", "train"):
         train(args.run, run, args, work)
@@ -281,6 +288,7 @@ def main() -> None:
             "config": {"model": run.model, "model_kwargs": run.model_kwargs, "data": run.data, "pretrained": bool(run.pretrained),
                        "pretrain_epochs": run.pretrain_epochs, "epochs": args.epochs or run.epochs, "batch_size": run.batch_size,
                        "gate_lr": args.gate_lr, "optimizer": "Adam lr 1e-3, cosine decay", "quick": args.quick,
+                       "gate_inputs": run.gate_inputs,
                        "trained_on": json.loads(device_file.read_text()) if device_file.exists() else None},
             "paper": run.paper,
             "stage_times_s": stage_times(work / "times.json"),

@@ -237,7 +237,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, data_dir=args.data_dir, out=args.output or f"out/{args.model}-{args.data}-{args.method}",
         method=args.method, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, pretrained=args.pretrained,
         batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup, seed=args.seed,
-        device=device, target=args.target, threads=args.threads, progress=not args.quiet,
+        device=device, target=args.target, threads=args.threads, progress=not args.quiet, gate_inputs=args.gate_inputs,
     )
     report = run(cfg)
     print()
@@ -330,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, as the SBP paper)")
     p.add_argument("--gate-lr", type=float, default=3e-2, help="learning rate of the gates' mu and log sigma (default 3e-2)")
     p.add_argument("--kl-warmup", type=float, default=0.0, metavar="EPOCHS", help="linear warm-up of the KL weight")
+    p.add_argument("--gate-inputs", action="store_true",
+                   help="also gate the input features of MLPs (as the SBP paper does for LeNet-500-300)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("-o", "--output", metavar="DIR", help="output folder (default out/MODEL-DATA-METHOD)")

@@ -9,7 +9,18 @@ import onnx_graphsurgeon as gs
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    """Import ``model``; nodes without a name (or with a duplicate one) get a unique one,
+    since analyses and reports refer to nodes by name."""
+    graph = gs.import_onnx(model)
+    seen: set[str] = set()
+    for i, node in enumerate(graph.nodes):
+        if not node.name or node.name in seen:
+            base = f"{node.op}_{i}"
+            node.name = base
+            while node.name in seen:
+                node.name += "_"
+        seen.add(node.name)
+    return graph
 
 
 def to_model(graph: gs.Graph, original: onnx.ModelProto, metadata: dict[str, object] | None = None) -> onnx.ModelProto:

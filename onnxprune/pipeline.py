@@ -48,6 +48,7 @@ class TrainConfig:
     kl_warmup_epochs: float = 0.0
     seed: int = 0
     device: str = "cpu"
+    gate_inputs: bool = False
     target: str = "ort-cpu"
     threads: int | None = None
     progress: bool = True
@@ -193,7 +194,7 @@ def run(cfg: TrainConfig) -> dict:
     dense_acc_torch = float((predict(dense, x_test, device=device) == y_test).mean())
 
     t = time.perf_counter()
-    wrapped = wrap(dense, (example,), method=cfg.method, **cfg.gate_options).to(device)
+    wrapped = wrap(dense, (example,), method=cfg.method, gate_inputs=cfg.gate_inputs, **cfg.gate_options).to(device)
     fit(wrapped, x_train, y_train, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, gate_lr=cfg.gate_lr,
         kl_warmup_epochs=cfg.kl_warmup_epochs, seed=cfg.seed, device=device, augment=augment,
         checkpoint=ckpt / f"{cfg.method}.pt", progress=cfg.progress, desc=cfg.method)

@@ -136,3 +136,24 @@ def test_non_foldable_gate_becomes_a_constant_multiply():
     reject_some(wrapped)
     ops = {n.op_type for n in export(wrapped, (x[:1],)).graph.node}
     assert "Mul" in ops
+
+
+def test_input_gate_rejects_pixels_and_the_first_layer_reads_only_the_kept_ones():
+    model, x = build("lenet300")
+    wrapped = bayes.wrap(model, (x[:1],), gate_inputs=True)
+    assert "input_fc1" in wrapped.gates and wrapped.gates["input_fc1"].num_channels == 784
+    reject_some(wrapped, fraction=0.5)
+    wrapped.eval()
+    with torch.no_grad():
+        ref = wrapped(x).numpy()
+    pruned = prune_model(export(wrapped, (x[:1],)), target="none").model
+    assert "Gather" in [n.op_type for n in pruned.graph.node]
+    first = layer_widths(pruned)["/fc1/Gemm"]
+    assert first[0] == 784 - 392
+    got = make_session(pruned).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_input_gate_is_skipped_for_conv_first_models():
+    model, x = build("lenet5")
+    assert not any(k.startswith("input") for k in bayes.wrap(model, (x[:1],), gate_inputs=True).gates)

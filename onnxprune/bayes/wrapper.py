@@ -236,14 +236,44 @@ def _feeds_only_gated_product(gm: fx.GraphModule, node: fx.Node, groups: set[int
     return True
 
 
+def _input_layers(gm: fx.GraphModule) -> list[fx.Node]:
+    """Linear layers that read a graph input through parameter-free ops only (flatten, reshape, ...)."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.Linear):
+            continue
+        src = node.args[0] if node.args else None
+        while isinstance(src, fx.Node) and src.op != "placeholder":
+            if src.op == "call_module":
+                m = gm.get_submodule(src.target)
+                if any(True for _ in m.parameters()):
+                    break
+            elif src.op not in ("call_function", "call_method"):
+                break
+            inputs = [a for a in src.all_input_nodes]
+            if len(inputs) != 1:
+                break
+            src = inputs[0]
+        if isinstance(src, fx.Node) and src.op == "placeholder":
+            found.append(node)
+    return found
+
+
 def wrap(
     model: nn.Module,
     example_inputs: tuple | torch.Tensor,
     method: str = "sbp",
     exclude: Iterable[str] = (),
+    gate_inputs: bool = False,
     **gate_kwargs,
 ) -> BayesianModel:
-    """Insert Bayesian gates into ``model`` (traced with torch.fx); the original is not modified."""
+    """Insert Bayesian gates into ``model`` (traced with torch.fx); the original is not modified.
+
+    ``gate_inputs`` also gates, feature by feature, the input of every Linear layer that reads a
+    graph input through parameter-free ops (an MLP's pixels, as the SBP paper does for
+    LeNet-500-300): rejected features become zero, and the pruned model's first layer reads only
+    the kept ones (through a Gather).
+    """
     import copy
 
     if isinstance(example_inputs, torch.Tensor):
@@ -292,6 +322,20 @@ def wrap(
             new = gm.graph.call_module(site_name, (end,))
         end.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         sites.append(SiteInfo(site_name, node.target, [names[g] for g in mc.groups], [n.name for n in chain], norm, foldable))
+    if gate_inputs:
+        for layer in _input_layers(gm):
+            features = gm.get_submodule(layer.target).in_features
+            key = f"input_{layer.target}".replace(".", "_")
+            gates[key] = bank.gates[key] = factory(features, **gate_kwargs)
+            site_name = f"gate_site_input_{len(sites)}"
+            everything = torch.arange(features)
+            gm.add_submodule(site_name, GateSite(bank, [(key, everything, everything)], features, -1))
+            src = layer.args[0]
+            with gm.graph.inserting_before(layer):
+                new = gm.graph.call_module(site_name, (src,))
+            layer.replace_input_with(src, new)
+            sites.append(SiteInfo(site_name, layer.target, [key], [], None, False))
+            group_layers.setdefault(key, [f"input of {layer.target}"])
     producers: dict[str, list] = {}
     for name, mc in grouping.modules.items():
         if name in excluded or not isinstance(gm.get_submodule(name), LAYER_MODULES):
@@ -307,4 +351,5 @@ def wrap(
     gm.graph.lint()
     gm.recompile()
     layers_by_name = {names[g]: layers for g, layers in group_layers.items() if g in names}
+    layers_by_name.update({k: v for k, v in group_layers.items() if isinstance(k, str)})
     return BayesianModel(gm, bank, sites, method, layers_by_name)

@@ -51,6 +51,7 @@ class ChannelAnalysis:
     groups: list[ChannelGroup] = field(default_factory=list)
     group_of_component: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     layer_tensors: set[str] = field(default_factory=set)  # tracked inputs/outputs of Conv/Gemm/MatMul
+    needed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # read by a barrier / graph output
 
     @property
     def num_components(self) -> int:
@@ -115,6 +116,7 @@ def analyze(graph: gs.Graph) -> ChannelAnalysis:
     reasons = _Reasons()
     live = np.zeros(k, dtype=bool)
     pinned = np.zeros(k, dtype=bool)
+    needed = np.zeros(k, dtype=bool)
     live_reason = np.full(k, -1, dtype=np.int64)
     pin_reason = np.full(k, -1, dtype=np.int64)
 
@@ -138,10 +140,12 @@ def analyze(graph: gs.Graph) -> ChannelAnalysis:
             mark(live, live_reason, ids[bad], text)
         if read.kind is ReadKind.BARRIER:
             mark(pinned, pin_reason, ids, read.reason)
+            needed[comp[ids]] = True
     for pin in ctx.pins:
         mark(pinned, pin_reason, ctx.slots.ids(pin.tensor, pin.index), pin.reason)
 
     analysis = ChannelAnalysis(graph, ctx, comp, live, pinned, reasons.items, live_reason, pin_reason)
+    analysis.needed = needed
     analysis.layer_tensors = {
         t.name
         for node in graph.nodes

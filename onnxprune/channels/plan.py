@@ -75,6 +75,8 @@ class PrunePlan:
     reasons: list[str]
     keep_reason: np.ndarray
     groups: list[GroupDecision] = field(default_factory=list)
+    # (layer node, tensor) -> channels that layer alone stops reading (zero, but not deletable upstream)
+    read_drops: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
     def keep_mask(self, tensor: str) -> np.ndarray:
         return ~self.remove[self.analysis.components_of(tensor)]
@@ -85,7 +87,7 @@ class PrunePlan:
 
     @property
     def changes_graph(self) -> bool:
-        return bool(self.remove.any())
+        return bool(self.remove.any()) or bool(self.read_drops)
 
     def release_graph(self) -> None:
         """Drop references to the graph (and its weights); reports need only the decisions."""
@@ -180,6 +182,7 @@ def make_plan(
             changed |= widen(name, comps)
 
     plan = PrunePlan(analysis, remove, reasons, keep_reason)
+    plan.read_drops = _read_drops(analysis, remove)
     for group in analysis.groups:
         comps = group.components
         dead = ~analysis.live[comps]
@@ -195,3 +198,33 @@ def make_plan(
             )
         )
     return plan
+
+
+# A layer stops reading zero channels it cannot have deleted upstream only if that drops at
+# least this share of its input: the Gather it then needs costs a copy of what it keeps.
+MIN_READ_DROP = 0.1
+READ_DROP_OPS = ("Gemm", "MatMul")  # a Gather of a feature vector is cheap; of a feature map, not
+
+
+def _read_drops(analysis: ChannelAnalysis, remove: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+    """Zero channels that cannot be deleted because their producer cannot drop them (they come from
+    a graph input, e.g. input features a gate rejected, or from an op no rule covers): the layers
+    reading them drop their weight columns and read the kept channels through a Gather. Exact: those
+    channels contribute nothing where they are read. Not applied to channels a graph output or a
+    barrier needs, nor to channels kept on purpose (for speed)."""
+    from onnxprune.channels.context import ReadKind
+
+    if analysis.graph is None:
+        return {}
+    ops = {n.name: n for n in analysis.graph.nodes}
+    drops: dict[tuple[str, str], np.ndarray] = {}
+    for read in analysis.ctx.reads:
+        node = ops.get(read.node)
+        if read.kind is ReadKind.BARRIER or read.index is not None or node is None or node.op not in READ_DROP_OPS:
+            continue
+        comps = analysis.components_of(read.tensor)
+        drop = (analysis.ctx.values[read.tensor] == 0) & ~remove[comps] & analysis.pinned[comps] & ~analysis.needed[comps]
+        kept = int((~remove[comps]).sum())
+        if drop.any() and drop.sum() >= MIN_READ_DROP * kept and drop.sum() < kept:
+            drops[(read.node, read.tensor)] = drop
+    return drops

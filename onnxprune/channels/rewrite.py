@@ -36,6 +36,34 @@ class Rewriter:
     def changed(self, t: gs.Tensor | None) -> bool:
         return t is not None and t.name in self._keep
 
+    def keep_read(self, node: gs.Node, t: gs.Tensor | None) -> np.ndarray | None:
+        """Channels of ``t`` that ``node`` still reads: the kept ones, less its read drops."""
+        keep = self.keep(t)
+        drop = self.plan.read_drops.get((node.name, t.name)) if t is not None else None
+        return keep if drop is None else keep & ~drop
+
+    def changed_read(self, node: gs.Node, t: gs.Tensor | None) -> bool:
+        return self.changed(t) or (t is not None and (node.name, t.name) in self.plan.read_drops)
+
+    def gather_input(self, node: gs.Node, index: int) -> None:
+        """If ``node`` drops channels of input ``index``, read the kept ones through a Gather."""
+        t = node.inputs[index]
+        drop = self.plan.read_drops.get((node.name, t.name))
+        if drop is None:
+            return
+        keep = self.keep(t)
+        positions = (np.cumsum(keep) - 1)[keep & ~drop]
+        axis = self.axis(t)
+        out = gs.Variable(self.names.fresh(f"{t.name}_read_by_{node.name}"), dtype=t.dtype)
+        if t.shape is not None:
+            shape = list(t.shape)
+            shape[axis] = int(positions.size)
+            out.shape = shape
+        idx = gs.Constant(self.names.fresh(f"{node.name}_kept_inputs"), positions.astype(np.int64))
+        self.graph.nodes.append(gs.Node("Gather", name=self.names.fresh(f"{node.name}_gather"), attrs={"axis": axis},
+                                        inputs=[t, idx], outputs=[out]))
+        node.inputs[index] = out
+
     def values(self, t: gs.Tensor) -> np.ndarray:
         return self._values[t.name]
 
@@ -79,10 +107,11 @@ class Rewriter:
 def apply_plan(graph: gs.Graph, plan: PrunePlan) -> Rewriter:
     """Edit ``graph`` in place so that the plan's components disappear."""
     rw = Rewriter(graph, plan)
-    if not rw.changed_tensors:
+    if not rw.changed_tensors and not plan.read_drops:
         return rw
+    readers = {name for name, _ in plan.read_drops}
     for node in list(graph.nodes):
-        if not any(rw.changed(t) for t in list(node.inputs) + list(node.outputs)):
+        if node.name not in readers and not any(rw.changed(t) for t in list(node.inputs) + list(node.outputs)):
             continue
         rule = RULES.get(node.op)
         if rule is None:  # the analysis pins every channel that reaches an uncovered op

@@ -25,6 +25,15 @@ class RewriteContext(Protocol):
     def changed(self, t: gs.Tensor | None) -> bool:
         """True if any channel of the tensor is deleted."""
 
+    def keep_read(self, node: gs.Node, t: gs.Tensor | None) -> np.ndarray | None:
+        """Channels of ``t`` that ``node`` still reads (kept, less channels it alone stops reading)."""
+
+    def changed_read(self, node: gs.Node, t: gs.Tensor | None) -> bool:
+        """True if ``node`` reads fewer channels of ``t`` than before."""
+
+    def gather_input(self, node: gs.Node, index: int) -> None:
+        """Make ``node`` read the channels it keeps of input ``index`` through a Gather (if it drops any)."""
+
     def values(self, t: gs.Tensor) -> np.ndarray:
         """Per-channel constant values found by the analysis (NaN unknown)."""
 

@@ -113,14 +113,14 @@ class ConvRule(ChannelRule):
 
     def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
-        if not (rw.changed(x) or rw.changed(y)):
+        if not (rw.changed_read(node, x) or rw.changed(y)):
             return
         w = rw.const(node.inputs[1])
         b_t = optional_input(node, 2)
         b = rw.const(b_t) if b_t is not None else None
         group = int(node.attrs.get("group", 1))
         cout, cin = w.shape[0], w.shape[1] * group
-        kin, kout = keep_or_all(rw.keep(x), cin), keep_or_all(rw.keep(y), cout)
+        kin, kout = keep_or_all(rw.keep_read(node, x), cin), keep_or_all(rw.keep(y), cout)
         bias = np.zeros(cout) if b is None else b.astype(np.float64)
         if group == 1:
             dropped = np.flatnonzero(~kin)
@@ -130,6 +130,7 @@ class ConvRule(ChannelRule):
             rw.set_const(node, 1, w[kout][:, kin])
             if b is not None or delta is not None:
                 _set_bias(node, rw, 2, bias[kout], w.dtype)
+            rw.gather_input(node, 0)
         elif w.shape[1] == 1 and cout % cin == 0:
             rw.set_const(node, 1, w[kout])
             if b is not None:
@@ -208,13 +209,13 @@ class GemmRule(ChannelRule):
 
     def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
         a, y = node.inputs[0], node.outputs[0]
-        if not (rw.changed(a) or rw.changed(y)):
+        if not (rw.changed_read(node, a) or rw.changed(y)):
             return
         bmat = rw.const(node.inputs[1])
         trans_b = int(node.attrs.get("transB", 0))
         w = bmat if trans_b else bmat.T
         n, k = w.shape
-        kin, kout = keep_or_all(rw.keep(a), k), keep_or_all(rw.keep(y), n)
+        kin, kout = keep_or_all(rw.keep_read(node, a), k), keep_or_all(rw.keep(y), n)
         alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
         delta = _folded_delta(rw.values(a), np.flatnonzero(~kin), lambda idx: w[:, idx].astype(np.float64))
         rw.set_const(node, 1, w[kout][:, kin] if trans_b else w[kout][:, kin].T)
@@ -230,6 +231,7 @@ class GemmRule(ChannelRule):
             _set_bias(node, rw, 2, np.compress(kout, new_c, axis=-1), bmat.dtype)
         elif c is not None and c.ndim >= 1 and c.shape[-1] == n and n > 1:
             rw.set_const(node, 2, np.compress(kout, c, axis=-1))
+        rw.gather_input(node, 0)
 
 
 def _row_constant(c: np.ndarray, n: int) -> np.ndarray:
@@ -263,15 +265,16 @@ class MatMulRule(ChannelRule):
 
     def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
         a, y = node.inputs[0], node.outputs[0]
-        if not (rw.changed(a) or rw.changed(y)):
+        if not (rw.changed_read(node, a) or rw.changed(y)):
             return
         bmat = rw.const(node.inputs[1])
         k, n = bmat.shape
-        kin, kout = keep_or_all(rw.keep(a), k), keep_or_all(rw.keep(y), n)
+        kin, kout = keep_or_all(rw.keep_read(node, a), k), keep_or_all(rw.keep(y), n)
         delta = _folded_delta(rw.values(a), np.flatnonzero(~kin), lambda idx: bmat[idx].T.astype(np.float64))
         rw.set_const(node, 1, bmat[kin][:, kout])
         if delta is not None:
             rw.add_bias_after(node, np.compress(kout, delta).astype(bmat.dtype))
+        rw.gather_input(node, 0)
 
 
 LINEAR_RULES: list[ChannelRule] = [ConvRule(), ConvTransposeRule(), GemmRule(), MatMulRule()]

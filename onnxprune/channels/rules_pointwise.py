@@ -166,7 +166,9 @@ class ElementwiseRule(ChannelRule):
         out_rank = ctx.rank(y)
         tracked = [(t, ctx.tracked(t)) for t in node.inputs if ctx.tracked(t) is not None]
         if not tracked:
-            return
+            tracked = self._track_from_constant(node, ctx, out_rank)
+            if not tracked:
+                return
         if out_rank is None or any(ctx.rank(t) is None for t in node.inputs):
             ctx.barrier(node, "operand ranks are unknown")
             return
@@ -205,6 +207,26 @@ class ElementwiseRule(ChannelRule):
         ctx.track(y, axis, channels, node, out)
         for t in ties:
             ctx.tie(t, y)
+
+    @staticmethod
+    def _track_from_constant(node: gs.Node, ctx: AnalysisContext, out_rank: int | None):
+        """No operand carries channels yet (e.g. a graph input times a per-feature gate): if a constant
+        operand varies along exactly one axis, track the activation operand on that axis (pinned:
+        its producer cannot drop channels), so the constant's zeros become known zero channels."""
+        consts = [c for t in node.inputs if (c := ctx.const(t)) is not None]
+        acts = [t for t in node.inputs if ctx.const(t) is None]
+        if out_rank is None or len(acts) != 1 or not consts or ctx.rank(acts[0]) is None:
+            return []
+        axes = {
+            out_rank - c.ndim + i for c in consts for i, d in enumerate(c.shape) if d > 1
+        }
+        act = acts[0]
+        if len(axes) != 1:
+            return []
+        local = axes.pop() - (out_rank - ctx.rank(act))
+        if local < 0 or not ctx.demand(act, local, None, node):
+            return []
+        return [(act, ctx.tracked(act))]
 
     def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
         y = node.outputs[0]

@@ -1,0 +1,761 @@
+"""Turbo-VBI channel gate (Xia, Tsang, Lau, IEEE Trans. Signal Processing 71:670-685, 2023; arXiv 2302.10483).
+
+The paper's three-layer hierarchical prior, realised per channel group:
+
+* support ``s`` (binary, one per *kernel unit*: the slice ``W_l[r, j, ...]`` of producer
+  ``l``'s weight for an output row ``r`` of channel ``c`` and an input channel ``j``), with a
+  Markov-random-field prior: a hub ``t_c`` per channel (``P(t_c = 1) = p_channel``) that
+  forbids active kernels in an inactive channel (potential ``psi(0, 1) = eps``), and a
+  Markov chain over ``j`` within each producer row (``P(s_j = s_{j-1}) = p_stay``);
+* precision ``rho`` per unit, ``p(rho | s) = Gamma(a, b)^s Gamma(a_bar, b_bar)^(1 - s)``;
+* weights ``w ~ N(0, 1/rho)`` iid within the unit.
+
+Turbo-VBI alternates module A (Bayesian inference of ``rho`` and ``s`` per unit given
+the support prior message, with the weights as SGD point estimates) and module B
+(exact sum-product on the support MRF, by cutset conditioning on each hub),
+exchanging extrinsic messages. Module A's evidence is by default *collapsed* (rho
+integrated out, exact given the weights); the paper's mean-field ``q(s) q(rho)``
+updates are available (``evidence="mean_field"``). The prior precision ``E[rho]``
+goes back into SGD through :meth:`TurboVBIGate.kl` (``0.5 sum E[rho] ||w||^2``). A
+channel is kept while ``P(t_c = 1 | evidence) > 0.5``.
+
+The gate has no multiplicative noise: ``sample(n)`` is the current 0/1 decision
+(or all ones with ``mask_in_training=False``); the prior acts on the producers'
+weights. Derivations, constants, experiments and our deviations from the paper:
+``docs/methods_turbo_vbi.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "TurboVBIGate",
+    "gamma_update",
+    "log_evidence",
+    "collapsed_log_evidence",
+    "collapsed_precision",
+    "support_update",
+    "chain_messages",
+    "log_prior_partition",
+    "support_messages",
+    "SupportMessages",
+]
+
+F64 = torch.float64
+_LAM_MAX = 1e6  # |log evidence| cap: probabilities are 0/1 to float64 long before
+
+
+# ---------------------------------------------------------------------------
+# Module A: q(rho) and q(s) of every unit given the prior message (closed forms)
+# ---------------------------------------------------------------------------
+
+
+def gamma_update(pi: Tensor, sq_norm: Tensor, n: int, a: float, b: float, a_bar: float, b_bar: float) -> tuple[Tensor, Tensor]:
+    """q(rho) = Gamma(a_tilde, b_tilde) of every unit (mean field, paper's module A).
+
+    ``a_tilde = pi a + (1 - pi) a_bar + n/2``, ``b_tilde = pi b + (1 - pi) b_bar + ||w||^2 / 2``
+    with ``pi = q(s = 1)`` and ``n`` weights per unit.
+    """
+    a_t = pi * a + (1.0 - pi) * a_bar + 0.5 * n
+    b_t = pi * b + (1.0 - pi) * b_bar + 0.5 * sq_norm
+    return a_t, b_t
+
+
+def log_evidence(a_t: Tensor, b_t: Tensor, a: float, b: float, a_bar: float, b_bar: float) -> Tensor:
+    """Module A -> B message: ``log l = E[log Gamma(rho; a, b)] - E[log Gamma(rho; a_bar, b_bar)]`` under
+    ``q(rho) = Gamma(a_t, b_t)``, with ``E[rho] = a_t / b_t`` and ``E[log rho] = digamma(a_t) - log b_t``.
+
+    ``= (a log b - lgamma a) - (a_bar log b_bar - lgamma a_bar) + (a - a_bar) E[log rho] - (b - b_bar) E[rho]``.
+    """
+    e_rho = a_t / b_t
+    const = (a * math.log(b) - math.lgamma(a)) - (a_bar * math.log(b_bar) - math.lgamma(a_bar))
+    lam = const - (b - b_bar) * e_rho
+    if a != a_bar:
+        lam = lam + (a - a_bar) * (torch.special.digamma(a_t) - torch.log(b_t))
+    return lam.clamp(-_LAM_MAX, _LAM_MAX)
+
+
+def collapsed_log_evidence(sq_norm: Tensor, n: int, a: float, b: float, a_bar: float, b_bar: float) -> Tensor:
+    """``log p(w | s = 1) - log p(w | s = 0)`` with rho integrated out (Student-t marginals):
+    ``[a log b - lgamma a + lgamma(a + n/2) - (a + n/2) log(b + ||w||^2/2)] - [same with a_bar, b_bar]``."""
+    h = 0.5 * sq_norm
+    const = (a * math.log(b) - math.lgamma(a) + math.lgamma(a + 0.5 * n)) - (a_bar * math.log(b_bar) - math.lgamma(a_bar) + math.lgamma(a_bar + 0.5 * n))
+    lam = const - (a + 0.5 * n) * torch.log(b + h) + (a_bar + 0.5 * n) * torch.log(b_bar + h)
+    return lam.clamp(-_LAM_MAX, _LAM_MAX)
+
+
+def collapsed_precision(pi: Tensor, sq_norm: Tensor, n: int, a: float, b: float, a_bar: float, b_bar: float) -> Tensor:
+    """E[rho] under q(s) q(rho | s), q(rho | s) = Gamma(a_s + n/2, b_s + ||w||^2/2)."""
+    h = 0.5 * sq_norm
+    return pi * (a + 0.5 * n) / (b + h) + (1.0 - pi) * (a_bar + 0.5 * n) / (b_bar + h)
+
+
+def support_update(prior_logit: Tensor, lam: Tensor) -> Tensor:
+    """Module A's ``q(s = 1)``: normalise(prior message x evidence) = sigmoid(prior log-odds + log l)."""
+    return torch.sigmoid(prior_logit + lam)
+
+
+# ---------------------------------------------------------------------------
+# Module B: sum-product on the support MRF (hub + chains), exact by cutset conditioning
+# ---------------------------------------------------------------------------
+
+
+def _log_probs(p: float) -> tuple[float, float]:
+    """(log(1 - p), log p) with log 0 = -inf."""
+    return (math.log1p(-p) if p < 1.0 else -math.inf), (math.log(p) if p > 0.0 else -math.inf)
+
+
+def chain_messages(lam: Tensor, *, p_stay: float, p_start: float, eps: float) -> tuple[Tensor, Tensor]:
+    """Forward-backward on ``R`` independent chains of length ``J``, for both hub states at once.
+
+    ``lam`` [R, J] (float64) is the log evidence ratio of every unit (state 1 vs state 0).
+    Chain prior: ``P(s_0 = 1) = p_start``, ``P(s_j = s_{j-1}) = p_stay``; unary potential
+    ``psi(t, s) * l^s`` with ``psi(0, 1) = eps`` and 1 otherwise.
+
+    Returns ``log_f`` [2, R] (``log sum_s chain(s) prod_j psi(t, s_j) l_j^{s_j}`` for t = 0, 1)
+    and ``cav`` [2, R, J, 2]: ``log P(s_j = s | t, all evidence) - lam_j s``, i.e. the
+    chain's posterior of unit j given t with unit j's own evidence divided out.
+
+    Exact, in log space. The chain is cut into ``K`` blocks of ``B ~ sqrt(J)`` units: block
+    transfer matrices (a loop over B, vectorised over blocks), a pass over the blocks (a loop
+    over K), then the messages inside every block (loops over B): O(R J) work in O(sqrt J)
+    vectorised steps. Padding units at the end of a chain have no potential; they
+    marginalise out exactly (the transition rows sum to one).
+    """
+    if lam.dim() != 2:
+        raise ValueError(f"lam must be [R, J], got shape {tuple(lam.shape)}")
+    lam = lam.to(F64)
+    R, J = lam.shape
+    dev = lam.device
+    B = max(1, math.isqrt(J - 1) + 1) if J > 1 else 1
+    K = -(-J // B)
+    Jp = K * B
+    lsw, lst = _log_probs(p_stay)  # log P(switch), log P(stay)
+    l0, l1 = _log_probs(p_start)
+    log_eps = math.log(eps)
+    # unary of state 1 per hub state (state 0's unary is 0 for both t): [2, R, Jp]
+    u1 = torch.zeros((2, R, Jp), dtype=F64, device=dev)
+    u1[0, :, :J] = lam + log_eps
+    u1[1, :, :J] = lam
+    u1 = u1.view(2, R, K, B)
+    # transition into the first unit of each block, from the previous unit (state a): [K, 2(a), 2(s)]
+    first = torch.tensor([[lst, lsw], [lsw, lst]], dtype=F64, device=dev).expand(K, 2, 2).clone()
+    first[0] = torch.tensor([[l0, l1], [l0, l1]], dtype=F64, device=dev)  # chain start: P(s_0), whatever a
+    neg_inf = torch.tensor(-math.inf, dtype=F64, device=dev)
+
+    # -- phase 1: block transfer matrices M_k[a, s] (a: state before the block, s: its last unit)
+    m0 = first[:, :, 0].expand(2, R, K, 2).clone()  # [2, R, K, 2(a)]: M[a, 0]
+    m1 = first[:, :, 1] + u1[..., 0].unsqueeze(-1)  # M[a, 1]
+    for i in range(1, B):
+        n0 = torch.logaddexp(m0 + lst, m1 + lsw)
+        n1 = torch.logaddexp(m0 + lsw, m1 + lst) + u1[..., i].unsqueeze(-1)
+        m0, m1 = n0, n1
+    # -- phase 2: messages at block boundaries
+    # forward: v_k(a) = log-message into block k (state of the unit before it); v_0 = (0, -inf): a dummy start
+    v0 = torch.zeros((2, R), dtype=F64, device=dev)
+    v1 = neg_inf.expand(2, R)
+    ins0, ins1 = [], []
+    for k in range(K):
+        ins0.append(v0)
+        ins1.append(v1)
+        v0, v1 = (
+            torch.logaddexp(v0 + m0[:, :, k, 0], v1 + m0[:, :, k, 1]),
+            torch.logaddexp(v0 + m1[:, :, k, 0], v1 + m1[:, :, k, 1]),
+        )
+    log_f = torch.logaddexp(v0, v1)  # [2, R]
+    # backward: w_k(s) = log-message into the last unit of block k from everything after it
+    w0 = torch.zeros((2, R), dtype=F64, device=dev)
+    w1 = torch.zeros((2, R), dtype=F64, device=dev)
+    outs0, outs1 = [w0] * K, [w1] * K
+    for k in range(K - 1, 0, -1):
+        w0, w1 = (
+            torch.logaddexp(m0[:, :, k, 0] + w0, m1[:, :, k, 0] + w1),
+            torch.logaddexp(m0[:, :, k, 1] + w0, m1[:, :, k, 1] + w1),
+        )
+        outs0[k - 1], outs1[k - 1] = w0, w1
+    in0, in1 = torch.stack(ins0, -1), torch.stack(ins1, -1)  # [2, R, K]
+    out0, out1 = torch.stack(outs0, -1), torch.stack(outs1, -1)
+    # -- phase 3: inside the blocks (vectorised over blocks)
+    pre0, pre1 = [], []  # forward message into unit i, before its unary
+    a0, a1 = in0, in1
+    for i in range(B):
+        if i == 0:
+            p0 = torch.logaddexp(a0 + first[:, 0, 0], a1 + first[:, 1, 0])
+            p1 = torch.logaddexp(a0 + first[:, 0, 1], a1 + first[:, 1, 1])
+        else:
+            p0 = torch.logaddexp(a0 + lst, a1 + lsw)
+            p1 = torch.logaddexp(a0 + lsw, a1 + lst)
+        pre0.append(p0)
+        pre1.append(p1)
+        a0, a1 = p0, p1 + u1[..., i]
+    post0, post1 = [None] * B, [None] * B  # backward message into unit i from the units after it
+    b0, b1 = out0, out1
+    post0[B - 1], post1[B - 1] = b0, b1
+    for i in range(B - 1, 0, -1):
+        c1 = u1[..., i] + b1
+        b0, b1 = torch.logaddexp(lst + b0, lsw + c1), torch.logaddexp(lsw + b0, lst + c1)
+        post0[i - 1], post1[i - 1] = b0, b1
+    lf = log_f.view(2, R, 1, 1)
+    psi1 = torch.tensor([log_eps, 0.0], dtype=F64, device=dev).view(2, 1, 1, 1)
+    cav0 = (torch.stack(pre0, -1) + torch.stack(post0, -1) - lf).reshape(2, R, Jp)[:, :, :J]
+    cav1 = (torch.stack(pre1, -1) + torch.stack(post1, -1) + psi1 - lf).reshape(2, R, Jp)[:, :, :J]
+    return log_f, torch.stack((cav0, cav1), -1)
+
+
+@functools.lru_cache(maxsize=4096)
+def log_prior_partition(J: int, p_stay: float, p_start: float, eps: float) -> float:
+    """``log sum_s chain(s) prod_j psi(0, s_j)``: the normaliser of a length-J chain's
+    conditional prior given an inactive hub (the active hub's is 1: psi(1, .) = 1)."""
+    if J < 1:
+        return 0.0
+    log_f, _ = chain_messages(torch.zeros((1, J), dtype=F64), p_stay=p_stay, p_start=p_start, eps=eps)
+    return float(log_f[0, 0])
+
+
+@dataclass
+class SupportMessages:
+    """Module B's output.
+
+    ``channel_logit`` [C]: log P(t_c = 1 | evidence) - log P(t_c = 0 | evidence) (the prior
+    logit for channels without units); ``covered`` [C]: channels with at least one unit;
+    ``prior_logit``: per producer [R, J], the extrinsic B -> A message as a log-odds
+    (B's marginal of s divided by A's evidence); the full marginal's log-odds is
+    ``prior_logit + lam``.
+    """
+
+    channel_logit: Tensor
+    covered: Tensor
+    prior_logit: list[Tensor]
+
+
+def support_messages(
+    lams: list[Tensor],
+    positions: list[Tensor],
+    num_channels: int,
+    *,
+    p_channel: float,
+    p_stay: float,
+    p_start: float,
+    eps: float,
+) -> SupportMessages:
+    """Exact marginals of the support MRF given every unit's evidence (module B).
+
+    The field: for each channel c a hub t_c with prior ``P(t_c = 1) = p_channel``; given
+    t_c, the chains of c (one per producer row mapped to c, ``positions[l][r] = c``) are
+    independent, each with the conditional prior ``chain(s) prod_j psi(t_c, s_j) / Z0_t``
+    (normalised, so that p_channel is the hub's actual prior marginal). Cutset
+    conditioning on t_c: ``P(t_c | E) ∝ prior(t_c) prod_chains F_t / Z0_t`` and
+    ``P(s | E) = sum_t P(t | E) P(s | t, E)``, with F_t and P(s | t, E) from
+    :func:`chain_messages`.
+    """
+    dev = lams[0].device if lams else torch.device("cpu")
+    lq, lp = _log_probs(p_channel)
+    logit = torch.full((num_channels,), lp - lq, dtype=F64, device=dev)
+    covered = torch.zeros(num_channels, dtype=torch.bool, device=dev)
+    results = []
+    for lam, pos in zip(lams, positions):
+        R, J = lam.shape
+        if R == 0 or J == 0:
+            results.append(None)
+            continue
+        log_f, cav = chain_messages(lam, p_stay=p_stay, p_start=p_start, eps=eps)
+        z0 = log_prior_partition(J, p_stay, p_start, eps)
+        logit.index_add_(0, pos, log_f[1] - (log_f[0] - z0))
+        covered[pos] = True
+        results.append(cav)
+    log_w1 = torch.nn.functional.logsigmoid(logit)  # log P(t = 1 | E)
+    log_w0 = torch.nn.functional.logsigmoid(-logit)
+    prior_logits = []
+    for lam, pos, cav in zip(lams, positions, results):
+        if cav is None:
+            prior_logits.append(torch.zeros_like(lam, dtype=F64))
+            continue
+        lw = torch.stack((log_w0[pos], log_w1[pos])).view(2, -1, 1)  # [2, R, 1]
+        ext0 = torch.logsumexp(cav[..., 0] + lw, dim=0)
+        ext1 = torch.logsumexp(cav[..., 1] + lw, dim=0)
+        prior_logits.append(ext1 - ext0)
+    return SupportMessages(logit, covered, prior_logits)
+
+
+# ---------------------------------------------------------------------------
+# The gate
+# ---------------------------------------------------------------------------
+
+
+_STATE = ("pi", "prior_logit", "sq_norm", "erho")  # per unit, float64
+_STRUCT = ("rows", "positions", "hyper")  # per producer
+_SCALES = ("attach", "he", "empirical")
+
+
+class TurboVBIGate(nn.Module):
+    """Per-channel Turbo-VBI gate: a support posterior over the kernels of every channel.
+
+    Construct with ``num_channels``; the wrapper then calls :meth:`attach` with the
+    producers' weights, :meth:`after_step` after every optimizer step (the A <-> B
+    updates run every ``update_every`` steps) and :meth:`begin_epoch` (a no-op).
+    Without producers the gate keeps every channel and its :meth:`kl` is zero.
+
+    Hyper-parameters (derivations and the experiments behind the defaults:
+    ``docs/methods_turbo_vbi.md``):
+
+    * ``a``, ``a_bar``: Gamma shapes of the active / inactive precision prior (1 and 1,
+      as in the authors' code; ``a_bar=None`` means ``a``);
+    * ``active_precision``: the active prior's mean precision ``m1 = a / b`` per producer:
+      ``"empirical"`` (default: 1 / the mean square of the producer's gated rows at
+      :meth:`attach`, then one EM step per update), ``"attach"`` (measured at attach,
+      then fixed), ``"he"`` (``fan_in / 2``) or a number; all-zero rows fall back to He.
+      ``inactive_precision`` (1e6): the inactive mean ``m0 = a_bar / b_bar``, raised to
+      ``min_precision_ratio`` (100) times ``m1`` where needed; ``b`` / ``b_bar`` set the
+      rates directly instead (and disable the EM step);
+    * ``p_channel`` 0.5, ``p_stay`` 0.9, ``p_start`` 0.5, ``eps`` 1e-3: the support MRF;
+    * ``evidence``: ``"collapsed"`` (default: module A's evidence with rho integrated out,
+      exact given the weights) or ``"mean_field"`` (the paper's q(s) q(rho) updates);
+    * ``update_every`` (50) optimizer steps between updates; ``turbo_iterations`` (5) A <-> B
+      rounds per update in mean-field mode (``attach_iterations``, 20, at attach), stopping
+      once q(s) moves by less than ``tol`` (1e-6); collapsed mode needs one round;
+    * ``mask_in_training`` (True): :meth:`sample` returns the current 0/1 decision, so that
+      training sees the network evaluation and export will see; False: all ones;
+    * ``prior_weight`` (1.0): multiplies the regulariser returned by :meth:`kl`.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        a: float = 1.0,
+        a_bar: float | None = None,
+        b: float | None = None,
+        b_bar: float | None = None,
+        active_precision: float | str | None = "empirical",
+        inactive_precision: float = 1e6,
+        min_precision_ratio: float = 100.0,
+        p_channel: float = 0.5,
+        p_stay: float = 0.9,
+        p_start: float = 0.5,
+        eps: float = 1e-3,
+        evidence: str = "collapsed",
+        update_every: int = 50,
+        turbo_iterations: int = 5,
+        attach_iterations: int = 20,
+        tol: float = 1e-6,
+        mask_in_training: bool = True,
+        prior_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if int(num_channels) != num_channels or num_channels < 1:
+            raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
+        a_bar = a if a_bar is None else a_bar
+        for name, v in (("a", a), ("a_bar", a_bar), ("inactive_precision", inactive_precision), ("min_precision_ratio", min_precision_ratio)):
+            if not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v}")
+        for name, v in (("b", b), ("b_bar", b_bar)):
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v}")
+        if active_precision is None:
+            active_precision = "empirical"
+        if isinstance(active_precision, str):
+            if active_precision not in _SCALES:
+                raise ValueError(f"active_precision must be a number or one of {_SCALES}, got {active_precision!r}")
+        elif not float(active_precision) > 0:
+            raise ValueError(f"active_precision must be > 0, got {active_precision}")
+        if not 0.0 < p_channel <= 1.0:
+            raise ValueError(f"p_channel must lie in (0, 1], got {p_channel}")
+        if not 0.0 < p_stay < 1.0:
+            raise ValueError(f"p_stay must lie in (0, 1), got {p_stay}")
+        if not 0.0 < p_start < 1.0:
+            raise ValueError(f"p_start must lie in (0, 1), got {p_start}")
+        if not 0.0 < eps <= 1.0:
+            raise ValueError(f"eps must lie in (0, 1], got {eps}")
+        if evidence not in ("collapsed", "mean_field"):
+            raise ValueError(f"evidence must be 'collapsed' or 'mean_field', got {evidence!r}")
+        if int(update_every) < 1 or int(turbo_iterations) < 1 or int(attach_iterations) < 1:
+            raise ValueError("update_every, turbo_iterations and attach_iterations must be >= 1")
+        self.num_channels = int(num_channels)
+        self.a, self.a_bar = float(a), float(a_bar)
+        self.b = None if b is None else float(b)
+        self.b_bar = None if b_bar is None else float(b_bar)
+        self.active_precision = active_precision if isinstance(active_precision, str) else float(active_precision)
+        self.inactive_precision = float(inactive_precision)
+        self.min_precision_ratio = float(min_precision_ratio)
+        self.p_channel, self.p_stay, self.p_start, self.eps = float(p_channel), float(p_stay), float(p_start), float(eps)
+        self.evidence = evidence
+        self.update_every = int(update_every)
+        self.turbo_iterations = int(turbo_iterations)
+        self.attach_iterations = int(attach_iterations)
+        self.tol = float(tol)
+        self.mask_in_training = bool(mask_in_training)
+        if not prior_weight >= 0:
+            raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
+        self.prior_weight = float(prior_weight)
+        self.register_buffer("active_prob", torch.ones(self.num_channels, dtype=F64))
+        self.register_buffer("channel_logit", torch.full((self.num_channels,), math.inf, dtype=F64))
+        self.register_buffer("covered", torch.zeros(self.num_channels, dtype=torch.bool))
+        self._weights: list[Tensor] = []  # the producers' live Parameters (a plain list: not registered here)
+        self._num_producers = 0
+        self._steps = 0
+        self._epoch = 0
+        self._restored = False  # per-producer state loaded before attach(): kept by attach()
+        self._erho_cache: dict[int, Tensor] = {}
+        self.last_iterations = 0  # A <-> B rounds run by the last update (diagnostics)
+
+    # -- structure -----------------------------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        """True once :meth:`attach` bound at least one producer."""
+        return self._num_producers > 0 and len(self._weights) == self._num_producers
+
+    def _buf(self, name: str, l: int) -> Tensor:
+        return getattr(self, f"{name}_{l}")
+
+    @staticmethod
+    def _units(weight: Tensor) -> tuple[int, int]:
+        """(J, n): input channels per output row and weights per kernel unit."""
+        if weight.dim() <= 1:
+            return 1, 1
+        n = 1
+        for d in weight.shape[2:]:
+            n *= int(d)
+        return int(weight.shape[1]), n
+
+    def _rates(self, m1: float) -> tuple[float, float]:
+        """(b, b_bar) for an active mean precision m1."""
+        m0 = max(self.inactive_precision, self.min_precision_ratio * m1)
+        b = self.b if self.b is not None else self.a / m1
+        b_bar = self.b_bar if self.b_bar is not None else self.a_bar / m0
+        return b, b_bar
+
+    def _hyper(self, weight: Tensor, rows: Tensor) -> tuple[float, float, float, float]:
+        """(a, b, a_bar, b_bar) of a producer, from ``active_precision``."""
+        J, n = self._units(weight)
+        he = max(J * n, 1) / 2.0  # He: Var[w] = 2 / fan_in
+        if isinstance(self.active_precision, float):
+            m1 = self.active_precision
+        elif self.active_precision == "he" or rows.numel() == 0:
+            m1 = he
+        else:  # "attach", "empirical": 1 / the typical weight variance now
+            with torch.no_grad():
+                ms = float(weight.detach().index_select(0, rows).to(F64).square().mean())
+            # all (near) zero: no scale to measure, fall back to He
+            m1 = 1.0 / ms if math.isfinite(ms) and ms > 1e-6 / he else he
+        b, b_bar = self._rates(m1)
+        return self.a, b, self.a_bar, b_bar
+
+    def _drop_structure(self) -> None:
+        l = 0
+        while any(hasattr(self, f"{name}_{l}") for name in _STATE + _STRUCT):
+            for name in _STATE + _STRUCT:
+                if hasattr(self, f"{name}_{l}"):
+                    delattr(self, f"{name}_{l}")
+            l += 1
+        self._num_producers = 0
+        self._weights = []
+        self._erho_cache = {}
+
+    def attach(self, producers) -> "TurboVBIGate":
+        """Bind the producers: ``[(weight Parameter, rows LongTensor, positions LongTensor), ...]``.
+
+        ``rows``: the producer's output rows (first weight axis) that belong to this gate;
+        ``positions``: for each, its channel index in this gate. Allocates the per-unit
+        state (float64 buffers ``pi_l`` = q(s = 1), ``prior_logit_l`` = the B -> A message,
+        ``sq_norm_l`` = ||w||^2 and ``erho_l`` = E[rho] at the last update, each
+        [len(rows), J_l]; per producer ``rows_l``, ``positions_l`` and ``hyper_l`` = (a, b,
+        a_bar, b_bar)) and runs the first update with the current weights, unless a state
+        of the same shapes was loaded before (then that state is kept). Returns self.
+        """
+        specs = []
+        for weight, rows, positions in list(producers):
+            rows = torch.as_tensor(rows).to(device=weight.device, dtype=torch.long).reshape(-1)
+            positions = torch.as_tensor(positions).to(device=weight.device, dtype=torch.long).reshape(-1)
+            if rows.shape != positions.shape:
+                raise ValueError(f"rows and positions differ in length: {rows.numel()} vs {positions.numel()}")
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= weight.shape[0]):
+                raise ValueError(f"rows out of range for a weight with {weight.shape[0]} rows")
+            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.num_channels):
+                raise ValueError(f"positions out of range for a gate of {self.num_channels} channels")
+            specs.append((weight, rows, positions))
+        restored = self._restored and self._num_producers == len(specs) and all(
+            tuple(self._buf("pi", l).shape) == (rows.numel(), self._units(weight)[0]) for l, (weight, rows, _) in enumerate(specs)
+        )
+        old = {f"{name}_{l}": self._buf(name, l) for l in range(len(specs)) for name in _STATE + ("hyper",)} if restored else {}
+        self._drop_structure()
+        self._restored = False
+        for l, (weight, rows, positions) in enumerate(specs):
+            J, _ = self._units(weight)
+            dev = weight.device
+            self.register_buffer(f"rows_{l}", rows.clone())
+            self.register_buffer(f"positions_{l}", positions.clone())
+            hyper = old.get(f"hyper_{l}")
+            self.register_buffer(f"hyper_{l}", hyper.to(dev) if hyper is not None else torch.tensor(self._hyper(weight, rows), dtype=F64, device=dev))
+            for name in _STATE:
+                value = old.get(f"{name}_{l}")
+                self.register_buffer(f"{name}_{l}", value.to(dev) if value is not None else torch.zeros((rows.numel(), J), dtype=F64, device=dev))
+        self._weights = [w for w, _, _ in specs]
+        self._num_producers = len(specs)
+        if restored:
+            return self
+        if not specs:
+            self.active_prob.fill_(1.0)
+            self.channel_logit.fill_(math.inf)
+            self.covered.fill_(False)
+            return self
+        self._initialise()
+        self.update(iterations=self.attach_iterations)
+        return self
+
+    @torch.no_grad()
+    def _initialise(self) -> None:
+        """q(s) at the support prior's marginal (module B without evidence)."""
+        msg = self._module_b([torch.zeros_like(self._buf("pi", l)) for l in range(self._num_producers)])
+        for l in range(self._num_producers):
+            self._buf("prior_logit", l).copy_(msg.prior_logit[l])
+            self._buf("pi", l).copy_(torch.sigmoid(msg.prior_logit[l]))
+
+    # -- the Turbo-VBI updates --------------------------------------------------
+
+    def _hyper_values(self, l: int) -> tuple[float, float, float, float]:
+        a, b, a_bar, b_bar = (float(x) for x in self._buf("hyper", l).tolist())
+        return a, b, a_bar, b_bar
+
+    def _sq_norms(self, l: int) -> tuple[Tensor, int]:
+        """||w||^2 of every unit of producer l (float64, no grad; finite) and n, weights per unit."""
+        weight = self._weights[l].detach()
+        rows = self._buf("rows", l)
+        J, n = self._units(weight)
+        w = weight.index_select(0, rows.to(weight.device)).to(F64).reshape(rows.numel(), J, n)
+        sq = torch.nan_to_num(w.square().sum(-1), nan=0.0, posinf=1e300).clamp(max=1e300)
+        return sq.to(self._buf("pi", l).device), n
+
+    def _evidence(self, l: int, pi: Tensor, sq: Tensor, n: int) -> Tensor:
+        a, b, a_bar, b_bar = self._hyper_values(l)
+        if self.evidence == "collapsed":
+            return collapsed_log_evidence(sq, n, a, b, a_bar, b_bar)
+        a_t, b_t = gamma_update(pi, sq, n, a, b, a_bar, b_bar)
+        return log_evidence(a_t, b_t, a, b, a_bar, b_bar)
+
+    def _precision(self, l: int, pi: Tensor, sq: Tensor, n: int) -> Tensor:
+        a, b, a_bar, b_bar = self._hyper_values(l)
+        if self.evidence == "collapsed":
+            return collapsed_precision(pi, sq, n, a, b, a_bar, b_bar)
+        a_t, b_t = gamma_update(pi, sq, n, a, b, a_bar, b_bar)
+        return a_t / b_t
+
+    def _em_scale(self, l: int, sq: Tensor, n: int) -> None:
+        """``active_precision="empirical"``: one EM step for the active rate b (shape a fixed):
+        ``m1 = a / b = sum pi E[rho | s=1, w] / sum pi`` with ``E[rho | s=1, w] = (a + n/2) / (b + ||w||^2/2)``;
+        skipped while the active mass ``sum pi`` is below max(1, 1 % of the units), and kept
+        within [1e-6, 1e6] times He's ``fan_in / 2``."""
+        a, b, a_bar, _ = self._hyper_values(l)
+        pi = self._buf("pi", l)
+        mass = float(pi.sum())
+        if not mass >= max(1.0, 0.01 * pi.numel()):
+            return  # (almost) no active unit to measure the active scale on: keep it
+        m1 = float((pi * (a + 0.5 * n) / (b + 0.5 * sq)).sum()) / mass
+        J = pi.shape[1]
+        he = max(J * n, 1) / 2.0
+        if math.isfinite(m1) and m1 > 0:
+            b, b_bar = self._rates(min(max(m1, 1e-6 * he), 1e6 * he))
+            self._buf("hyper", l).copy_(torch.tensor([a, b, a_bar, b_bar], dtype=F64))
+
+    def _module_b(self, lams: list[Tensor]) -> SupportMessages:
+        return support_messages(
+            lams,
+            [self._buf("positions", l) for l in range(self._num_producers)],
+            self.num_channels,
+            p_channel=self.p_channel,
+            p_stay=self.p_stay,
+            p_start=self.p_start,
+            eps=self.eps,
+        )
+
+    @torch.no_grad()
+    def update(self, iterations: int | None = None) -> int:
+        """Run A <-> B rounds with the producers' current weights; returns the rounds run.
+
+        One round: module A computes every unit's evidence (collapsed: from ||w||^2 alone;
+        mean field: through q(rho), which depends on q(s)) and sends it to module B, which
+        returns the extrinsic prior message and the hub posteriors; module A sets
+        ``q(s) = sigmoid(prior message + evidence)``. Mean field repeats until q(s) moves by
+        less than ``tol`` (at most ``iterations``, default ``turbo_iterations``); collapsed
+        evidence does not depend on q(s), so its first round is already the fixed point.
+        Finally ``E[rho]``, the regulariser's weight, is refreshed from the final q(s).
+        """
+        if not self.attached:
+            return 0
+        iterations = self.turbo_iterations if iterations is None else int(iterations)
+        if self.evidence == "collapsed":
+            iterations = 1
+        L = self._num_producers
+        norms = [self._sq_norms(l) for l in range(L)]
+        if self.active_precision == "empirical" and self.b is None:
+            for l in range(L):
+                self._em_scale(l, *norms[l])
+        msg = None
+        done = 0
+        for _ in range(iterations):
+            lams = [self._evidence(l, self._buf("pi", l), *norms[l]) for l in range(L)]
+            msg = self._module_b(lams)
+            delta = 0.0
+            for l in range(L):
+                pi = support_update(msg.prior_logit[l], lams[l])
+                if pi.numel():
+                    delta = max(delta, float((pi - self._buf("pi", l)).abs().max()))
+                self._buf("pi", l).copy_(pi)
+                self._buf("prior_logit", l).copy_(msg.prior_logit[l])
+            done += 1
+            if delta < self.tol:
+                break
+        for l in range(L):
+            sq, n = norms[l]
+            self._buf("sq_norm", l).copy_(sq)
+            self._buf("erho", l).copy_(self._precision(l, self._buf("pi", l), sq, n))
+        if msg is not None:
+            self.channel_logit.copy_(msg.channel_logit)
+            self.covered.copy_(msg.covered)
+            self.active_prob.copy_(torch.where(msg.covered, torch.sigmoid(msg.channel_logit), torch.ones_like(msg.channel_logit)))
+        self._erho_cache = {}
+        self.last_iterations = done
+        return done
+
+    def q_rho(self, l: int):
+        """Producer l's q(rho) at the last update. Mean field: ``(a_tilde, b_tilde)``; collapsed:
+        ``((a + n/2, b + ||w||^2/2), (a_bar + n/2, b_bar + ||w||^2/2))``, i.e. q(rho | s=1), q(rho | s=0)."""
+        if l >= len(self._weights):
+            raise RuntimeError("q_rho needs the producer's weight shape: attach() first")
+        a, b, a_bar, b_bar = self._hyper_values(l)
+        _, n = self._units(self._weights[l])
+        sq, pi = self._buf("sq_norm", l), self._buf("pi", l)
+        if self.evidence == "collapsed":
+            return (torch.full_like(sq, a + 0.5 * n), b + 0.5 * sq), (torch.full_like(sq, a_bar + 0.5 * n), b_bar + 0.5 * sq)
+        return gamma_update(pi, sq, n, a, b, a_bar, b_bar)
+
+    def after_step(self) -> None:
+        """Count optimizer steps; every ``update_every``-th runs :meth:`update` (no grad)."""
+        self._steps += 1
+        if self._steps % self.update_every == 0:
+            self.update()
+
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        """No schedule: the updates run every ``update_every`` steps whatever the epoch."""
+        self._epoch = int(epoch)
+
+    def clip_(self) -> "TurboVBIGate":
+        """No parameters to clip."""
+        return self
+
+    # -- the regulariser ---------------------------------------------------------
+
+    def expected_precision(self, l: int) -> Tensor:
+        """E[rho] of producer l's units at the last update, [len(rows), J] (float64)."""
+        return self._buf("erho", l)
+
+    def kl(self) -> Tensor:
+        """The prior's feedback into SGD: ``0.5 * sum_units E[rho] ||w||^2`` over the producers'
+        live weights, E[rho] a constant (gradient ``E[rho] * w``). Zero before :meth:`attach`.
+        The negative ELBO's terms without gradient (KL of q(rho) and q(s), the normalisers)
+        are left out."""
+        total = None
+        for l, weight in enumerate(self._weights if self.attached else []):
+            rows = self._buf("rows", l)
+            if rows.numel() == 0:
+                continue
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            # written as 0.5 * sum (sqrt(E[rho]) w)^2: finite for huge weights, whose E[rho] is tiny
+            root = self._erho_cache.get(l)
+            if root is None or root.device != weight.device or root.dtype != dtype:
+                root = self.expected_precision(l).sqrt().to(device=weight.device, dtype=dtype).unsqueeze(-1)
+                self._erho_cache[l] = root
+            J, n = self._units(weight)
+            w = weight.index_select(0, rows.to(weight.device)).to(dtype).reshape(rows.numel(), J, n)
+            term = (0.5 * self.prior_weight) * (root * w).square().sum()
+            total = term if total is None else total + term.to(total.device)
+        if total is None:
+            return torch.zeros((), dtype=torch.float32, device=self.active_prob.device)
+        return total
+
+    # -- outputs -------------------------------------------------------------------
+
+    def active_probability(self) -> Tensor:
+        """P(t_c = 1 | evidence) per channel, [C] float64 (1 for channels without units)."""
+        return self.active_prob.clone()
+
+    def mask(self) -> Tensor:
+        """Channels kept: P(t_c = 1) > 0.5 (bool, [C])."""
+        return self.active_prob > 0.5
+
+    def deterministic(self) -> Tensor:
+        """Evaluation gate: 1.0 for kept channels, exactly 0.0 for rejected ones ([C], float32)."""
+        return self.mask().to(torch.float32)
+
+    def expected(self) -> Tensor:
+        """Same as :meth:`deterministic` (the gate has no multiplicative noise)."""
+        return self.deterministic()
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """[n, C]: the current 0/1 decision (``mask_in_training``, default) or all ones. No
+        multiplicative noise either way: the prior acts on the weights, through :meth:`kl`."""
+        if self.mask_in_training:
+            base = self.deterministic()
+        else:
+            base = torch.ones(self.num_channels, dtype=torch.float32, device=self.active_prob.device)
+        return base.unsqueeze(0).expand(int(n), self.num_channels).clone()
+
+    def kept(self) -> tuple[int, int]:
+        """(channels kept, channels gated)."""
+        return int(self.mask().sum()), self.num_channels
+
+    def forward(self, x: Tensor, channel_axis: int = 1) -> Tensor:
+        """``x`` times the gate on ``channel_axis`` (training: :meth:`sample`; evaluation: the decision)."""
+        g = self.sample(1)[0] if self.training else self.deterministic()
+        shape = [1] * x.dim()
+        shape[channel_axis % x.dim()] = self.num_channels
+        return x * g.reshape(shape).to(x.dtype)
+
+    # -- persistence ---------------------------------------------------------------
+
+    def get_extra_state(self):
+        return {"steps": self._steps, "epoch": self._epoch}
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, dict):
+            self._steps = int(state.get("steps", 0))
+            self._epoch = int(state.get("epoch", 0))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A state saved after attach() may be loaded into a gate not attached yet (or attached
+        # with other shapes): the per-producer buffers are (re)created from the state dict, and
+        # a later attach() with matching shapes keeps them.
+        count = 0
+        while f"{prefix}rows_{count}" in state_dict:
+            count += 1
+        same = count == self._num_producers and all(
+            tuple(self._buf(name, l).shape) == tuple(state_dict[f"{prefix}{name}_{l}"].shape)
+            for l in range(count)
+            for name in _STATE + _STRUCT
+            if f"{prefix}{name}_{l}" in state_dict
+        )
+        if not same:
+            self._drop_structure()
+            for l in range(count):
+                for name in _STATE + _STRUCT:
+                    ref = state_dict.get(f"{prefix}{name}_{l}")
+                    if ref is not None:
+                        self.register_buffer(f"{name}_{l}", torch.empty(ref.shape, dtype=ref.dtype, device=self.active_prob.device))
+            self._num_producers = count
+            self._restored = count > 0
+        self._erho_cache = {}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_channels={self.num_channels}, producers={self._num_producers}, evidence={self.evidence}, "
+            f"a={self.a}, a_bar={self.a_bar}, active_precision={self.active_precision}, "
+            f"inactive_precision={self.inactive_precision:g}, p_channel={self.p_channel}, p_stay={self.p_stay}, "
+            f"eps={self.eps}, update_every={self.update_every}"
+        )
