@@ -156,7 +156,7 @@ def paper_table(results: list[tuple[str, dict]]) -> str:
         rows.append([
             f"{net} / {cfg['data']} ({r.get('method', 'sbp').upper()})",
             f"{err['dense']:.2f} -> **{err['sbp']:.2f}**", paper_err,
-            f"{err['torch_pruning']:.2f}",
+            f"{err['torch_pruning']:.2f}" if "torch_pruning" in err else "-",
             "-".join(str(u) for u in r["units"]["sbp"]), paper.get("units", "-"),
             f"**{macs['dense'] / macs['sbp']:.2f}x**", _x(paper.get("flops_reduction")),
             f"{_x(_speedup(cpu, 'batch1', 'sbp'))} / **{_x(_speedup(cpu, 'batch64', 'sbp'))}**", _x(paper.get("cpu_speedup")),
@@ -193,6 +193,8 @@ def plot_error_vs_macs(results: list[tuple[str, dict]], path: Path) -> None:
              "torch_pruning": ("s", "#ee5253", "Torch-Pruning (same MACs)")}
     for ax, (run, r) in zip(axes.flat, results):
         for key, (marker, color, label) in style.items():
+            if key not in r["macs"]:
+                continue
             ax.scatter(r["macs"][key] / 1e6, r["error_pct"][key], marker=marker, s=90, color=color, label=label, zorder=3)
         ax.set_xscale("log")
         ax.set_title(run, fontsize=9)

@@ -120,7 +120,8 @@ def train(name: str, run: Run, args, work: Path) -> None:
         i, j = np.random.default_rng(0).permutation(len(x))[:1024], np.random.default_rng(1).permutation(len(xt))[:512]
         x, y, xt, yt = x[i], y[i], xt[j], yt[j]
     augment = augment_batch if raw else None
-    pre_epochs, epochs = (1, 2) if args.quick else (run.pretrain_epochs, args.epochs or run.epochs)
+    pre_epochs = 1 if args.quick else (args.pretrain_epochs if args.pretrain_epochs is not None else run.pretrain_epochs)
+    epochs = 2 if args.quick else (args.epochs or run.epochs)
     common = dict(batch_size=run.batch_size, seed=args.seed, device=device, augment=augment, amp=device.type == "cuda",
                   progress=not args.quiet)
     example = torch.zeros(1, *models.REGISTRY[run.model].input_shape)
@@ -162,7 +163,7 @@ def train(name: str, run: Run, args, work: Path) -> None:
         dense.to(device)
 
     # 4. Torch-Pruning baseline: same dense net, same MACs, same epochs of fine-tuning
-    if not (work / "tp.onnx").exists():
+    if not args.no_baseline and not (work / "tp.onnx").exists():
         target_macs = inspect_model(work / "pruned.onnx")[2].macs
         with timed(times, "torch_pruning_s", times_path):
             baseline = models.build(run.model, **run.model_kwargs)
@@ -170,6 +171,13 @@ def train(name: str, run: Run, args, work: Path) -> None:
             baseline = prune_to_macs(baseline.eval(), example, target_macs, ignore=run.tp_ignore)
             fit(baseline, x, y, epochs=epochs, lr=1e-3, lr_schedule="cosine", checkpoint=work / "tp.pt", desc="tp-finetune", **common)
             onnx.save(export_onnx(baseline.cpu().eval(), example), work / "tp.onnx")
+
+
+def _files(work: Path) -> dict[str, Path]:
+    """The models a run compares: the dense baseline, the pruned Bayesian one, Torch-Pruning's if trained."""
+    files = {"dense": work.parent / "dense.onnx" if not (work / "dense.onnx").exists() else work / "dense.onnx",
+             "sbp": work / "pruned.onnx", "torch_pruning": work / "tp.onnx"}
+    return {k: p for k, p in files.items() if p.exists()}
 
 
 def onnx_error(path: Path, x: np.ndarray, y: np.ndarray, providers) -> float:
@@ -203,13 +211,17 @@ def measure(name: str, run: Run, args, work: Path) -> dict:
     if args.quick:
         j = np.random.default_rng(1).permutation(len(xt))[:512]
         xt, yt = xt[j], yt[j]
-    files = {"dense": work / "dense.onnx", "sbp": work / "pruned.onnx", "torch_pruning": work / "tp.onnx"}
+    import onnxruntime
+
+    files = _files(work)
     out: dict = {"error_pct": {}, "macs": {}, "params": {}, "units": {}}
+    # Test errors on the GPU where there is one (the same ONNX models; latency below stays on 2 CPU threads).
+    providers = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else ["CPUExecutionProvider"]
     for key, path in files.items():
         cost = inspect_model(path)[2]
         out["macs"][key], out["params"][key] = cost.macs, cost.params
         out["units"][key] = units(path, run.gate_inputs)
-        out["error_pct"][key] = 100 * onnx_error(path, xt, yt, ["CPUExecutionProvider"])
+        out["error_pct"][key] = 100 * onnx_error(path, xt, yt, providers)
     shape = xt.shape[1:]
     out["latency_cpu"] = {"threads": 2}
     for batch in (1, 64):
@@ -232,7 +244,7 @@ def measure_cuda(run: Run, args, work: Path) -> dict:
     import models
 
     shape = models.REGISTRY[run.model].input_shape
-    files = {"dense": work / "dense.onnx", "sbp": work / "pruned.onnx", "torch_pruning": work / "tp.onnx"}
+    files = _files(work)
     return {f"batch{b}": cuda_latency(files, (b, *shape), rounds=args.rounds) for b in (1, 256)}
 
 
@@ -251,6 +263,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path)
     ap.add_argument("--rounds", type=int, default=30, help="interleaved latency rounds")
     ap.add_argument("--quick", action="store_true", help="tiny data and epochs: a smoke test of the script")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the Torch-Pruning baseline")
+    ap.add_argument("--pretrain-epochs", type=int, help="dense epochs (default per run)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -286,7 +300,8 @@ def main() -> None:
             "method": args.method,
             "machine": machine_info(),
             "config": {"model": run.model, "model_kwargs": run.model_kwargs, "data": run.data, "pretrained": bool(run.pretrained),
-                       "pretrain_epochs": run.pretrain_epochs, "epochs": args.epochs or run.epochs, "batch_size": run.batch_size,
+                       "pretrain_epochs": args.pretrain_epochs if args.pretrain_epochs is not None else run.pretrain_epochs,
+                       "epochs": args.epochs or run.epochs, "batch_size": run.batch_size,
                        "gate_lr": args.gate_lr, "optimizer": "Adam lr 1e-3, cosine decay", "quick": args.quick,
                        "gate_inputs": run.gate_inputs,
                        "trained_on": json.loads(device_file.read_text()) if device_file.exists() else None},

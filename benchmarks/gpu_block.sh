@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The runs that need a GPU, on the device machine (4 GPUs), in steps that fit 10-minute calls:
+#
+#   benchmarks/gpu_block.sh setup            # wheels from .whl/, decode CIFAR-10 once
+#   benchmarks/gpu_block.sh launch           # four training queues, one per GPU, in the background
+#   benchmarks/gpu_block.sh wait SECONDS     # keep the machine busy while they train; print progress
+#   benchmarks/gpu_block.sh measure          # errors, MACs, units, ORT CPU (2 threads) and CUDA latency
+#   benchmarks/gpu_block.sh latency          # the --target ort-cuda table (benchmarks/latency_targets.py)
+#   benchmarks/gpu_block.sh pack             # result files to $OUT
+#
+# Data travels in .gpu-data/ (ignored): cifar10-jpeg/ and pretrained/resnet-cifar10/ from
+# ../shared/data, mnist/. onnxruntime-gpu is staged to /tmp/site with ../shared/tools/device-stage.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=/tmp/site:$PWD
+export ONNXPRUNE_DATA=$PWD/.gpu-data
+export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
+LOG=/tmp/gpu_runs
+RUN="python3 benchmarks/paper_table.py"
+
+queue() {  # queue INDEX GPU "RUN METHOD [flags]" ...
+  local i=$1 gpu=$2; shift 2
+  {
+    for spec in "$@"; do
+      echo "=== $spec $(date +%T)"
+      # shellcheck disable=SC2086
+      CUDA_VISIBLE_DEVICES=$gpu $RUN $spec --device cuda --stage train --quiet 2>&1 | grep -v Warning | tail -4
+    done
+    echo "=== queue $i done $(date +%T)"
+    touch "$LOG/q$i.done"
+  } > "$LOG/q$i.log" 2>&1
+}
+
+case "${1:-}" in
+  setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+    python3 - <<'PY'
+import time
+from onnxprune.data import load_dataset
+t = time.time()
+for split in ("train", "test"):
+    x, y = load_dataset("cifar10", split=split, as_uint8=True)
+    print(split, x.shape, y.shape)
+print(f"CIFAR-10 decoded in {time.time() - t:.1f} s")
+PY
+    nvidia-smi -L
+    python3 -c "import torch, onnxruntime as o; print(torch.__version__, torch.cuda.device_count(), o.__version__, o.get_available_providers())"
+    ;;
+  launch)
+    rm -rf "$LOG"; mkdir -p "$LOG"
+    export -f queue; export RUN LOG
+    setsid nohup bash -c 'queue 0 0 "cifar-vgg15 --method sbp"' >/dev/null 2>&1 &
+    setsid nohup bash -c 'queue 1 1 "cifar-vgg --method sbp" "cifar-vgg --method rbp --no-baseline" "cifar-vgg --method turbo-vbi --no-baseline"' >/dev/null 2>&1 &
+    setsid nohup bash -c 'queue 2 2 "cifar-resnet56 --method sbp" "mnist-lenet300 --method sbp" "mnist-lenet300 --method rbp --no-baseline" "mnist-lenet300 --method turbo-vbi --no-baseline"' >/dev/null 2>&1 &
+    setsid nohup bash -c 'queue 3 3 "mnist-lenet500 --method sbp" "mnist-lenet5 --method sbp" "mnist-lenet5 --method rbp --no-baseline" "mnist-lenet5 --method turbo-vbi --no-baseline"' >/dev/null 2>&1 &
+    sleep 5; echo launched; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
+    ;;
+  wait)
+    limit=${2:-540}; start=$(date +%s)
+    while [ $(( $(date +%s) - start )) -lt "$limit" ]; do
+      n=$(ls "$LOG"/q*.done 2>/dev/null | wc -l)
+      [ "$n" -ge 4 ] && break
+      sleep 15
+    done
+    for f in "$LOG"/q*.log; do echo "--- $f"; tail -6 "$f"; done
+    ls "$LOG"/q*.done 2>/dev/null
+    for d in benchmarks/work/*/; do
+      python3 - "$d" <<'PY'
+import sys, json, pathlib, torch
+d = pathlib.Path(sys.argv[1])
+for ck in sorted(d.rglob("*.pt")):
+    if ck.name.endswith("_final.pt"):
+        continue
+    try:
+        s = torch.load(ck, map_location="cpu", weights_only=False)
+        h = s["history"][-1]
+        print(f"{ck}: epoch {s['epoch']} acc {h['accuracy']:.4f} kept {h['kept_fraction']:.3f} {h['seconds']:.1f}s/epoch")
+    except Exception as e:
+        print(ck, type(e).__name__)
+PY
+    done
+    ;;
+  measure)
+    for spec in "cifar-vgg15 --method sbp" "cifar-vgg --method sbp" "cifar-vgg --method rbp" "cifar-vgg --method turbo-vbi" \
+                "cifar-resnet56 --method sbp" "mnist-lenet500 --method sbp" "mnist-lenet5 --method sbp" "mnist-lenet5 --method rbp" \
+                "mnist-lenet5 --method turbo-vbi" "mnist-lenet300 --method sbp" "mnist-lenet300 --method rbp" "mnist-lenet300 --method turbo-vbi"; do
+      # shellcheck disable=SC2086
+      $RUN $spec --stage measure --rounds 15 --quiet 2>&1 | tail -1
+      # shellcheck disable=SC2086
+      $RUN $spec --stage measure-cuda --rounds 20 --quiet 2>&1 | tail -1
+    done
+    ;;
+  latency)
+    python3 benchmarks/latency_targets.py --target ort-cuda --batch 1 64 --models ${2:-mobilenetv2 mnasnet resnet50} \
+      --skip-cli --rounds 20 --budget 30 2>&1 | grep -v Warning | tail -12
+    ;;
+  pack)
+    mkdir -p "$OUT"
+    tar czf "$OUT/results.tgz" benchmarks/results
+    ls -la "$OUT"
+    ;;
+  *)
+    sed -n 2,12p "$0"; exit 2 ;;
+esac
