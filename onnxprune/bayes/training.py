@@ -144,9 +144,9 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
         history = History([EpochStats(**e) for e in state["history"]])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # map_location moved the saved state to ``device``
         if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
     train_model: nn.Module = base
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
