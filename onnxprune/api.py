@@ -254,8 +254,11 @@ def prune_model(
     policy = width_policy or (round_to(round_to_n) if round_to_n and round_to_n > 1 else None)
     runtime_target = make_target(target, threads=threads, batch=batch)
     if policy is not None or runtime_target is None:  # --round-to is the manual override of --target
+        from passes import preparation
+
         return run_passes(
-            model_or_path, [PruneChannelsPass(policy)], output=output, verify=verify, external_data=external_data, progress=progress
+            model_or_path, [*preparation(), PruneChannelsPass(policy)], output=output, verify=verify,
+            external_data=external_data, progress=progress,
         )
     from onnxprune.latency.guarantee import prune_for_target
 
@@ -294,13 +297,11 @@ class Pruner:
     """
 
     def __init__(self, loaded: LoadedModel) -> None:
-        from passes import PROVIDERS
-        from passes.fold_constants import FoldConstantsPass
-        from passes.structure import InferShapesPass
+        from passes import PROVIDERS, preparation
 
         self.loaded = loaded
         self.graph = to_graph(loaded.model)
-        PassManager([FoldConstantsPass(), InferShapesPass()], PROVIDERS).run(self.graph)
+        self.prepared = PassManager(preparation(), PROVIDERS).run(self.graph)
         self.graph.toposort()
         self.before = model_cost(self.graph)
         self.analysis = analyze(self.graph)
@@ -317,6 +318,7 @@ class Pruner:
             output=None,
             before=self.before,
             after=after,
+            passes=list(self.prepared),
             timings={"analysis+rewrite": time.perf_counter() - t},
             plan=plan,
         )
@@ -329,13 +331,11 @@ class Pruner:
 
 def inspect_model(model_or_path: onnx.ModelProto | str | os.PathLike[str]) -> tuple[ChannelAnalysis, PrunePlan, CostSummary, LoadedModel]:
     """Analyse a model without changing it: channel groups, dead channels, barriers, cost."""
-    from passes import PROVIDERS
-    from passes.fold_constants import FoldConstantsPass
-    from passes.structure import InferShapesPass
+    from passes import PROVIDERS, preparation
 
     loaded = as_loaded(model_or_path)
     graph = to_graph(loaded.model)
-    PassManager([FoldConstantsPass(), InferShapesPass()], PROVIDERS).run(graph)
+    PassManager(preparation(), PROVIDERS).run(graph)
     graph.toposort()
     analysis = analyze(graph)
     return analysis, make_plan(analysis), model_cost(graph), loaded

@@ -9,6 +9,8 @@ from onnxprune.pass_infra import GraphPass
 from passes.fold_batchnorm import FoldBatchNormPass
 from passes.fold_bias_add import FoldBiasAddPass
 from passes.fold_constants import FoldConstantsPass
+from passes.fold_input_scale import FoldInputScalePass
+from passes.flush_subnormals import FlushSubnormalsPass
 from passes.prune_channels import PruneChannelsPass
 from passes.remove_identity import RemoveIdentityPass
 from passes.structure import CleanupPass, InferShapesPass, ToposortPass
@@ -23,6 +25,8 @@ PASSES: dict[str, type[GraphPass]] = {
         RemoveIdentityPass,
         FoldBatchNormPass,
         FoldBiasAddPass,
+        FoldInputScalePass,
+        FlushSubnormalsPass,
         PruneChannelsPass,
     )
 }
@@ -36,6 +40,12 @@ PROVIDERS: dict[str, Callable[[], GraphPass]] = {
 }
 
 
+def preparation() -> list[GraphPass]:
+    """The passes run before channel analysis: constants folded, subnormal weights zeroed,
+    input scales folded into weights (so zero scales read as dead features), shapes inferred."""
+    return [FoldConstantsPass(), FlushSubnormalsPass(), InferShapesPass(), FoldInputScalePass(), InferShapesPass()]
+
+
 def make_passes(names: list[str]) -> list[GraphPass]:
     """Instantiate passes by name; an unknown name is a PassError listing the known ones."""
     out = []
@@ -46,4 +56,4 @@ def make_passes(names: list[str]) -> list[GraphPass]:
     return out
 
 
-__all__ = ["PASSES", "PROVIDERS", "make_passes"]
+__all__ = ["PASSES", "PROVIDERS", "make_passes", "preparation"]

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.channels.analysis import ChannelAnalysis, ChannelGroup
 from onnxprune.channels.rules import RULES
+from onnxprune.graphutil import constant_value
 
 class WidthPolicy(Protocol):
     """Chooses how many channels a layer tensor keeps: at least ``needed``, at most ``total``.
@@ -206,6 +207,26 @@ MIN_READ_DROP = 0.1
 READ_DROP_OPS = ("Gemm", "MatMul")  # a Gather of a feature vector is cheap; of a feature map, not
 
 
+def _zero_weight_columns(node, tensor: str, features: int) -> np.ndarray:
+    """Features of ``tensor`` (the data input of a Gemm/MatMul) whose weights are all zero:
+    the layer ignores them whatever they hold (e.g. input pixels a folded gate rejected)."""
+    none = np.zeros(features, dtype=bool)
+    if len(node.inputs) < 2 or node.inputs[0].name != tensor:
+        return none
+    w = constant_value(node.inputs[1])
+    if w is None or w.ndim != 2:
+        return none
+    if node.op == "Gemm":
+        if int(node.attrs.get("transA", 0)):
+            return none
+        cols = w.T if int(node.attrs.get("transB", 0)) else w  # one row per input feature
+    else:
+        cols = w
+    if cols.shape[0] != features:
+        return none
+    return ~cols.any(axis=1)
+
+
 def _read_drops(analysis: ChannelAnalysis, remove: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
     """Zero channels that cannot be deleted because their producer cannot drop them (they come from
     a graph input, e.g. input features a gate rejected, or from an op no rule covers): the layers
@@ -223,7 +244,8 @@ def _read_drops(analysis: ChannelAnalysis, remove: np.ndarray) -> dict[tuple[str
         if read.kind is ReadKind.BARRIER or read.index is not None or node is None or node.op not in READ_DROP_OPS:
             continue
         comps = analysis.components_of(read.tensor)
-        drop = (analysis.ctx.values[read.tensor] == 0) & ~remove[comps] & analysis.pinned[comps] & ~analysis.needed[comps]
+        ignored = (analysis.ctx.values[read.tensor] == 0) | _zero_weight_columns(node, read.tensor, len(comps))
+        drop = ignored & ~remove[comps] & analysis.pinned[comps] & ~analysis.needed[comps]
         kept = int((~remove[comps]).sum())
         if drop.any() and drop.sum() >= MIN_READ_DROP * kept and drop.sum() < kept:
             drops[(read.node, read.tensor)] = drop

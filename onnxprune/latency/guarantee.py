@@ -9,6 +9,7 @@ The report records every attempt.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -42,6 +43,15 @@ def time_side_by_side(target: Target, reference, candidates: dict[str, onnx.Mode
 
 def _removed(result: RunResult) -> int:
     return result.report.plan.removed_channels if result.report.plan else 0
+
+
+def _changes(result: RunResult) -> bool:
+    return bool(result.report.plan and result.report.plan.changes_graph)
+
+
+# Timed beside a candidate whose layers skip zero inputs through a Gather (read drops): the
+# same widths with every input read. The Gather's copy can cost more than the columns it saves.
+READS_ALL = "{}, every input read"
 
 
 def prune_for_target(
@@ -82,11 +92,14 @@ def prune_for_target(
             plan = LatencyPlanner(target, cache, alt)(pruner.analysis)
             if not any(np.array_equal(plan.remove, c.report.plan.remove) for c in candidates.values()):
                 candidates[alt] = pruner.build(plan)
+    for name, r in list(candidates.items()):
+        if r.report.plan.read_drops and r.report.plan.remove.any():
+            candidates[READS_ALL.format(name)] = pruner.build(dataclasses.replace(r.report.plan, read_drops={}))
     search_s = time.perf_counter() - t
     attempts: list[dict] = []
     t = time.perf_counter()
     winner = None
-    pruning = {k: r for k, r in candidates.items() if _removed(r)}
+    pruning = {k: r for k, r in candidates.items() if _changes(r)}
     if not pruning:
         attempts.append({"attempt": ATTEMPTS[0], "removed_channels": 0, "accepted": True,
                          "why": "no channel removed: the model is unchanged"})
@@ -104,7 +117,7 @@ def prune_for_target(
                 break
             result = pruner.build(LatencyPlanner(target, cache, attempt)(pruner.analysis))
             last = i == len(ATTEMPTS) - 1
-            if not _removed(result):
+            if not _changes(result):
                 attempts.append({"attempt": attempt, "removed_channels": 0, "accepted": True,
                                  "why": "no channel removed: the model is unchanged"})
                 winner = result
