@@ -10,12 +10,12 @@ def cuda_latency(files: dict, shape: tuple[int, ...], *, rounds: int = 30) -> di
     import onnxruntime
 
     from onnxprune.latency.timing import interleaved
+    from onnxprune.runtime import session_options
 
     x = onnxruntime.OrtValue.ortvalue_from_numpy(np.random.default_rng(0).random(shape, dtype=np.float32), "cuda", 0)
     runners = {}
     for key, path in files.items():
-        so = onnxruntime.SessionOptions()
-        so.log_severity_level = 3
+        so = session_options()  # joins the process-wide CPU pool when one is set up
         session = onnxruntime.InferenceSession(str(path), so, providers=["CUDAExecutionProvider"])
         binding = session.io_binding()
         binding.bind_ortvalue_input(session.get_inputs()[0].name, x)

@@ -5,6 +5,7 @@
 #   benchmarks/gpu_block.sh launch           # four training queues, one per GPU, in the background
 #   benchmarks/gpu_block.sh wait SECONDS     # keep the machine busy while they train; print progress
 #   benchmarks/gpu_block.sh measure          # errors, MACs, units, ORT CPU (2 threads) and CUDA latency
+#   benchmarks/gpu_block.sh measure-cuda     # only the CUDA latency, added to the results of measure
 #   benchmarks/gpu_block.sh latency          # the --target ort-cuda table (benchmarks/latency_targets.py)
 #   benchmarks/gpu_block.sh pack             # result files to $OUT
 #
@@ -17,6 +18,9 @@ export ONNXPRUNE_DATA=$PWD/.gpu-data
 export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 LOG=/tmp/gpu_runs
 RUN="python3 benchmarks/paper_table.py"
+# Results go outside the repository copy: each device call syncs the tree to the local checkout,
+# which would delete result folders the checkout does not have yet.
+RESULTS=${PAPER_RESULTS:-/tmp/paper-results}
 
 queue() {  # queue INDEX GPU "RUN METHOD [flags]" ...
   local i=$1 gpu=$2; shift 2
@@ -80,14 +84,20 @@ for ck in sorted(d.rglob("*.pt")):
 PY
     done
     ;;
-  measure)
+  measure|measure-cuda)
+    # measure: errors, MACs, ORT CPU latency, then CUDA latency; measure-cuda: only the CUDA latency
+    W=benchmarks/work
     for spec in "cifar-vgg15 --method sbp" "cifar-vgg --method sbp" "cifar-vgg --method rbp" "cifar-vgg --method turbo-vbi" \
-                "cifar-resnet56 --method sbp" "mnist-lenet500 --method sbp" "mnist-lenet5 --method sbp" "mnist-lenet5 --method rbp" \
-                "mnist-lenet5 --method turbo-vbi" "mnist-lenet300 --method sbp" "mnist-lenet300 --method rbp" "mnist-lenet300 --method turbo-vbi"; do
+                "mnist-lenet500 --method sbp" "mnist-lenet5 --method sbp" "mnist-lenet5 --method rbp --work $W/l5-rbp" \
+                "mnist-lenet5 --method turbo-vbi --work $W/l5-tvbi" "mnist-lenet300 --method sbp" \
+                "mnist-lenet300 --method rbp --work $W/l300-rbp" "mnist-lenet300 --method turbo-vbi --work $W/l300-tvbi" \
+                ${EXTRA_SPEC:+"$EXTRA_SPEC"}; do
+      if [ "$1" = measure ]; then
+        # shellcheck disable=SC2086
+        $RUN $spec --stage measure --rounds 15 --quiet --results "$RESULTS" 2>&1 | tail -1
+      fi
       # shellcheck disable=SC2086
-      $RUN $spec --stage measure --rounds 15 --quiet 2>&1 | tail -1
-      # shellcheck disable=SC2086
-      $RUN $spec --stage measure-cuda --rounds 20 --quiet 2>&1 | tail -1
+      $RUN $spec --stage measure-cuda --rounds 20 --quiet --results "$RESULTS" 2>&1 | tail -1
     done
     ;;
   latency)
@@ -96,7 +106,7 @@ PY
     ;;
   pack)
     mkdir -p "$OUT"
-    tar czf "$OUT/results.tgz" benchmarks/results
+    tar czf "$OUT/results.tgz" -C "$RESULTS" .
     ls -la "$OUT"
     ;;
   *)

@@ -57,7 +57,8 @@ def macs_of(model) -> int:
     return inspect_model(model)[2].macs
 
 
-def run_model(name: str, args, target_name: str, cache_dir: Path) -> dict:
+def run_model(name: str, args, target_name: str, cache_dir: Path, out: dict, on_batch=lambda: None) -> None:
+    """Measure one model at every batch size into ``out`` (``on_batch`` after each)."""
     from onnxprune.api import inspect_model, prune_model
     from onnxprune.latency.cache import LatencyCache
     from onnxprune.latency.search import choose_widths
@@ -65,7 +66,7 @@ def run_model(name: str, args, target_name: str, cache_dir: Path) -> dict:
     from onnxprune.runtime import make_session
 
     dead, shape, killed = build(name, args.seed)
-    out = {"model": name, "channels_killed": killed}
+    out.update({"model": name, "channels_killed": killed})
     # Cold calibration for this model alone (a fresh cache file), then prune with the warm cache.
     batches = args.batch
     for batch in batches:
@@ -115,7 +116,7 @@ def run_model(name: str, args, target_name: str, cache_dir: Path) -> dict:
         print(f"[{name} b{batch}] input {ms['input']:.3g} ms | none {ms['none']:.3g} | round16 {ms['round16']:.3g} | "
               f"target {ms['target']:.3g} (noise {noise:.1%}); calibration {calib_s:.1f} s; "
               f"attempt '{result.report.latency['accepted']}'", flush=True)
-    return out
+        on_batch()
 
 
 def extra_time(args, target_name: str, cache_dir: Path, work: Path) -> dict:
@@ -158,27 +159,26 @@ def main() -> None:
     import models
 
     names = args.models or models.names()
+    config = {"target": args.target, "threads": args.threads, "batch": args.batch, "dead_fraction": DEAD_FRACTION,
+              "rounds": args.rounds, "seed": args.seed}
+    run = f"latency-{args.target}" + ("" if args.models is None else "-" + "-".join(args.models))
     work = Path(tempfile.mkdtemp(prefix="onnxprune-latency-"))
     cache_dir = work / "cache"
     os.environ["ONNXPRUNE_CACHE_DIR"] = str(cache_dir / "api")
-    rows = []
+    rows, cli = [], None
+
+    def save(complete: bool) -> Path:  # after every batch: a run cut short by a time limit keeps what it measured
+        return write_result(run, {"benchmark": "latency-targets", "machine": machine_info(), "config": config,
+                                  "complete": complete, "models": rows, "cli_extra_time_resnet50": cli}, args.results)
+
     try:
         for name in names:
-            rows.append(run_model(name, args, args.target, cache_dir))
+            rows.append({})
+            run_model(name, args, args.target, cache_dir, rows[-1], on_batch=lambda: save(False))
         cli = None if args.skip_cli else extra_time(args, args.target, cache_dir, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {
-        "benchmark": "latency-targets",
-        "machine": machine_info(),
-        "config": {"target": args.target, "threads": args.threads, "batch": args.batch, "dead_fraction": DEAD_FRACTION,
-                   "rounds": args.rounds, "seed": args.seed},
-        "models": rows,
-        "cli_extra_time_resnet50": cli,
-    }
-    run = f"latency-{args.target}" + ("" if args.models is None else "-" + "-".join(args.models))
-    path = write_result(run, result, args.results)
-    print(f"wrote {path}")
+    print(f"wrote {save(True)}")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,8 @@ def latency_section(run: str, r: dict) -> str:
                f"{cfg['threads']} threads; medians of up to {cfg['rounds']} interleaved rounds, all variants of a model "
                "in one run. Noise floor: the input file timed in two sessions against each other. "
                "`--round-to 16` gives the widths Torch-Pruning's fixed `round_to=16` gives.\n")
+    if r.get("complete") is False:
+        out.append("**Incomplete run:** " + r.get("source", "the script stopped before every model was measured") + "\n")
     for batch in cfg["batch"]:
         rows = []
         ok_all = {"target <= input": 0, "target <= none": 0, "target <= round16": 0}
@@ -139,34 +141,81 @@ PAPER_NAMES = {"lenet500": "LeNet-500-300", "lenet5": "LeNet5-Caffe", "vgg_cifar
                "lenet300": "LeNet-300-100"}
 
 
+def _net_name(cfg: dict) -> str:
+    net = PAPER_NAMES.get(cfg["model"], cfg["model"])
+    if cfg["model"] == "vgg_cifar":
+        net += f" x{cfg['model_kwargs'].get('width', 1.0):g}"
+    return f"{net} / {cfg['data']}"
+
+
+def _speedups(r: dict, key: str) -> tuple[str, str]:
+    cpu, gpu = r.get("latency_cpu", {}), r.get("latency_cuda")
+    cpu_s = f"{_x(_speedup(cpu, 'batch1', key))} / **{_x(_speedup(cpu, 'batch64', key))}**"
+    gpu_s = f"{_x(_speedup(gpu, 'batch1', key))} / {_x(_speedup(gpu, 'batch256', key))}" if gpu else "not measured"
+    return cpu_s, gpu_s
+
+
 def paper_table(results: list[tuple[str, dict]]) -> str:
-    """One table for every paper-table result: ours beside the paper's numbers."""
+    """The SBP rows: ours beside the paper's numbers, with the Torch-Pruning baseline at the same MACs."""
     rows = []
     for run, r in results:
         cfg, paper = r["config"], r.get("paper", {})
-        net = PAPER_NAMES.get(cfg["model"], cfg["model"])
-        if cfg["model"] == "vgg_cifar":
-            net += f" x{cfg['model_kwargs'].get('width', 1.0):g}"
-        err = r["error_pct"]
-        macs = r["macs"]
-        cpu, gpu = r.get("latency_cpu", {}), r.get("latency_cuda")
+        err, macs = r["error_pct"], r["macs"]
         paper_err = f"{paper['error']}" if "error" in paper else "-"
         if "dense_error" in paper:
             paper_err += f" (dense {paper['dense_error']})"
+        cpu_s, gpu_s = _speedups(r, "pruned")
         rows.append([
-            f"{net} / {cfg['data']} ({r.get('method', 'sbp').upper()})",
-            f"{err['dense']:.2f} -> **{err['sbp']:.2f}**", paper_err,
+            _net_name(cfg), f"{err['dense']:.2f} -> **{err['pruned']:.2f}**", paper_err,
             f"{err['torch_pruning']:.2f}" if "torch_pruning" in err else "-",
-            "-".join(str(u) for u in r["units"]["sbp"]), paper.get("units", "-"),
-            f"**{macs['dense'] / macs['sbp']:.2f}x**", _x(paper.get("flops_reduction")),
-            f"{_x(_speedup(cpu, 'batch1', 'sbp'))} / **{_x(_speedup(cpu, 'batch64', 'sbp'))}**", _x(paper.get("cpu_speedup")),
-            f"{_x(_speedup(gpu, 'batch1', 'sbp'))} / {_x(_speedup(gpu, 'batch256', 'sbp'))}" if gpu else "not measured",
-            _x(paper.get("gpu_speedup")),
+            "-".join(str(u) for u in r["units"]["pruned"]), paper.get("units", "-"),
+            f"**{macs['dense'] / macs['pruned']:.2f}x**", _x(paper.get("flops_reduction")),
+            cpu_s, _x(paper.get("cpu_speedup")), gpu_s, _x(paper.get("gpu_speedup")),
         ])
-    head = ["net / data (method)", "test error % dense -> pruned", "paper error %", "Torch-Pruning error % (same MACs)",
+    head = ["net / data", "test error % dense -> SBP", "paper error %", "Torch-Pruning error % (same MACs)",
             "units kept", "paper units", "MAC reduction", "paper FLOPs red.", "ORT CPU speed-up b1 / b64",
             "paper CPU", "ORT CUDA speed-up b1 / b256", "paper GPU"]
     return md_table(head, rows)
+
+
+METHOD_NAMES = {"sbp": "SBP", "rbp": "RBP", "turbo-vbi": "Turbo-VBI"}
+
+
+def methods_table(results: list[tuple[str, dict]]) -> str:
+    """SBP, RBP and Turbo-VBI side by side on every net trained with more than one of them."""
+    by_net: dict[str, list[dict]] = {}
+    for _, r in results:
+        by_net.setdefault(_net_name(r["config"]), []).append(r)
+    rows = []
+    for net, rs in by_net.items():
+        if len(rs) < 2:
+            continue
+        for r in sorted(rs, key=lambda r: list(METHOD_NAMES).index(r["method"])):
+            err, macs, method = r["error_pct"], r["macs"], r["method"]
+            cpu_s, gpu_s = _speedups(r, "pruned")
+            seconds = r.get("stage_times_s", {}).get(f"{method}_training_s")
+            rows.append([net, METHOD_NAMES[method], f"{err['dense']:.2f} -> **{err['pruned']:.2f}**",
+                         "-".join(str(u) for u in r["units"]["pruned"]), f"{macs['dense'] / macs['pruned']:.2f}x",
+                         f"{r['params']['dense'] / r['params']['pruned']:.2f}x", cpu_s, gpu_s,
+                         f"{r['config']['epochs']} ({seconds:.0f} s)" if seconds else str(r["config"]["epochs"])])
+    head = ["net / data", "method", "test error % dense -> pruned", "units kept", "MAC reduction", "parameter reduction",
+            "ORT CPU speed-up b1 / b64", "ORT CUDA speed-up b1 / b256", "Bayesian epochs (time)"]
+    return md_table(head, rows)
+
+
+def _schedule_note(run: str, r: dict) -> str:
+    """Where a row was trained and for how long; flags schedules cut below the script's default."""
+    from benchmarks.paper_table import RUNS
+
+    cfg = r["config"]
+    name = run.rsplit("-", 1)[0]
+    default = RUNS[name].epochs if name in RUNS else None
+    where = cfg.get("trained_on") or {}
+    short = f" (**cut short**: the script's default is {default})" if default and cfg["epochs"] < default else ""
+    pre = "pretrained checkpoint" if cfg.get("pretrained") else f"{cfg.get('pretrain_epochs', '?')} dense epochs"
+    times = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in r.get("stage_times_s", {}).items())
+    return (f"{run}: {pre}, {cfg['epochs']} Bayesian epochs{short}, on {where.get('gpu') or where.get('device', '?')}; "
+            f"{times}. Latency CPU: {r['machine'].get('cpu', '?')} ({r['machine'].get('cpu_count', '?')} cores, 2 threads used)")
 
 
 HEADER = """# Benchmarks
@@ -179,31 +228,45 @@ interleaved runs measured side by side in one process.
 
 
 def plot_error_vs_macs(results: list[tuple[str, dict]], path: Path) -> None:
-    """One panel per run: test error against MACs for dense, Bayesian-pruned and Torch-Pruning."""
+    """One panel per net: test error against MACs for dense, every Bayesian method and Torch-Pruning."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    n = len(results)
+    by_net: dict[str, list[dict]] = {}
+    for _, r in results:
+        by_net.setdefault(_net_name(r["config"]), []).append(r)
+    n = len(by_net)
     cols = min(3, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    style = {"dense": ("o", "#8395a7", "dense"), "sbp": ("*", "#2e86de", "Bayesian + onnxprune"),
-             "torch_pruning": ("s", "#ee5253", "Torch-Pruning (same MACs)")}
-    for ax, (run, r) in zip(axes.flat, results):
-        for key, (marker, color, label) in style.items():
-            if key not in r["macs"]:
-                continue
-            ax.scatter(r["macs"][key] / 1e6, r["error_pct"][key], marker=marker, s=90, color=color, label=label, zorder=3)
-        ax.set_xscale("log")
-        ax.set_title(run, fontsize=9)
-        ax.set_xlabel("MACs (millions, log)")
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.5 * rows), squeeze=False)
+    method_style = {"sbp": ("*", "#2e86de"), "rbp": ("D", "#10ac84"), "turbo-vbi": ("^", "#ff9f43")}
+    for ax, (net, rs) in zip(axes.flat, by_net.items()):
+        points = {}
+        for r in rs:
+            points["dense"] = (r["macs"]["dense"], r["error_pct"]["dense"], "o", "#8395a7")
+            marker, color = method_style[r["method"]]
+            points[f"{METHOD_NAMES[r['method']]} + onnxprune"] = (r["macs"]["pruned"], r["error_pct"]["pruned"], marker, color)
+            if "torch_pruning" in r["macs"]:
+                points["Torch-Pruning (same MACs as SBP)"] = (r["macs"]["torch_pruning"], r["error_pct"]["torch_pruning"], "s", "#ee5253")
+        for label, (m, e, marker, color) in points.items():
+            ax.scatter(m / 1e6, e, marker=marker, s=110 if marker == "*" else 70, color=color, label=label, zorder=3,
+                       alpha=0.85, edgecolors="white", linewidths=0.5)
+        macs = [p[0] / 1e6 for p in points.values()]
+        if max(macs) / min(macs) > 20:
+            ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_title(net, fontsize=9)
+        ax.set_xlabel("MACs (millions)")
         ax.set_ylabel("test error %")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -214,25 +277,30 @@ def main() -> None:
     paper = [(p.parent.name, json.loads(p.read_text())) for p in sorted(RESULTS.glob("*/result.json"))]
     paper = [(run, r) for run, r in paper if r.get("benchmark") == "paper-table" and not r["config"].get("quick")]
     if paper:
-        machines = {json.dumps(r["machine"].get("cpu")) for _, r in paper}
         plot_error_vs_macs(paper, RESULTS / "paper_error_vs_macs.png")
+        sbp = [(run, r) for run, r in paper if r["method"] == "sbp"]
         parts.append("### The SBP paper's table, reproduced and measured on ONNX Runtime\n")
         parts.append(
-            "Scripts: `python benchmarks/paper_table.py RUN` (one per row); CUDA columns from `--stage measure-cuda` on the GPU "
+            "Scripts: `python benchmarks/paper_table.py RUN --method METHOD` (one per row; results in "
+            "`benchmarks/results/RUN-METHOD/`); CUDA columns from `--stage measure-cuda` on the GPU "
             "machine. Errors are on the test set, computed by ONNX Runtime on the exported dense and pruned models. CIFAR rows use "
-            "the JPEG copy of CIFAR-10, so they are compared with our own dense baseline trained on the same data, never with "
-            "published numbers. Speed-ups: median latency of the dense model over the pruned one, timed side by side "
-            "(CPU: one shared ORT pool of 2 threads; CUDA: I/O bound on the device). The paper measured its speed-ups in its "
-            "own framework. Torch-Pruning: L2-magnitude pruning of the same dense net to the same MACs, fine-tuned for as "
-            "many epochs as the Bayesian run.\n"
+            "the JPEG copy of CIFAR-10 (its artefacts cost about 10 points against published numbers), so they are compared "
+            "with our own dense baseline on the same data, never with the literature. Units: the width of every layer but the "
+            "classifier (for the MLPs, the input pixels kept first). Speed-ups: median latency of the dense model over the pruned "
+            "one, timed side by side (CPU: one shared ORT pool of 2 threads; CUDA: I/O bound on the device). The paper measured "
+            "its speed-ups in its own framework. Torch-Pruning: L2-magnitude pruning of the same dense net to the same MACs as "
+            "the SBP model, fine-tuned for as many epochs.\n"
         )
-        parts.append(paper_table(paper))
-        notes = [f"{run}: trained on {r['config'].get('trained_on')}, {r['config']['epochs']} Bayesian epochs; stage times "
-                 + ", ".join(f"{k} {v:.0f} s" for k, v in r.get("stage_times_s", {}).items()) for run, r in paper]
-        parts.append("\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-        parts.append("CPU machine: " + ", ".join(sorted(machines)) + ". "
-                     + ("CUDA: " + next((r["machine_cuda"].get("gpu", "?") for _, r in paper if r.get("machine_cuda")), "not measured") + ".")
-                     + "\n\n![error vs MACs](benchmarks/results/paper_error_vs_macs.png)\n")
+        parts.append(paper_table(sbp))
+        parts.append("\n### SBP vs RBP vs Turbo-VBI\n")
+        parts.append("Same dense starting point, same epochs, same export and `onnxprune prune` for every method of a net "
+                     "(`--method sbp|rbp|turbo-vbi`).\n")
+        parts.append(methods_table(paper))
+        parts.append("\nHow each row was trained and measured:\n")
+        parts.append("\n".join(f"- {_schedule_note(run, r)}" for run, r in paper) + "\n")
+        cuda = next((r["machine_cuda"] for _, r in paper if r.get("machine_cuda")), None)
+        parts.append("CUDA latencies: " + (machine_line(cuda).removeprefix("Measured on: ") if cuda else "not measured") + ".\n")
+        parts.append("\n![error vs MACs](benchmarks/results/paper_error_vs_macs.png)\n")
     for path in sorted(RESULTS.glob("*/result.json")):
         r = json.loads(path.read_text())
         if r.get("benchmark") == "paper-table":

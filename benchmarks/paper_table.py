@@ -20,7 +20,7 @@ CUDA provider exists: batch 1 and 256), all variants timed side by side.
 
 Stages checkpoint into --work (default benchmarks/work/RUN, ignored by git), so
 a run resumes after an interruption (e.g. a 10-minute call on the GPU machine).
-Results: benchmarks/results/RUN/result.json (+ dense.onnx and pruned.onnx).
+Results: benchmarks/results/RUN-METHOD/result.json (+ dense.onnx and pruned.onnx for the MNIST LeNets).
 """
 
 from __future__ import annotations
@@ -122,6 +122,11 @@ def train(name: str, run: Run, args, work: Path) -> None:
     augment = augment_batch if raw else None
     pre_epochs = 1 if args.quick else (args.pretrain_epochs if args.pretrain_epochs is not None else run.pretrain_epochs)
     epochs = 2 if args.quick else (args.epochs or run.epochs)
+    # what this training really used, for the result's config (measure may run later, with other flags)
+    (work / "train_config.json").write_text(json.dumps({
+        "method": args.method, "pretrain_epochs": 0 if run.pretrained else pre_epochs, "epochs": epochs,
+        "baseline_epochs": None if args.no_baseline else epochs, "gate_lr": args.gate_lr, "kl_warmup_epochs": args.kl_warmup,
+        "seed": args.seed}, indent=1))
     common = dict(batch_size=run.batch_size, seed=args.seed, device=device, augment=augment, amp=device.type == "cuda",
                   progress=not args.quiet)
     example = torch.zeros(1, *models.REGISTRY[run.model].input_shape)
@@ -145,14 +150,14 @@ def train(name: str, run: Run, args, work: Path) -> None:
 
     # 2. Bayesian
     wrapped = wrap(dense, (example.to(device),), method=args.method, gate_inputs=run.gate_inputs).to(device)
-    sbp_state = work / f"{args.method}_final.pt"
-    if sbp_state.exists():
-        wrapped.load_state_dict(torch.load(sbp_state, map_location=device, weights_only=True))
+    bayes_state = work / f"{args.method}_final.pt"
+    if bayes_state.exists():
+        wrapped.load_state_dict(torch.load(bayes_state, map_location=device, weights_only=True))
     else:
         with timed(times, f"{args.method}_training_s", times_path):
             fit(wrapped, x, y, epochs=epochs, lr=1e-3, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup,
                 lr_schedule="cosine", checkpoint=work / f"{args.method}.pt", desc=args.method, **common)
-        torch.save(wrapped.state_dict(), sbp_state)
+        torch.save(wrapped.state_dict(), bayes_state)
 
     # 3. export and prune
     if not (work / "pruned.onnx").exists():
@@ -176,7 +181,7 @@ def train(name: str, run: Run, args, work: Path) -> None:
 def _files(work: Path) -> dict[str, Path]:
     """The models a run compares: the dense baseline, the pruned Bayesian one, Torch-Pruning's if trained."""
     files = {"dense": work.parent / "dense.onnx" if not (work / "dense.onnx").exists() else work / "dense.onnx",
-             "sbp": work / "pruned.onnx", "torch_pruning": work / "tp.onnx"}
+             "pruned": work / "pruned.onnx", "torch_pruning": work / "tp.onnx"}
     return {k: p for k, p in files.items() if p.exists()}
 
 
@@ -270,7 +275,7 @@ def main() -> None:
     args = ap.parse_args()
     use_global_ort_threads(2)
     run = RUNS[args.run]
-    label = args.run if args.method == "sbp" else f"{args.run}-{args.method.replace('-', '')}"
+    label = f"{args.run}-{args.method.replace('-', '')}"
     base = args.work or ROOT / "benchmarks" / "work" / args.run
     args.dense_dir = base
     work = base if args.method == "sbp" else base / args.method
@@ -293,16 +298,16 @@ def main() -> None:
         for key in ("latency_cuda", "machine_cuda"):  # measured on the GPU machine, kept across CPU re-measurements
             if key in previous:
                 measured[key] = previous[key]
-        device_file = work / "train_device.json"
+        device_file, config_file = work / "train_device.json", work / "train_config.json"
+        trained = json.loads(config_file.read_text()) if config_file.exists() else {}
         result = {
             "benchmark": "paper-table",
             "run": label,
             "method": args.method,
             "machine": machine_info(),
             "config": {"model": run.model, "model_kwargs": run.model_kwargs, "data": run.data, "pretrained": bool(run.pretrained),
-                       "pretrain_epochs": args.pretrain_epochs if args.pretrain_epochs is not None else run.pretrain_epochs,
-                       "epochs": args.epochs or run.epochs, "batch_size": run.batch_size,
-                       "gate_lr": args.gate_lr, "optimizer": "Adam lr 1e-3, cosine decay", "quick": args.quick,
+                       "batch_size": run.batch_size, "optimizer": "Adam lr 1e-3, cosine decay", "quick": args.quick,
+                       **trained,
                        "gate_inputs": run.gate_inputs,
                        "trained_on": json.loads(device_file.read_text()) if device_file.exists() else None},
             "paper": run.paper,
