@@ -2,7 +2,7 @@
 
 The KL reference is computed by numerical integration (scipy.integrate.quad, the log
 singularity of log|1 + sqrt(alpha) eps| handled by quad's algebraic-logarithmic weights) and
-cross-checked against the exact Poisson-series form derived in docs/methods_rbp.md.
+cross-checked against the exact Poisson-series form derived in docs/methods.md (Recursive Bayesian Pruning).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ it are ``dormant`` (multiply by 1, no prior yet). ``begin_epoch(epoch, epochs)``
 moves the gate through these states from its ``stage_index`` / ``stage_count``
 (set by the wrapper). With ``recursive=False`` the gate is always active (joint
 training, the ablation). Derivation, constants and what is our own choice:
-``docs/methods_rbp.md``.
+``docs/methods.md`` (Recursive Bayesian Pruning).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ channel is kept while ``P(t_c = 1 | evidence) > 0.5``.
 The gate has no multiplicative noise: ``sample(n)`` is the current 0/1 decision
 (or all ones with ``mask_in_training=False``); the prior acts on the producers'
 weights. Derivations, constants, experiments and our deviations from the paper:
-``docs/methods_turbo_vbi.md``.
+``docs/methods.md`` (Turbo-VBI).
 """
 
 from __future__ import annotations
@@ -302,7 +302,7 @@ class TurboVBIGate(nn.Module):
     Without producers the gate keeps every channel and its :meth:`kl` is zero.
 
     Hyper-parameters (derivations and the experiments behind the defaults:
-    ``docs/methods_turbo_vbi.md``):
+    ``docs/methods.md`` (Turbo-VBI)):
 
     * ``a``, ``a_bar``: Gamma shapes of the active / inactive precision prior (1 and 1,
       as in the authors' code; ``a_bar=None`` means ``a``);
