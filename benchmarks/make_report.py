@@ -127,6 +127,23 @@ def latency_section(run: str, r: dict) -> str:
     return "\n".join(out)
 
 
+@section("subnormals")
+def subnormals_section(run: str, r: dict) -> str:
+    out = ["### Subnormal weights: what they cost on ORT CPU (`flush-subnormals`)\n"]
+    out.append(machine_line(r["machine"]) + ". Script: `python benchmarks/subnormals.py`. Each committed pruned model as "
+               "committed and after the `flush-subnormals` pass (which `onnxprune prune` now runs first), timed side by "
+               f"side: {r['config']['threads']} threads, medians of up to {r['config']['rounds']} interleaved rounds.\n")
+    rows = []
+    for m in r["models"]:
+        cells = [m["model"], f"{m['subnormal_weights']} of {m['float_weights']}"]
+        for b in ("batch1", "batch64"):
+            c, f = m[b]["committed"]["median_ms"], m[b]["flushed"]["median_ms"]
+            cells.append(f"{c:.4g} -> {f:.4g} ms ({c / f:.2f}x)")
+        rows.append(cells)
+    out.append(md_table(["pruned model", "subnormal weights", "batch 1: committed -> flushed", "batch 64"], rows))
+    return "\n".join(out) + "\n"
+
+
 def _speedup(lat: dict, batch: str, key: str) -> float | None:
     if not lat or batch not in lat:
         return None

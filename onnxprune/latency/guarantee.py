@@ -18,7 +18,7 @@ import onnx
 
 from onnxprune.api import Pruner, RunResult, _check_output_model, _reference, write_checked
 from onnxprune.latency.cache import LatencyCache
-from onnxprune.latency.planner import ALTERNATIVES, ATTEMPTS, CHEAP_US, CLOSE, LatencyPlanner
+from onnxprune.latency.planner import ALTERNATIVES, ATTEMPTS, LatencyPlanner
 from onnxprune.latency.target import Target
 from onnxprune.latency.timing import clear_winner, interleaved
 from onnxprune.modelio import LoadedModel, as_loaded, check_output_path, needs_external_data
@@ -67,10 +67,10 @@ def prune_for_target(
     """Prune, choosing widths for ``target``; never return a model measured slower than the input.
 
     The latency model's choice is timed side by side with the input, together
-    with the alternatives (every dead channel deleted; widths rounded to 16)
-    that the model predicts within :data:`CLOSE` of it, or all of them when the
-    model is cheap to run (predicted under :data:`CHEAP_US`); the fastest wins. If none is
-    faster than the input, the remaining rungs of :data:`ATTEMPTS` are tried.
+    with the alternatives (every dead channel deleted; widths rounded to 16;
+    a candidate's widths with every input read instead of Gathers); the fastest
+    wins. If none is faster than the input, the remaining rungs of
+    :data:`ATTEMPTS` are tried.
     ``measure_progress(done, total)`` is called while layer latencies are
     measured (cold cache).
     """
@@ -85,13 +85,10 @@ def prune_for_target(
     first = pruner.build(planner(pruner.analysis))
     choice = planner.choice
     candidates = {ATTEMPTS[0]: first}
-    predicted = choice.predicted_us if choice else {}
-    cheap = predicted.get("input", float("inf")) < CHEAP_US
-    for alt, key in zip(ALTERNATIVES, ("max_pruned", "round16")):
-        if predicted and (cheap or predicted.get(key, float("inf")) <= predicted["output"] * (1 + CLOSE)):
-            plan = LatencyPlanner(target, cache, alt)(pruner.analysis)
-            if not any(np.array_equal(plan.remove, c.report.plan.remove) for c in candidates.values()):
-                candidates[alt] = pruner.build(plan)
+    for alt in ALTERNATIVES if choice is not None else ():
+        plan = LatencyPlanner(target, cache, alt)(pruner.analysis)
+        if not any(np.array_equal(plan.remove, c.report.plan.remove) for c in candidates.values()):
+            candidates[alt] = pruner.build(plan)
     for name, r in list(candidates.items()):
         if r.report.plan.read_drops and r.report.plan.remove.any():
             candidates[READS_ALL.format(name)] = pruner.build(dataclasses.replace(r.report.plan, read_drops={}))
