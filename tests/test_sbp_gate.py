@@ -480,3 +480,52 @@ def test_channelwise_sampler_equals_the_careful_sampler(mu0, log_sigma0):
     g_fast = torch.autograd.grad(fast.sum(), [mu, log_sigma])
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def _mixed_channels() -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (mu, log sigma) combination in one vector: direct, upper-tail and lower-tail columns together."""
+    grid = [(m, s) for m in (-30.0, -20.0, -12.0, -3.0, 0.0, 2.0, 5.0, 8.0) for s in (-20.0, -5.0, -1.0, 1.0, 5.0)]
+    mu = torch.tensor([m for m, _ in grid], dtype=torch.float64, requires_grad=True)
+    log_sigma = torch.tensor([s for _, s in grid], dtype=torch.float64, requires_grad=True)
+    return mu, log_sigma
+
+
+def test_branch_free_sampler_equals_the_selecting_sampler():
+    """The sampler written for torch.compile (no indexing by case) gives the same samples and gradients."""
+    torch.manual_seed(0)
+    mu, log_sigma = _mixed_channels()
+    u = torch.rand(6, mu.numel(), dtype=torch.float64)
+    ref = tn.sample_log_channels(mu, log_sigma.exp(), -20.0, 0.0, u)
+    fast = tn.sample_log_channels(mu, log_sigma.exp(), -20.0, 0.0, u, solver=tn.sample_channels_branch_free)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+    g_ref = torch.autograd.grad(ref.sum(), [mu, log_sigma])
+    g_fast = torch.autograd.grad(fast.sum(), [mu, log_sigma])
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_compiled_gate_matches_eager_gate():
+    """torch.compile'd KL, samples and SNR agree with the eager numerics (values and gradients)."""
+    gates = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        gate = SBPGate(40)
+        mu, log_sigma = _mixed_channels()
+        with torch.no_grad():
+            gate.mu.copy_(mu.clamp(-20, 5).float())
+            gate.log_sigma.copy_(log_sigma.float())
+        gate.compiled = compiled
+        gen = torch.Generator().manual_seed(1)
+        loss = gate.kl() + gate.sample(8, generator=gen).sum()
+        loss.backward()
+        gates.append((loss.detach(), gate.mu.grad, gate.log_sigma.grad, gate.snr(), gate.mask()))
+    (l0, gm0, gs0, snr0, m0), (l1, gm1, gs1, snr1, m1) = gates
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gm1, gm0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gs1, gs0, rtol=1e-5, atol=1e-6)
+    # above ~1e6 an SNR is only "very large" (rounding of a ~1e-15 log-ratio; see truncnorm.snr)
+    finite = snr0 < 1e6
+    torch.testing.assert_close(snr1[finite], snr0[finite], rtol=1e-6, atol=0)
+    assert bool((snr1[~finite] > 1e6).all())
+    assert torch.equal(m1, m0)

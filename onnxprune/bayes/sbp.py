@@ -10,12 +10,28 @@ deterministic ``E[theta] * 1[SNR > tau]``. The numerics live in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from onnxprune.bayes import truncnorm
 
-__all__ = ["SBPGate"]
+__all__ = ["SBPGate", "compiled_kernels"]
+
+_KERNELS: dict[str, Callable] = {}
+
+
+def compiled_kernels() -> dict[str, Callable]:
+    """The gates' float64 numerics (KL, sampling, SNR) compiled with ``torch.compile``, built once
+    per process. Each is a few fused kernels instead of hundreds of small ops, which is what
+    a GPU step spends its time on; the functions are the eager ones, so the values agree to rounding."""
+    if not _KERNELS:
+        opts = {"dynamic": True, "fullgraph": True}
+        _KERNELS["kl"] = torch.compile(truncnorm._kl64, **opts)
+        _KERNELS["sample"] = torch.compile(truncnorm.sample_channels_branch_free, **opts)
+        _KERNELS["snr"] = torch.compile(truncnorm._snr64, **opts)
+    return _KERNELS
 
 
 class SBPGate(nn.Module):
@@ -27,6 +43,8 @@ class SBPGate(nn.Module):
     steps as in the authors' code).
     """
 
+    #: Use :func:`compiled_kernels` (set by ``fit(compile_gates=...)``; on by default on CUDA).
+    compiled: bool = False
     MU_MIN = -20.0
     MU_MAX = 5.0
     LOG_SIGMA_MIN = -20.0
@@ -64,7 +82,8 @@ class SBPGate(nn.Module):
     def kl(self) -> Tensor:
         """KL(posterior || log-uniform prior), summed over channels (scalar)."""
         mu, sigma = self._clipped64()
-        return truncnorm.kl(mu, sigma, self.a, self.b).sum().to(self.mu.dtype)
+        kl = compiled_kernels()["kl"] if self.compiled else truncnorm._kl64
+        return kl(mu, sigma, self.a, self.b).sum().to(self.mu.dtype)
 
     def expected(self) -> Tensor:
         """E[theta] per channel, shape [C]."""
@@ -73,14 +92,17 @@ class SBPGate(nn.Module):
 
     def snr(self) -> Tensor:
         """Signal-to-noise ratio E[theta] / std[theta] per channel (finite, capped at 1e12)."""
+        return self._snr64().to(self.mu.dtype)
+
+    def _snr64(self) -> Tensor:
         mu, sigma = self._clipped64()
-        return truncnorm.snr(mu, sigma, self.a, self.b).to(self.mu.dtype)
+        snr = compiled_kernels()["snr"] if self.compiled else truncnorm._snr64
+        return snr(mu, sigma, self.a, self.b)
 
     def mask(self, tau: float = 1.0) -> Tensor:
         """Channels kept at evaluation: ``snr > tau`` (bool, shape [C])."""
         with torch.no_grad():
-            mu, sigma = self._clipped64()
-            return truncnorm.snr(mu, sigma, self.a, self.b) > tau
+            return self._snr64() > tau
 
     def deterministic(self, tau: float = 1.0) -> Tensor:
         """Evaluation-time gate ``E[theta] * 1[SNR > tau]`` (exact zeros for rejected channels)."""
@@ -93,7 +115,8 @@ class SBPGate(nn.Module):
         w.r.t. ``mu`` and ``log_sigma`` (inverse-CDF reparametrisation)."""
         mu, sigma = self._clipped64()
         u = torch.rand((int(n), self.num_channels), generator=generator, dtype=torch.float64, device=mu.device)
-        log_theta = truncnorm.sample_log_channels(mu, sigma, self.a, self.b, u)
+        solver = compiled_kernels()["sample"] if self.compiled else None
+        log_theta = truncnorm.sample_log_channels(mu, sigma, self.a, self.b, u, solver=solver)
         return torch.exp(log_theta).to(self.mu.dtype)
 
     # -- layer --------------------------------------------------------------

@@ -87,6 +87,15 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, **kwargs) -> float:
     return float((predict(model, x, **kwargs) == y).mean())
 
 
+def _compile_by_default(device: torch.device) -> bool:
+    """Compile the gates on CUDA when Triton (torch.compile's GPU code generator) is installed."""
+    if device.type != "cuda":
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -113,6 +122,7 @@ def fit(
     lr_schedule: str = "constant",
     desc: str = "train",
     amp: bool = False,
+    compile_gates: bool | None = None,
 ) -> History:
     """Train ``model`` on (x, y) for ``epochs`` epochs; see the module docstring.
 
@@ -122,6 +132,8 @@ def fit(
     and a later call with the same path resumes after the last finished epoch.
     ``lr_schedule`` is "constant" or "cosine". ``amp`` runs the forward pass in
     bfloat16 autocast on CUDA (the gates' statistics stay in float64).
+    ``compile_gates`` compiles the gates' numerics with ``torch.compile`` (default:
+    on CUDA when Triton is installed, where it makes an SBP step several times faster).
     """
     from onnxprune.data import ArrayLoader
 
@@ -131,6 +143,8 @@ def fit(
     np.random.seed(seed)
     base = model.to(device)
     bayesian = isinstance(base, BayesianModel)
+    if bayesian:
+        base.compile_gates(_compile_by_default(device) if compile_gates is None else compile_gates)
     groups = [{"params": list(base.weight_parameters()) if bayesian else list(base.parameters()), "lr": lr}]
     gate_params = list(base.gate_parameters()) if bayesian else []
     if gate_params:  # Turbo-VBI's gates hold no trainable parameters

@@ -30,6 +30,7 @@ the promoted floating dtype of ``mu`` and ``sigma``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -297,9 +298,13 @@ def snr(mu: Tensor, sigma: Tensor, a: float = -20.0, b: float = 0.0) -> Tensor:
     error of the log-ratio is ~1e-15, so values above ~1e6 are only "very large".
     """
     mu64, sigma64, out = _prep(mu, sigma)
-    d = _Moments(mu64, sigma64, float(a), float(b)).log_var_rel()
+    return _snr64(mu64, sigma64, float(a), float(b)).to(out)
+
+
+def _snr64(mu: Tensor, sigma: Tensor, a: float, b: float) -> Tensor:
+    d = _Moments(mu, sigma, a, b).log_var_rel()
     var_rel = torch.expm1(d.clamp(max=700.0)).clamp(min=_VAR_REL_FLOOR)
-    return torch.rsqrt(var_rel).to(out)
+    return torch.rsqrt(var_rel)
 
 
 # ---------------------------------------------------------------------------
@@ -451,17 +456,28 @@ def _direct_channels(alpha: Tensor, beta: Tensor, log_z: Tensor, u: Tensor) -> t
     return xi, dz_dmu, dz_dsigma
 
 
-def sample_log_channels(mu: Tensor, sigma: Tensor, a: float, b: float, u: Tensor) -> Tensor:
+def sample_log_channels(
+    mu: Tensor, sigma: Tensor, a: float, b: float, u: Tensor, solver: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
+) -> Tensor:
     """:func:`sample_log` for per-channel ``mu``, ``sigma`` ([C]) and per-sample ``u`` ([n, C]).
 
     Per-channel terms are computed once; channels whose nearer bound is within
     ``_DIRECT_BOUND`` standard deviations (the usual case, including the
     initialisation mu = b) use the direct inverse CDF, the others the careful
     tail solver of :func:`sample_log`. Same value and gradients, much cheaper.
+    ``solver``, if given, replaces that selection: a function like
+    :func:`sample_channels_branch_free` (e.g. compiled with ``torch.compile``).
     """
     out = _out_dtype(torch.as_tensor(mu), torch.as_tensor(sigma))
     mu64, sigma64 = mu.to(_F64), sigma.to(_F64)
     u = u.to(_F64).clamp(_U_MIN, _U_MAX)
+    if solver is not None:
+        m, s = mu64.detach(), sigma64.detach()
+        with torch.no_grad():
+            z, dz_dmu, dz_dsigma = solver(m, s, u, float(a), float(b))
+        if mu64.requires_grad or sigma64.requires_grad:
+            z = z + dz_dmu * (mu64 - m) + dz_dsigma * (sigma64 - s)
+        return z.to(out)
     with torch.no_grad():
         m, s = mu64.detach(), sigma64.detach()
         alpha, beta = (a - m) / s, (b - m) / s
@@ -484,3 +500,32 @@ def sample_log_channels(mu: Tensor, sigma: Tensor, a: float, b: float, u: Tensor
     if mu64.requires_grad or sigma64.requires_grad:
         z = z + dz_dmu * (mu64 - m) + dz_dsigma * (sigma64 - s)
     return z.to(out)
+
+
+def sample_channels_branch_free(m: Tensor, s: Tensor, u: Tensor, a: float, b: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(z, dz/dmu, dz/dsigma) for float64 ``m``, ``s`` ([C]) and ``u`` ([n, C], already clamped):
+    the two solvers of :func:`sample_log_channels` on every column, each fed harmless
+    placeholders where it does not apply, selected elementwise.
+
+    Twice the arithmetic of the selecting version, but no data-dependent indexing or
+    host synchronisation, so ``torch.compile`` fuses it into a few kernels (the SBP
+    gates' sampling is otherwise hundreds of tiny GPU launches per step). Outside
+    ``[a, b]`` by more than ``_DIRECT_BOUND`` standard deviations a column is in one tail;
+    the straddling case is always direct.
+    """
+    alpha, beta = (a - m) / s, (b - m) / s
+    direct = (alpha < _DIRECT_BOUND) & (beta > -_DIRECT_BOUND)
+    alpha_d = torch.where(direct, alpha, -1.0)
+    beta_d = torch.where(direct, beta, 1.0)
+    xi, gm_d, gs_d = _direct_channels(alpha_d, beta_d, _Parts(alpha_d, beta_d).value(), u)
+    z_d = m + s * xi
+    # tail columns, reflected onto lo < hi <= 0 when both bounds lie above
+    above = alpha >= 0
+    lo = torch.where(direct, -2.0, torch.where(above, -beta, alpha)).expand_as(u)
+    hi = torch.where(direct, -1.0, torch.where(above, -alpha, beta)).expand_as(u)
+    uc = torch.where(above, 1.0 - u, u)
+    anchor = torch.where(above, -a, b).to(m.dtype).expand_as(u)
+    zc, gm_t, gs_t = _sample_tail(lo, hi, uc, s.expand_as(u), anchor)
+    sgn = torch.where(above, -1.0, 1.0)
+    z = torch.where(direct, z_d, sgn * zc).clamp(a, b)
+    return z, torch.where(direct, gm_d, gm_t), torch.where(direct, gs_d, sgn * gs_t)

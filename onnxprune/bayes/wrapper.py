@@ -149,6 +149,12 @@ class BayesianModel(nn.Module):
             if hasattr(g, "clip_"):
                 g.clip_()
 
+    def compile_gates(self, enabled: bool = True) -> None:
+        """Run the gates' numerics through ``torch.compile`` where a gate supports it (SBP)."""
+        for g in self.gates.values():
+            if hasattr(g, "compiled"):
+                g.compiled = bool(enabled)
+
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         """Let gates with a schedule (recursive, layer-by-layer methods) know where training is."""
         for g in self.gates.values():
