@@ -3,10 +3,11 @@
 #
 #   benchmarks/gpu_block.sh setup            # wheels from .whl/, decode CIFAR-10 once
 #   benchmarks/gpu_block.sh launch           # four training queues, one per GPU, in the background
+#   benchmarks/gpu_block.sh launch-mnist GPUS EPOCHS  # MNIST/Fashion-MNIST SBP runs, one queue per listed GPU
 #   benchmarks/gpu_block.sh wait SECONDS     # keep the machine busy while they train; print progress
-#   benchmarks/gpu_block.sh measure          # errors, MACs, units, ORT CPU (2 threads) and CUDA latency
+#   benchmarks/gpu_block.sh measure [SPEC..] # errors, MACs, units, ORT CPU (2 threads) and CUDA latency
 #   benchmarks/gpu_block.sh measure-cuda     # only the CUDA latency, added to the results of measure
-#   benchmarks/gpu_block.sh latency          # the --target ort-cuda table (benchmarks/latency_targets.py)
+#   benchmarks/gpu_block.sh latency [MODELS] [BATCHES]  # the --target ort-cuda table (benchmarks/latency_targets.py)
 #   benchmarks/gpu_block.sh pack             # result files to $OUT
 #
 # Data travels in .gpu-data/ (ignored): cifar10-jpeg/ and pretrained/resnet-cifar10/ from
@@ -59,6 +60,20 @@ PY
     setsid nohup bash -c 'queue 3 3 "mnist-lenet500 --method sbp" "mnist-lenet5 --method sbp" "mnist-lenet5 --method rbp --no-baseline" "mnist-lenet5 --method turbo-vbi --no-baseline"' >/dev/null 2>&1 &
     sleep 5; echo launched; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
     ;;
+  launch-mnist)
+    # e.g. launch-mnist "1 2 3 0" 100: the four MNIST-family SBP runs at 100 epochs, the n-th on the n-th GPU;
+    # a GPU listed as "0+" starts after the file $LOG/go0 appears (when the GPU is busy with timing first)
+    mkdir -p "$LOG"; rm -f "$LOG"/q*.done
+    export -f queue; export RUN LOG
+    read -r -a gpus <<< "${2:-0 1 2 3}"; e=${3:-100}; i=0
+    for spec in mnist-lenet5 mnist-lenet500 fmnist-lenet5 fmnist-lenet500; do
+      g=${gpus[$i]}
+      if [[ $g == *+ ]]; then g=${g%+}; pre="while [ ! -e $LOG/go$g ]; do sleep 2; done;"; else pre=""; fi
+      setsid nohup bash -c "$pre queue $i $g '$spec --method sbp --epochs $e'" >/dev/null 2>&1 &
+      i=$((i + 1))
+    done
+    sleep 3; echo "launched ($e epochs)"
+    ;;
   wait)
     limit=${2:-540}; start=$(date +%s)
     while [ $(( $(date +%s) - start )) -lt "$limit" ]; do
@@ -86,13 +101,17 @@ PY
     ;;
   measure|measure-cuda)
     # measure: errors, MACs, ORT CPU latency, then CUDA latency; measure-cuda: only the CUDA latency
+    # (or only the runs named after it: measure "mnist-lenet5 --method sbp" ...)
     W=benchmarks/work
-    for spec in "cifar-vgg15 --method sbp" "cifar-vgg --method sbp" "cifar-vgg --method rbp" "cifar-vgg --method turbo-vbi" \
+    mode=$1; shift
+    specs=("$@")
+    [ ${#specs[@]} -gt 0 ] || specs=("cifar-vgg15 --method sbp" "cifar-vgg --method sbp" "cifar-vgg --method rbp" "cifar-vgg --method turbo-vbi" \
                 "mnist-lenet500 --method sbp" "mnist-lenet5 --method sbp" "mnist-lenet5 --method rbp --work $W/l5-rbp" \
                 "mnist-lenet5 --method turbo-vbi --work $W/l5-tvbi" "mnist-lenet300 --method sbp" \
                 "mnist-lenet300 --method rbp --work $W/l300-rbp" "mnist-lenet300 --method turbo-vbi --work $W/l300-tvbi" \
-                ${EXTRA_SPEC:+"$EXTRA_SPEC"}; do
-      if [ "$1" = measure ]; then
+                ${EXTRA_SPEC:+"$EXTRA_SPEC"})
+    for spec in "${specs[@]}"; do
+      if [ "$mode" = measure ]; then
         # shellcheck disable=SC2086
         $RUN $spec --stage measure --rounds 15 --quiet --results "$RESULTS" 2>&1 | tail -1
       fi
@@ -101,7 +120,7 @@ PY
     done
     ;;
   latency)
-    python3 benchmarks/latency_targets.py --target ort-cuda --batch 1 64 --models ${2:-mobilenetv2 mnasnet resnet50} \
+    python3 benchmarks/latency_targets.py --target ort-cuda --batch ${3:-1 64} --models ${2:-mobilenetv2 mnasnet resnet50} \
       --skip-cli --rounds 20 --budget 30 2>&1 | grep -v Warning | tail -12
     ;;
   pack)
