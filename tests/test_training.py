@@ -71,7 +71,7 @@ def test_fit_trains_a_plain_model_on_cross_entropy(digits):
 
 
 DDP_SCRIPT = """
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import models
 from onnxprune import bayes
@@ -89,6 +89,10 @@ if dist.get_rank() == 0:
     print("OK", dist.get_world_size(), h.epochs[-1].loss)
 dist.barrier()  # no rank tears gloo down while another still talks to it
 dist.destroy_process_group()
+# Gloo's worker threads can still hold tensors at interpreter finalisation, which then aborts
+# ("terminate called without an active exception", pytorch/pytorch#179291): skip finalisation.
+sys.stdout.flush()
+os._exit(0)
 """
 
 
