@@ -4,6 +4,7 @@
 #   benchmarks/gpu_block.sh setup            # wheels from .whl/, decode CIFAR-10 once
 #   benchmarks/gpu_block.sh launch           # four training queues, one per GPU, in the background
 #   benchmarks/gpu_block.sh launch-mnist GPUS EPOCHS  # MNIST/Fashion-MNIST SBP runs, one queue per listed GPU
+#   benchmarks/gpu_block.sh launch-plan FILE  # the queues a plan file lists (e.g. benchmarks/plans/sbp-200.txt)
 #   benchmarks/gpu_block.sh wait SECONDS     # keep the machine busy while they train; print progress
 #   benchmarks/gpu_block.sh measure [SPEC..] # errors, MACs, units, ORT CPU (2 threads) and CUDA latency
 #   benchmarks/gpu_block.sh measure-cuda     # only the CUDA latency, added to the results of measure
@@ -74,11 +75,31 @@ PY
     done
     sleep 3; echo "launched ($e epochs)"
     ;;
+  launch-plan)
+    # launch-plan FILE: lines "QUEUE GPU SPEC..." (# comments); the specs of one queue run in turn,
+    # queues run at once (several may share a GPU). Lines "dense GPU SPEC" run first, in order.
+    mkdir -p "$LOG"; rm -f "$LOG"/q*.done
+    export -f queue; export RUN LOG
+    grep -E '^dense ' "$2" | while read -r _ g spec; do
+      echo "=== dense: $spec"
+      # shellcheck disable=SC2086
+      CUDA_VISIBLE_DEVICES=$g $RUN $spec --device cuda --stage dense --quiet 2>&1 | grep -v Warning | tail -2
+    done
+    queues=$(grep -vE '^(#|dense |$)' "$2" | awk '{print $1}' | sort -u)
+    echo "$queues" | wc -l > "$LOG/nqueues"
+    for q in $queues; do
+      g=$(grep -E "^$q " "$2" | head -1 | awk '{print $2}')
+      specs=()
+      while read -r _ _ spec; do specs+=("$spec"); done < <(grep -E "^$q " "$2")
+      setsid nohup bash -c "queue $q $g $(printf "'%s' " "${specs[@]}")" >/dev/null 2>&1 &
+    done
+    sleep 3; echo "launched $(cat "$LOG/nqueues") queues"; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
+    ;;
   wait)
-    limit=${2:-540}; start=$(date +%s)
+    limit=${2:-540}; start=$(date +%s); want=$(cat "$LOG/nqueues" 2>/dev/null || echo 4)
     while [ $(( $(date +%s) - start )) -lt "$limit" ]; do
       n=$(ls "$LOG"/q*.done 2>/dev/null | wc -l)
-      [ "$n" -ge 4 ] && break
+      [ "$n" -ge "$want" ] && break
       sleep 15
     done
     for f in "$LOG"/q*.log; do echo "--- $f"; tail -6 "$f"; done
@@ -125,7 +146,11 @@ PY
     ;;
   pack)
     mkdir -p "$OUT"
-    tar czf "$OUT/results.tgz" -C "$RESULTS" .
+    [ -d "$RESULTS" ] && tar czf "$OUT/results.tgz" -C "$RESULTS" .
+    # the trained models and stage times of every run (ONNX files, final states, json), for measuring elsewhere
+    (cd benchmarks/work && find . \( -name '*.onnx' -o -name '*_final.pt' -o -name '*.json' \) -print0 | \
+      tar czf "$OUT/work.tgz" --null -T -)
+    cp "$LOG"/q*.log "$OUT/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; rm -f "$OUT"/q*.log
     ls -la "$OUT"
     ;;
   *)

@@ -5,7 +5,8 @@ dead, by zeroed weights): the input model, the model pruned with --target none
 (every dead channel deleted), with --round-to 16 (the widths Torch-Pruning's
 fixed round_to=16 gives) and with --target ort-cpu (or ort-cuda), all timed in
 one process, interleaved, medians. The noise floor is the same input file timed
-in two sessions against each other.
+in two sessions against each other. A model whose checks fail is timed once more
+with three times the rounds, and that larger sample decides (both are kept).
 
 Also measured: cold calibration time per model, and the wall time --target adds
 to `onnxprune prune` with a warm cache (ResNet-50, separate processes).
@@ -92,31 +93,62 @@ def run_model(name: str, args, target_name: str, cache_dir: Path, out: dict, on_
 
         runners = {"input": runner(dead), "input_again": runner(dead)}
         runners.update({k: runner(v) for k, v in variants.items()})
-        lat = interleaved_latency(runners, repeats=args.rounds, budget_s=args.budget)
-        base_ms = lat["input"]["median_ms"]
-        noise = abs(lat["input_again"]["median_ms"] / base_ms - 1.0)
+        lat, noise, checks = timed_checks(runners, args.rounds, args.budget)
+        first = None
+        if not all(checks.values()):
+            # One failing sample is not yet evidence: timings can be bimodal (a GPU at b1), and two
+            # medians of 20 rounds then disagree by more than the noise floor they measure. The same
+            # rule for every row: time it again with RETIME_FACTOR times the rounds; that sample decides.
+            first = {"latency": lat, "noise_floor": noise, "checks": checks}
+            lat, noise, checks = timed_checks(runners, args.rounds * RETIME_FACTOR, args.budget * RETIME_FACTOR)
         macs = {"input": macs_of(dead), **{k: macs_of(v) for k, v in variants.items()}}
         ms = {k: lat[k]["median_ms"] for k in ("input", "none", "round16", "target")}
-        tol = 1.0 + max(noise, 0.01)
         out[f"batch{batch}"] = {
             "latency": lat,
             "noise_floor": noise,
+            "first_timing": first,
             "macs": macs,
             "calibration_s": calib_s,
             "layers_measured_cold": choice.measured_layers,
             "predicted_ms": {k: v / 1000.0 for k, v in choice.predicted_us.items()},
             "attempts": result.report.latency["attempts"],
             "kept_for_speed": sum(g["kept_for_speed"] for g in result.report.latency.get("groups", [])),
-            "checks": {
-                "target <= input": ms["target"] <= ms["input"] * tol,
-                "target <= none": ms["target"] <= ms["none"] * tol,
-                "target <= round16": ms["target"] <= ms["round16"] * tol,
-            },
+            "checks": checks,
         }
         print(f"[{name} b{batch}] input {ms['input']:.3g} ms | none {ms['none']:.3g} | round16 {ms['round16']:.3g} | "
-              f"target {ms['target']:.3g} (noise {noise:.1%}); calibration {calib_s:.1f} s; "
+              f"target {ms['target']:.3g} (noise {noise:.1%}){' re-timed' if first else ''}; calibration {calib_s:.1f} s; "
               f"attempt '{result.report.latency['accepted']}'", flush=True)
         on_batch()
+
+
+RETIME_FACTOR = 3
+
+
+def timed_checks(runners: dict, rounds: int, budget_s: float) -> tuple[dict, float, dict]:
+    """Interleaved medians; the noise floor (the input timed twice); target <= input/none/round16 within it (>= 1 %)."""
+    lat = interleaved_latency(runners, repeats=rounds, budget_s=budget_s)
+    ms = {k: v["median_ms"] for k, v in lat.items()}
+    noise = abs(ms["input_again"] / ms["input"] - 1.0)
+    tol = 1.0 + max(noise, 0.01)
+    checks = {f"target <= {k}": ms["target"] <= ms[k] * tol for k in ("input", "none", "round16")}
+    return lat, noise, checks
+
+
+def merge_rows(path: Path, rows: list[dict], machine: dict) -> None:
+    """Replace the given models' batch entries in an earlier result (the old entry kept as ``replaced``)."""
+    earlier = json.loads(path.read_text())
+    by_model = {m["model"]: m for m in earlier["models"]}
+    for row in rows:
+        old = by_model.get(row["model"])
+        if old is None:
+            earlier["models"].append(row)
+            continue
+        for key, entry in row.items():
+            if key.startswith("batch"):
+                entry["replaced"] = old.get(key)
+                entry["remeasured_on"] = machine
+                old[key] = entry
+    path.write_text(json.dumps(earlier, indent=2) + "\n")
 
 
 def extra_time(args, target_name: str, cache_dir: Path, work: Path) -> dict:
@@ -153,6 +185,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-cli", action="store_true", help="skip the extra-time measurement")
     ap.add_argument("--results", type=Path)
+    ap.add_argument("--merge-into", type=Path, help="an earlier result.json whose rows for these models and batches "
+                    "this run replaces (the earlier entries are kept in it, under 'replaced')")
     args = ap.parse_args()
     if args.target == "ort-cpu":
         use_global_ort_threads(args.threads)
@@ -179,6 +213,9 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {save(True)}")
+    if args.merge_into:
+        merge_rows(args.merge_into, rows, machine_info())
+        print(f"merged into {args.merge_into}")
 
 
 if __name__ == "__main__":

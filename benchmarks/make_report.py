@@ -90,7 +90,9 @@ def latency_section(run: str, r: dict) -> str:
                + (" --target ort-cuda" if tgt == "ort-cuda" else "") + "`. "
                f"{int(cfg['dead_fraction'] * 100)} % of the channels of every prunable group dead (zeroed weights); "
                f"{cfg['threads']} threads; medians of up to {cfg['rounds']} interleaved rounds, all variants of a model "
-               "in one run. Noise floor: the input file timed in two sessions against each other. "
+               "in one run. Noise floor: the input file timed in two sessions against each other. A row whose checks fail is "
+               "timed once more with three times the rounds, and that sample decides (marked *re-timed*; the first is "
+               "kept in result.json). "
                "`--round-to 16` gives the widths Torch-Pruning's fixed `round_to=16` gives.\n")
     if r.get("complete") is False:
         out.append("**Incomplete run:** " + r.get("source", "the script stopped before every model was measured") + "\n")
@@ -109,8 +111,14 @@ def latency_section(run: str, r: dict) -> str:
                 ok_all[k] += bool(checks[k])
             def cell(k):
                 return f"{lat[k]:.3g} ms ({lat['input'] / lat[k]:.2f}x)"
+            notes = []
+            if b.get("first_timing"):
+                notes.append("re-timed")
+            if b.get("remeasured_on"):
+                notes.append(f"re-measured {b['remeasured_on']['date'][:10]}")
             rows.append([
-                m["model"], f"{lat['input']:.3g} ms", f"{b['noise_floor']:.1%}", cell("none"), cell("round16"),
+                m["model"] + (f" ({', '.join(notes)})" if notes else ""), f"{lat['input']:.3g} ms", f"{b['noise_floor']:.1%}",
+                cell("none"), cell("round16"),
                 "**" + cell("target") + "**", b["attempts"] and next(a["attempt"] for a in b["attempts"] if a["accepted"]),
                 f"{b['calibration_s']:.1f} s", "yes" if all(checks.values()) else
                 "no: " + ", ".join(k for k, v in checks.items() if not v),

@@ -126,7 +126,7 @@ def train(name: str, run: Run, args, work: Path) -> None:
     (work / "train_config.json").write_text(json.dumps({
         "method": args.method, "pretrain_epochs": 0 if run.pretrained else pre_epochs, "epochs": epochs,
         "baseline_epochs": None if args.no_baseline else epochs, "gate_lr": args.gate_lr, "kl_warmup_epochs": args.kl_warmup,
-        "seed": args.seed}, indent=1))
+        "seed": args.seed, "noise": args.noise, "placement": args.placement, "optimizer": optimizer_text(args)}, indent=1))
     common = dict(batch_size=run.batch_size, seed=args.seed, device=device, augment=augment, amp=device.type == "cuda",
                   progress=not args.quiet)
     example = torch.zeros(1, *models.REGISTRY[run.model].input_shape)
@@ -147,16 +147,20 @@ def train(name: str, run: Run, args, work: Path) -> None:
         torch.save(dense.state_dict(), dense_state)
     dense = dense.to(device).eval()
     print(f"[{name}] dense test accuracy (PyTorch): {evaluate(dense, xt, yt, device=device):.4f}", flush=True)
+    if args.stage == "dense":
+        return
 
     # 2. Bayesian
-    wrapped = wrap(dense, (example.to(device),), method=args.method, gate_inputs=run.gate_inputs).to(device)
+    wrapped = wrap(dense, (example.to(device),), method=args.method, gate_inputs=run.gate_inputs, noise=args.noise,
+                   placement=args.placement).to(device)
     bayes_state = work / f"{args.method}_final.pt"
     if bayes_state.exists():
         wrapped.load_state_dict(torch.load(bayes_state, map_location=device, weights_only=True))
     else:
         with timed(times, f"{args.method}_training_s", times_path):
             fit(wrapped, x, y, epochs=epochs, lr=1e-3, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup,
-                lr_schedule="cosine", checkpoint=work / f"{args.method}.pt", desc=args.method, **common)
+                lr_schedule=args.schedule, betas=(args.beta1, 0.999), checkpoint=work / f"{args.method}.pt",
+                desc=args.method, **common)
         torch.save(wrapped.state_dict(), bayes_state)
 
     # 3. export and prune
@@ -174,8 +178,15 @@ def train(name: str, run: Run, args, work: Path) -> None:
             baseline = models.build(run.model, **run.model_kwargs)
             baseline.load_state_dict(torch.load(dense_state, map_location="cpu", weights_only=True))
             baseline = prune_to_macs(baseline.eval(), example, target_macs, ignore=run.tp_ignore)
-            fit(baseline, x, y, epochs=epochs, lr=1e-3, lr_schedule="cosine", checkpoint=work / "tp.pt", desc="tp-finetune", **common)
+            fit(baseline, x, y, epochs=epochs, lr=1e-3, lr_schedule=args.schedule, betas=(args.beta1, 0.999),
+                checkpoint=work / "tp.pt", desc="tp-finetune", **common)
             onnx.save(export_onnx(baseline.cpu().eval(), example), work / "tp.onnx")
+
+
+def optimizer_text(args) -> str:
+    schedule = {"cosine": "cosine decay", "step-linear": "constant, then linear decay to 0 over the second half",
+                "constant": "constant"}[args.schedule]
+    return f"Adam lr 1e-3 (gates {args.gate_lr:g}), betas ({args.beta1:g}, 0.999), {schedule}"
 
 
 def _files(work: Path) -> dict[str, Path]:
@@ -256,13 +267,24 @@ def measure_cuda(run: Run, args, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", choices=sorted(RUNS))
-    ap.add_argument("--stage", choices=("all", "train", "measure", "measure-cuda"), default="all",
-                    help="measure-cuda (on the GPU machine) adds only CUDA latencies to an existing result")
+    ap.add_argument("--stage", choices=("all", "dense", "train", "measure", "measure-cuda"), default="all",
+                    help="dense: only the dense net (variants given --dense-dir then share it); "
+                         "measure-cuda (on the GPU machine) adds only CUDA latencies to an existing result")
     ap.add_argument("--method", default="sbp", choices=("sbp", "rbp", "turbo-vbi"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--epochs", type=int, help="Bayesian epochs (default per run; the baseline fine-tunes as long)")
     ap.add_argument("--gate-lr", type=float, default=3e-2)
     ap.add_argument("--kl-warmup", type=float, default=0.0)
+    ap.add_argument("--noise", choices=("example", "batch"), default="example",
+                    help="draw the gates once per example, or once per minibatch as the SBP authors' code does")
+    ap.add_argument("--schedule", choices=("cosine", "step-linear"), default="cosine",
+                    help="learning-rate schedule of the Bayesian training and the baseline's fine-tuning "
+                         "(step-linear: constant, then linear decay over the second half, the SBP authors')")
+    ap.add_argument("--placement", choices=("output", "pre-bias"), default="output",
+                    help="gate each layer's output (after its activation), or W x before the bias (the SBP authors')")
+    ap.add_argument("--dense-dir", type=Path, help="where the dense net is trained or found (default: the work folder)")
+    ap.add_argument("--beta1", type=float, default=0.9, help="Adam's beta1 (the SBP authors use 0.95)")
+    ap.add_argument("--tag", default="", help="suffix of the result folder's name (a variant of a run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir")
     ap.add_argument("--work", type=Path)
@@ -275,13 +297,16 @@ def main() -> None:
     args = ap.parse_args()
     use_global_ort_threads(2)
     run = RUNS[args.run]
-    label = f"{args.run}-{args.method.replace('-', '')}"
+    label = f"{args.run}-{args.method.replace('-', '')}" + (f"-{args.tag}" if args.tag else "")
     base = args.work or ROOT / "benchmarks" / "work" / args.run
-    args.dense_dir = base
+    args.dense_dir = args.dense_dir or base
+    args.dense_dir.mkdir(parents=True, exist_ok=True)
     work = base if args.method == "sbp" else base / args.method
     work.mkdir(parents=True, exist_ok=True)
-    if args.stage in ("all", "train"):
+    if args.stage in ("all", "train", "dense"):
         train(args.run, run, args, work)
+        if args.stage == "dense":
+            return
     result_dir = args.results / label
     path = result_dir / "result.json"
     if args.stage == "measure-cuda":
@@ -306,7 +331,7 @@ def main() -> None:
             "method": args.method,
             "machine": machine_info(),
             "config": {"model": run.model, "model_kwargs": run.model_kwargs, "data": run.data, "pretrained": bool(run.pretrained),
-                       "batch_size": run.batch_size, "optimizer": "Adam lr 1e-3, cosine decay", "quick": args.quick,
+                       "batch_size": run.batch_size, "optimizer": "Adam lr 1e-3, cosine decay", "noise": "example", "quick": args.quick,
                        **trained,
                        "gate_inputs": run.gate_inputs,
                        "trained_on": json.loads(device_file.read_text()) if device_file.exists() else None},

@@ -105,6 +105,77 @@ def test_training_mode_samples_per_example_and_eval_is_deterministic():
     assert torch.equal(wrapped(x), wrapped(x))
 
 
+def test_batch_noise_shares_one_gate_sample_across_the_minibatch():
+    model, x = build("lenet5")
+    wrapped = bayes.wrap(model, (x[:1],), noise="batch")
+    with torch.no_grad():
+        for gate in wrapped.gates.values():
+            gate.log_sigma.fill_(0.0)
+    wrapped.train()
+    same = x[:1].expand(4, *x.shape[1:]).contiguous()
+    out = wrapped(same)  # one draw for the whole minibatch: identical inputs, identical outputs
+    assert torch.equal(out[0], out[3])
+    for key in wrapped.gates:
+        assert wrapped.bank.theta(key, 4).shape[0] == 1
+    per_example = bayes.wrap(model, (x[:1],))
+    with torch.no_grad():
+        for gate in per_example.gates.values():
+            gate.log_sigma.fill_(0.0)
+    per_example.train()
+    out = per_example(same)
+    assert not torch.allclose(out[0], out[3])
+
+
+def test_pre_bias_placement_keeps_the_output_placement_where_a_batchnorm_follows():
+    model, x = build("vgg_cifar")
+    wrapped = bayes.wrap(model, (x[:1],), placement="pre-bias")
+    assert wrapped.sites and all(s.norm and not s.pre_bias for s in wrapped.sites)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "lenet300"])
+def test_pre_bias_gates_leave_constant_channels_that_prune_folds_and_deletes(name, tmp_path):
+    model, x = build(name)
+    with torch.no_grad():  # biases that are not zero, so rejected channels are non-zero constants
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
+                m.bias.uniform_(-0.5, 0.5)
+    wrapped = bayes.wrap(model, (x[:1],), placement="pre-bias")
+    assert all(s.pre_bias for s in wrapped.sites)
+    reject_some(wrapped, 0.5)
+    wrapped.eval()
+    with torch.no_grad():
+        expected = wrapped(x).numpy()
+    export(wrapped, (x[:1],), tmp_path / "gated.onnx")
+    prune_model(tmp_path / "gated.onnx", output=tmp_path / "pruned.onnx", target="none")
+    before = layer_widths(__import__("onnx").load(tmp_path / "gated.onnx"))
+    after = layer_widths(__import__("onnx").load(tmp_path / "pruned.onnx"))
+    assert sum(w[1] for w in after.values()) < sum(w[1] for w in before.values())
+    got = make_session(str(tmp_path / "pruned.onnx")).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pre_bias_gate_scales_w_x_and_keeps_the_bias():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 4)
+    net = torch.nn.Sequential(layer, torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    wrapped = bayes.wrap(net, (torch.zeros(1, 3),), placement="pre-bias")
+    reject_some(wrapped, 0.5)
+    wrapped.eval()
+    x = torch.rand(5, 3)
+    theta = next(iter(wrapped.gates.values())).deterministic()
+    inner = wrapped.model.get_submodule("0")
+    expected = net[2](torch.relu((x @ inner.weight.T) * theta + inner.bias))
+    torch.testing.assert_close(wrapped(x), expected)
+
+
+def test_unknown_noise_sharing_is_refused():
+    model, x = build("lenet5")
+    with pytest.raises(ValueError, match="noise"):
+        bayes.wrap(model, (x[:1],), noise="channel")
+    with pytest.raises(ValueError, match="placement"):
+        bayes.wrap(model, (x[:1],), placement="input")
+
+
 def test_elbo_is_n_times_cross_entropy_plus_kl():
     model, x = build("lenet5")
     wrapped = bayes.wrap(model, (x[:1],))

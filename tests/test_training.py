@@ -62,6 +62,20 @@ def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path, digits):
         torch.testing.assert_close(p, q)
 
 
+def test_step_linear_schedule_is_constant_then_decays_linearly_to_zero():
+    from onnxprune.bayes.training import lr_factor
+
+    assert [lr_factor("step-linear", p) for p in (0.0, 0.25, 0.5, 0.75, 1.0)] == [1.0, 1.0, 1.0, 0.5, 0.0]
+    assert lr_factor("cosine", 0.5) == pytest.approx(0.5)
+    assert lr_factor("constant", 0.9) == 1.0
+
+
+def test_fit_refuses_an_unknown_schedule(digits):
+    x, y, _, _ = digits
+    with pytest.raises(ValueError, match="lr_schedule"):
+        fit(wrapped_lenet(), x, y, epochs=1, lr_schedule="exponential", progress=False)
+
+
 def test_fit_trains_a_plain_model_on_cross_entropy(digits):
     x, y, xt, yt = digits
     torch.manual_seed(0)

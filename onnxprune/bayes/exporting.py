@@ -34,7 +34,8 @@ def fold_gates(wrapped: BayesianModel) -> fx.GraphModule:
 
     A gate at the end of layer -> [BatchNorm] -> [ReLU-like activation] multiplies
     the BatchNorm's scale and shift (or the layer's weight rows and bias) by
-    E[theta] * mask; other gates become a constant per-channel multiply.
+    E[theta] * mask; a pre-bias gate multiplies the weight rows only; other gates
+    become a constant per-channel multiply.
     """
     wrapped.bank.clear()  # sampled thetas from the last training step are not part of the model
     m = copy.deepcopy(wrapped).eval()
@@ -47,7 +48,9 @@ def fold_gates(wrapped: BayesianModel) -> fx.GraphModule:
             target = gm.get_submodule(site.norm) if site.norm else gm.get_submodule(site.layer)
             shape = [-1] + [1] * (target.weight.dim() - 1)
             target.weight.mul_(g.reshape(shape).to(target.weight.dtype))
-            if target.bias is not None:
+            if site.pre_bias:
+                pass  # theta * (W x) + b: the bias stays
+            elif target.bias is not None:
                 target.bias.mul_(g.to(target.bias.dtype))
             elif not site.norm:
                 target.bias = nn.Parameter(torch.zeros(target.weight.shape[0], dtype=target.weight.dtype))

@@ -51,6 +51,18 @@ class History:
         return [asdict(e) for e in self.epochs]
 
 
+LR_SCHEDULES = ("constant", "cosine", "step-linear")
+
+
+def lr_factor(schedule: str, progress: float) -> float:
+    """The learning rate's multiplier at ``progress`` (0 at the start of training, 1 at its end)."""
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "step-linear":
+        return min(1.0, 2.0 * (1.0 - progress))
+    return 1.0
+
+
 def _distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size); joins the process group torchrun describes, if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -123,6 +135,7 @@ def fit(
     desc: str = "train",
     amp: bool = False,
     compile_gates: bool | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> History:
     """Train ``model`` on (x, y) for ``epochs`` epochs; see the module docstring.
 
@@ -130,7 +143,8 @@ def fit(
     whole training set across ranks), anything else on cross-entropy. With
     ``checkpoint``, the state after every epoch is written there (atomically)
     and a later call with the same path resumes after the last finished epoch.
-    ``lr_schedule`` is "constant" or "cosine". ``amp`` runs the forward pass in
+    ``lr_schedule`` is "constant", "cosine" or "step-linear" (constant for the first half,
+    then linear decay to zero: the SBP authors' schedule). ``betas`` are Adam's. ``amp`` runs the forward pass in
     bfloat16 autocast on CUDA (the gates' statistics stay in float64).
     ``compile_gates`` compiles the gates' numerics with ``torch.compile`` (default:
     on CUDA when Triton is installed, where it makes an SBP step several times faster).
@@ -149,7 +163,10 @@ def fit(
     gate_params = list(base.gate_parameters()) if bayesian else []
     if gate_params:  # Turbo-VBI's gates hold no trainable parameters
         groups.append({"params": gate_params, "lr": gate_lr or lr, "weight_decay": 0.0})
-    optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    # fused: one kernel for every parameter's update on CUDA (a small net's step is launch-bound there)
+    optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, betas=betas, fused=device.type == "cuda")
     start_epoch, history = 0, History()
     ckpt_path = Path(checkpoint) if checkpoint else None
     if ckpt_path is not None and ckpt_path.exists():
@@ -183,14 +200,17 @@ def fit(
             from tqdm import tqdm
 
             bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
-        seen = correct = 0
-        loss_sum = 0.0
+        # running sums stay on the device: reading them every step would wait for the GPU each time
+        seen = 0
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         kl_w = 1.0
         for step, (xb, yb) in enumerate(loader):
             done = epoch * steps_per_epoch + step
-            if lr_schedule == "cosine":
+            if lr_schedule != "constant":
+                factor = lr_factor(lr_schedule, done / total_steps)
                 for g, base_lr in zip(optimizer.param_groups, [lr, gate_lr or lr]):
-                    g["lr"] = 0.5 * base_lr * (1 + math.cos(math.pi * done / total_steps))
+                    g["lr"] = base_lr * factor
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
                 logits = train_model(xb)
             logits = logits.float()
@@ -206,19 +226,19 @@ def fit(
                 base.after_step()
                 base.clip_()
             with torch.no_grad():
-                correct += int((logits.argmax(1) == yb).sum())
+                correct += (logits.argmax(1) == yb).sum()
                 seen += len(yb)
-                loss_sum += float(loss) * len(yb)
+                loss_sum += loss.detach().double() * len(yb)
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0:
-                    post = {"loss": f"{loss_sum / seen:.4f}", "acc": f"{correct / seen:.3f}"}
+                    post = {"loss": f"{float(loss_sum) / seen:.4f}", "acc": f"{int(correct) / seen:.3f}"}
                     if bayesian:
                         post["kept"] = f"{base.kept_fraction():.2f}"
                     bar.set_postfix(post)
         if bar is not None:
             bar.close()
-        stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+        stats = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
         if world > 1:
             dist.all_reduce(stats)
         kept = base.kept_fraction() if bayesian else 1.0

@@ -45,22 +45,37 @@ def gate_factory(method: str) -> Callable[[int], nn.Module]:
     return methods.METHODS[method]
 
 
-class GateBank(nn.Module):
-    """The gates, one per channel group, and one sample of each per forward pass."""
+NOISE_SHARING = ("example", "batch")
+PLACEMENTS = ("output", "pre-bias")
 
-    def __init__(self, gates: dict[str, nn.Module]) -> None:
+
+class GateBank(nn.Module):
+    """The gates, one per channel group, and one sample of each per forward pass.
+
+    ``noise="example"`` draws each gate once per example (a [batch, G] sample, the lower-variance
+    estimator); ``noise="batch"`` draws it once per minibatch and shares it across the examples
+    (a [1, G] sample), as the SBP authors' code does. Both estimate the same ELBO.
+    """
+
+    def __init__(self, gates: dict[str, nn.Module], noise: str = "example") -> None:
         super().__init__()
+        if noise not in NOISE_SHARING:
+            raise ValueError(f"noise must be one of {NOISE_SHARING}, got {noise!r}")
         self.gates = nn.ModuleDict(gates)
+        self.noise = noise
         self._samples: dict[str, torch.Tensor] = {}
 
     def clear(self) -> None:
         self._samples.clear()
 
     def theta(self, group: str, batch: int) -> torch.Tensor:
-        """[batch, G] (training: one sample per example) or [G] (eval: E[theta] * mask)."""
+        """[batch, G] (training: one sample per example), [1, G] (training, ``noise="batch"``)
+        or [G] (eval: E[theta] * mask)."""
         gate = self.gates[group]
         if not self.training:
             return gate.deterministic()
+        if self.noise == "batch":
+            batch = 1
         cached = self._samples.get(group)
         if cached is None or cached.shape[0] != batch:
             cached = gate.sample(batch)
@@ -71,9 +86,11 @@ class GateBank(nn.Module):
 class GateSite(nn.Module):
     """Multiplies one tensor by the gates of the groups its channels belong to (ungated channels: 1)."""
 
-    def __init__(self, bank: GateBank, parts: list[tuple[str, torch.Tensor, torch.Tensor]], channels: int, channel_axis: int) -> None:
+    def __init__(self, bank: GateBank, parts: list[tuple[str, torch.Tensor, torch.Tensor]], channels: int, channel_axis: int,
+                 layer: nn.Module | None = None) -> None:
         super().__init__()
         self._bank = [bank]  # a reference, not a submodule: the bank is registered once, by the model
+        self._layer = [layer] if layer is not None else []  # pre-bias placement: the gate leaves this layer's bias alone
         self.groups = [key for key, _, _ in parts]
         self.channels = channels
         self.channel_axis = channel_axis
@@ -82,7 +99,7 @@ class GateSite(nn.Module):
             self.register_buffer(f"positions_{i}", torch.as_tensor(pos, dtype=torch.long).clone(), persistent=False)
 
     def gate_vector(self, batch: int) -> torch.Tensor:
-        """[batch, C] while training (one sample per example), [C] in evaluation."""
+        """[batch, C] while training (one sample per example; [1, C] when shared), [C] in evaluation."""
         out = None
         for i, key in enumerate(self.groups):
             theta = self._bank[0].theta(key, batch)
@@ -99,7 +116,13 @@ class GateSite(nn.Module):
         shape[axis] = g.shape[-1]
         if g.dim() == 2:  # per example
             shape[0] = g.shape[0]
-        return x * g.reshape(shape)
+        bias = self._layer[0].bias if self._layer else None
+        if bias is None:
+            return x * g.reshape(shape)
+        b_shape = [1] * x.dim()
+        b_shape[axis] = -1
+        b = bias.to(x.dtype).reshape(b_shape)
+        return (x - b) * g.reshape(shape) + b  # theta * (W x) + b
 
 
 @dataclass
@@ -111,7 +134,8 @@ class SiteInfo:
     groups: list[str]
     chain: list[str]  # fx nodes from the layer to the site (layer, [bn], [act])
     norm: str | None  # BatchNorm module in the chain, if any
-    foldable: bool  # all activations in the chain are positively homogeneous
+    foldable: bool  # all activations in the chain are positively homogeneous (or the site is pre-bias)
+    pre_bias: bool = False  # the gate scales the layer's W x, before its bias
 
 
 class BayesianModel(nn.Module):
@@ -271,6 +295,8 @@ def wrap(
     method: str = "sbp",
     exclude: Iterable[str] = (),
     gate_inputs: bool = False,
+    noise: str = "example",
+    placement: str = "output",
     **gate_kwargs,
 ) -> BayesianModel:
     """Insert Bayesian gates into ``model`` (traced with torch.fx); the original is not modified.
@@ -278,8 +304,17 @@ def wrap(
     ``gate_inputs`` also gates, feature by feature, the input of every Linear layer that reads a
     graph input through parameter-free ops (an MLP's pixels, as the SBP paper does for
     LeNet-500-300): rejected features become zero, and the pruned model's first layer reads only
-    the kept ones (through a Gather).
+    the kept ones (through a Gather). ``noise`` ("example" or "batch") says whether a training
+    forward pass draws the gates once per example or once per minibatch (see :class:`GateBank`).
+
+    ``placement="output"`` gates the end of each layer's conv -> [BN] -> [activation] chain, so a
+    rejected channel is zero; ``placement="pre-bias"`` gates ``W x`` before the layer's bias, as the
+    SBP authors' code does (``theta * W x + b``; chains with a BatchNorm keep the output placement).
+    A channel rejected there is the constant ``act(b)``, which ``onnxprune prune`` folds into the
+    next layer's bias where that is exact (an unpadded Conv, Gemm, MatMul) and deletes.
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     import copy
 
     if isinstance(example_inputs, torch.Tensor):
@@ -317,17 +352,21 @@ def wrap(
                     key += "_"
                 names[g] = key
                 gates[key] = factory(grouping.group_sizes[g], **gate_kwargs)
-    bank = GateBank(gates)
+    bank = GateBank(gates, noise)
     sites = []
     for i, (node, chain, norm, foldable, mc, axis, width) in enumerate(plans):
         site_name = f"gate_site_{i}"
         parts = [(names[g], torch.as_tensor(ch), torch.as_tensor(pos)) for g, ch, pos in mc.parts]
-        gm.add_submodule(site_name, GateSite(bank, parts, width, axis))
+        pre_bias = placement == "pre-bias" and norm is None
+        if pre_bias:
+            chain, foldable = chain[:1], True
+        layer_module = gm.get_submodule(node.target) if pre_bias else None
+        gm.add_submodule(site_name, GateSite(bank, parts, width, axis, layer_module))
         end = chain[-1]
         with gm.graph.inserting_after(end):
             new = gm.graph.call_module(site_name, (end,))
         end.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-        sites.append(SiteInfo(site_name, node.target, [names[g] for g in mc.groups], [n.name for n in chain], norm, foldable))
+        sites.append(SiteInfo(site_name, node.target, [names[g] for g in mc.groups], [n.name for n in chain], norm, foldable, pre_bias))
     if gate_inputs:
         for layer in _input_layers(gm):
             features = gm.get_submodule(layer.target).in_features
