@@ -56,6 +56,10 @@ class Run:
     commit_onnx: bool = False
     tp_ignore: tuple[str, ...] = ()  # module-name patterns Torch-Pruning must not prune
     gate_inputs: bool = False  # gate the MLP's input pixels too, as the paper does for LeNet-500-300
+    recipe: dict = field(default_factory=dict)  # this run's defaults for --schedule/--placement/--noise/--gate-lr/--beta1
+
+
+RECIPE_DEFAULTS = {"schedule": "cosine", "placement": "output", "noise": "example", "gate_lr": 3e-2, "beta1": 0.9}
 
 
 PAPER_LENET500 = {"error": 1.55, "units": "245-160-55", "cpu_speedup": 2.33, "gpu_speedup": 1.08, "flops_reduction": 11.23}
@@ -63,8 +67,12 @@ PAPER_LENET5 = {"error": 0.86, "units": "3-18-284-283", "cpu_speedup": 5.41, "gp
 PAPER_VGG15 = {"error": 7.2, "dense_error": 6.8, "cpu_speedup": 3.6, "gpu_speedup": 2.17}
 
 RUNS: dict[str, Run] = {
-    "mnist-lenet500": Run("lenet500", "mnist", 20, 40, PAPER_LENET500, commit_onnx=True, gate_inputs=True),
-    "mnist-lenet5": Run("lenet5", "mnist", 20, 40, PAPER_LENET5, commit_onnx=True),
+    # The MNIST LeNets follow the authors' recipe (200 epochs, step-linear, gate before the bias), with the gate
+    # learning rate and noise draw of the variant that met the paper best (BENCHMARKS.md, "SBP variants").
+    "mnist-lenet500": Run("lenet500", "mnist", 20, 200, PAPER_LENET500, commit_onnx=True, gate_inputs=True,
+                          recipe={"schedule": "step-linear", "placement": "pre-bias", "gate_lr": 1e-2}),
+    "mnist-lenet5": Run("lenet5", "mnist", 20, 200, PAPER_LENET5, commit_onnx=True,
+                        recipe={"schedule": "step-linear", "placement": "pre-bias", "noise": "batch", "beta1": 0.95}),
     "fmnist-lenet500": Run("lenet500", "fashion-mnist", 20, 40, gate_inputs=True),
     "mnist-lenet300": Run("lenet300", "mnist", 20, 40, commit_onnx=False, gate_inputs=True),
     "fmnist-lenet5": Run("lenet5", "fashion-mnist", 20, 40),
@@ -231,6 +239,17 @@ def measure(name: str, run: Run, args, work: Path) -> dict:
 
     files = _files(work)
     out: dict = {"error_pct": {}, "macs": {}, "params": {}, "units": {}}
+    # The posterior's own decision, every rejected channel deleted (--target none): the paper's FLOPs column.
+    # The pruned model above is what --target ort-cpu ships (dead channels kept where that runs faster).
+    everything = work / "pruned_all.onnx"
+    if "pruned" in files and not everything.exists():
+        from onnxprune.api import prune_model
+
+        source = work / "gated.onnx" if (work / "gated.onnx").exists() else files["pruned"]
+        prune_model(source, output=everything, target="none")
+    timed_files = dict(files)
+    if everything.exists():
+        files = {**files, "pruned_all": everything}
     # Test errors on the GPU where there is one (the same ONNX models; latency below stays on 2 CPU threads).
     providers = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else ["CPUExecutionProvider"]
     for key, path in files.items():
@@ -244,7 +263,7 @@ def measure(name: str, run: Run, args, work: Path) -> dict:
         feed = {"input": np.random.default_rng(0).random((batch, *shape), dtype=np.float32)}
         from benchmarks.common import ort_runner
 
-        runners = {k: ort_runner(str(p), feed, threads=2) for k, p in files.items()}
+        runners = {k: ort_runner(str(p), feed, threads=2) for k, p in timed_files.items()}
         out["latency_cpu"][f"batch{batch}"] = interleaved_latency(runners, repeats=args.rounds, budget_s=60)
     return out
 
@@ -273,17 +292,17 @@ def main() -> None:
     ap.add_argument("--method", default="sbp", choices=("sbp", "rbp", "turbo-vbi"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--epochs", type=int, help="Bayesian epochs (default per run; the baseline fine-tunes as long)")
-    ap.add_argument("--gate-lr", type=float, default=3e-2)
+    ap.add_argument("--gate-lr", type=float, help="the gates' learning rate (default per run, else 3e-2)")
     ap.add_argument("--kl-warmup", type=float, default=0.0)
-    ap.add_argument("--noise", choices=("example", "batch"), default="example",
+    ap.add_argument("--noise", choices=("example", "batch"),
                     help="draw the gates once per example, or once per minibatch as the SBP authors' code does")
-    ap.add_argument("--schedule", choices=("cosine", "step-linear"), default="cosine",
+    ap.add_argument("--schedule", choices=("cosine", "step-linear"),
                     help="learning-rate schedule of the Bayesian training and the baseline's fine-tuning "
                          "(step-linear: constant, then linear decay over the second half, the SBP authors')")
-    ap.add_argument("--placement", choices=("output", "pre-bias"), default="output",
+    ap.add_argument("--placement", choices=("output", "pre-bias"),
                     help="gate each layer's output (after its activation), or W x before the bias (the SBP authors')")
     ap.add_argument("--dense-dir", type=Path, help="where the dense net is trained or found (default: the work folder)")
-    ap.add_argument("--beta1", type=float, default=0.9, help="Adam's beta1 (the SBP authors use 0.95)")
+    ap.add_argument("--beta1", type=float, help="Adam's beta1 (default 0.9; the SBP authors use 0.95)")
     ap.add_argument("--tag", default="", help="suffix of the result folder's name (a variant of a run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir")
@@ -297,6 +316,9 @@ def main() -> None:
     args = ap.parse_args()
     use_global_ort_threads(2)
     run = RUNS[args.run]
+    for key, default in RECIPE_DEFAULTS.items():  # flags not given: this run's SBP recipe, else the global default
+        if getattr(args, key) is None:
+            setattr(args, key, run.recipe.get(key, default) if args.method == "sbp" else default)
     label = f"{args.run}-{args.method.replace('-', '')}" + (f"-{args.tag}" if args.tag else "")
     base = args.work or ROOT / "benchmarks" / "work" / args.run
     args.dense_dir = args.dense_dir or base
@@ -331,7 +353,8 @@ def main() -> None:
             "method": args.method,
             "machine": machine_info(),
             "config": {"model": run.model, "model_kwargs": run.model_kwargs, "data": run.data, "pretrained": bool(run.pretrained),
-                       "batch_size": run.batch_size, "optimizer": "Adam lr 1e-3, cosine decay", "noise": "example", "quick": args.quick,
+                       "batch_size": run.batch_size, "optimizer": "Adam lr 1e-3, cosine decay", "noise": "example",
+                       "placement": "output", "quick": args.quick, "tag": args.tag,
                        **trained,
                        "gate_inputs": run.gate_inputs,
                        "trained_on": json.loads(device_file.read_text()) if device_file.exists() else None},
@@ -340,7 +363,7 @@ def main() -> None:
             **measured,
         }
         path.write_text(json.dumps(result, indent=2) + "\n")
-        if run.commit_onnx and not args.quick:
+        if run.commit_onnx and not args.quick and not args.tag:  # variants keep only their result.json
             for f in ("dense.onnx", "pruned.onnx"):
                 shutil.copyfile(work / f, result_dir / f)
         print(json.dumps({k: result[k] for k in ("error_pct", "macs", "units")}, indent=1))

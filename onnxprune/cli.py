@@ -238,6 +238,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         method=args.method, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, pretrained=args.pretrained,
         batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup, seed=args.seed,
         device=device, target=args.target, threads=args.threads, progress=not args.quiet, gate_inputs=args.gate_inputs,
+        gate_options={"placement": args.placement, "noise": args.noise},
     )
     report = run(cfg)
     print()
@@ -332,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-warmup", type=float, default=0.0, metavar="EPOCHS", help="linear warm-up of the KL weight")
     p.add_argument("--gate-inputs", action="store_true",
                    help="also gate the input features of MLPs (as the SBP paper does for LeNet-500-300)")
+    p.add_argument("--placement", choices=("output", "pre-bias"), default="output",
+                   help="gate each layer's output (rejected channels are zero), or W x before its bias as the SBP "
+                        "authors do (rejected channels are constants, folded into the next layer's bias)")
+    p.add_argument("--noise", choices=("example", "batch"), default="example",
+                   help="draw the gates once per example (default) or once per minibatch (the SBP authors')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("-o", "--output", metavar="DIR", help="output folder (default out/MODEL-DATA-METHOD)")

@@ -136,6 +136,15 @@ def test_train_command_runs_the_whole_pipeline_and_pruned_predictions_match(tmp_
     assert not any(p.name.startswith(".stage-") for p in out.iterdir())
 
 
+def test_train_command_with_the_authors_gate_placement_and_noise_prunes_to_the_same_predictions(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--epochs", "12", "--pretrain-epochs", "4", "--placement", "pre-bias", "--noise", "batch",
+                 "-o", str(out), "-q", "--target", "none"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruned"]["agreement_with_wrapped"] >= 0.999
+
+
 @pytest.mark.parametrize("name", ["lenet300", "lenet500", "lenet5"])
 def test_trained_models_prune_to_the_same_predictions(name, digits):
     """The bar: the pruned ONNX model predicts what the wrapped model predicts in eval mode (>= 99.9 %)."""
