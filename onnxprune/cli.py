@@ -241,13 +241,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         gate_options={"placement": args.placement, "noise": args.noise},
     )
     report = run(cfg)
+    if "rank" in report:  # a torchrun worker: rank 0 reports and writes
+        return _exit_after_distributed(0)
     print()
     print(f"{cfg.model} on {cfg.data}, {cfg.method}: {report['wrapped']['kept_fraction']:.1%} of the gated channels kept; "
           f"pruned model agrees with the wrapped model on {report['pruned']['agreement_with_wrapped']:.2%} of the test set")
     print(results_table(report))
     print(f"\nwrote {cfg.out}/: dense.onnx, gated.onnx, pruned.onnx, report.json, channels.png "
           f"({report['timings_s']['total']:.0f} s)")
-    return 0
+    return _exit_after_distributed(0) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def _exit_after_distributed(code: int) -> int:
+    """End a torchrun process now, its output flushed: gloo's worker threads can still hold tensors at
+    interpreter finalisation, which then aborts (pytorch/pytorch#179291) although the work is done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

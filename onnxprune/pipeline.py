@@ -159,7 +159,7 @@ def run(cfg: TrainConfig) -> dict:
     import models
     from onnxprune.api import inspect_model, prune_model
     from onnxprune.bayes.exporting import export, gate_summary
-    from onnxprune.bayes.training import fit, predict
+    from onnxprune.bayes.training import finish_distributed, fit, predict
     from onnxprune.bayes.wrapper import wrap
     from onnxprune.data import augment_batch, load_dataset
     from onnxprune.latency.guarantee import time_side_by_side
@@ -177,6 +177,8 @@ def run(cfg: TrainConfig) -> dict:
     x_train, y_train = load_dataset(cfg.data, cfg.data_dir, "train", as_uint8=raw)
     x_test, y_test = load_dataset(cfg.data, cfg.data_dir, "test", as_uint8=raw)
     device = torch.device(cfg.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     augment = augment_batch if cfg.data == "cifar10" else None
     torch.manual_seed(cfg.seed)
     dense = models.build(cfg.model)
@@ -199,6 +201,9 @@ def run(cfg: TrainConfig) -> dict:
         kl_warmup_epochs=cfg.kl_warmup_epochs, seed=cfg.seed, device=device, augment=augment,
         checkpoint=ckpt / f"{cfg.method}.pt", progress=cfg.progress, desc=cfg.method)
     timings["bayesian_training_s"] = time.perf_counter() - t
+    rank = finish_distributed()
+    if rank != 0:  # under torchrun, rank 0 alone exports, prunes, verifies and writes
+        return {"rank": rank}
     wrapped_pred = predict(wrapped, x_test, device=device)
     wrapped_acc = float((wrapped_pred == y_test).mean())
 

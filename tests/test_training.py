@@ -122,6 +122,20 @@ def test_fit_runs_under_torchrun_with_gloo_and_two_processes(tmp_path):
     assert "OK 2" in result.stdout
 
 
+def test_train_command_runs_under_torchrun_and_rank_0_alone_writes(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "onnxprune",
+         "train", "--epochs", "3", "--pretrain-epochs", "1", "-o", str(out), "-q", "--target", "none"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1  # one report, from rank 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruned"]["agreement_with_wrapped"] >= 0.999
+
+
 def test_train_command_runs_the_whole_pipeline_and_pruned_predictions_match(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "--epochs", "25", "--pretrain-epochs", "6", "-o", str(out), "-q", "--target", "none"])

@@ -73,6 +73,17 @@ def _distributed(device: torch.device) -> tuple[int, int]:
     return 0, 1
 
 
+def finish_distributed() -> int:
+    """Under torchrun: wait for every rank, then leave the process group. Returns this process's rank
+    (0 when not distributed), so that rank 0 alone can go on to export and write."""
+    if not dist.is_initialized():
+        return 0
+    rank = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()
+    return rank
+
+
 def _base(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
