@@ -134,7 +134,8 @@ def train(name: str, run: Run, args, work: Path) -> None:
     (work / "train_config.json").write_text(json.dumps({
         "method": args.method, "pretrain_epochs": 0 if run.pretrained else pre_epochs, "epochs": epochs,
         "baseline_epochs": None if args.no_baseline else epochs, "gate_lr": args.gate_lr, "kl_warmup_epochs": args.kl_warmup,
-        "seed": args.seed, "noise": args.noise, "placement": args.placement, "optimizer": optimizer_text(args)}, indent=1))
+        "seed": args.seed, "noise": args.noise, "placement": args.placement, "optimizer": optimizer_text(args),
+        **({"gate_options": args.gate_options} if args.gate_options else {})}, indent=1))
     common = dict(batch_size=run.batch_size, seed=args.seed, device=device, augment=augment, amp=device.type == "cuda",
                   progress=not args.quiet)
     example = torch.zeros(1, *models.REGISTRY[run.model].input_shape)
@@ -160,7 +161,7 @@ def train(name: str, run: Run, args, work: Path) -> None:
 
     # 2. Bayesian
     wrapped = wrap(dense, (example.to(device),), method=args.method, gate_inputs=run.gate_inputs, noise=args.noise,
-                   placement=args.placement).to(device)
+                   placement=args.placement, **args.gate_options).to(device)
     bayes_state = work / f"{args.method}_final.pt"
     if bayes_state.exists():
         wrapped.load_state_dict(torch.load(bayes_state, map_location=device, weights_only=True))
@@ -301,6 +302,8 @@ def main() -> None:
                          "(step-linear: constant, then linear decay over the second half, the SBP authors')")
     ap.add_argument("--placement", choices=("output", "pre-bias"),
                     help="gate each layer's output (after its activation), or W x before the bias (the SBP authors')")
+    ap.add_argument("--gate-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a keyword for the method's gate, e.g. prior_weight=0.1 for Turbo-VBI (repeatable)")
     ap.add_argument("--dense-dir", type=Path, help="where the dense net is trained or found (default: the work folder)")
     ap.add_argument("--beta1", type=float, help="Adam's beta1 (default 0.9; the SBP authors use 0.95)")
     ap.add_argument("--tag", default="", help="suffix of the result folder's name (a variant of a run)")
@@ -316,6 +319,13 @@ def main() -> None:
     args = ap.parse_args()
     use_global_ort_threads(2)
     run = RUNS[args.run]
+    args.gate_options = {}
+    for item in args.gate_option:
+        key, _, value = item.partition("=")
+        try:
+            args.gate_options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            args.gate_options[key] = value
     for key, default in RECIPE_DEFAULTS.items():  # flags not given: this run's SBP recipe, else the global default
         if getattr(args, key) is None:
             setattr(args, key, run.recipe.get(key, default) if args.method == "sbp" else default)

@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end (slow: opt-in with `pytest -m slow`)."""
+"""The benchmark scripts run end to end (the ResNet-50 one is slow: opt-in with `pytest -m slow`)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,21 @@ def test_engine_benchmark_runs_quick_variant(tmp_path):
     result = json.loads((tmp_path / "prune-resnet50-quick" / "result.json").read_text())
     assert result["torch_pruning"]["same_widths_as_onnxprune"]
     assert result["macs"]["onnxprune"] == result["macs"]["torch_pruning"] < result["macs"]["dense"]
+
+
+def test_paper_table_runs_a_tagged_variant_end_to_end(tmp_path):
+    """--quick: 1024 training images, 2 epochs; the authors' recipe flags, a gate option, a shared dense folder."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "paper_table.py"), "mnist-lenet5", "--quick", "--rounds", "2",
+           "--placement", "pre-bias", "--noise", "batch", "--schedule", "step-linear", "--gate-option", "a=-20",
+           "--tag", "smoke", "--work", str(tmp_path / "work"), "--dense-dir", str(tmp_path / "dense"),
+           "--results", str(tmp_path / "results"), "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "results" / "mnist-lenet5-sbp-smoke"
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["tag"] == "smoke" and result["config"]["placement"] == "pre-bias"
+    assert result["config"]["gate_options"] == {"a": -20}
+    assert set(result["macs"]) >= {"dense", "pruned", "pruned_all", "torch_pruning"}
+    assert result["macs"]["pruned_all"] <= result["macs"]["pruned"] <= result["macs"]["dense"]
+    assert not list(out.glob("*.onnx"))  # a variant keeps only its result.json
+    assert (tmp_path / "dense" / "dense_final.pt").exists()
