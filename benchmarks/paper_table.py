@@ -59,12 +59,15 @@ class Run:
     recipe: dict = field(default_factory=dict)  # this run's defaults for --schedule/--placement/--noise/--gate-lr/--beta1
 
 
-RECIPE_DEFAULTS = {"schedule": "cosine", "placement": "output", "noise": "example", "gate_lr": 3e-2, "beta1": 0.9}
+RECIPE_DEFAULTS = {"schedule": "cosine", "placement": "output", "noise": "example", "lr": 1e-3, "gate_lr": 3e-2,
+                   "beta1": 0.9, "decay_start": 0.5}
 
 
 PAPER_LENET500 = {"error": 1.55, "units": "245-160-55", "cpu_speedup": 2.33, "gpu_speedup": 1.08, "flops_reduction": 11.23}
 PAPER_LENET5 = {"error": 0.86, "units": "3-18-284-283", "cpu_speedup": 5.41, "gpu_speedup": 1.91, "flops_reduction": 10.49}
 PAPER_VGG15 = {"error": 7.2, "dense_error": 6.8, "cpu_speedup": 3.6, "gpu_speedup": 2.17}
+
+VGG_RECIPE = {"schedule": "step-linear", "lr": 1e-5, "gate_lr": 1e-4, "beta1": 0.95, "decay_start": 250 / 300}
 
 RUNS: dict[str, Run] = {
     # The MNIST LeNets follow the authors' recipe (200 epochs, step-linear, gate before the bias), with the gate
@@ -76,8 +79,10 @@ RUNS: dict[str, Run] = {
     "fmnist-lenet500": Run("lenet500", "fashion-mnist", 20, 40, gate_inputs=True),
     "mnist-lenet300": Run("lenet300", "mnist", 20, 40, commit_onnx=False, gate_inputs=True),
     "fmnist-lenet5": Run("lenet5", "fashion-mnist", 20, 40),
-    "cifar-vgg": Run("vgg_cifar", "cifar10", 30, 30, {}, {"width": 1.0}),
-    "cifar-vgg15": Run("vgg_cifar", "cifar10", 30, 30, PAPER_VGG15, {"width": 1.5}),
+    # The authors' VGG-like recipe: from the trained dense net, 300 epochs of Adam (beta1 0.95) at 1e-5 for the
+    # weights and 1e-4 for the gates, constant for 250 epochs, then linear decay to 0.
+    "cifar-vgg": Run("vgg_cifar", "cifar10", 30, 300, {}, {"width": 1.0}, recipe=VGG_RECIPE),
+    "cifar-vgg15": Run("vgg_cifar", "cifar10", 30, 300, PAPER_VGG15, {"width": 1.5}, recipe=VGG_RECIPE),
     "cifar-resnet56": Run("resnet56", "cifar10", 0, 30, {}, pretrained=str(PRETRAINED / "resnet56-4bfd9763.th"),
                           tp_ignore=("conv1", r"layer\d+\.\d+\.conv2")),
 }
@@ -167,8 +172,8 @@ def train(name: str, run: Run, args, work: Path) -> None:
         wrapped.load_state_dict(torch.load(bayes_state, map_location=device, weights_only=True))
     else:
         with timed(times, f"{args.method}_training_s", times_path):
-            fit(wrapped, x, y, epochs=epochs, lr=1e-3, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup,
-                lr_schedule=args.schedule, betas=(args.beta1, 0.999), checkpoint=work / f"{args.method}.pt",
+            fit(wrapped, x, y, epochs=epochs, lr=args.lr, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup,
+                lr_schedule=args.schedule, betas=(args.beta1, 0.999), decay_start=args.decay_start, checkpoint=work / f"{args.method}.pt",
                 desc=args.method, **common)
         torch.save(wrapped.state_dict(), bayes_state)
 
@@ -187,15 +192,18 @@ def train(name: str, run: Run, args, work: Path) -> None:
             baseline = models.build(run.model, **run.model_kwargs)
             baseline.load_state_dict(torch.load(dense_state, map_location="cpu", weights_only=True))
             baseline = prune_to_macs(baseline.eval(), example, target_macs, ignore=run.tp_ignore)
+            # the dense net's learning rate: a magnitude-pruned net must recover (SBP's may be far smaller, e.g. VGG's 1e-5)
             fit(baseline, x, y, epochs=epochs, lr=1e-3, lr_schedule=args.schedule, betas=(args.beta1, 0.999),
+                decay_start=args.decay_start,
                 checkpoint=work / "tp.pt", desc="tp-finetune", **common)
             onnx.save(export_onnx(baseline.cpu().eval(), example), work / "tp.onnx")
 
 
 def optimizer_text(args) -> str:
-    schedule = {"cosine": "cosine decay", "step-linear": "constant, then linear decay to 0 over the second half",
+    bend = "over the second half" if args.decay_start == 0.5 else f"after {args.decay_start:.0%} of the epochs"
+    schedule = {"cosine": "cosine decay", "step-linear": f"constant, then linear decay to 0 {bend}",
                 "constant": "constant"}[args.schedule]
-    return f"Adam lr 1e-3 (gates {args.gate_lr:g}), betas ({args.beta1:g}, 0.999), {schedule}"
+    return f"Adam lr {args.lr:g} (gates {args.gate_lr:g}), betas ({args.beta1:g}, 0.999), {schedule}"
 
 
 def _files(work: Path) -> dict[str, Path]:
@@ -305,6 +313,10 @@ def main() -> None:
     ap.add_argument("--gate-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a keyword for the method's gate, e.g. prior_weight=0.1 for Turbo-VBI (repeatable)")
     ap.add_argument("--dense-dir", type=Path, help="where the dense net is trained or found (default: the work folder)")
+    ap.add_argument("--lr", type=float, help="the weights' learning rate in the Bayesian training (default per run, "
+                    "else 1e-3; the Torch-Pruning baseline fine-tunes at 1e-3)")
+    ap.add_argument("--decay-start", type=float, help="step-linear: the fraction of the epochs after which the "
+                    "learning rate decays linearly to 0 (default per run, else 0.5)")
     ap.add_argument("--beta1", type=float, help="Adam's beta1 (default 0.9; the SBP authors use 0.95)")
     ap.add_argument("--tag", default="", help="suffix of the result folder's name (a variant of a run)")
     ap.add_argument("--seed", type=int, default=0)

@@ -66,6 +66,7 @@ def test_step_linear_schedule_is_constant_then_decays_linearly_to_zero():
     from onnxprune.bayes.training import lr_factor
 
     assert [lr_factor("step-linear", p) for p in (0.0, 0.25, 0.5, 0.75, 1.0)] == [1.0, 1.0, 1.0, 0.5, 0.0]
+    assert lr_factor("step-linear", 0.9, decay_start=0.8) == pytest.approx(0.5)
     assert lr_factor("cosine", 0.5) == pytest.approx(0.5)
     assert lr_factor("constant", 0.9) == 1.0
 

@@ -54,12 +54,13 @@ class History:
 LR_SCHEDULES = ("constant", "cosine", "step-linear")
 
 
-def lr_factor(schedule: str, progress: float) -> float:
-    """The learning rate's multiplier at ``progress`` (0 at the start of training, 1 at its end)."""
+def lr_factor(schedule: str, progress: float, decay_start: float = 0.5) -> float:
+    """The learning rate's multiplier at ``progress`` (0 at the start of training, 1 at its end).
+    "step-linear" is constant until ``decay_start`` (a fraction of training), then linear to 0."""
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "step-linear":
-        return min(1.0, 2.0 * (1.0 - progress))
+        return min(1.0, (1.0 - progress) / (1.0 - decay_start))
     return 1.0
 
 
@@ -147,6 +148,7 @@ def fit(
     amp: bool = False,
     compile_gates: bool | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
+    decay_start: float = 0.5,
 ) -> History:
     """Train ``model`` on (x, y) for ``epochs`` epochs; see the module docstring.
 
@@ -155,7 +157,7 @@ def fit(
     ``checkpoint``, the state after every epoch is written there (atomically)
     and a later call with the same path resumes after the last finished epoch.
     ``lr_schedule`` is "constant", "cosine" or "step-linear" (constant for the first half,
-    then linear decay to zero: the SBP authors' schedule). ``betas`` are Adam's. ``amp`` runs the forward pass in
+    then linear decay to zero: the SBP authors' schedule; ``decay_start`` moves the bend). ``betas`` are Adam's. ``amp`` runs the forward pass in
     bfloat16 autocast on CUDA (the gates' statistics stay in float64).
     ``compile_gates`` compiles the gates' numerics with ``torch.compile`` (default:
     on CUDA when Triton is installed, where it makes an SBP step several times faster).
@@ -174,6 +176,8 @@ def fit(
     gate_params = list(base.gate_parameters()) if bayesian else []
     if gate_params:  # Turbo-VBI's gates hold no trainable parameters
         groups.append({"params": gate_params, "lr": gate_lr or lr, "weight_decay": 0.0})
+    if not 0.0 <= decay_start < 1.0:
+        raise ValueError(f"decay_start must be in [0, 1), got {decay_start}")
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     # fused: one kernel for every parameter's update on CUDA (a small net's step is launch-bound there)
@@ -219,7 +223,7 @@ def fit(
         for step, (xb, yb) in enumerate(loader):
             done = epoch * steps_per_epoch + step
             if lr_schedule != "constant":
-                factor = lr_factor(lr_schedule, done / total_steps)
+                factor = lr_factor(lr_schedule, done / total_steps, decay_start)
                 for g, base_lr in zip(optimizer.param_groups, [lr, gate_lr or lr]):
                     g["lr"] = base_lr * factor
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
