@@ -280,9 +280,12 @@ def _same_budget(rs: list[dict]) -> list[dict]:
     common = max(set(epochs), key=lambda e: (len({r["method"] for r in rs if r["config"]["epochs"] == e}), e))
     picked: dict[str, dict] = {}
     for r in rs:
+        if r["config"].get("gate_options"):
+            continue  # a method with changed constants: listed beside its default run, below
         if r["method"] not in picked or (r["config"]["epochs"] == common) > (picked[r["method"]]["config"]["epochs"] == common):
             picked[r["method"]] = r
-    return list(picked.values())
+    extra = [r for r in rs if r["config"].get("gate_options") and r["config"]["epochs"] == common]
+    return list(picked.values()) + extra
 
 
 def methods_table(results: list[tuple[str, dict]]) -> str:
@@ -300,7 +303,9 @@ def methods_table(results: list[tuple[str, dict]]) -> str:
             err, macs, method = r["error_pct"], r["macs"], r["method"]
             cpu_s, gpu_s = _speedups(r, "pruned")
             seconds = r.get("stage_times_s", {}).get(f"{method}_training_s")
-            rows.append([net, METHOD_NAMES[method], f"{err['dense']:.2f} -> **{err['pruned']:.2f}**",
+            options = r["config"].get("gate_options")
+            name = METHOD_NAMES[method] + (" (" + ", ".join(f"{k} {v}" for k, v in options.items()) + ")" if options else "")
+            rows.append([net, name, f"{err['dense']:.2f} -> **{err['pruned']:.2f}**",
                          "-".join(str(u) for u in r["units"]["pruned"]), f"{macs['dense'] / macs['pruned']:.2f}x",
                          f"{r['params']['dense'] / r['params']['pruned']:.2f}x", cpu_s, gpu_s,
                          f"{r['config']['epochs']} ({seconds:.0f} s)" if seconds else str(r["config"]["epochs"])])
