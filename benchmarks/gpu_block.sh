@@ -4,6 +4,7 @@
 #   benchmarks/gpu_block.sh setup            # wheels from .whl/, decode CIFAR-10 once
 #   benchmarks/gpu_block.sh launch           # four training queues, one per GPU, in the background
 #   benchmarks/gpu_block.sh launch-mnist GPUS EPOCHS  # MNIST/Fashion-MNIST SBP runs, one queue per listed GPU
+#   benchmarks/gpu_block.sh launch-dense RUN..   # the dense nets of these runs, the n-th on GPU n, in the background
 #   benchmarks/gpu_block.sh launch-plan FILE  # the queues a plan file lists (e.g. benchmarks/plans/sbp-200.txt)
 #   benchmarks/gpu_block.sh wait SECONDS     # keep the machine busy while they train; print progress
 #   benchmarks/gpu_block.sh measure [SPEC..] # errors, MACs, units, ORT CPU (2 threads) and CUDA latency
@@ -75,9 +76,18 @@ PY
     done
     sleep 3; echo "launched ($e epochs)"
     ;;
+  launch-dense)
+    shift; mkdir -p "$LOG"; g=0
+    for run in "$@"; do
+      CUDA_VISIBLE_DEVICES=$g setsid nohup $RUN "$run" --device cuda --stage dense --quiet > "$LOG/dense-$run.log" 2>&1 &
+      g=$((g + 1))
+    done
+    sleep 2; echo "dense nets launched: $*"
+    ;;
   launch-plan)
     # launch-plan FILE: lines "QUEUE GPU SPEC..." (# comments); the specs of one queue run in turn,
     # queues run at once (several may share a GPU). Lines "dense GPU SPEC" run first, in order.
+    # GPU may be "G:FILE": the queue starts on GPU G once FILE exists (e.g. a dense net trained elsewhere).
     mkdir -p "$LOG"; rm -f "$LOG"/q*.done
     export -f queue; export RUN LOG
     grep -E '^dense ' "$2" | while read -r _ g spec; do
@@ -89,9 +99,10 @@ PY
     echo "$queues" | wc -l > "$LOG/nqueues"
     for q in $queues; do
       g=$(grep -E "^$q " "$2" | head -1 | awk '{print $2}')
+      after=""; if [[ $g == *:* ]]; then after=${g#*:}; g=${g%%:*}; fi
       specs=()
       while read -r _ _ spec; do specs+=("$spec"); done < <(grep -E "^$q " "$2")
-      setsid nohup bash -c "queue $q $g $(printf "'%s' " "${specs[@]}")" >/dev/null 2>&1 &
+      setsid nohup bash -c "while [ -n '$after' ] && [ ! -e '$after' ]; do sleep 5; done; queue $q $g $(printf "'%s' " "${specs[@]}")" >/dev/null 2>&1 &
     done
     sleep 3; echo "launched $(cat "$LOG/nqueues") queues"; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
     ;;

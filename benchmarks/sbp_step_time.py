@@ -1,13 +1,16 @@
-"""Time of one SBP training step, eager gates vs gates compiled with torch.compile.
+"""Time of one SBP training step: eager gates, gates compiled alone, the whole step compiled.
 
 An SBP gate's KL, sampling and SNR are float64 closed forms written with many
 small, numerically careful operations (onnxprune/bayes/truncnorm.py): hundreds
 of tiny kernels per gate and step, which on a GPU cost far more than the
-network itself. ``fit`` compiles them by default on CUDA. This script measures
-what that gives: for each model, the median time of a full training step
-(forward, negative ELBO, backward, Adam, clipping) of the dense net, of the
-SBP net with eager gates and with compiled gates, batch 128, random data on
-the device, after warm-up; plus the one-off compile time.
+network itself. Compiling the gates alone leaves the glue between them and
+the layers (hundreds of launches); ``fit`` therefore compiles the whole forward
+pass and loss into one graph on CUDA (``compile_step``). This script measures
+what each gives: for each model, the median time of a full training step
+(forward, negative ELBO, backward, fused Adam, clipping) of the dense net (eager
+and compiled), of the SBP net with eager gates, compiled gates and the compiled
+step, batch 128, random data on the device, after warm-up; plus the one-off
+compile times.
 
     python benchmarks/sbp_step_time.py --device cuda          # on the GPU machine
     python benchmarks/sbp_step_time.py --device cpu --models lenet5
@@ -26,20 +29,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_info, write_result  # noqa: E402
 
 
-def step_times(model, x, y, steps: int, bayesian: bool, sync) -> list[float]:
-    """Seconds per training step, ``steps`` of them after 5 warm-up steps."""
+def step_times(model, x, y, steps: int, bayesian: bool, sync, compile_step: bool = False) -> list[float]:
+    """Seconds per training step, ``steps`` of them after 5 warm-up steps (``compile_step``: the
+    forward pass and loss compiled into one graph, as ``fit(compile_step=True)`` does)."""
     import torch
     import torch.nn.functional as F
 
     from onnxprune import bayes
 
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    def forward_loss(x, y):
+        logits = model(x)
+        return bayes.elbo(logits, y, model, 60000) / 60000 if bayesian else F.cross_entropy(logits, y)
+
+    if compile_step:
+        forward_loss = torch.compile(forward_loss, dynamic=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=x.is_cuda)
     times = []
     for i in range(5 + steps):
         sync()
         t0 = time.perf_counter()
-        logits = model(x)
-        loss = bayes.elbo(logits, y, model, 60000) / 60000 if bayesian else F.cross_entropy(logits, y)
+        loss = forward_loss(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -58,6 +67,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["lenet500", "lenet5", "vgg_cifar"])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--variants", nargs="+", default=["eager", "gates", "step"], choices=["eager", "gates", "step"],
+                    help="eager gates, gates compiled alone, or the whole forward pass and loss compiled")
     ap.add_argument("--results", type=Path)
     args = ap.parse_args()
     import torch
@@ -76,27 +87,30 @@ def main() -> None:
         dense = models.build(name).to(device)
         row = {"model": name, "batch": args.batch}
         row["dense_ms"] = 1e3 * statistics.median(step_times(dense, x, y, args.steps, False, sync))
-        for compiled in (False, True):
+        if "step" in args.variants:
+            dense_c = models.build(name).to(device)
+            step_times(dense_c, x, y, 0, False, sync, compile_step=True)
+            row["dense_step_compiled_ms"] = 1e3 * statistics.median(step_times(dense_c, x, y, args.steps, False, sync, compile_step=True))
+        # eager gates; gates compiled alone (fit's compile_gates); the whole forward and loss compiled (compile_step)
+        for key in args.variants:
             torch.manual_seed(0)
             wrapped = bayes.wrap(models.build(name), (torch.zeros(1, *shape),), method="sbp",
                                  gate_inputs=name in ("lenet300", "lenet500")).to(device)
-            wrapped.compile_gates(compiled)
+            wrapped.compile_gates(key != "eager")
             t0 = time.perf_counter()
-            step_times(wrapped, x, y, 0, True, sync)  # warm-up (and compilation)
+            step_times(wrapped, x, y, 0, True, sync, compile_step=key == "step")  # warm-up (and compilation)
             warm = time.perf_counter() - t0
-            key = "sbp_compiled" if compiled else "sbp_eager"
-            row[f"{key}_ms"] = 1e3 * statistics.median(step_times(wrapped, x, y, args.steps, True, sync))
-            if compiled:
-                row["compile_s"] = warm
-        row["speedup"] = row["sbp_eager_ms"] / row["sbp_compiled_ms"]
+            row[f"sbp_{key}_ms"] = 1e3 * statistics.median(step_times(wrapped, x, y, args.steps, True, sync, compile_step=key == "step"))
+            if key != "eager":
+                row[f"{key}_compile_s"] = warm
         rows.append(row)
-        print(f"[{name}] dense {row['dense_ms']:.2f} ms | SBP eager {row['sbp_eager_ms']:.2f} ms | "
-              f"compiled {row['sbp_compiled_ms']:.2f} ms ({row['speedup']:.1f}x; compile {row['compile_s']:.0f} s)", flush=True)
+        print(f"[{name}] " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)), flush=True)
     result = {
         "benchmark": "sbp-step-time",
         "machine": machine_info(),
         "config": {"device": args.device, "batch": args.batch, "steps": args.steps,
-                   "step": "forward, negative ELBO, backward, Adam, clip; loss read back every step"},
+                   "step": "forward, negative ELBO, backward, fused Adam, clip; loss read back every step",
+                   "variants": args.variants},
         "models": rows,
     }
     run = f"sbp-step-time-{device.type}"

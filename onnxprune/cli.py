@@ -236,7 +236,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         model=args.model, data=args.data, data_dir=args.data_dir, out=args.output or f"out/{args.model}-{args.data}-{args.method}",
         method=args.method, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, pretrained=args.pretrained,
-        batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup, seed=args.seed,
+        batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup, kl_scale=args.kl_scale, seed=args.seed,
         device=device, target=args.target, threads=args.threads, progress=not args.quiet, gate_inputs=args.gate_inputs,
         gate_options={"placement": args.placement, "noise": args.noise},
     )
@@ -341,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, as the SBP paper)")
     p.add_argument("--gate-lr", type=float, default=3e-2, help="learning rate of the gates' mu and log sigma (default 3e-2)")
     p.add_argument("--kl-warmup", type=float, default=0.0, metavar="EPOCHS", help="linear warm-up of the KL weight")
+    p.add_argument("--kl-scale", type=float, default=1.0, metavar="BETA",
+                   help="multiply the KL term by BETA (1: the ELBO; above 1 prunes more at some accuracy)")
     p.add_argument("--gate-inputs", action="store_true",
                    help="also gate the input features of MLPs (as the SBP paper does for LeNet-500-300)")
     p.add_argument("--placement", choices=("output", "pre-bias"), default="output",

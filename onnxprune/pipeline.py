@@ -46,6 +46,7 @@ class TrainConfig:
     # lets shorter runs travel the same distance in log space.
     gate_lr: float | None = 3e-2
     kl_warmup_epochs: float = 0.0
+    kl_scale: float = 1.0  # multiplies the KL term (1: the ELBO)
     seed: int = 0
     device: str = "cpu"
     gate_inputs: bool = False
@@ -198,7 +199,7 @@ def run(cfg: TrainConfig) -> dict:
     t = time.perf_counter()
     wrapped = wrap(dense, (example,), method=cfg.method, gate_inputs=cfg.gate_inputs, **cfg.gate_options).to(device)
     fit(wrapped, x_train, y_train, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, gate_lr=cfg.gate_lr,
-        kl_warmup_epochs=cfg.kl_warmup_epochs, seed=cfg.seed, device=device, augment=augment,
+        kl_warmup_epochs=cfg.kl_warmup_epochs, kl_scale=cfg.kl_scale, seed=cfg.seed, device=device, augment=augment,
         checkpoint=ckpt / f"{cfg.method}.pt", progress=cfg.progress, desc=cfg.method)
     timings["bayesian_training_s"] = time.perf_counter() - t
     rank = finish_distributed()

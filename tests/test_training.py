@@ -62,6 +62,27 @@ def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path, digits):
         torch.testing.assert_close(p, q)
 
 
+@pytest.mark.slow  # torch.compile of the gates' float64 numerics: about 4 min on 2 CPU cores
+def test_compiled_step_trains_like_the_eager_step(digits):
+    x, y, xt, yt = digits
+    eager, compiled = wrapped_lenet(), wrapped_lenet()
+    he = fit(eager, x, y, epochs=3, batch_size=64, gate_lr=0.03, seed=2, progress=False)
+    hc = fit(compiled, x, y, epochs=3, batch_size=64, gate_lr=0.03, seed=2, progress=False, compile_step=True, compile_gates=True)
+    # the compiled graph draws its own random numbers: the same training, not the same samples
+    for a, b in zip(he.epochs, hc.epochs):
+        assert b.loss == pytest.approx(a.loss, rel=0.05)
+    assert evaluate(compiled, xt, yt) == pytest.approx(evaluate(eager, xt, yt), abs=0.05)
+
+
+def test_kl_scale_weighs_the_kl_term_and_must_be_positive(digits):
+    x, y, _, _ = digits
+    plain = fit(wrapped_lenet(), x, y, epochs=1, batch_size=64, gate_lr=0.03, seed=4, progress=False)
+    tempered = fit(wrapped_lenet(), x, y, epochs=1, batch_size=64, gate_lr=0.03, seed=4, progress=False, kl_scale=4.0)
+    assert tempered.epochs[0].loss > plain.epochs[0].loss
+    with pytest.raises(ValueError, match="kl_scale"):
+        fit(wrapped_lenet(), x, y, epochs=1, batch_size=64, progress=False, kl_scale=0.0)
+
+
 def test_step_linear_schedule_is_constant_then_decays_linearly_to_zero():
     from onnxprune.bayes.training import lr_factor
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
@@ -137,6 +138,7 @@ def fit(
     gate_lr: float | None = None,
     weight_decay: float = 0.0,
     kl_warmup_epochs: float = 0.0,
+    kl_scale: float = 1.0,
     seed: int = 0,
     device: str | torch.device = "cpu",
     augment: Callable | None = None,
@@ -147,6 +149,7 @@ def fit(
     desc: str = "train",
     amp: bool = False,
     compile_gates: bool | None = None,
+    compile_step: bool | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
     decay_start: float = 0.5,
 ) -> History:
@@ -161,6 +164,11 @@ def fit(
     bfloat16 autocast on CUDA (the gates' statistics stay in float64).
     ``compile_gates`` compiles the gates' numerics with ``torch.compile`` (default:
     on CUDA when Triton is installed, where it makes an SBP step several times faster).
+    ``kl_scale`` multiplies the KL term (1: the ELBO; above 1 a tempered one, which trades
+    accuracy for sparsity, as if the data set were ``kl_scale`` times smaller).
+    ``compile_step`` compiles the whole forward pass and loss (and so their backward) into one
+    graph, fusing the gates' many small ops into the layers' kernels (default: on CUDA with
+    Triton, one process). The first steps then take the compile time (a minute or two).
     """
     from onnxprune.data import ArrayLoader
 
@@ -199,9 +207,27 @@ def fit(
         # Gates on a schedule (RBP's dormant and frozen stages) leave some parameters without gradient.
         scheduled = bayesian and any(hasattr(g, "begin_epoch") for g in base.gates.values())
         train_model = nn.parallel.DistributedDataParallel(base, device_ids=ids, find_unused_parameters=scheduled)
+    n_train = len(x)
+    if compile_step is None:
+        compile_step = _compile_by_default(device) and world == 1
+
+    def forward_loss(xb: torch.Tensor, yb: torch.Tensor, kl_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            logits = train_model(xb)
+        logits = logits.float()
+        if bayesian:
+            return elbo(logits, yb, base, n_train, kl_w) / n_train, logits
+        return F.cross_entropy(logits, yb), logits
+
+    if compile_step:
+        # a schedule stage (RBP) changes what the graph holds: allow one compiled graph per stage
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        forward_loss = torch.compile(forward_loss, dynamic=False)
+    if not kl_scale > 0:
+        raise ValueError(f"kl_scale must be positive, got {kl_scale}")
+    kl_weight = torch.full((), float(kl_scale), device=device)
     loader = ArrayLoader(x, y, batch_size, shuffle=True, seed=seed, device=device, augment=augment,
                          drop_last=True, rank=rank, world_size=world)
-    n_train = len(x)
     steps_per_epoch = max(1, len(loader))
     total_steps = epochs * steps_per_epoch
     for epoch in range(start_epoch, epochs):
@@ -226,14 +252,10 @@ def fit(
                 factor = lr_factor(lr_schedule, done / total_steps, decay_start)
                 for g, base_lr in zip(optimizer.param_groups, [lr, gate_lr or lr]):
                     g["lr"] = base_lr * factor
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                logits = train_model(xb)
-            logits = logits.float()
-            if bayesian:
-                kl_w = min(1.0, (done + 1) / (kl_warmup_epochs * steps_per_epoch)) if kl_warmup_epochs > 0 else 1.0
-                loss = elbo(logits, yb, base, n_train, kl_w) / n_train
-            else:
-                loss = F.cross_entropy(logits, yb)
+            if bayesian and kl_warmup_epochs > 0:
+                kl_w = min(1.0, (done + 1) / (kl_warmup_epochs * steps_per_epoch))
+                kl_weight.fill_(kl_w * kl_scale)
+            loss, logits = forward_loss(xb, yb, kl_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
