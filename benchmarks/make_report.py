@@ -137,14 +137,60 @@ def latency_section(run: str, r: dict) -> str:
     return "\n".join(out)
 
 
+STEP_VARIANTS = {"eager": "SBP, eager gates", "gates": "SBP, gates compiled", "step": "SBP, whole step compiled"}
+
+
+def _ms(v: float | None) -> str:
+    return "not measured" if v is None else f"{v:.2f} ms"
+
+
 @section("sbp-step-time")
 def step_time_section(run: str, r: dict) -> str:
+    """Old results: eager vs compiled gates (``sbp_compiled_ms``); new ones: eager gates, gates compiled alone and
+    the whole step compiled (the variants in ``config["variants"]``; one not run reads "not measured")."""
+    if any("sbp_compiled_ms" in m for m in r["models"]):
+        return _step_time_section_gates(run, r)
     cfg = r["config"]
-    out = [f"### {run}: one SBP training step, eager vs compiled gates\n"]
+    out = [f"### {run}: one SBP training step: eager gates, gates compiled, whole step compiled\n"]
     out.append(machine_line(r["machine"]) + f". Script: `python benchmarks/sbp_step_time.py --device {cfg['device']}`. "
                f"Median of {cfg['steps']} steps after warm-up, batch {cfg['batch']}, random data on the device; a step is "
-               f"{cfg['step']}. `fit` compiles the gates by default on CUDA (`compile_gates`); the compile time is paid "
-               "once per process.\n")
+               f"{cfg['step']}. `fit` compiles the whole forward pass and loss into one graph on CUDA by default "
+               "(`compile_step`, one process, Triton installed); compiling the gates alone (`compile_gates`) was the "
+               "previous default. The dense step is timed eager and with its forward pass and loss compiled the same "
+               "way. Compile time: the warm-up steps, compilation included, paid once on the first steps, not per "
+               "step (the gates' kernels are compiled once per process, so only the first model pays for them; the "
+               "whole step is compiled for each model). In brackets: speed-up over eager gates; the fastest SBP step in bold.\n")
+    rows = []
+    for m in r["models"]:
+        sbp = {v: m.get(f"sbp_{v}_ms") for v in STEP_VARIANTS}
+        measured = {v: t for v, t in sbp.items() if t is not None}
+        best = min(measured, key=measured.get) if measured else None
+        cells = [m["model"], _ms(m.get("dense_ms")), _ms(m.get("dense_step_compiled_ms"))]
+        for v, t in sbp.items():
+            cell = _ms(t)
+            if t is not None and v != "eager" and sbp["eager"] is not None:
+                cell += f" ({sbp['eager'] / t:.1f}x)"
+            cells.append(f"**{cell}**" if v == best and len(measured) > 1 else cell)
+        compile_s = [m.get(f"{v}_compile_s") for v in ("gates", "step")]
+        cells.append(" / ".join("—" if c is None else f"{c:.0f} s" if c >= 10 else f"{c:.2g} s" for c in compile_s))
+        rows.append(cells)
+    out.append(md_table(["model", "dense step (eager)", "dense step (compiled)", *STEP_VARIANTS.values(),
+                         "compile time (gates / step)"], rows))
+    if cfg.get("note"):
+        out.append(f"\n**Note**: {cfg['note']}")
+    return "\n".join(out) + "\n"
+
+
+def _step_time_section_gates(run: str, r: dict) -> str:
+    """The earlier result format: eager vs compiled gates only."""
+    cfg = r["config"]
+    out = [f"### {run}: one SBP training step, eager vs compiled gates\n"]
+    out.append(machine_line(r["machine"]) + f". Script: `python benchmarks/sbp_step_time.py --device {cfg['device']}` "
+               "(an earlier version, which timed the gates compiled alone). "
+               f"Median of {cfg['steps']} steps after warm-up, batch {cfg['batch']}, random data on the device; a step is "
+               f"{cfg['step']}. Compiling the gates alone (`compile_gates`) was `fit`'s default on CUDA when this was "
+               "measured; `fit` now compiles the whole forward pass and loss into one graph on CUDA by default "
+               "(`compile_step`), which this run does not measure. The compile time is paid once per process.\n")
     rows = [[m["model"], f"{m['dense_ms']:.2f} ms", f"{m['sbp_eager_ms']:.2f} ms", f"**{m['sbp_compiled_ms']:.2f} ms**",
              f"{m['speedup']:.1f}x", f"{m['compile_s']:.0f} s"] for m in r["models"]]
     out.append(md_table(["model", "dense step", "SBP step, eager gates", "SBP step, compiled gates", "speed-up",
@@ -169,6 +215,23 @@ def subnormals_section(run: str, r: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+@section("bn-recalibration")
+def bn_recalibration_section(run: str, r: dict) -> str:
+    cfg, res = r["config"], r["result"]
+    out = ["### BatchNorm statistics after Bayesian training (`recalibrate_norms`)\n"]
+    out.append(machine_line(r["machine"]) + ". Script: `python benchmarks/bn_recalibration.py`. Gates multiply channels by "
+               "noise while training, and a BatchNorm fed by gated channels stores that noise in its running variance; the "
+               "deterministic gates of evaluation (and of the exported model) then meet statistics that no longer fit. "
+               f"{cfg['model']} at width {cfg['width']}, {cfg['train_images']} training images of the CIFAR-10 JPEG copy, "
+               f"dense {cfg['dense']}, SBP {cfg['sbp']} with the KL term x{cfg['kl_scale']:g}; test accuracy on the first "
+               f"{cfg['test_images']} test images. `fit` now re-estimates the statistics after its last epoch.\n")
+    out.append(md_table(["dense", "SBP, training's statistics", "SBP, statistics re-estimated", "channels kept", "BatchNorms"],
+                        [[f"{res['dense_accuracy']:.1%}", f"{res['sbp_accuracy_training_statistics']:.1%}",
+                          f"**{res['sbp_accuracy_recalibrated']:.1%}**", f"{res['kept_fraction']:.1%}",
+                          res["batchnorms_recalibrated"]]]))
+    return "\n".join(out) + "\n"
+
+
 def _speedup(lat: dict, batch: str, key: str) -> float | None:
     if not lat or batch not in lat:
         return None
@@ -190,6 +253,12 @@ def _net_name(cfg: dict) -> str:
     return f"{net} / {cfg['data']}"
 
 
+def _kl(cfg: dict) -> str | None:
+    """"KL x<scale>" for a run trained on a tempered ELBO (``--kl-scale``, in the config only when not 1)."""
+    scale = cfg.get("kl_scale")
+    return None if scale is None or scale == 1 else f"KL x{scale:g}"
+
+
 def _speedups(r: dict, key: str) -> tuple[str, str]:
     cpu, gpu = r.get("latency_cpu", {}), r.get("latency_cuda")
     cpu_s = f"{_x(_speedup(cpu, 'batch1', key))} / **{_x(_speedup(cpu, 'batch64', key))}**"
@@ -208,7 +277,8 @@ def paper_table(results: list[tuple[str, dict]]) -> str:
             paper_err += f" (dense {paper['dense_error']})"
         cpu_s, gpu_s = _speedups(r, "pruned")
         rows.append([
-            _net_name(cfg), f"{err['dense']:.2f} -> **{err['pruned']:.2f}**", paper_err,
+            _net_name(cfg) + (f" ({_kl(cfg)})" if _kl(cfg) else ""), f"{err['dense']:.2f} -> **{err['pruned']:.2f}**",
+            paper_err,
             f"{err['torch_pruning']:.2f}" if "torch_pruning" in err else "-",
             _units(r), paper.get("units", "-"), _mac_cell(r), _x(paper.get("flops_reduction")),
             cpu_s, _x(paper.get("cpu_speedup")), gpu_s, _x(paper.get("gpu_speedup")),
@@ -251,9 +321,9 @@ def variants_table(results: list[tuple[str, dict]]) -> str:
         cpu_s, gpu_s = _speedups(r, "pruned")
         rows.append([_net_name(cfg), f"`{run}`", str(cfg["epochs"]), cfg.get("optimizer", "-").replace("Adam lr 1e-3", "Adam"),
                      cfg.get("placement", "output"), cfg.get("noise", "example"),
-                     f"{err['dense']:.2f} -> **{err['pruned']:.2f}**",
+                     "ELBO" + (f", **{_kl(cfg)}**" if _kl(cfg) else ""), f"{err['dense']:.2f} -> **{err['pruned']:.2f}**",
                      f"{err['torch_pruning']:.2f}" if "torch_pruning" in err else "-", _units(r), _mac_cell(r), cpu_s, gpu_s])
-    head = ["net / data", "run", "epochs", "optimizer", "gate placement", "noise draw", "test error % dense -> SBP",
+    head = ["net / data", "run", "epochs", "optimizer", "gate placement", "noise draw", "loss", "test error % dense -> SBP",
             "Torch-Pruning error %", "units kept (shipped)", "MAC reduction (shipped)", "ORT CPU speed-up b1 / b64",
             "ORT CUDA speed-up b1 / b256"]
     return md_table(head, rows)
@@ -278,13 +348,17 @@ def _same_budget(rs: list[dict]) -> list[dict]:
     """One row per method, at the epochs most methods of this net were trained for."""
     epochs = [r["config"]["epochs"] for r in rs]
     common = max(set(epochs), key=lambda e: (len({r["method"] for r in rs if r["config"]["epochs"] == e}), e))
+
+    def changed(r: dict) -> bool:  # changed gate constants or a tempered ELBO
+        return bool(r["config"].get("gate_options")) or _kl(r["config"]) is not None
+
     picked: dict[str, dict] = {}
     for r in rs:
-        if r["config"].get("gate_options"):
+        if changed(r):
             continue  # a method with changed constants: listed beside its default run, below
         if r["method"] not in picked or (r["config"]["epochs"] == common) > (picked[r["method"]]["config"]["epochs"] == common):
             picked[r["method"]] = r
-    extra = [r for r in rs if r["config"].get("gate_options") and r["config"]["epochs"] == common]
+    extra = [r for r in rs if changed(r) and r["config"]["epochs"] == common]
     return list(picked.values()) + extra
 
 
@@ -303,8 +377,9 @@ def methods_table(results: list[tuple[str, dict]]) -> str:
             err, macs, method = r["error_pct"], r["macs"], r["method"]
             cpu_s, gpu_s = _speedups(r, "pruned")
             seconds = r.get("stage_times_s", {}).get(f"{method}_training_s")
-            options = r["config"].get("gate_options")
-            name = METHOD_NAMES[method] + (" (" + ", ".join(f"{k} {v}" for k, v in options.items()) + ")" if options else "")
+            settings = [f"{k} {v}" for k, v in (r["config"].get("gate_options") or {}).items()]
+            settings += [_kl(r["config"])] if _kl(r["config"]) else []
+            name = METHOD_NAMES[method] + (" (" + ", ".join(settings) + ")" if settings else "")
             rows.append([net, name, f"{err['dense']:.2f} -> **{err['pruned']:.2f}**",
                          "-".join(str(u) for u in r["units"]["pruned"]), f"{macs['dense'] / macs['pruned']:.2f}x",
                          f"{r['params']['dense'] / r['params']['pruned']:.2f}x", cpu_s, gpu_s,
@@ -323,10 +398,16 @@ def _schedule_note(run: str, r: dict) -> str:
     default = RUNS[name].epochs if name in RUNS else None
     where = cfg.get("trained_on") or {}
     short = f" (**cut short**: the script's default is {default})" if default and cfg["epochs"] < default else ""
-    pre = "pretrained checkpoint" if cfg.get("pretrained") else f"{cfg.get('pretrain_epochs', '?')} dense epochs"
+    if cfg.get("dense"):
+        pre = f"dense net {cfg['dense']}"
+    else:
+        pre = "pretrained checkpoint" if cfg.get("pretrained") else f"{cfg.get('pretrain_epochs', '?')} dense epochs"
+    kl = f" on a tempered ELBO ({_kl(cfg)})" if _kl(cfg) else ""
     times = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in r.get("stage_times_s", {}).items())
-    return (f"{run}: {pre}, {cfg['epochs']} Bayesian epochs{short}, on {where.get('gpu') or where.get('device', '?')}; "
-            f"{times}. Latency CPU: {r['machine'].get('cpu', '?')} ({r['machine'].get('cpu_count', '?')} cores, 2 threads used)")
+    notes = "".join(f" **Note**: {cfg[k]}." for k in ("note", "cuda_note") if cfg.get(k))
+    return (f"{run}: {pre}, {cfg['epochs']} Bayesian epochs{kl}{short}, on {where.get('gpu') or where.get('device', '?')}; "
+            f"{times}. Latency CPU: {r['machine'].get('cpu', '?')} ({r['machine'].get('cpu_count', '?')} cores, 2 threads used)"
+            f".{notes}")
 
 
 HEADER = """# Benchmarks
@@ -413,7 +494,9 @@ def main() -> None:
                      "launch-plan`): the SBP authors' 200-epoch schedule (Adam, constant, then linear decay to 0 over the "
                      "second half), the gate on `W x` before the bias (`--placement pre-bias`; a rejected channel is then the "
                      "constant `relu(b)`, which `onnxprune prune` folds into the next layer's bias), one noise draw per "
-                     "minibatch (`--noise batch`) and the gates' learning rate. Every variant that was run is listed.\n")
+                     "minibatch (`--noise batch`), the gates' learning rate and the KL term's weight (`--kl-scale`: "
+                     "the loss column reads KL x*s* for a tempered ELBO, its KL term multiplied by *s*, which trades "
+                     "accuracy for sparsity, and ELBO for the plain one). Every variant that was run is listed.\n")
         parts.append(variants_table(paper))
         parts.append("\n### SBP vs RBP vs Turbo-VBI\n")
         parts.append("Same dense recipe, same export and `onnxprune prune` for every method of a net "

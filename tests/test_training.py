@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 import models  # noqa: E402
 from onnxprune import bayes  # noqa: E402
-from onnxprune.bayes.training import evaluate, fit  # noqa: E402
+from onnxprune.bayes.training import evaluate, fit, recalibrate_norms  # noqa: E402
 from onnxprune.cli import main  # noqa: E402
 from onnxprune.data import load_dataset  # noqa: E402
 
@@ -81,6 +81,44 @@ def test_kl_scale_weighs_the_kl_term_and_must_be_positive(digits):
     assert tempered.epochs[0].loss > plain.epochs[0].loss
     with pytest.raises(ValueError, match="kl_scale"):
         fit(wrapped_lenet(), x, y, epochs=1, batch_size=64, progress=False, kl_scale=0.0)
+
+
+def _noisy_conv_bn_net() -> bayes.BayesianModel:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10),
+    )
+    model = bayes.wrap(net, (torch.zeros(1, 1, 28, 28),))
+    with torch.no_grad():  # wide posteriors: noise of the order of the signal, channels still kept
+        for gate in model.gates.values():
+            gate.log_sigma.fill_(-0.5)
+            gate.mu.fill_(-0.5)
+    return model
+
+
+def test_recalibrated_norms_hold_the_statistics_of_the_deterministic_network(digits):
+    x = digits[0][:512]
+    model = _noisy_conv_bn_net()
+    model.train()
+    with torch.no_grad():  # statistics as training leaves them: gathered under the gates' noise
+        for i in range(0, 512, 128):
+            model(torch.as_tensor(x[i : i + 128]).float())
+    second_bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][1]
+    noisy_var = second_bn.running_var.clone()
+    inputs = []
+    handle = second_bn.register_forward_hook(lambda m, inp, out: inputs.append(inp[0].detach()))
+    assert recalibrate_norms(model, x, batch_size=128) == 2
+    handle.remove()
+    assert model.training and second_bn.momentum == 0.1  # the mode and momentum it had
+    seen = torch.cat(inputs)
+    torch.testing.assert_close(second_bn.running_mean, seen.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert (second_bn.running_var < noisy_var).all()  # the deterministic gates add no variance
+
+
+def test_recalibration_is_a_no_op_without_batchnorm(digits):
+    assert recalibrate_norms(wrapped_lenet(), digits[0][:64]) == 0
 
 
 def test_step_linear_schedule_is_constant_then_decays_linearly_to_zero():
