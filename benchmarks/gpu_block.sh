@@ -12,6 +12,9 @@
 #   benchmarks/gpu_block.sh latency [MODELS] [BATCHES]  # the --target ort-cuda table (benchmarks/latency_targets.py)
 #   benchmarks/gpu_block.sh pack             # result files to $OUT
 #
+# Carry the same paths in every call of a lease: a path carried earlier and not named in a later
+# call's carry is removed on the machine (a run that reads its data later then fails). torch.compile of
+# a whole SBP step takes minutes when several runs compile at once (329 s for VGG beside 7 others).
 # Data travels in .gpu-data/ (ignored): cifar10-jpeg/ and pretrained/resnet-cifar10/ from
 # ../shared/data, mnist/. onnxruntime-gpu is staged to /tmp/site with ../shared/tools/device-stage.
 set -u
