@@ -218,13 +218,13 @@ def subnormals_section(run: str, r: dict) -> str:
 @section("bn-recalibration")
 def bn_recalibration_section(run: str, r: dict) -> str:
     cfg, res = r["config"], r["result"]
-    out = ["### BatchNorm statistics after Bayesian training (`recalibrate_norms`)\n"]
+    out = [f"### {run}: BatchNorm statistics after Bayesian training (`recalibrate_norms`)\n"]
     out.append(machine_line(r["machine"]) + ". Script: `python benchmarks/bn_recalibration.py`. Gates multiply channels by "
                "noise while training, and a BatchNorm fed by gated channels stores that noise in its running variance; the "
                "deterministic gates of evaluation (and of the exported model) then meet statistics that no longer fit. "
                f"{cfg['model']} at width {cfg['width']}, {cfg['train_images']} training images of the CIFAR-10 JPEG copy, "
-               f"dense {cfg['dense']}, SBP {cfg['sbp']} with the KL term x{cfg['kl_scale']:g}; test accuracy on the first "
-               f"{cfg['test_images']} test images. `fit` now re-estimates the statistics after its last epoch.\n")
+               f"dense {cfg['dense']}, SBP {cfg['sbp']} with the KL term x{cfg['kl_scale']:g}; test accuracy on "
+               f"{cfg['test_images']} random test images ({cfg.get('device', 'cpu')}). `fit` now re-estimates the statistics after its last epoch.\n")
     out.append(md_table(["dense", "SBP, training's statistics", "SBP, statistics re-estimated", "channels kept", "BatchNorms"],
                         [[f"{res['dense_accuracy']:.1%}", f"{res['sbp_accuracy_training_statistics']:.1%}",
                           f"**{res['sbp_accuracy_recalibrated']:.1%}**", f"{res['kept_fraction']:.1%}",
