@@ -228,3 +228,21 @@ def test_input_gate_rejects_pixels_and_the_first_layer_reads_only_the_kept_ones(
 def test_input_gate_is_skipped_for_conv_first_models():
     model, x = build("lenet5")
     assert not any(k.startswith("input") for k in bayes.wrap(model, (x[:1],), gate_inputs=True).gates)
+
+
+def test_sbp_gates_drawn_together_keep_each_gates_distribution_and_kl():
+    from onnxprune.bayes.sbp import kl_together, sample_together
+
+    torch.manual_seed(0)
+    model = bayes.wrap(models.build("lenet5"), (torch.zeros(1, 1, 28, 28),))
+    gates = list(model.gates.values())
+    with torch.no_grad():
+        for i, g in enumerate(gates):
+            g.mu.fill_(-0.3 * (i + 1))
+            g.log_sigma.fill_(-1.0 + 0.2 * i)
+    torch.testing.assert_close(kl_together(gates), torch.stack([g.kl() for g in gates]).sum())
+    torch.testing.assert_close(model.kl(), kl_together(gates))
+    draws = sample_together(gates, 20000)
+    assert [d.shape for d in draws] == [(20000, g.num_channels) for g in gates]
+    for d, g in zip(draws, gates):
+        torch.testing.assert_close(d.mean(0), g.expected(), rtol=0.03, atol=1e-3)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from onnxprune.bayes import truncnorm
 
-__all__ = ["SBPGate", "compiled_kernels"]
+__all__ = ["SBPGate", "compiled_kernels", "sample_together", "kl_together"]
 
 _KERNELS: dict[str, Callable] = {}
 
@@ -32,6 +32,44 @@ def compiled_kernels() -> dict[str, Callable]:
         _KERNELS["sample"] = torch.compile(truncnorm.sample_channels_branch_free, **opts)
         _KERNELS["snr"] = torch.compile(truncnorm._snr64, **opts)
     return _KERNELS
+
+
+def _clip64(mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
+    mu = mu.clamp(SBPGate.MU_MIN, SBPGate.MU_MAX).to(torch.float64)
+    log_sigma = log_sigma.clamp(SBPGate.LOG_SIGMA_MIN, SBPGate.LOG_SIGMA_MAX).to(torch.float64)
+    return mu, torch.exp(log_sigma)
+
+
+def _sample64(mu: Tensor, log_sigma: Tensor, a: float, b: float, n: int, compiled: bool,
+              generator: torch.Generator | None = None) -> Tensor:
+    mu64, sigma = _clip64(mu, log_sigma)
+    u = torch.rand((n, mu.shape[0]), generator=generator, dtype=torch.float64, device=mu.device)
+    solver = compiled_kernels()["sample"] if compiled else None
+    return torch.exp(truncnorm.sample_log_channels(mu64, sigma, a, b, u, solver=solver))
+
+
+def _together(gates: list["SBPGate"]) -> tuple[Tensor, Tensor, float, float, bool]:
+    first = gates[0]
+    if any((g.a, g.b, g.compiled) != (first.a, first.b, first.compiled) for g in gates):
+        raise ValueError("gates drawn together must share the truncation interval [a, b] and the compile setting")
+    return torch.cat([g.mu for g in gates]), torch.cat([g.log_sigma for g in gates]), first.a, first.b, first.compiled
+
+
+def sample_together(gates: list["SBPGate"], n: int) -> list[Tensor]:
+    """``gate.sample(n)`` for every gate at once: the float64 numerics run once on all their
+    channels (concatenated) instead of once per gate, so a step launches (or a compiled graph
+    holds) one copy of them. Same distribution as separate draws; other random numbers."""
+    mu, log_sigma, a, b, compiled = _together(gates)
+    theta = _sample64(mu, log_sigma, a, b, int(n), compiled).to(gates[0].mu.dtype)
+    return list(theta.split([g.num_channels for g in gates], dim=-1))
+
+
+def kl_together(gates: list["SBPGate"]) -> Tensor:
+    """The sum of the gates' KL terms, computed on all their channels at once."""
+    mu, log_sigma, a, b, compiled = _together(gates)
+    mu64, sigma = _clip64(mu, log_sigma)
+    kl = compiled_kernels()["kl"] if compiled else truncnorm._kl64
+    return kl(mu64, sigma, a, b).sum().to(gates[0].mu.dtype)
 
 
 class SBPGate(nn.Module):
@@ -66,9 +104,7 @@ class SBPGate(nn.Module):
 
     def _clipped64(self) -> tuple[Tensor, Tensor]:
         """(mu, sigma) clipped and in float64 (differentiable through the clamp)."""
-        mu = self.mu.clamp(self.MU_MIN, self.MU_MAX).to(torch.float64)
-        log_sigma = self.log_sigma.clamp(self.LOG_SIGMA_MIN, self.LOG_SIGMA_MAX).to(torch.float64)
-        return mu, torch.exp(log_sigma)
+        return _clip64(self.mu, self.log_sigma)
 
     @torch.no_grad()
     def clip_(self) -> "SBPGate":
@@ -113,11 +149,7 @@ class SBPGate(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` independent draws of theta per channel, shape [n, C], differentiable
         w.r.t. ``mu`` and ``log_sigma`` (inverse-CDF reparametrisation)."""
-        mu, sigma = self._clipped64()
-        u = torch.rand((int(n), self.num_channels), generator=generator, dtype=torch.float64, device=mu.device)
-        solver = compiled_kernels()["sample"] if self.compiled else None
-        log_theta = truncnorm.sample_log_channels(mu, sigma, self.a, self.b, u, solver=solver)
-        return torch.exp(log_theta).to(self.mu.dtype)
+        return _sample64(self.mu, self.log_sigma, self.a, self.b, int(n), self.compiled, generator).to(self.mu.dtype)
 
     # -- layer --------------------------------------------------------------
 

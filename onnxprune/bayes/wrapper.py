@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onnxprune.bayes.grouping import Grouping, channel_grouping
+from onnxprune.bayes.sbp import SBPGate, kl_together, sample_together
 
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.Sigmoid, nn.Mish)
 ACTIVATION_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.elu, F.silu, F.gelu, F.hardswish, torch.relu, torch.tanh, torch.sigmoid, F.mish}
@@ -78,9 +79,33 @@ class GateBank(nn.Module):
             batch = 1
         cached = self._samples.get(group)
         if cached is None or cached.shape[0] != batch:
-            cached = gate.sample(batch)
-            self._samples[group] = cached
+            together = self._drawn_together(group)
+            if len(together) > 1:  # SBP: every such gate's draw in one computation
+                self._samples.update(zip(together, sample_together([self.gates[k] for k in together], batch)))
+            else:
+                self._samples[group] = gate.sample(batch)
+            cached = self._samples[group]
         return cached
+
+    def _drawn_together(self, group: str) -> list[str]:
+        """The gates sampled together with ``group``'s: every SBP gate of the bank with the same
+        interval and compile setting (just ``group`` for other methods)."""
+        gate = self.gates[group]
+        if not isinstance(gate, SBPGate):
+            return [group]
+        key = (gate.a, gate.b, gate.compiled)
+        return [k for k, g in self.gates.items() if isinstance(g, SBPGate) and (g.a, g.b, g.compiled) == key]
+
+    def kl(self) -> torch.Tensor:
+        """Sum of every gate's complexity term (SBP gates' in one computation per interval)."""
+        terms, sbp = [], {}
+        for g in self.gates.values():
+            if isinstance(g, SBPGate):
+                sbp.setdefault((g.a, g.b, g.compiled), []).append(g)
+            else:
+                terms.append(g.kl())
+        terms += [kl_together(gs) for gs in sbp.values()]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 class GateSite(nn.Module):
@@ -159,7 +184,7 @@ class BayesianModel(nn.Module):
 
     def kl(self) -> torch.Tensor:
         """Sum of every gate's KL divergence from its prior."""
-        return torch.stack([g.kl() for g in self.gates.values()]).sum() if len(self.gates) else torch.zeros(())
+        return self.bank.kl()
 
     def gate_parameters(self) -> Iterable[nn.Parameter]:
         return self.bank.parameters()
