@@ -477,3 +477,141 @@ def test_mean_field_turbo_iterations_converge():
     assert gate.last_iterations <= 2
     assert torch.allclose(gate.pi_0, pi, atol=1e-6)
     assert gate.deterministic()[5:].tolist() == [0.0] * 3
+
+
+# ---------------------------------------------------------------------------
+# producers followed by BatchNorm: the prior acts on the folded weights
+# ---------------------------------------------------------------------------
+
+
+def _conv_bn(seed=0, out_c=4, in_c=3, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.randn(out_c, in_c, 3, 3, generator=g, dtype=dtype) * 0.2)
+    bn = torch.nn.BatchNorm2d(out_c).to(dtype)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(out_c, generator=g, dtype=dtype) + 0.5)
+        bn.running_var.copy_(torch.rand(out_c, generator=g, dtype=dtype) * 2 + 0.1)
+    return w, bn
+
+
+def test_batchnorm_folded_regulariser_value_and_gradient():
+    w, bn = _conv_bn()
+    rows = torch.tensor([3, 0, 2])
+    gate = TurboVBIGate(3).attach([(w, rows, torch.tensor([1, 2, 0]), bn)])
+    assert gate.folded() == [True]
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()[rows]  # gamma / sigma per row
+    folded = w.detach()[rows] * scale[:, None, None, None]
+    assert torch.allclose(gate.sq_norm_0, folded.square().sum((2, 3)), rtol=1e-12, atol=0)
+    reg = gate.kl()
+    reg.backward()
+    erho = gate.expected_precision(0)
+    assert float(reg.detach()) == pytest.approx(float(0.5 * (erho[..., None, None] * folded**2).sum()), rel=1e-12)
+    # d/d gamma_r: exact; d/d w_r: the folded gradient with its component along w_r removed
+    want_gamma = torch.zeros(4, dtype=F64)
+    want_gamma[rows] = (erho * folded.square().sum((2, 3))).sum(1) / bn.weight.detach()[rows]
+    assert torch.allclose(bn.weight.grad, want_gamma, rtol=1e-10, atol=0)
+    naive = erho[..., None, None] * folded * scale[:, None, None, None]
+    u = w.detach()[rows] / w.detach()[rows].flatten(1).norm(dim=1)[:, None, None, None]
+    want_w = naive - u * (naive * u).sum((1, 2, 3), keepdim=True)
+    assert torch.allclose(w.grad[rows], want_w, rtol=1e-9, atol=1e-12)
+    assert float(w.grad[1].abs().max()) == 0.0  # row 1 is not gated
+    assert float((w.grad[rows] * w.detach()[rows]).sum((1, 2, 3)).abs().max()) < 1e-12  # orthogonal to every row
+
+
+def test_batchnorm_folded_state_ignores_the_rows_scale():
+    # BatchNorm makes a row's output independent of its scale (the running variance follows it):
+    # the support and the precision must not depend on it either
+    w, bn = _conv_bn(seed=3, out_c=6, in_c=5)
+    bn.eps = 1e-12  # (exact invariance; eps would set a floor under the variance)
+    with torch.no_grad():
+        w[4] *= 1e-3  # a dead-looking channel without BatchNorm, whose pre-BN variance is 1e-6 times smaller
+        bn.running_var[4] *= 1e-6
+    assert TurboVBIGate(6).attach([(w, torch.arange(6), torch.arange(6))]).deterministic()[4] == 0.0
+    gate = TurboVBIGate(6, active_precision="attach").attach([(w, torch.arange(6), torch.arange(6), bn)])
+    pi, prob, sq = gate.pi_0.clone(), gate.active_probability(), gate.sq_norm_0.clone()
+    assert gate.deterministic()[4] == 1.0
+    with torch.no_grad():
+        for r, f in ((1, 1e-2), (4, 1e3)):
+            w[r] *= f
+            bn.running_var[r] = (bn.running_var[r] + bn.eps) * f**2 - bn.eps
+    gate.update()
+    assert torch.allclose(gate.sq_norm_0, sq, rtol=1e-9, atol=0)
+    assert torch.allclose(gate.pi_0, pi, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(gate.active_probability(), prob, rtol=1e-6, atol=1e-9)
+    assert gate.deterministic()[1] == 1.0
+    with pytest.raises(ValueError):
+        TurboVBIGate(6).attach([(w, torch.arange(6), torch.arange(6), torch.nn.BatchNorm2d(5))])
+
+
+def _conv_bn_net():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 8, 1), torch.nn.ReLU(),  # no BatchNorm: prior on the raw weights
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4),
+    )
+
+
+def test_wrap_binds_the_norm_after_each_producer():
+    from onnxprune.bayes import wrap
+    from onnxprune.bayes.turbo_vbi import bind_batchnorms
+
+    wrapped = wrap(_conv_bn_net(), (torch.zeros(2, 3, 8, 8),), method="turbo-vbi")  # wrap binds them
+    assert [g.folded() for g in wrapped.gates.values()] == [[True], [True], [False]]
+    assert bind_batchnorms(wrapped) == 2  # binding again finds the same norms
+    assert wrapped.gates["0"]._norms[0] is wrapped.model.get_submodule("1")
+    raw = wrap(_conv_bn_net(), (torch.zeros(2, 3, 8, 8),), method="turbo-vbi", fold_norms=False)
+    assert bind_batchnorms(raw) == 0 and [g.folded() for g in raw.gates.values()] == [[False]] * 3
+
+
+@pytest.mark.parametrize("bind", [True, False])
+def test_conv_bn_net_keeps_its_weights_and_accuracy(bind):
+    """The failure this guards against: a conv followed by BatchNorm has a likelihood flat in each
+    row's scale, so a prior on the raw weights shrinks them (Adam: by about lr per step) until
+    BatchNorm's eps dominates the channel's variance and the signal dies, while the support still
+    calls the channel active. With the prior on the folded weights the rows keep their scale."""
+    from onnxprune.bayes import wrap
+    from onnxprune.bayes.exporting import fold_gates
+
+    g = torch.Generator().manual_seed(0)
+    templates = torch.randn(4, 3, 8, 8, generator=g)
+
+    def batch(n):
+        y = torch.randint(0, 4, (n,), generator=g)
+        return templates[y] + torch.randn(n, 3, 8, 8, generator=g), y
+
+    torch.manual_seed(0)
+    net = _conv_bn_net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(60):
+        x, y = batch(64)
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    wrapped = wrap(net, (torch.zeros(2, 3, 8, 8),), method="turbo-vbi", update_every=10, fold_norms=bind)
+    convs = [wrapped.model.get_submodule(k) for k in ("0", "3")]
+    start = [c.weight.detach().flatten(1).norm(dim=1) for c in convs]
+    opt = torch.optim.Adam(wrapped.weight_parameters(), lr=3e-3)
+    correct = 0
+    for step in range(200):
+        x, y = batch(64)
+        out = wrapped(x)
+        loss = torch.nn.functional.cross_entropy(out, y) + wrapped.kl() / 2000
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        wrapped.after_step()
+        correct += int((out.argmax(1) == y).sum()) if step >= 150 else 0
+    shrink = min(float((c.weight.detach().flatten(1).norm(dim=1) / s).min()) for c, s in zip(convs, start))
+    if not bind:  # the failure mode, measured: raw weights driven towards zero
+        assert shrink < 0.05
+        return
+    assert shrink > 0.5
+    assert correct / (50 * 64) > 0.95
+    assert bool(wrapped.gates["3"].mask().any())
+    # export path: the folded plain module equals the wrapped model in evaluation mode
+    wrapped.eval()
+    x, _ = batch(32)
+    with torch.no_grad():
+        assert torch.allclose(fold_gates(wrapped)(x), wrapped(x), rtol=1e-4, atol=1e-5)

@@ -21,7 +21,11 @@ channel is kept while ``P(t_c = 1 | evidence) > 0.5``.
 
 The gate has no multiplicative noise: ``sample(n)`` is the current 0/1 decision
 (or all ones with ``mask_in_training=False``); the prior acts on the producers'
-weights. Derivations, constants, experiments and our deviations from the paper:
+weights. A producer followed by a BatchNorm (given to :meth:`TurboVBIGate.attach`, or found
+in a wrapped model by :func:`bind_batchnorms`) is judged and regularised through its
+*folded* weights ``gamma_r w_r / sqrt(var_r + eps)``: BatchNorm makes the raw weights' scale
+irrelevant to the output, so a prior on them would shrink them, unopposed, until BatchNorm's
+eps kills the channel. Derivations, constants, experiments and our deviations from the paper:
 ``docs/methods.md`` (Turbo-VBI).
 """
 
@@ -45,6 +49,8 @@ __all__ = [
     "log_prior_partition",
     "support_messages",
     "SupportMessages",
+    "find_batchnorms",
+    "bind_batchnorms",
 ]
 
 F64 = torch.float64
@@ -284,6 +290,87 @@ def support_messages(
 
 
 # ---------------------------------------------------------------------------
+# Producers followed by BatchNorm: the prior acts on the folded (effective) weights
+# ---------------------------------------------------------------------------
+
+
+def _check_norm(norm: nn.Module, weight: Tensor) -> None:
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        raise ValueError(f"a producer's norm must be a BatchNorm module, got {type(norm).__name__}")
+    if norm.num_features != weight.shape[0]:
+        raise ValueError(f"BatchNorm of {norm.num_features} features after a producer of {weight.shape[0]} rows")
+    if norm.running_var is None:
+        raise ValueError("the producer's BatchNorm keeps no running statistics (track_running_stats=False)")
+
+
+@torch.no_grad()
+def _fold_scale(norm: nn.Module, rows: Tensor) -> Tensor:
+    """``gamma_r / sqrt(running_var_r + eps)`` of the given rows (float64, no grad): the factor that
+    folds the BatchNorm after a producer into the producer's rows (gamma = 1 without affine)."""
+    rows = rows.to(norm.running_var.device)
+    scale = torch.rsqrt(norm.running_var.detach().index_select(0, rows).to(F64) + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.detach().index_select(0, rows).to(F64)
+    return torch.nan_to_num(scale, nan=0.0, posinf=1e150, neginf=-1e150)
+
+
+def _folded_rows(w: Tensor, norm: nn.Module, rows: Tensor) -> Tensor:
+    """The effective weights ``gamma_r w_r / sigma_r`` of rows ``w`` [R, J, n] (taken from the
+    producer at ``rows``), differentiable in ``w`` and ``gamma``.
+
+    ``sigma_r = sqrt(running_var_r + eps)`` is written ``||w_r|| * (sigma_r / ||w_r||)`` with the
+    second factor held constant: the channel's pre-BatchNorm standard deviation is a norm of
+    ``w_r`` (``sqrt(w_r' Sigma_x w_r)``, Sigma_x the covariance of the layer's input patches),
+    so only the input distribution and the row's direction are frozen between steps, as E[rho]
+    is. The value is exactly the folded weight; the gradient on ``w_r`` is orthogonal to ``w_r``.
+    """
+    dtype = w.dtype
+    r = rows.to(w.device)
+    var = norm.running_var.detach().index_select(0, r.to(norm.running_var.device)).to(device=w.device, dtype=dtype)
+    norms = w.reshape(w.shape[0], -1).norm(dim=1)
+    ratio = norms.detach().clamp_min(1e-30) / norms.clamp_min(1e-30)  # 1 in value; d/dw: -w / ||w||^2
+    scale = ratio * torch.rsqrt(var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.index_select(0, r.to(norm.weight.device)).to(device=w.device, dtype=dtype)
+    return w * scale.reshape(-1, 1, 1)
+
+
+def find_batchnorms(wrapped) -> dict[int, nn.Module]:
+    """``id(producer weight) -> BatchNorm`` for every Conv/Linear of a wrapped model (a
+    :class:`~onnxprune.bayes.wrapper.BayesianModel`) whose output feeds only a BatchNorm of as
+    many features: the layers whose output scale that BatchNorm removes in training."""
+    gm = wrapped.model
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        layer = gm.get_submodule(node.target)
+        weight = getattr(layer, "weight", None)
+        if not isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or weight is None:
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or len(users[0].all_input_nodes) != 1:
+            continue
+        norm = gm.get_submodule(users[0].target)
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.num_features == weight.shape[0] and norm.running_var is not None:
+            found[id(weight)] = norm
+    return found
+
+
+def bind_batchnorms(wrapped) -> int:
+    """Give every Turbo-VBI gate of ``wrapped`` the BatchNorm after each of its producers
+    (:func:`find_batchnorms`), so that its prior acts on the folded weights; the gates are
+    re-attached (their state restarts from the current weights). Returns the producers bound."""
+    norms = find_batchnorms(wrapped)
+    bound = 0
+    for gate in wrapped.gates.values():
+        if isinstance(gate, TurboVBIGate) and gate.attached and gate.fold_norms:
+            count = gate.bind_norms([norms.get(id(w)) for w in gate._weights])
+            bound += count
+    return bound
+
+
+# ---------------------------------------------------------------------------
 # The gate
 # ---------------------------------------------------------------------------
 
@@ -321,7 +408,9 @@ class TurboVBIGate(nn.Module):
       once q(s) moves by less than ``tol`` (1e-6); collapsed mode needs one round;
     * ``mask_in_training`` (True): :meth:`sample` returns the current 0/1 decision, so that
       training sees the network evaluation and export will see; False: all ones;
-    * ``prior_weight`` (1.0): multiplies the regulariser returned by :meth:`kl`.
+    * ``prior_weight`` (1.0): multiplies the regulariser returned by :meth:`kl`;
+    * ``fold_norms`` (True): :func:`bind_batchnorms` gives this gate the BatchNorm after each
+      producer (prior on the folded weights); False keeps the prior on the raw weights.
     """
 
     def __init__(
@@ -346,6 +435,7 @@ class TurboVBIGate(nn.Module):
         tol: float = 1e-6,
         mask_in_training: bool = True,
         prior_weight: float = 1.0,
+        fold_norms: bool = True,
     ) -> None:
         super().__init__()
         if int(num_channels) != num_channels or num_channels < 1:
@@ -393,10 +483,12 @@ class TurboVBIGate(nn.Module):
         if not prior_weight >= 0:
             raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
         self.prior_weight = float(prior_weight)
+        self.fold_norms = bool(fold_norms)
         self.register_buffer("active_prob", torch.ones(self.num_channels, dtype=F64))
         self.register_buffer("channel_logit", torch.full((self.num_channels,), math.inf, dtype=F64))
         self.register_buffer("covered", torch.zeros(self.num_channels, dtype=torch.bool))
         self._weights: list[Tensor] = []  # the producers' live Parameters (a plain list: not registered here)
+        self._norms: list[nn.Module | None] = []  # the BatchNorm after each producer, or None (not registered here)
         self._num_producers = 0
         self._steps = 0
         self._epoch = 0
@@ -431,8 +523,9 @@ class TurboVBIGate(nn.Module):
         b_bar = self.b_bar if self.b_bar is not None else self.a_bar / m0
         return b, b_bar
 
-    def _hyper(self, weight: Tensor, rows: Tensor) -> tuple[float, float, float, float]:
-        """(a, b, a_bar, b_bar) of a producer, from ``active_precision``."""
+    def _hyper(self, weight: Tensor, rows: Tensor, norm: nn.Module | None = None) -> tuple[float, float, float, float]:
+        """(a, b, a_bar, b_bar) of a producer, from ``active_precision`` (measured on the
+        effective weights: BatchNorm-folded where the producer has a norm)."""
         J, n = self._units(weight)
         he = max(J * n, 1) / 2.0  # He: Var[w] = 2 / fan_in
         if isinstance(self.active_precision, float):
@@ -441,7 +534,10 @@ class TurboVBIGate(nn.Module):
             m1 = he
         else:  # "attach", "empirical": 1 / the typical weight variance now
             with torch.no_grad():
-                ms = float(weight.detach().index_select(0, rows).to(F64).square().mean())
+                w = weight.detach().index_select(0, rows).to(F64)
+                if norm is not None:
+                    w = w * _fold_scale(norm, rows).to(w.device).reshape([-1] + [1] * (w.dim() - 1))
+                ms = float(w.square().mean())
             # all (near) zero: no scale to measure, fall back to He
             m1 = 1.0 / ms if math.isfinite(ms) and ms > 1e-6 / he else he
         b, b_bar = self._rates(m1)
@@ -456,10 +552,15 @@ class TurboVBIGate(nn.Module):
             l += 1
         self._num_producers = 0
         self._weights = []
+        self._norms = []
         self._erho_cache = {}
 
     def attach(self, producers) -> "TurboVBIGate":
-        """Bind the producers: ``[(weight Parameter, rows LongTensor, positions LongTensor), ...]``.
+        """Bind the producers: ``[(weight Parameter, rows LongTensor, positions LongTensor[, norm]), ...]``.
+
+        ``norm`` (optional): the BatchNorm that normalises the producer's output (its only
+        user); the prior then acts on the folded weights ``gamma_r w_r / sqrt(running_var_r + eps)``
+        (see :meth:`kl` and ``docs/methods.md``).
 
         ``rows``: the producer's output rows (first weight axis) that belong to this gate;
         ``positions``: for each, its channel index in this gate. Allocates the per-unit
@@ -470,7 +571,15 @@ class TurboVBIGate(nn.Module):
         of the same shapes was loaded before (then that state is kept). Returns self.
         """
         specs = []
-        for weight, rows, positions in list(producers):
+        norms = []
+        for item in list(producers):
+            if len(item) not in (3, 4):
+                raise ValueError(f"a producer is (weight, rows, positions[, norm]), got {len(item)} items")
+            weight, rows, positions = item[:3]
+            norm = item[3] if len(item) == 4 else None
+            if norm is not None:
+                _check_norm(norm, weight)
+            norms.append(norm)
             rows = torch.as_tensor(rows).to(device=weight.device, dtype=torch.long).reshape(-1)
             positions = torch.as_tensor(positions).to(device=weight.device, dtype=torch.long).reshape(-1)
             if rows.shape != positions.shape:
@@ -492,11 +601,12 @@ class TurboVBIGate(nn.Module):
             self.register_buffer(f"rows_{l}", rows.clone())
             self.register_buffer(f"positions_{l}", positions.clone())
             hyper = old.get(f"hyper_{l}")
-            self.register_buffer(f"hyper_{l}", hyper.to(dev) if hyper is not None else torch.tensor(self._hyper(weight, rows), dtype=F64, device=dev))
+            self.register_buffer(f"hyper_{l}", hyper.to(dev) if hyper is not None else torch.tensor(self._hyper(weight, rows, norms[l]), dtype=F64, device=dev))
             for name in _STATE:
                 value = old.get(f"{name}_{l}")
                 self.register_buffer(f"{name}_{l}", value.to(dev) if value is not None else torch.zeros((rows.numel(), J), dtype=F64, device=dev))
         self._weights = [w for w, _, _ in specs]
+        self._norms = norms
         self._num_producers = len(specs)
         if restored:
             return self
@@ -508,6 +618,21 @@ class TurboVBIGate(nn.Module):
         self._initialise()
         self.update(iterations=self.attach_iterations)
         return self
+
+    def bind_norms(self, norms) -> int:
+        """Re-attach the same producers with ``norms`` (one BatchNorm or None per producer, in
+        attach order): their prior then acts on the folded weights. Returns the norms bound."""
+        norms = list(norms)
+        if len(norms) != self._num_producers or not self.attached:
+            raise ValueError(f"bind_norms needs one entry per attached producer ({self._num_producers}), got {len(norms)}")
+        producers = [(self._weights[l], self._buf("rows", l), self._buf("positions", l), norms[l]) for l in range(self._num_producers)]
+        self._restored = False
+        self.attach(producers)
+        return sum(n is not None for n in norms)
+
+    def folded(self) -> list[bool]:
+        """Per producer: whether its prior acts on BatchNorm-folded weights."""
+        return [n is not None for n in self._norms] + [False] * (self._num_producers - len(self._norms))
 
     @torch.no_grad()
     def _initialise(self) -> None:
@@ -529,6 +654,9 @@ class TurboVBIGate(nn.Module):
         rows = self._buf("rows", l)
         J, n = self._units(weight)
         w = weight.index_select(0, rows.to(weight.device)).to(F64).reshape(rows.numel(), J, n)
+        norm = self._norms[l] if l < len(self._norms) else None
+        if norm is not None:  # the BatchNorm-folded weights gamma w / sqrt(running_var + eps)
+            w = w * _fold_scale(norm, rows).to(w.device).reshape(-1, 1, 1)
         sq = torch.nan_to_num(w.square().sum(-1), nan=0.0, posinf=1e300).clamp(max=1e300)
         return sq.to(self._buf("pi", l).device), n
 
@@ -659,7 +787,15 @@ class TurboVBIGate(nn.Module):
         """The prior's feedback into SGD: ``0.5 * sum_units E[rho] ||w||^2`` over the producers'
         live weights, E[rho] a constant (gradient ``E[rho] * w``). Zero before :meth:`attach`.
         The negative ELBO's terms without gradient (KL of q(rho) and q(s), the normalisers)
-        are left out."""
+        are left out.
+
+        A producer attached with its BatchNorm contributes through its effective weights
+        ``gamma_r w_r / sqrt(running_var_r + eps)`` instead, with the running variance's
+        dependence on the row's norm ``||w_r||`` kept (``sigma_r ~ ||w_r||``, as the batch
+        statistics that normalise the row in training): the gradient on ``w_r`` is then
+        orthogonal to ``w_r`` (BatchNorm makes the row's scale irrelevant to the output, and
+        now to the prior too) and the channel's scale is carried by ``gamma_r``. See
+        :func:`_folded_rows`."""
         total = None
         for l, weight in enumerate(self._weights if self.attached else []):
             rows = self._buf("rows", l)
@@ -673,6 +809,9 @@ class TurboVBIGate(nn.Module):
                 self._erho_cache[l] = root
             J, n = self._units(weight)
             w = weight.index_select(0, rows.to(weight.device)).to(dtype).reshape(rows.numel(), J, n)
+            norm = self._norms[l] if l < len(self._norms) else None
+            if norm is not None:
+                w = _folded_rows(w, norm, rows.to(weight.device))
             term = (0.5 * self.prior_weight) * (root * w).square().sum()
             total = term if total is None else total + term.to(total.device)
         if total is None:
@@ -757,5 +896,5 @@ class TurboVBIGate(nn.Module):
             f"num_channels={self.num_channels}, producers={self._num_producers}, evidence={self.evidence}, "
             f"a={self.a}, a_bar={self.a_bar}, active_precision={self.active_precision}, "
             f"inactive_precision={self.inactive_precision:g}, p_channel={self.p_channel}, p_stay={self.p_stay}, "
-            f"eps={self.eps}, update_every={self.update_every}"
+            f"eps={self.eps}, update_every={self.update_every}, folded={sum(self.folded())}/{self._num_producers}"
         )

@@ -422,4 +422,9 @@ def wrap(
     gm.recompile()
     layers_by_name = {names[g]: layers for g, layers in group_layers.items() if g in names}
     layers_by_name.update({k: v for k, v in group_layers.items() if isinstance(k, str)})
-    return BayesianModel(gm, bank, sites, method, layers_by_name)
+    result = BayesianModel(gm, bank, sites, method, layers_by_name)
+    if method == "turbo-vbi":  # its prior acts on the BatchNorm-folded weights (docs/methods.md, Turbo-VBI)
+        from onnxprune.bayes.turbo_vbi import bind_batchnorms
+
+        bind_batchnorms(result)
+    return result
