@@ -232,6 +232,29 @@ def bn_recalibration_section(run: str, r: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+@section("tvbi-batchnorm")
+def tvbi_batchnorm_section(run: str, r: dict) -> str:
+    cfg = r["config"]
+    out = [f"### {run}: Turbo-VBI's prior on a layer followed by BatchNorm\n"]
+    out.append(machine_line(r["machine"]) + ". Script: `python benchmarks/tvbi_batchnorm.py`. A BatchNorm makes the "
+               "likelihood blind to the scale of the layer's weight rows, so a prior on the raw weights shrinks them until "
+               "BatchNorm's eps kills the channel; Turbo-VBI now regularises the BatchNorm-folded weights (`fold_norms`, "
+               f"the default). {cfg['model']} at width {cfg['width']}, {cfg['train_images']} training images of the CIFAR-10 "
+               f"JPEG copy, dense {cfg['dense']}, Turbo-VBI {cfg['turbo_vbi']}; test accuracy on {cfg['test_images']} random "
+               "test images. Row norm: the smallest ratio, over the gated convs, of the mean weight-row norm after training to "
+               "before.\n")
+    rows = []
+    for row in r["rows"]:
+        if row["variant"] == "dense":
+            rows.append(["dense", "-", "-", "-", f"{row['test_accuracy']:.1%}"])
+            continue
+        rows.append([row["variant"], f"{row['train_accuracy_last_epoch']:.1%}", f"{row['kept_fraction']:.1%}",
+                     f"{row['smallest_row_norm_ratio']:.3g}", f"**{row['test_accuracy']:.1%}**"])
+    out.append(md_table(["Turbo-VBI", "training accuracy, last epoch", "channels kept", "row norm after / before",
+                         "test accuracy"], rows))
+    return "\n".join(out) + "\n"
+
+
 def _speedup(lat: dict, batch: str, key: str) -> float | None:
     if not lat or batch not in lat:
         return None
