@@ -105,16 +105,17 @@ def main() -> None:
                 row[f"{key}_compile_s"] = warm
         rows.append(row)
         print(f"[{name}] " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)), flush=True)
-    result = {
-        "benchmark": "sbp-step-time",
-        "machine": machine_info(),
-        "config": {"device": args.device, "batch": args.batch, "steps": args.steps,
-                   "step": "forward, negative ELBO, backward, fused Adam, clip; loss read back every step",
-                   "variants": args.variants},
-        "models": rows,
-    }
-    run = f"sbp-step-time-{device.type}"
-    print("wrote", write_result(run, result, args.results))
+        # written after every model: a run stopped early (device time) keeps the rows it has
+        result = {
+            "benchmark": "sbp-step-time",
+            "machine": machine_info(),
+            "config": {"device": args.device, "batch": args.batch, "steps": args.steps,
+                       "step": "forward, negative ELBO, backward, fused Adam, clip; loss read back every step",
+                       "variants": args.variants},
+            "models": rows,
+        }
+        path = write_result(f"sbp-step-time-{device.type}", result, args.results)
+    print("wrote", path)
 
 
 if __name__ == "__main__":
