@@ -6,21 +6,23 @@
 #   benchmarks/gpu_block.sh launch-mnist GPUS EPOCHS  # MNIST/Fashion-MNIST SBP runs, one queue per listed GPU
 #   benchmarks/gpu_block.sh launch-dense RUN..   # the dense nets of these runs, the n-th on GPU n, in the background
 #   benchmarks/gpu_block.sh launch-plan FILE  # the queues a plan file lists (e.g. benchmarks/plans/sbp-200.txt)
-#   benchmarks/gpu_block.sh wait SECONDS     # keep the machine busy while they train; print progress
+#   benchmarks/gpu_block.sh launch-measure Q@G SPEC [Q@G SPEC]..  # measure each run once queue Q is done (CUDA on GPU G)
+#   benchmarks/gpu_block.sh wait SECONDS     # keep the machine busy until the queues and measurers end; progress
 #   benchmarks/gpu_block.sh measure [SPEC..] # errors, MACs, units, ORT CPU (2 threads) and CUDA latency
 #   benchmarks/gpu_block.sh measure-cuda     # only the CUDA latency, added to the results of measure
 #   benchmarks/gpu_block.sh latency [MODELS] [BATCHES]  # the --target ort-cuda table (benchmarks/latency_targets.py)
 #   benchmarks/gpu_block.sh pack             # result files to $OUT
 #
-# Carry the same paths in every call of a lease: a path carried earlier and not named in a later
-# call's carry is removed on the machine (a run that reads its data later then fails). torch.compile of
-# a whole SBP step takes minutes when several runs compile at once (329 s for VGG beside 7 others).
+# A path carried in one call and not named in a later call's carry is removed on the machine, so
+# setup copies the data out of the tree (to /tmp/gpu-data): later calls may carry other things (the
+# staged parts of onnxruntime-gpu). torch.compile of a whole SBP step takes minutes when several runs
+# compile at once (329 s for VGG beside 7 others).
 # Data travels in .gpu-data/ (ignored): cifar10-jpeg/ and pretrained/resnet-cifar10/ from
 # ../shared/data, mnist/. onnxruntime-gpu is staged to /tmp/site with ../shared/tools/device-stage.
 set -u
 cd "$(dirname "$0")/.."
-export PYTHONPATH=/tmp/site:$PWD
-export ONNXPRUNE_DATA=$PWD/.gpu-data
+export PYTHONPATH=/tmp/site:$PWD${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}
+export ONNXPRUNE_DATA=/tmp/gpu-data
 export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 LOG=/tmp/gpu_runs
 RUN="python3 benchmarks/paper_table.py"
@@ -43,6 +45,7 @@ queue() {  # queue INDEX GPU "RUN METHOD [flags]" ...
 
 case "${1:-}" in
   setup)
+    mkdir -p "$ONNXPRUNE_DATA" && cp -r .gpu-data/. "$ONNXPRUNE_DATA"/ || exit 1
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
     python3 - <<'PY'
 import time
@@ -109,14 +112,28 @@ PY
     done
     sleep 3; echo "launched $(cat "$LOG/nqueues") queues"; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
     ;;
+  launch-measure)
+    # launch-measure Q@G SPEC [Q@G SPEC]..: once $LOG/qQ.done exists, measure SPEC (errors, MACs, CPU latency,
+    # then CUDA latency, on GPU G), each run in its own background process; logs in $LOG/m*.log
+    shift; mkdir -p "$LOG" "$RESULTS"; export RESULTS
+    while [ $# -ge 2 ]; do
+      q=${1%@*} g=${1#*@} spec=$2; shift 2
+      CUDA_VISIBLE_DEVICES=$g setsid nohup bash -c "while [ ! -e $LOG/q$q.done ]; do sleep 5; done; echo \"=== \$(date +%T) $spec\";
+        $RUN $spec --stage measure --rounds 15 --quiet --results $RESULTS 2>&1 | tail -2;
+        $RUN $spec --stage measure-cuda --rounds 20 --quiet --results $RESULTS 2>&1 | tail -2; echo \"=== done \$(date +%T)\"" \
+        > "$LOG/m$q-$(echo "$spec" | tr -c 'A-Za-z0-9.\n-' _).log" 2>&1 &
+    done
+    sleep 1; echo "measurers waiting: $(ls "$LOG"/m*.log | wc -l)"
+    ;;
   wait)
     limit=${2:-540}; start=$(date +%s); want=$(cat "$LOG/nqueues" 2>/dev/null || echo 4)
     while [ $(( $(date +%s) - start )) -lt "$limit" ]; do
       n=$(ls "$LOG"/q*.done 2>/dev/null | wc -l)
-      [ "$n" -ge "$want" ] && break
+      m=$(ls "$LOG"/m*.log 2>/dev/null | wc -l); md=$(grep -l "=== done" "$LOG"/m*.log 2>/dev/null | wc -l)
+      [ "$n" -ge "$want" ] && [ "$md" -ge "$m" ] && break
       sleep 15
     done
-    for f in "$LOG"/q*.log; do echo "--- $f"; tail -6 "$f"; done
+    for f in "$LOG"/q*.log "$LOG"/m*.log; do [ -e "$f" ] && { echo "--- $f"; tail -6 "$f"; }; done
     ls "$LOG"/q*.done 2>/dev/null
     for d in benchmarks/work/*/; do
       python3 - "$d" <<'PY'
@@ -162,7 +179,7 @@ PY
     mkdir -p "$OUT"
     [ -d "$RESULTS" ] && tar czf "$OUT/results.tgz" -C "$RESULTS" .
     # the trained models and stage times of every run (ONNX files, final states, json), for measuring elsewhere
-    (cd benchmarks/work && find . \( -name '*.onnx' -o -name '*_final.pt' -o -name '*.json' \) -print0 | \
+    (cd benchmarks/work && find . \( -name '*.onnx' -o -name '*_final.pt' -o -name '*.json' \) -size -4M -print0 | \
       tar czf "$OUT/work.tgz" --null -T -)
     cp "$LOG"/q*.log "$OUT/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; rm -f "$OUT"/q*.log
     ls -la "$OUT"

@@ -91,6 +91,12 @@ RUNS: dict[str, Run] = {
 }
 
 
+def compile_flags(choice: str) -> dict:
+    """fit's compile arguments for --compile (auto: fit's own defaults)."""
+    return {"auto": {}, "step": {"compile_step": True}, "gates": {"compile_step": False, "compile_gates": True},
+            "none": {"compile_step": False, "compile_gates": False}}[choice]
+
+
 def stage_times(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -144,7 +150,8 @@ def train(name: str, run: Run, args, work: Path) -> None:
         "dense": (f"pretrained checkpoint, fine-tuned {pre_epochs} epochs here" if run.pretrained
                   else f"trained here, {pre_epochs} epochs") + " (Adam lr 1e-3, cosine decay)",
         "baseline_epochs": None if args.no_baseline else epochs, "gate_lr": args.gate_lr, "kl_warmup_epochs": args.kl_warmup,
-        **({"kl_scale": args.kl_scale} if args.kl_scale != 1.0 else {}), "seed": args.seed, "noise": args.noise, "placement": args.placement, "optimizer": optimizer_text(args),
+        **({"kl_scale": args.kl_scale} if args.kl_scale != 1.0 else {}),
+        **({"compile": args.compile} if args.compile != "auto" else {}), "seed": args.seed, "noise": args.noise, "placement": args.placement, "optimizer": optimizer_text(args),
         **({"gate_options": args.gate_options} if args.gate_options else {})}, indent=1))
     common = dict(batch_size=run.batch_size, seed=args.seed, device=device, augment=augment, amp=device.type == "cuda",
                   progress=not args.quiet)
@@ -179,7 +186,7 @@ def train(name: str, run: Run, args, work: Path) -> None:
         with timed(times, f"{args.method}_training_s", times_path):
             fit(wrapped, x, y, epochs=epochs, lr=args.lr, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup,
                 kl_scale=args.kl_scale, lr_schedule=args.schedule, betas=(args.beta1, 0.999), decay_start=args.decay_start, checkpoint=work / f"{args.method}.pt",
-                desc=args.method, **common)
+                desc=args.method, **compile_flags(args.compile), **common)
         torch.save(wrapped.state_dict(), bayes_state)
 
     # 3. export and prune
@@ -324,6 +331,9 @@ def main() -> None:
     ap.add_argument("--decay-start", type=float, help="step-linear: the fraction of the epochs after which the "
                     "learning rate decays linearly to 0 (default per run, else 0.5)")
     ap.add_argument("--beta1", type=float, help="Adam's beta1 (default 0.9; the SBP authors use 0.95)")
+    ap.add_argument("--compile", choices=("auto", "step", "gates", "none"), default="auto",
+                    help="torch.compile in the Bayesian training: the whole step, the gates alone, nothing "
+                         "(auto: fit's default, the whole step on CUDA)")
     ap.add_argument("--tag", default="", help="suffix of the result folder's name (a variant of a run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir")
