@@ -135,3 +135,45 @@ def test_a_gate_inside_the_graph_is_not_folded_so_its_zero_channels_are_deleted_
     b.output("y")
     out = prune_checked(b.build()).model
     assert layer_widths(out)["conv1"] == (3, 6)
+
+
+def test_scale_of_a_flattened_image_folds_into_the_first_gemm():
+    b = GraphBuilder()
+    flat = b.node("Flatten", [b.input("x", [2, 1, 4, 4])], name="flatten", axis=1)
+    gate = b.rng.uniform(0.5, 2.0, (1, 16)).astype(np.float32)
+    gate[0, :5] = 0.0
+    x = b.node("Mul", [flat, b.const("gate", gate)], name="gate_mul")
+    b.node("Gemm", [x, b.const("w", b.rng.standard_normal((6, 16)))], name="fc", outputs=["y"], transB=1)
+    b.output("y")
+    model = b.build()
+    result = run_passes(model, [FoldInputScalePass()])
+    assert not nodes_of(result.model, "Mul") and same_outputs(model, result.model)
+
+
+def test_scale_before_a_gather_of_kept_features_folds_with_the_gathered_features():
+    b = GraphBuilder()
+    flat = b.node("Flatten", [b.input("x", [2, 1, 4, 4])], name="flatten", axis=1)
+    x = b.node("Mul", [flat, b.const("gate", b.rng.uniform(0.5, 2.0, (1, 16)))], name="gate_mul")
+    kept = b.node("Gather", [x, b.const("kept", np.array([1, 4, 9, -1], np.int64))], name="gather_kept", axis=1)
+    b.node("Gemm", [kept, b.const("w", b.rng.standard_normal((6, 4)))], name="fc", outputs=["y"], transB=1)
+    b.output("y")
+    model = b.build()
+    result = run_passes(model, [FoldInputScalePass()])
+    assert not nodes_of(result.model, "Mul") and nodes_of(result.model, "Gather")
+    assert same_outputs(model, result.model)
+
+
+def test_scale_behind_a_layer_or_a_gather_across_the_batch_is_left_alone():
+    b = GraphBuilder()
+    h = b.node("Gemm", [b.input("x", [2, 8]), b.const("w0", b.rng.standard_normal((8, 8)))], name="fc0")
+    x = b.node("Mul", [h, b.const("s", b.rng.random((1, 8)))], name="scale_mul")
+    b.node("Gemm", [x, b.const("w", b.rng.standard_normal((8, 4)))], name="fc", outputs=["y"])
+    b.output("y")
+    assert not run_passes(b.build(), [FoldInputScalePass()]).report.passes[-1].result.modified
+
+    b = GraphBuilder()
+    x = b.node("Mul", [b.input("x", [2, 8]), b.const("s", b.rng.random((1, 8)))], name="scale_mul")
+    rows = b.node("Gather", [x, b.const("rows", np.array([1, 0], np.int64))], name="gather_rows", axis=0)
+    b.node("Gemm", [rows, b.const("w", b.rng.standard_normal((8, 4)))], name="fc", outputs=["y"])
+    b.output("y")
+    assert not run_passes(b.build(), [FoldInputScalePass()]).report.passes[-1].result.modified
