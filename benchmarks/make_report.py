@@ -232,6 +232,25 @@ def bn_recalibration_section(run: str, r: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+@section("sbp-weight-lr")
+def sbp_weight_lr_section(run: str, r: dict) -> str:
+    cfg = r["config"]
+    out = [f"### {run}: SBP's weight learning rate against Torch-Pruning at the same MACs\n"]
+    out.append(machine_line(r["machine"]) + ". Script: `python benchmarks/sbp_weight_lr.py`. The CIFAR rows above train "
+               "SBP's weights at the authors' VGG rate (1e-5) and fine-tune the Torch-Pruning baseline at 1e-3. "
+               f"{cfg['model']} at width {cfg['width']}, {cfg['train_images']} training images of the CIFAR-10 JPEG copy, "
+               f"dense {cfg['dense']} ({r['dense_accuracy']:.1%} test accuracy); SBP {cfg['sbp']}, the KL term "
+               f"x{cfg['kl_scale']:g}, BatchNorm statistics re-estimated; " + (f"K > 0: {cfg['finetune']}; " if "finetune" in cfg else "")
+               + f"Torch-Pruning {cfg['torch_pruning']}. Test accuracy "
+               f"on {cfg['test_images']} random test images.\n")
+    rows = [[f"{row['sbp_weight_lr']:g}", str(row.get("finetune_epochs", 0)), f"{row['kept_fraction']:.1%}", f"{row['macs_reduction']:.2f}x",
+             f"**{row['sbp_accuracy']:.1%}**", f"{row['torch_pruning_accuracy']:.1%} ({row['torch_pruning_macs_reduction']:.2f}x)"]
+            for row in r["rows"]]
+    out.append(md_table(["SBP weights' lr", "of which fine-tuned (K)", "channels kept", "MACs reduction", "SBP test accuracy",
+                         "Torch-Pruning (its MACs reduction)"], rows))
+    return "\n".join(out) + "\n"
+
+
 @section("tvbi-batchnorm")
 def tvbi_batchnorm_section(run: str, r: dict) -> str:
     cfg = r["config"]
@@ -426,6 +445,8 @@ def _schedule_note(run: str, r: dict) -> str:
     else:
         pre = "pretrained checkpoint" if cfg.get("pretrained") else f"{cfg.get('pretrain_epochs', '?')} dense epochs"
     kl = f" on a tempered ELBO ({_kl(cfg)})" if _kl(cfg) else ""
+    if cfg.get("finetune_epochs"):
+        kl += f" (the last {cfg['finetune_epochs']} fine-tuning the gate-folded net, rejected channels held at zero)"
     times = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in r.get("stage_times_s", {}).items())
     notes = "".join(f" **Note**: {cfg[k]}." for k in ("note", "cuda_note") if cfg.get(k))
     return (f"{run}: {pre}, {cfg['epochs']} Bayesian epochs{kl}{short}, on {where.get('gpu') or where.get('device', '?')}; "

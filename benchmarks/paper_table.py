@@ -124,6 +124,7 @@ def train(name: str, run: Run, args, work: Path) -> None:
     from benchmarks.tp_baseline import prune_to_macs
     from onnxprune.api import inspect_model, prune_model
     from onnxprune.bayes.exporting import export
+    from onnxprune.bayes.finetune import finetune_pruned
     from onnxprune.bayes.training import evaluate, fit
     from onnxprune.bayes.wrapper import wrap
     from onnxprune.data import augment_batch, load_dataset
@@ -151,7 +152,8 @@ def train(name: str, run: Run, args, work: Path) -> None:
                   else f"trained here, {pre_epochs} epochs") + " (Adam lr 1e-3, cosine decay)",
         "baseline_epochs": None if args.no_baseline else epochs, "gate_lr": args.gate_lr, "kl_warmup_epochs": args.kl_warmup,
         **({"kl_scale": args.kl_scale} if args.kl_scale != 1.0 else {}),
-        **({"compile": args.compile} if args.compile != "auto" else {}), "seed": args.seed, "noise": args.noise, "placement": args.placement, "optimizer": optimizer_text(args),
+        **({"compile": args.compile} if args.compile != "auto" else {}),
+        **({"finetune_epochs": args.finetune_epochs} if args.finetune_epochs else {}), "seed": args.seed, "noise": args.noise, "placement": args.placement, "optimizer": optimizer_text(args),
         **({"gate_options": args.gate_options} if args.gate_options else {})}, indent=1))
     common = dict(batch_size=run.batch_size, seed=args.seed, device=device, augment=augment, amp=device.type == "cuda",
                   progress=not args.quiet)
@@ -184,16 +186,33 @@ def train(name: str, run: Run, args, work: Path) -> None:
         wrapped.load_state_dict(torch.load(bayes_state, map_location=device, weights_only=True))
     else:
         with timed(times, f"{args.method}_training_s", times_path):
-            fit(wrapped, x, y, epochs=epochs, lr=args.lr, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup,
+            fit(wrapped, x, y, epochs=epochs - args.finetune_epochs, lr=args.lr, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup,
                 kl_scale=args.kl_scale, lr_schedule=args.schedule, betas=(args.beta1, 0.999), decay_start=args.decay_start, checkpoint=work / f"{args.method}.pt",
                 desc=args.method, **compile_flags(args.compile), **common)
         torch.save(wrapped.state_dict(), bayes_state)
+    # 2b. the last epochs of the budget: the gate-folded net, noise-free, rejected channels held at zero
+    tuned = None
+    if args.finetune_epochs:
+        tuned_state = work / f"{args.method}_finetuned_final.pt"
+        if tuned_state.exists():
+            tuned = finetune_pruned(wrapped, x, y, epochs=0)
+            tuned.load_state_dict(torch.load(tuned_state, map_location=device, weights_only=True))
+        else:
+            with timed(times, "finetune_s", times_path):
+                tuned = finetune_pruned(wrapped, x, y, epochs=args.finetune_epochs, lr=1e-3, lr_schedule="cosine",
+                                        checkpoint=work / "finetune.pt", desc="fine-tune", **common)
+            torch.save(tuned.state_dict(), tuned_state)
 
     # 3. export and prune
     if not (work / "pruned.onnx").exists():
         with timed(times, "export_prune_s", times_path):
             onnx.save(export_onnx(dense.cpu(), example), work / "dense.onnx")
-            export(wrapped.cpu(), (example,), work / "gated.onnx")
+            gated = export(wrapped.cpu(), (example,))
+            if tuned is not None:  # the fine-tuned weights, with the export's record of the gates
+                metadata = list(gated.metadata_props)
+                gated = export_onnx(tuned.cpu().eval(), example)
+                gated.metadata_props.extend(metadata)
+            onnx.save(gated, work / "gated.onnx")
             prune_model(work / "gated.onnx", output=work / "pruned.onnx", target="ort-cpu", threads=2)
         dense.to(device)
 
@@ -331,6 +350,9 @@ def main() -> None:
     ap.add_argument("--decay-start", type=float, help="step-linear: the fraction of the epochs after which the "
                     "learning rate decays linearly to 0 (default per run, else 0.5)")
     ap.add_argument("--beta1", type=float, help="Adam's beta1 (default 0.9; the SBP authors use 0.95)")
+    ap.add_argument("--finetune-epochs", type=int, default=0,
+                    help="the last N of the Bayesian epochs fine-tune the gate-folded net instead, noise-free, its rejected "
+                         "channels held at zero (Adam 1e-3, cosine)")
     ap.add_argument("--compile", choices=("auto", "step", "gates", "none"), default="auto",
                     help="torch.compile in the Bayesian training: the whole step, the gates alone, nothing "
                          "(auto: fit's default, the whole step on CUDA)")

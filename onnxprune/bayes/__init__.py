@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-__all__ = ["SBPGate", "BayesianModel", "wrap", "elbo", "fit", "export", "compress", "METHODS"]
+__all__ = ["SBPGate", "BayesianModel", "wrap", "elbo", "fit", "export", "compress", "finetune_pruned", "METHODS"]
 
 
 def __getattr__(name: str):
@@ -28,6 +28,10 @@ def __getattr__(name: str):
         from onnxprune.bayes import exporting
 
         return getattr(exporting, name)
+    if name == "finetune_pruned":
+        from onnxprune.bayes.finetune import finetune_pruned
+
+        return finetune_pruned
     if name == "METHODS":
         from onnxprune.bayes.methods import METHODS
 
