@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -155,3 +156,16 @@ def test_library_call_leaves_the_users_runtime_settings_alone(dead_mobilenet):
     so.intra_op_num_threads = 1
     session = onnxruntime.InferenceSession(dead_mobilenet.SerializeToString(), so, providers=["CPUExecutionProvider"])
     assert session.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})[0].shape == (1, 10)
+
+
+def test_profiles_of_sessions_timed_at_once_go_to_private_folders(tmp_path, monkeypatch, dead_mobilenet):
+    """ORT names a profile by the millisecond: two processes timing in one folder once removed each other's."""
+    monkeypatch.chdir(tmp_path)
+    first, second = TARGET.session_options(profile=True), TARGET.session_options(profile=True)
+    assert os.path.dirname(first.profile_file_prefix) != os.path.dirname(second.profile_file_prefix)
+    assert not os.path.dirname(first.profile_file_prefix).startswith(str(tmp_path))
+    for options in (first, second):  # no session made: their folders stay empty
+        os.rmdir(os.path.dirname(options.profile_file_prefix))
+    specs = layer_specs(inspect_model(dead_mobilenet)[0].graph)[:2]
+    assert measure([(s, s.in_width, s.out_width) for s in specs], TARGET, LatencyCache(TARGET, tmp_path / "c.json")) > 0
+    assert list(tmp_path.iterdir()) == []  # nothing written to the working folder, no profile left behind

@@ -16,6 +16,7 @@ layer's latency.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -77,6 +78,8 @@ def _profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], target: Targe
             events = json.load(f)
     finally:
         os.remove(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))  # the session's private profile folder
     return [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
 
 

@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -76,7 +77,10 @@ class Target:
             # Own pool: do not spin after a run, or it steals the next session's cores.
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if profile:
+            # A private folder: ORT names profiles by the millisecond, so processes profiling in one working
+            # directory at once would read (and delete) each other's files.
             so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="onnxprune-profile-"), "ort")
         return so
 
     def session(self, model, *, profile: bool = False):
