@@ -296,9 +296,13 @@ def _net_name(cfg: dict) -> str:
 
 
 def _kl(cfg: dict) -> str | None:
-    """"KL x<scale>" for a run trained on a tempered ELBO (``--kl-scale``, in the config only when not 1)."""
+    """"KL x<scale>" for a run trained on a tempered ELBO (``--kl-scale``, in the config only when not 1), with
+    "by MACs" when each group's KL was weighted by its channels' compute (``--kl-weighting macs``)."""
     scale = cfg.get("kl_scale")
-    return None if scale is None or scale == 1 else f"KL x{scale:g}"
+    text = None if scale is None or scale == 1 else f"KL x{scale:g}"
+    if cfg.get("kl_weighting") == "macs":
+        text = (text or "KL") + " by MACs"
+    return text
 
 
 def _speedups(r: dict, key: str) -> tuple[str, str]:
@@ -591,7 +595,9 @@ def main() -> None:
                      "constant `relu(b)`, which `onnxprune prune` folds into the next layer's bias), one noise draw per "
                      "minibatch (`--noise batch`), the gates' learning rate and the KL term's weight (`--kl-scale`: "
                      "the loss column reads KL x*s* for a tempered ELBO, its KL term multiplied by *s*, which trades "
-                     "accuracy for sparsity, and ELBO for the plain one). Every variant that was run is listed.\n")
+                     "accuracy for sparsity, and ELBO for the plain one; *by MACs*: each channel's KL weighted by its "
+                     "compute, `--kl-weighting macs`, docs/methods.md), and noise-free fine-tuning epochs at the end "
+                     "(`--finetune-epochs`, in the epochs column). Every variant that was run is listed.\n")
         parts.append(variants_table(paper))
         parts.append("\n### SBP vs RBP vs Turbo-VBI\n")
         parts.append("Same dense recipe, same export and `onnxprune prune` for every method of a net "

@@ -152,6 +152,7 @@ def train(name: str, run: Run, args, work: Path) -> None:
                   else f"trained here, {pre_epochs} epochs") + " (Adam lr 1e-3, cosine decay)",
         "baseline_epochs": None if args.no_baseline else epochs, "gate_lr": args.gate_lr, "kl_warmup_epochs": args.kl_warmup,
         **({"kl_scale": args.kl_scale} if args.kl_scale != 1.0 else {}),
+        **({"kl_weighting": args.kl_weighting} if args.kl_weighting != "none" else {}),
         **({"compile": args.compile} if args.compile != "auto" else {}),
         **({"finetune_epochs": args.finetune_epochs} if args.finetune_epochs else {}), "seed": args.seed, "noise": args.noise, "placement": args.placement, "optimizer": optimizer_text(args),
         **({"gate_options": args.gate_options} if args.gate_options else {})}, indent=1))
@@ -181,6 +182,11 @@ def train(name: str, run: Run, args, work: Path) -> None:
     # 2. Bayesian
     wrapped = wrap(dense, (example.to(device),), method=args.method, gate_inputs=run.gate_inputs, noise=args.noise,
                    placement=args.placement, **args.gate_options).to(device)
+    if args.kl_weighting == "macs":
+        from onnxprune.bayes.costs import weight_kl_by_macs
+
+        weights = weight_kl_by_macs(wrapped, (example.to(device),))
+        print(f"[{name}] KL weights by MACs per channel: " + ", ".join(f"{k} {v:.3g}" for k, v in weights.items()), flush=True)
     bayes_state = work / f"{args.method}_final.pt"
     if bayes_state.exists():
         wrapped.load_state_dict(torch.load(bayes_state, map_location=device, weights_only=True))
@@ -335,6 +341,9 @@ def main() -> None:
     ap.add_argument("--gate-lr", type=float, help="the gates' learning rate (default per run, else 3e-2)")
     ap.add_argument("--kl-warmup", type=float, default=0.0)
     ap.add_argument("--kl-scale", type=float, default=1.0, help="multiplies the KL term (1: the ELBO; >1 tempered, sparser)")
+    ap.add_argument("--kl-weighting", choices=("none", "macs"), default="none",
+                    help="macs: each channel group's KL term times its MACs per channel over the mean of all gated "
+                         "channels (onnxprune.bayes.costs), so the prior presses hardest where compute is")
     ap.add_argument("--noise", choices=("example", "batch"),
                     help="draw the gates once per example, or once per minibatch as the SBP authors' code does")
     ap.add_argument("--schedule", choices=("cosine", "step-linear"),

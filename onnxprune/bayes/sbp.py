@@ -64,12 +64,18 @@ def sample_together(gates: list["SBPGate"], n: int) -> list[Tensor]:
     return list(theta.split([g.num_channels for g in gates], dim=-1))
 
 
-def kl_together(gates: list["SBPGate"]) -> Tensor:
-    """The sum of the gates' KL terms, computed on all their channels at once."""
+def kl_together(gates: list["SBPGate"], weights: list[float] | None = None) -> Tensor:
+    """The sum of the gates' KL terms, computed on all their channels at once (each gate's
+    terms multiplied by its entry of ``weights``, when given)."""
     mu, log_sigma, a, b, compiled = _together(gates)
     mu64, sigma = _clip64(mu, log_sigma)
     kl = compiled_kernels()["kl"] if compiled else truncnorm._kl64
-    return kl(mu64, sigma, a, b).sum().to(gates[0].mu.dtype)
+    terms = kl(mu64, sigma, a, b)
+    if weights is not None and any(w != 1.0 for w in weights):
+        scale = torch.cat([torch.full((g.num_channels,), float(w), dtype=terms.dtype, device=terms.device)
+                           for g, w in zip(gates, weights)])
+        terms = terms * scale
+    return terms.sum().to(gates[0].mu.dtype)
 
 
 class SBPGate(nn.Module):

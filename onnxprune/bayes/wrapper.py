@@ -65,6 +65,8 @@ class GateBank(nn.Module):
         self.gates = nn.ModuleDict(gates)
         self.noise = noise
         self._samples: dict[str, torch.Tensor] = {}
+        #: a multiplier of each group's KL term (1 when absent): see onnxprune.bayes.costs.weight_kl_by_macs
+        self.kl_weights: dict[str, float] = {}
 
     def clear(self) -> None:
         self._samples.clear()
@@ -97,14 +99,16 @@ class GateBank(nn.Module):
         return [k for k, g in self.gates.items() if isinstance(g, SBPGate) and (g.a, g.b, g.compiled) == key]
 
     def kl(self) -> torch.Tensor:
-        """Sum of every gate's complexity term (SBP gates' in one computation per interval)."""
+        """Sum of every gate's complexity term (SBP gates' in one computation per interval), each
+        group's multiplied by its ``kl_weights`` entry."""
         terms, sbp = [], {}
-        for g in self.gates.values():
+        for key, g in self.gates.items():
+            weight = self.kl_weights.get(key, 1.0)
             if isinstance(g, SBPGate):
-                sbp.setdefault((g.a, g.b, g.compiled), []).append(g)
+                sbp.setdefault((g.a, g.b, g.compiled), []).append((g, weight))
             else:
-                terms.append(g.kl())
-        terms += [kl_together(gs) for gs in sbp.values()]
+                terms.append(g.kl() * weight if weight != 1.0 else g.kl())
+        terms += [kl_together([g for g, _ in gw], [w for _, w in gw]) for gw in sbp.values()]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
