@@ -17,6 +17,10 @@
 # setup copies the data out of the tree (to /tmp/gpu-data): later calls may carry other things (the
 # staged parts of onnxruntime-gpu). torch.compile of a whole SBP step takes minutes when several runs
 # compile at once (329 s for VGG beside 7 others).
+# The machine is given back after 30 s without a call, and all of it is lost (work folders, results
+# not yet packed): keep the calls coming (wait, or the staging calls), do local work during a long
+# `wait`, and `pack` as soon as a batch of runs has ended. Two queues that fail at one moment leave
+# their work folders resumable: launch a plan of the same specs again and each skips what it has.
 # Data travels in .gpu-data/ (ignored): cifar10-jpeg/ and pretrained/resnet-cifar10/ from
 # ../shared/data, mnist/. onnxruntime-gpu is staged to /tmp/site with ../shared/tools/device-stage.
 set -u
