@@ -254,6 +254,13 @@ def _files(work: Path) -> dict[str, Path]:
     return {k: p for k, p in files.items() if p.exists()}
 
 
+def models_sha1(work: Path) -> dict[str, str]:
+    """SHA-1 of each model the result describes (which models a CUDA timing taken elsewhere belongs to)."""
+    import hashlib
+
+    return {k: hashlib.sha1(p.read_bytes()).hexdigest() for k, p in _files(work).items()}
+
+
 def onnx_error(path: Path, x: np.ndarray, y: np.ndarray, providers) -> float:
     from onnxprune.runtime import make_session
 
@@ -417,8 +424,12 @@ def main() -> None:
         result_dir.mkdir(parents=True, exist_ok=True)
         previous = json.loads(path.read_text()) if path.exists() else {}
         measured = measure(args.run, run, args, work)
-        for key in ("latency_cuda", "machine_cuda"):  # measured on the GPU machine, kept across CPU re-measurements
-            if key in previous:
+        measured["models_sha1"] = models_sha1(work)
+        # CUDA latency is measured on the GPU machine: kept across CPU re-measurements of the same models only
+        # (results older than the digests: only when this call trained nothing)
+        same = previous.get("models_sha1") == measured["models_sha1"] if "models_sha1" in previous else args.stage == "measure"
+        for key in ("latency_cuda", "machine_cuda"):
+            if key in previous and same:
                 measured[key] = previous[key]
         device_file, config_file = work / "train_device.json", work / "train_config.json"
         trained = json.loads(config_file.read_text()) if config_file.exists() else {}
