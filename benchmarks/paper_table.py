@@ -217,11 +217,7 @@ def train(name: str, run: Run, args, work: Path) -> None:
     if not (work / "pruned.onnx").exists():
         with timed(times, "export_prune_s", times_path):
             onnx.save(export_onnx(dense.cpu(), example), work / "dense.onnx")
-            gated = export(wrapped.cpu(), (example,))
-            if tuned is not None:  # the fine-tuned weights, with the export's record of the gates
-                metadata = list(gated.metadata_props)
-                gated = export_onnx(tuned.cpu().eval(), example)
-                gated.metadata_props.extend(metadata)
+            gated = export(wrapped.cpu(), (example,), finetuned=tuned)  # the fine-tuned weights, if any
             onnx.save(gated, work / "gated.onnx")
             prune_model(work / "gated.onnx", output=work / "pruned.onnx", target="ort-cpu", threads=2)
         dense.to(device)

@@ -236,7 +236,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         model=args.model, data=args.data, data_dir=args.data_dir, out=args.output or f"out/{args.model}-{args.data}-{args.method}",
         method=args.method, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, pretrained=args.pretrained,
-        batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup, kl_scale=args.kl_scale, seed=args.seed,
+        batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup, kl_scale=args.kl_scale,
+        kl_weighting=args.kl_weighting, finetune_epochs=args.finetune_epochs, seed=args.seed,
         device=device, target=args.target, threads=args.threads, progress=not args.quiet, gate_inputs=args.gate_inputs,
         gate_options={"placement": args.placement, "noise": args.noise},
     )
@@ -343,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-warmup", type=float, default=0.0, metavar="EPOCHS", help="linear warm-up of the KL weight")
     p.add_argument("--kl-scale", type=float, default=1.0, metavar="BETA",
                    help="multiply the KL term by BETA (1: the ELBO; above 1 prunes more at some accuracy)")
+    p.add_argument("--kl-weighting", choices=("none", "macs"), default="none",
+                   help="macs: weight each channel's KL term by the MACs it costs, so the prior presses hardest where "
+                        "the compute is (our option; docs/methods.md)")
+    p.add_argument("--finetune-epochs", type=int, default=0, metavar="N",
+                   help="spend the last N epochs training the gate-folded net without noise, rejected channels held "
+                        "at zero (the same channels are deleted; usually recovers most of the accuracy)")
     p.add_argument("--gate-inputs", action="store_true",
                    help="also gate the input features of MLPs (as the SBP paper does for LeNet-500-300)")
     p.add_argument("--placement", choices=("output", "pre-bias"), default="output",

@@ -47,6 +47,8 @@ class TrainConfig:
     gate_lr: float | None = 3e-2
     kl_warmup_epochs: float = 0.0
     kl_scale: float = 1.0  # multiplies the KL term (1: the ELBO)
+    kl_weighting: str = "none"  # "macs": each group's KL times its MACs per channel over the mean (bayes.costs)
+    finetune_epochs: int = 0  # the last N of the epochs train the gate-folded net, noise-free (bayes.finetune_pruned)
     seed: int = 0
     device: str = "cpu"
     gate_inputs: bool = False
@@ -73,6 +75,11 @@ def _check(cfg: TrainConfig):
         raise InputError(f"unknown dataset '{cfg.data}'; known: {', '.join(DATASETS)}")
     if cfg.method not in METHODS:
         raise InputError(f"unknown method '{cfg.method}'; known: {', '.join(METHODS)}")
+    if cfg.kl_weighting not in ("none", "macs"):
+        raise InputError(f"unknown KL weighting '{cfg.kl_weighting}'; known: none, macs")
+    if not 0 <= cfg.finetune_epochs < cfg.resolved_epochs()[1]:
+        raise InputError(f"--finetune-epochs must be at least 0 and below the {cfg.resolved_epochs()[1]} epochs, "
+                         f"got {cfg.finetune_epochs}")
     spec, data = models.REGISTRY[cfg.model], DATASETS[cfg.data]
     if tuple(spec.input_shape) != tuple(data.input_shape):
         raise InputError(
@@ -159,7 +166,9 @@ def run(cfg: TrainConfig) -> dict:
 
     import models
     from onnxprune.api import inspect_model, prune_model
+    from onnxprune.bayes.costs import weight_kl_by_macs
     from onnxprune.bayes.exporting import export, gate_summary
+    from onnxprune.bayes.finetune import finetune_pruned
     from onnxprune.bayes.training import finish_distributed, fit, predict
     from onnxprune.bayes.wrapper import wrap
     from onnxprune.data import augment_batch, load_dataset
@@ -198,14 +207,23 @@ def run(cfg: TrainConfig) -> dict:
 
     t = time.perf_counter()
     wrapped = wrap(dense, (example,), method=cfg.method, gate_inputs=cfg.gate_inputs, **cfg.gate_options).to(device)
-    fit(wrapped, x_train, y_train, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, gate_lr=cfg.gate_lr,
+    if cfg.kl_weighting == "macs":
+        weight_kl_by_macs(wrapped, (example,))
+    fit(wrapped, x_train, y_train, epochs=epochs - cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, gate_lr=cfg.gate_lr,
         kl_warmup_epochs=cfg.kl_warmup_epochs, kl_scale=cfg.kl_scale, seed=cfg.seed, device=device, augment=augment,
         checkpoint=ckpt / f"{cfg.method}.pt", progress=cfg.progress, desc=cfg.method)
     timings["bayesian_training_s"] = time.perf_counter() - t
+    tuned = None
+    if cfg.finetune_epochs:
+        t = time.perf_counter()
+        tuned = finetune_pruned(wrapped, x_train, y_train, epochs=cfg.finetune_epochs, lr=cfg.lr, lr_schedule="cosine",
+                                batch_size=cfg.batch_size, seed=cfg.seed, device=device, augment=augment,
+                                checkpoint=ckpt / "finetune.pt", progress=cfg.progress, desc="fine-tune")
+        timings["finetune_s"] = time.perf_counter() - t
     rank = finish_distributed()
     if rank != 0:  # under torchrun, rank 0 alone exports, prunes, verifies and writes
         return {"rank": rank}
-    wrapped_pred = predict(wrapped, x_test, device=device)
+    wrapped_pred = predict(tuned if tuned is not None else wrapped, x_test, device=device)
     wrapped_acc = float((wrapped_pred == y_test).mean())
 
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +231,7 @@ def run(cfg: TrainConfig) -> dict:
     try:
         t = time.perf_counter()
         save_model(export_onnx(dense.cpu(), example.cpu()), stage / "dense.onnx")
-        export(wrapped.cpu(), example.cpu(), stage / "gated.onnx")
+        export(wrapped.cpu(), example.cpu(), stage / "gated.onnx", finetuned=tuned)
         result = prune_model(stage / "gated.onnx", output=stage / "pruned.onnx", target=cfg.target, threads=cfg.threads)
         timings["export_prune_s"] = time.perf_counter() - t
 

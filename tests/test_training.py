@@ -219,6 +219,18 @@ def test_train_command_with_the_authors_gate_placement_and_noise_prunes_to_the_s
     assert report["pruned"]["agreement_with_wrapped"] >= 0.999
 
 
+def test_train_command_with_mac_weighted_kl_and_fine_tuning_prunes_the_fine_tuned_net(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--epochs", "27", "--pretrain-epochs", "6", "--kl-weighting", "macs", "--kl-scale", "5",
+                 "--finetune-epochs", "2", "-o", str(out), "-q", "--target", "none"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["kl_weighting"] == "macs" and report["config"]["finetune_epochs"] == 2
+    assert "finetune_s" in report["timings_s"]
+    assert report["pruned"]["macs"] < report["dense"]["macs"]
+    assert report["pruned"]["agreement_with_wrapped"] >= 0.999  # the fine-tuned net, its rejected channels deleted
+
+
 @pytest.mark.parametrize("name", ["lenet300", "lenet500", "lenet5"])
 def test_trained_models_prune_to_the_same_predictions(name, digits):
     """The bar: the pruned ONNX model predicts what the wrapped model predicts in eval mode (>= 99.9 %)."""
@@ -250,6 +262,7 @@ def test_trained_models_prune_to_the_same_predictions(name, digits):
         (["--data", "imagenet"], "unknown dataset 'imagenet'"),
         (["--data", "mnist", "--data-dir", "/nonexistent/folder"], "does not exist"),
         (["--model", "vgg_cifar"], "takes inputs (3, 32, 32) but dataset 'digits' has (1, 28, 28)"),
+        (["--epochs", "5", "--finetune-epochs", "5"], "--finetune-epochs must be at least 0 and below the 5 epochs"),
     ],
 )
 def test_bad_train_arguments_are_one_line_and_exit_2(tmp_path, capsys, args, message):

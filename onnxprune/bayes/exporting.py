@@ -78,14 +78,17 @@ def gate_summary(wrapped: BayesianModel) -> dict:
     return out
 
 
-def export(wrapped: BayesianModel, example_inputs, path: str | os.PathLike[str] | None = None) -> onnx.ModelProto:
-    """ONNX of ``wrapped`` in evaluation mode, gates folded in; per-gate E[theta] and SNR in metadata_props."""
+def export(wrapped: BayesianModel, example_inputs, path: str | os.PathLike[str] | None = None, *,
+           finetuned: nn.Module | None = None) -> onnx.ModelProto:
+    """ONNX of ``wrapped`` in evaluation mode, gates folded in; per-gate E[theta] and SNR in metadata_props.
+    ``finetuned``: the gate-folded net trained further (``finetune_pruned``), exported in its place with
+    ``wrapped``'s record of the gates."""
     from onnxprune.modelio import save_model
     from onnxprune.torch_export import export_onnx
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    plain = fold_gates(wrapped).cpu()
+    plain = (finetuned if finetuned is not None else fold_gates(wrapped)).cpu().eval()
     model = export_onnx(plain, example_inputs[0].cpu() if len(example_inputs) == 1 else tuple(t.cpu() for t in example_inputs))
     model.metadata_props.add(key="onnxprune.method", value=wrapped.method)
     model.metadata_props.add(key="onnxprune.gates", value=json.dumps(gate_summary(wrapped), separators=(",", ":")))
