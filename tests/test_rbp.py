@@ -53,9 +53,12 @@ def kl_series(log_alpha: float) -> float:
     return 0.5 * (float(np.sum(stats.poisson.pmf(j, lam) * special.digamma(j + 0.5))) - float(special.digamma(0.5)))
 
 
+ALPHA = {"parametrization": "alpha"}  # tests that set or read the parameter log_alpha itself
+
+
 def gate_with(log_alpha, log_theta=None, **kwargs) -> RBPGate:
     la = torch.as_tensor(log_alpha, dtype=torch.float32)
-    g = RBPGate(la.numel(), **kwargs)
+    g = RBPGate(la.numel(), **{**ALPHA, **kwargs})
     with torch.no_grad():
         g.log_alpha.copy_(la)
         if log_theta is not None:
@@ -142,6 +145,56 @@ def test_clip_clamps_log_alpha():
     assert torch.isfinite(g.kl()) and torch.isfinite(g.snr()).all()
     g.clip_()
     assert g.log_alpha.tolist() == [-10.0, 0.0, 10.0]
+
+
+# ---------------------------------------------------------------------------
+# the additive parametrization (the default): log sigma^2 = log alpha + 2 log theta
+# ---------------------------------------------------------------------------
+
+
+def test_additive_log_alpha_is_log_sigma2_minus_twice_log_theta():
+    g = RBPGate(3)
+    assert g.parametrization == "additive" and not hasattr(g, "log_alpha")
+    assert torch.all(g.log_alpha_values() == -8.0) and torch.all(g.deterministic() == 1)  # same start as "alpha"
+    with torch.no_grad():
+        g.log_theta.copy_(torch.tensor([0.0, -1.0, 0.5]))
+        g.log_sigma2.copy_(torch.tensor([-8.0, 1.0, -2.0]))
+    torch.testing.assert_close(g.log_alpha_values(), torch.tensor([-8.0, 3.0, -3.0]))
+    assert g.mask().tolist() == [True, True, True]  # log alpha 3.0 is at the threshold, kept
+    z = g.sample(400_000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z.std(0).square(), g.log_sigma2.detach().exp(), rtol=0.02, atol=0)  # Var z = sigma^2
+
+
+def test_additive_kl_shrinks_theta_and_grows_sigma():
+    g = RBPGate(5)
+    with torch.no_grad():
+        g.log_sigma2.copy_(torch.linspace(-8.0, 4.0, 5))
+    g.kl().backward()
+    assert torch.all(g.log_theta.grad > 0) and torch.all(g.log_sigma2.grad < 0)
+    torch.testing.assert_close(g.log_theta.grad, -2 * g.log_sigma2.grad)  # d log alpha / d log theta = -2
+    before = g.log_alpha_values().clone()
+    torch.optim.SGD(g.parameters(), lr=0.1).step()
+    assert torch.all(g.log_alpha_values() > before)
+
+
+def test_additive_clip_keeps_log_alpha_in_range():
+    g = RBPGate(3)
+    with torch.no_grad():
+        g.log_theta.copy_(torch.tensor([-4.0, 0.0, 2.0]))
+        g.log_sigma2.copy_(torch.tensor([40.0, 0.0, -40.0]))
+    g.clip_()
+    torch.testing.assert_close(g.log_alpha_values(), torch.tensor([10.0, 0.0, -10.0]))
+    torch.testing.assert_close(g.log_sigma2.detach(), torch.tensor([2.0, 0.0, -6.0]))
+
+
+def test_additive_state_dict_holds_log_sigma2():
+    g = RBPGate(4)
+    assert set(g.state_dict()) == {"log_theta", "log_sigma2", "state_code", "frozen_mask"}
+
+
+def test_unknown_parametrization_is_rejected():
+    with pytest.raises(ValueError, match="parametrization"):
+        RBPGate(2, parametrization="beta")
 
 
 # ---------------------------------------------------------------------------
@@ -316,7 +369,7 @@ def test_state_dict_round_trip_keeps_parameters_state_and_frozen_mask():
         g.log_alpha.fill_(-9.0)  # the frozen mask no longer follows alpha
     sd = g.state_dict()
     assert set(sd) == {"log_theta", "log_alpha", "state_code", "frozen_mask"}
-    h = RBPGate(4)
+    h = RBPGate(4, **ALPHA)
     assert h.state == "active"
     h.load_state_dict(sd)
     assert h.state == "frozen"
@@ -350,7 +403,7 @@ def test_wrapped_model_trains_layer_by_layer():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
     ).eval()
     x = torch.rand(4, 3, 8, 8)
-    wrapped = bayes.wrap(model, (x[:1],), method="rbp")
+    wrapped = bayes.wrap(model, (x[:1],), method="rbp", **ALPHA)
     gates = list(wrapped.gates.values())
     assert len(gates) == 2 and all(isinstance(g, RBPGate) for g in gates)
     for i, g in enumerate(gates):
@@ -374,7 +427,8 @@ def test_wrapped_model_trains_layer_by_layer():
 
 
 
-def test_toy_elbo_prunes_layer_by_layer():
+@pytest.mark.parametrize("parametrization", ["additive", "alpha"])
+def test_toy_elbo_prunes_layer_by_layer(parametrization):
     """Two chained gates, y = sum(x * z1 * z2), target x0 + x1 + x2 (x3 is a nuisance input).
 
     Stage 0 (gate 1 active, gate 2 dormant): channel 3 of gate 1 only adds error, so its theta
@@ -385,7 +439,7 @@ def test_toy_elbo_prunes_layer_by_layer():
     """
     torch.manual_seed(0)
     n_data, steps, epochs = 100, 300, 2
-    g1, g2 = RBPGate(4), RBPGate(4)
+    g1, g2 = RBPGate(4, parametrization=parametrization), RBPGate(4, parametrization=parametrization)
     for i, g in enumerate((g1, g2)):
         g.stage_index, g.stage_count = i, 2
     opt = torch.optim.Adam([*g1.parameters(), *g2.parameters()], lr=0.1)
@@ -401,10 +455,11 @@ def test_toy_elbo_prunes_layer_by_layer():
             opt.step()
             g1.clip_(), g2.clip_()
         if epoch == 0:
-            assert g2.state == "dormant" and torch.all(g2.log_alpha == -8.0)  # untouched while dormant
-            la, lt = g1.log_alpha.detach().clone(), g1.log_theta.detach().clone()
+            assert g2.state == "dormant" and torch.all(g2.log_alpha_values() == -8.0)  # untouched while dormant
+            la, lt = g1.log_alpha_values().clone(), g1.log_theta.detach().clone()
+            noise = g1.noise_parameter().detach().clone()
             assert la[3] > la[:3].max() + 4 and lt[3] < lt[:3].min() - 2
             mask0 = g1.mask()
     assert (g1.state, g2.state) == ("frozen", "active")
-    assert torch.equal(g1.mask(), mask0) and torch.equal(g1.log_alpha.detach(), la)  # frozen: alpha untouched
+    assert torch.equal(g1.mask(), mask0) and torch.equal(g1.noise_parameter().detach(), noise)  # frozen: noise untouched
     assert mask0[:3].all() and g2.mask().tolist() == [True, True, True, False]

@@ -37,6 +37,7 @@ K2 = 1.87320
 K3 = 1.48695
 
 _STATES = ("dormant", "active", "frozen")
+_PARAMETRIZATIONS = ("alpha", "additive")
 _DORMANT, _ACTIVE, _FROZEN = 0, 1, 2
 
 
@@ -51,10 +52,15 @@ def kl_log_uniform(log_alpha: Tensor) -> Tensor:
 class RBPGate(nn.Module):
     """Per-channel Gaussian dropout gate with a log-uniform prior, trained layer by layer.
 
-    Parameters ``log_theta`` (init 0: theta = 1) and ``log_alpha`` (init ``init_log_alpha``,
-    default -8: almost no noise, the network starts as the pre-trained one). ``log_alpha``
-    is clipped to ``[LOG_ALPHA_MIN, LOG_ALPHA_MAX] = [-10, 10]`` inside every computation
-    and in place by :meth:`clip_`. Persistent buffers ``state_code`` (0 dormant, 1 active,
+    Parameters ``log_theta`` (init 0: theta = 1) and the noise: with ``parametrization="additive"``
+    (the default; Molchanov et al. 2017, §4.3) ``log_sigma2``, the log variance
+    ``sigma^2 = alpha theta^2``, so ``log alpha = log_sigma2 - 2 log_theta``: the KL then presses
+    theta down too, and a channel whose output the network can do without reaches a large alpha
+    by shrinking rather than by growing its noise. ``parametrization="alpha"`` learns ``log_alpha``
+    itself (the KL does not touch theta; it prunes almost nothing, see docs/methods.md).
+    Initially log alpha = ``init_log_alpha`` (default -8: almost no noise, the network starts
+    as the pre-trained one). log alpha is clipped to ``[LOG_ALPHA_MIN, LOG_ALPHA_MAX] = [-10, 10]``
+    inside every computation and in place by :meth:`clip_`. Persistent buffers ``state_code`` (0 dormant, 1 active,
     2 frozen) and ``frozen_mask`` make the schedule's state survive ``state_dict`` round trips
     (checkpoints, resume, export from a saved model).
     """
@@ -68,6 +74,7 @@ class RBPGate(nn.Module):
         log_alpha_threshold: float = 3.0,
         init_log_alpha: float = -8.0,
         recursive: bool = True,
+        parametrization: str = "additive",
     ) -> None:
         super().__init__()
         if int(num_channels) != num_channels or num_channels < 1:
@@ -78,12 +85,18 @@ class RBPGate(nn.Module):
         self.log_alpha_threshold = float(log_alpha_threshold)
         self.init_log_alpha = float(init_log_alpha)
         self.recursive = bool(recursive)
+        if parametrization not in _PARAMETRIZATIONS:
+            raise ValueError(f"unknown parametrization {parametrization!r}; known: {', '.join(_PARAMETRIZATIONS)}")
+        self.parametrization = parametrization
         # Position among the model's gates (topological order of their first layer) and their number;
         # the wrapper overwrites these before training. Defaults: a lone gate, always active.
         self.stage_index = 0
         self.stage_count = 1
         self.log_theta = nn.Parameter(torch.zeros(self.num_channels))
-        self.log_alpha = nn.Parameter(torch.full((self.num_channels,), self.init_log_alpha))
+        if parametrization == "alpha":
+            self.log_alpha = nn.Parameter(torch.full((self.num_channels,), self.init_log_alpha))
+        else:  # sigma^2 = alpha theta^2; theta = 1 at init, so log sigma^2 = log alpha
+            self.log_sigma2 = nn.Parameter(torch.full((self.num_channels,), self.init_log_alpha))
         self.register_buffer("state_code", torch.tensor(_ACTIVE, dtype=torch.long))
         self._code = _ACTIVE  # host-side copy of state_code: no device sync in the forward pass
         # uint8 rather than bool: every collective backend (DDP broadcasts buffers) handles it.
@@ -92,16 +105,31 @@ class RBPGate(nn.Module):
     # -- parameters ---------------------------------------------------------
 
     def _log_alpha(self) -> Tensor:
-        return self.log_alpha.clamp(self.LOG_ALPHA_MIN, self.LOG_ALPHA_MAX)
+        if self.parametrization == "alpha":
+            return self.log_alpha.clamp(self.LOG_ALPHA_MIN, self.LOG_ALPHA_MAX)
+        return (self.log_sigma2 - 2.0 * self.log_theta).clamp(self.LOG_ALPHA_MIN, self.LOG_ALPHA_MAX)
+
+    def noise_parameter(self) -> nn.Parameter:
+        """The parameter that holds the noise: ``log_alpha``, or ``log_sigma2`` (additive parametrization)."""
+        return self.log_alpha if self.parametrization == "alpha" else self.log_sigma2
 
     def theta(self) -> Tensor:
         """Posterior mean of the multiplier, ``exp(log_theta)`` > 0, shape [C]."""
         return torch.exp(self.log_theta)
 
+    def log_alpha_values(self) -> Tensor:
+        """log alpha per channel, clamped to ``[-10, 10]`` and detached, shape [C] (either parametrization)."""
+        return self._log_alpha().detach()
+
     @torch.no_grad()
     def clip_(self) -> "RBPGate":
-        """Clamp ``log_alpha`` into ``[-10, 10]`` in place; returns self."""
-        self.log_alpha.clamp_(self.LOG_ALPHA_MIN, self.LOG_ALPHA_MAX)
+        """Clamp ``log_alpha`` into ``[-10, 10]`` in place (additive: ``log_sigma2`` into
+        ``2 log_theta + [-10, 10]``); returns self."""
+        if self.parametrization == "alpha":
+            self.log_alpha.clamp_(self.LOG_ALPHA_MIN, self.LOG_ALPHA_MAX)
+        else:
+            lo, hi = 2.0 * self.log_theta + self.LOG_ALPHA_MIN, 2.0 * self.log_theta + self.LOG_ALPHA_MAX
+            self.log_sigma2.copy_(torch.minimum(torch.maximum(self.log_sigma2, lo), hi))
         return self
 
     # -- schedule -----------------------------------------------------------
@@ -171,7 +199,7 @@ class RBPGate(nn.Module):
         constant independent of their location (see the doc), hence dropped.
         """
         if self._code != _ACTIVE:
-            return self.log_alpha.new_zeros(())
+            return self.log_theta.new_zeros(())
         return kl_log_uniform(self._log_alpha()).sum()
 
     def expected(self) -> Tensor:
@@ -193,7 +221,7 @@ class RBPGate(nn.Module):
         if code == _FROZEN:
             return self.frozen_mask.bool()
         if code == _DORMANT:
-            return torch.ones(self.num_channels, dtype=torch.bool, device=self.log_alpha.device)
+            return torch.ones(self.num_channels, dtype=torch.bool, device=self.log_theta.device)
         thr = self.log_alpha_threshold if log_alpha_threshold is None else float(log_alpha_threshold)
         with torch.no_grad():
             return self._log_alpha() <= thr
@@ -243,6 +271,6 @@ class RBPGate(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_channels={self.num_channels}, log_alpha_threshold={self.log_alpha_threshold}, "
-            f"recursive={self.recursive}, stage={self.stage_index}/{self.stage_count}, state={self.state}"
+            f"recursive={self.recursive}, parametrization={self.parametrization}, stage={self.stage_index}/{self.stage_count}, state={self.state}"
         )
 
