@@ -6,10 +6,12 @@
 #   benchmarks/gpu_block.sh launch-mnist GPUS EPOCHS  # MNIST/Fashion-MNIST SBP runs, one queue per listed GPU
 #   benchmarks/gpu_block.sh launch-dense RUN..   # the dense nets of these runs, the n-th on GPU n, in the background
 #   benchmarks/gpu_block.sh launch-plan FILE  # the queues a plan file lists (e.g. benchmarks/plans/sbp-200.txt)
+#   benchmarks/gpu_block.sh launch-plan-measure FILE  # launch-plan, then launch-measure of every spec it lists
 #   benchmarks/gpu_block.sh launch-measure Q@G SPEC [Q@G SPEC]..  # measure each run once queue Q is done (CUDA on GPU G)
 #   benchmarks/gpu_block.sh wait SECONDS     # keep the machine busy until the queues and measurers end; progress
 #   benchmarks/gpu_block.sh measure [SPEC..] # errors, MACs, units, ORT CPU (2 threads) and CUDA latency
 #   benchmarks/gpu_block.sh measure-cuda     # only the CUDA latency, added to the results of measure
+#   benchmarks/gpu_block.sh measure-cuda-dir DIR  # CUDA latency of runs trained elsewhere (their models carried in DIR)
 #   benchmarks/gpu_block.sh latency [MODELS] [BATCHES]  # the --target ort-cuda table (benchmarks/latency_targets.py)
 #   benchmarks/gpu_block.sh pack             # result files to $OUT
 #
@@ -116,6 +118,12 @@ PY
     done
     sleep 3; echo "launched $(cat "$LOG/nqueues") queues"; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
     ;;
+  launch-plan-measure)
+    bash "$0" launch-plan "$2" || exit 1
+    measured=()
+    while read -r q g spec; do measured+=("$q@${g%%:*}" "$spec"); done < <(grep -vE '^(#|dense |$)' "$2")
+    bash "$0" launch-measure "${measured[@]}"
+    ;;
   launch-measure)
     # launch-measure Q@G SPEC [Q@G SPEC]..: once $LOG/qQ.done exists, measure SPEC (errors, MACs, CPU latency,
     # then CUDA latency, on GPU G), each run in its own background process; logs in $LOG/m*.log
@@ -173,6 +181,27 @@ PY
       fi
       # shellcheck disable=SC2086
       $RUN $spec --stage measure-cuda --rounds 20 --quiet --results "$RESULTS" 2>&1 | tail -1
+    done
+    ;;
+  measure-cuda-dir)
+    # measure-cuda-dir DIR: adds CUDA latency to results of runs trained elsewhere (e.g. on a CPU):
+    # DIR/results/LABEL/result.json and DIR/work/LABEL/ holding dense.onnx, tp.onnx if any, and pruned.onnx
+    # (in a subfolder named after the method for rbp and turbo-vbi, as paper_table lays out its work folders)
+    mkdir -p "$RESULTS"
+    for res in "$2"/results/*/result.json; do
+      label=$(basename "$(dirname "$res")"); mkdir -p "$RESULTS/$label"; cp "$res" "$RESULTS/$label/"
+      read -r run method tag < <(python3 - "$res" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+method, tag = d["method"], d["config"].get("tag") or ""
+suffix = "-" + method.replace("-", "") + (f"-{tag}" if tag else "")
+print(d["run"][: -len(suffix)], method, tag or "-")
+PY
+)
+      tagged=(); [ "$tag" != "-" ] && tagged=(--tag "$tag")
+      echo "=== $label ($run --method $method ${tagged[*]})"
+      $RUN "$run" --method "$method" "${tagged[@]}" --work "$2/work/$label" --stage measure-cuda --rounds 20 --quiet \
+        --results "$RESULTS" 2>&1 | grep -v Warning | tail -3
     done
     ;;
   latency)
