@@ -500,8 +500,9 @@ def _schedule_note(run: str, r: dict) -> str:
     from benchmarks.paper_table import RUNS
 
     cfg = r["config"]
-    name = run.rsplit("-", 1)[0]
-    default = RUNS[name].epochs if name in RUNS else None
+    suffix = "-" + r["method"].replace("-", "") + (f"-{cfg['tag']}" if cfg.get("tag") else "")
+    name = run.removesuffix(suffix)
+    default = RUNS[name].recipe_for(r["method"]).get("epochs", RUNS[name].epochs) if name in RUNS else None
     where = cfg.get("trained_on") or {}
     short = f" (**cut short**: the script's default is {default})" if default and cfg["epochs"] < default else ""
     if cfg.get("dense"):
