@@ -485,6 +485,7 @@ def methods_table(results: list[tuple[str, dict]]) -> str:
             settings = [f"{k} {v}" for k, v in (r["config"].get("gate_options") or {}).items()]
             settings += [_kl(r["config"])] if _kl(r["config"]) else []
             settings += [f"last {r['config']['finetune_epochs']} fine-tuning"] if r["config"].get("finetune_epochs") else []
+            settings += ["schedule restarted per stage"] if r["config"].get("lr_restarts") == "stage" else []
             name = METHOD_NAMES[method] + (" (" + ", ".join(settings) + ")" if settings else "")
             rows.append([net, name, f"{err['dense']:.2f} -> **{err['pruned']:.2f}**",
                          "-".join(str(u) for u in r["units"]["pruned"]), f"{macs['dense'] / macs['pruned']:.2f}x",

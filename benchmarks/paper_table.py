@@ -69,7 +69,7 @@ class Run:
 
 RECIPE_DEFAULTS = {"schedule": "cosine", "placement": "output", "noise": "example", "lr": 1e-3, "gate_lr": 3e-2,
                    "kl_scale": 1.0, "kl_weighting": "none", "finetune_epochs": 0,
-                   "beta1": 0.9, "decay_start": 0.5}
+                   "beta1": 0.9, "decay_start": 0.5, "lr_restarts": "stage"}
 
 
 PAPER_LENET500 = {"error": 1.55, "units": "245-160-55", "cpu_speedup": 2.33, "gpu_speedup": 1.08, "flops_reduction": 11.23}
@@ -94,7 +94,8 @@ RUNS: dict[str, Run] = {
     "mnist-lenet5": Run("lenet5", "mnist", 20, 200, PAPER_LENET5, commit_onnx=True,
                         recipe={"schedule": "step-linear", "placement": "pre-bias", "noise": "batch", "beta1": 0.95,
                                 "kl_scale": 10.0, "kl_weighting": "macs", "finetune_epochs": 30},
-                        method_recipes={"rbp": {"epochs": 100, "kl_scale": 10.0, "kl_weighting": "macs", "finetune_epochs": 10},
+                        method_recipes={"rbp": {"epochs": 100, "kl_scale": 10.0, "kl_weighting": "macs", "finetune_epochs": 10,
+                                                "lr_restarts": "none"},  # as trained; not yet rerun with restarts
                                         "turbo-vbi": {"epochs": 100, "finetune_epochs": 10}}),
     "fmnist-lenet500": Run("lenet500", "fashion-mnist", 20, 40, gate_inputs=True),
     "mnist-lenet300": Run("lenet300", "mnist", 20, 40, commit_onnx=False, gate_inputs=True),
@@ -176,6 +177,7 @@ def train(name: str, run: Run, args, work: Path) -> None:
         **({"kl_weighting": args.kl_weighting} if args.kl_weighting != "none" else {}),
         **({"compile": args.compile} if args.compile != "auto" else {}),
         **({"finetune_epochs": args.finetune_epochs} if args.finetune_epochs else {}), "seed": args.seed, "noise": args.noise, "placement": args.placement, "optimizer": optimizer_text(args),
+        **({"lr_restarts": args.lr_restarts} if args.method == "rbp" else {}),
         **({"gate_options": args.gate_options} if args.gate_options else {})}, indent=1))
     common = dict(batch_size=run.batch_size, seed=args.seed, device=device, augment=augment, amp=device.type == "cuda",
                   progress=not args.quiet)
@@ -214,7 +216,7 @@ def train(name: str, run: Run, args, work: Path) -> None:
     else:
         with timed(times, f"{args.method}_training_s", times_path):
             fit(wrapped, x, y, epochs=epochs - args.finetune_epochs, lr=args.lr, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup,
-                kl_scale=args.kl_scale, lr_schedule=args.schedule, betas=(args.beta1, 0.999), decay_start=args.decay_start, checkpoint=work / f"{args.method}.pt",
+                kl_scale=args.kl_scale, lr_schedule=args.schedule, restart_per_stage=args.lr_restarts == "stage", betas=(args.beta1, 0.999), decay_start=args.decay_start, checkpoint=work / f"{args.method}.pt",
                 desc=args.method, **compile_flags(args.compile), **common)
         torch.save(wrapped.state_dict(), bayes_state)
     # 2b. the last epochs of the budget: the gate-folded net, noise-free, rejected channels held at zero
@@ -380,6 +382,9 @@ def main() -> None:
     ap.add_argument("--dense-dir", type=Path, help="where the dense net is trained or found (default: the work folder)")
     ap.add_argument("--lr", type=float, help="the weights' learning rate in the Bayesian training (default per run, "
                     "else 1e-3; the Torch-Pruning baseline fine-tunes at 1e-3)")
+    ap.add_argument("--lr-restarts", choices=("stage", "none"),
+                    help="RBP: run the learning-rate schedule once per layer stage (stage) or once over all epochs "
+                         "(none; the RBP rows trained before 2026-11-22 evening) (default per run, else stage)")
     ap.add_argument("--decay-start", type=float, help="step-linear: the fraction of the epochs after which the "
                     "learning rate decays linearly to 0 (default per run, else 0.5)")
     ap.add_argument("--beta1", type=float, help="Adam's beta1 (default 0.9; the SBP authors use 0.95)")

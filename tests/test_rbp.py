@@ -463,3 +463,27 @@ def test_toy_elbo_prunes_layer_by_layer(parametrization):
     assert (g1.state, g2.state) == ("frozen", "active")
     assert torch.equal(g1.mask(), mask0) and torch.equal(g1.noise_parameter().detach(), noise)  # frozen: noise untouched
     assert mask0[:3].all() and g2.mask().tolist() == [True, True, True, False]
+
+
+@pytest.mark.parametrize("stage_count,epochs", [(1, 3), (2, 4), (3, 9), (3, 10), (4, 6), (5, 2), (7, 3)])
+def test_stage_span_covers_exactly_the_epochs_of_the_active_stage(stage_count, epochs):
+    for e in range(epochs):
+        start, end = RBPGate.stage_span(stage_count, e, epochs)
+        assert start <= e < end <= epochs
+        active = {k for k in range(stage_count) if RBPGate.schedule(k, stage_count, e, epochs) == "active"}
+        for other in range(epochs):  # the same gates are active in every epoch of the span, and only there
+            same = {k for k in range(stage_count) if RBPGate.schedule(k, stage_count, other, epochs) == "active"} == active
+            assert same == (start <= other < end)
+
+
+def test_wrapped_model_reports_a_stage_span_only_for_recursive_gates():
+    import torch.nn as nn
+
+    from onnxprune import bayes
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.rand(2, 4)
+    wrapped = bayes.wrap(model, (x,), method="rbp")  # 2 gates: 6 of 12 epochs each
+    assert wrapped.stage_span(5, 12) == (0, 6) and wrapped.stage_span(6, 12) == (6, 12)
+    assert bayes.wrap(model, (x,), method="rbp", recursive=False).stage_span(5, 12) is None
+    assert bayes.wrap(model, (x,), method="sbp").stage_span(5, 12) is None

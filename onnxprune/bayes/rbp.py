@@ -180,6 +180,22 @@ class RBPGate(nn.Module):
         first = k * E // S
         return "active" if e == first else ("frozen" if e > first else "dormant")
 
+    @staticmethod
+    def stage_span(stage_count: int, epoch: int, epochs: int) -> tuple[int, int]:
+        """The epochs ``[start, end)`` of the stage that epoch ``epoch`` of ``epochs`` belongs to (see
+        :meth:`schedule`): the training loop restarts its learning-rate schedule there, so that every
+        stage, the last included, is optimised with the whole schedule."""
+        S, E = int(stage_count), int(epochs)
+        if S < 1 or E < 1:
+            raise ValueError(f"need stage_count >= 1 and epochs >= 1, got {S} and {E}")
+        e = min(max(int(epoch), 0), E - 1)
+        if S > E:
+            return e, e + 1
+        stage = e * S // E
+        start = -(-stage * E // S)  # the first epoch e' with e' * S // E == stage
+        end = E if stage == S - 1 else -(-(stage + 1) * E // S)
+        return start, end
+
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         """Set the state for this epoch from ``stage_index`` / ``stage_count`` (see :meth:`schedule`)."""
         if not self.recursive:

@@ -191,6 +191,7 @@ def fit(
     betas: tuple[float, float] = (0.9, 0.999),
     decay_start: float = 0.5,
     recalibrate: bool = True,
+    restart_per_stage: bool = True,
 ) -> History:
     """Train ``model`` on (x, y) for ``epochs`` epochs; see the module docstring.
 
@@ -211,6 +212,9 @@ def fit(
     ``compile_step`` compiles the whole forward pass and loss (and so their backward) into one
     graph, fusing the gates' many small ops into the layers' kernels (default: on CUDA with
     Triton, one process). The first steps then take the compile time (a minute or two).
+    ``restart_per_stage``: when the gates are trained stage by stage (recursive RBP), the
+    learning-rate schedule runs once within each stage instead of once over all epochs, so that
+    the last stages are not trained at a decayed rate.
     """
     from onnxprune.data import ArrayLoader
 
@@ -275,8 +279,10 @@ def fit(
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
         train_model.train()
+        span = None
         if bayesian:
             base.begin_epoch(epoch, epochs)
+            span = base.stage_span(epoch, epochs) if restart_per_stage else None
         t0 = time.perf_counter()
         bar = None
         if progress and rank == 0:
@@ -291,7 +297,11 @@ def fit(
         for step, (xb, yb) in enumerate(loader):
             done = epoch * steps_per_epoch + step
             if lr_schedule != "constant":
-                factor = lr_factor(lr_schedule, done / total_steps, decay_start)
+                if span is None:
+                    progress = done / total_steps
+                else:  # gates trained stage by stage: the schedule runs once within each stage
+                    progress = ((epoch - span[0]) * steps_per_epoch + step) / ((span[1] - span[0]) * steps_per_epoch)
+                factor = lr_factor(lr_schedule, progress, decay_start)
                 for g, base_lr in zip(optimizer.param_groups, [lr, gate_lr or lr]):
                     g["lr"] = base_lr * factor
             if bayesian and kl_warmup_epochs > 0:

@@ -214,6 +214,14 @@ class BayesianModel(nn.Module):
             if hasattr(g, "begin_epoch"):
                 g.begin_epoch(epoch, epochs)
 
+    def stage_span(self, epoch: int, epochs: int) -> tuple[int, int] | None:
+        """The epochs ``[start, end)`` of the current stage when the gates are trained stage by stage
+        (recursive RBP), else None."""
+        for g in self.gates.values():
+            if getattr(g, "recursive", False) and getattr(g, "stage_count", 1) > 1 and hasattr(g, "stage_span"):
+                return g.stage_span(g.stage_count, epoch, epochs)
+        return None
+
     def after_step(self) -> None:
         """After each optimizer step: gates with closed-form updates (Turbo-VBI) run them here."""
         for g in self.gates.values():
