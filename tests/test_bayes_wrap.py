@@ -246,3 +246,52 @@ def test_sbp_gates_drawn_together_keep_each_gates_distribution_and_kl():
     assert [d.shape for d in draws] == [(20000, g.num_channels) for g in gates]
     for d, g in zip(draws, gates):
         torch.testing.assert_close(d.mean(0), g.expected(), rtol=0.03, atol=1e-3)
+
+
+def _rejected_indices(n: int, fraction: float, g: torch.Generator) -> torch.Tensor:
+    return torch.randperm(n, generator=g)[: min(int(round(fraction * n)), n - 1)]
+
+
+def reject_some_rbp(wrapped, fraction: float = 0.4, seed: int = 0) -> None:
+    """RBP posterior after training: theta away from 1 (the export must fold it in), log alpha above the
+    threshold on ``fraction`` of each gate's channels; gates alternately frozen and active."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, gate in enumerate(wrapped.gates.values()):
+            n = gate.num_channels
+            log_alpha = torch.full((n,), -6.0)
+            log_alpha[_rejected_indices(n, fraction, g)] = 6.0
+            gate.log_theta.copy_(0.3 * torch.randn(n, generator=g))
+            gate.log_sigma2.copy_(log_alpha + 2.0 * gate.log_theta)
+            gate.set_state("frozen" if i % 2 == 0 else "active")
+
+
+def reject_some_turbo_vbi(wrapped, fraction: float = 0.4, seed: int = 0) -> None:
+    """Turbo-VBI posterior after training: P(active) below one half on ``fraction`` of each gate's channels."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in wrapped.gates.values():
+            n = gate.num_channels
+            prob = 0.5 + 0.5 * torch.rand(n, generator=g, dtype=torch.float64)
+            prob[_rejected_indices(n, fraction, g)] = 0.2
+            gate.active_prob.copy_(prob)
+
+
+@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize("method, reject", [("rbp", reject_some_rbp), ("turbo-vbi", reject_some_turbo_vbi)])
+def test_rbp_and_turbo_vbi_export_prunes_to_a_model_equal_to_the_wrapped_one(name, method, reject):
+    model, x = build(name)
+    wrapped = bayes.wrap(model, (x[:1],), method=method)
+    assert wrapped.gates, "no gate inserted"
+    reject(wrapped)
+    wrapped.eval()
+    with torch.no_grad():
+        ref = wrapped(x).numpy()
+    onnx_model = export(wrapped, (x[:1],))
+    pruned = prune_model(onnx_model, target="none").model
+    got = make_session(pruned).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+    dense_w, pruned_w = layer_widths(onnx_model), layer_widths(pruned)
+    removed = sum(dense_w[n][1] - pruned_w[n][1] for n in dense_w)
+    rejected = sum(total - k for k, total in wrapped.kept().values())
+    assert rejected > 0 and removed >= rejected
