@@ -487,6 +487,15 @@ def _same_budget(rs: list[dict]) -> list[dict]:
     return list(picked.values()) + extra
 
 
+def _agreement(r: dict) -> str:
+    """Share of test images on which the shipped ONNX model predicts what the wrapped net predicts in evaluation
+    mode, with the wrapped net's error ('not recorded' for runs trained before the check)."""
+    agree = r.get("agreement_with_wrapped", {}).get("pruned")
+    if agree is None:
+        return "not recorded"
+    return f"{100 * agree:.2f} % (wrapped {r['error_pct']['wrapped_torch']:.2f} % error)"
+
+
 def methods_table(results: list[tuple[str, dict]]) -> str:
     """SBP, RBP and Turbo-VBI side by side on every net trained with more than one of them, same epochs where
     a run exists at the same budget."""
@@ -512,9 +521,11 @@ def methods_table(results: list[tuple[str, dict]]) -> str:
             rows.append([net, name, f"{err['dense']:.2f} -> **{err['pruned']:.2f}**",
                          "-".join(str(u) for u in r["units"]["pruned"]), f"{macs['dense'] / macs['pruned']:.2f}x",
                          f"{r['params']['dense'] / r['params']['pruned']:.2f}x", cpu_s, gpu_s,
-                         f"{r['config']['epochs']} ({seconds:.0f} s)" if seconds else str(r["config"]["epochs"])])
+                         f"{r['config']['epochs']} ({seconds:.0f} s)" if seconds else str(r["config"]["epochs"]),
+                         _agreement(r)])
     head = ["net / data", "method", "test error % dense -> pruned", "units kept", "MAC reduction", "parameter reduction",
-            "ORT CPU speed-up b1 / b64", "ORT CUDA speed-up b1 / b256", "Bayesian epochs (time)"]
+            "ORT CPU speed-up b1 / b64", "ORT CUDA speed-up b1 / b256", "Bayesian epochs (time)",
+            "pruned ONNX predicts as the wrapped net"]
     return md_table(head, rows)
 
 
@@ -651,12 +662,15 @@ def main() -> None:
         parts.append(variants_table(paper))
         parts.append("\n### SBP vs RBP vs Turbo-VBI\n")
         parts.append("Same dense recipe, same export and `onnxprune prune` for every method of a net "
-                     "(`--method sbp|rbp|turbo-vbi`), and the same epochs (last column): where SBP was trained for longer "
+                     "(`--method sbp|rbp|turbo-vbi`), and the same epochs (the Bayesian epochs column): where SBP was trained for longer "
                      "(the MNIST LeNets at 200 epochs, in the table above), this table takes its run at the other methods' "
                      "budget (LeNet5: `mnist-lenet5-sbp-100ep-output`, with RBP and Turbo-VBI also at 100 epochs). The papers' own numbers for these nets could not be retrieved here: "
                      "RBP's abstract (arXiv 1812.00353) gives only ILSVRC2012 figures (5.0x FLOPs reduction for VGG-16, 2.2x "
                      "for ResNet-50) and its LeNet/CIFAR tables were not readable from this machine; Turbo-VBI's abstract "
-                     "(arXiv 2302.10483) gives no numbers. SBP's are in the table above.\n")
+                     "(arXiv 2302.10483) gives no numbers. SBP's are in the table above. The last column checks the export: "
+                     "on the test set, the shipped ONNX model's predictions against the wrapped (or fine-tuned) net's in "
+                     "PyTorch evaluation mode (recorded by `paper_table.py` since 2026-11-22, and added by `--stage verify` "
+                     "to older runs whose work folder was kept; the GPU-trained ones were not).\n")
         parts.append(methods_table(paper))
         parts.append("\nHow each row was trained and measured:\n")
         parts.append("\n".join(f"- {_schedule_note(run, r)}" for run, r in paper) + "\n")

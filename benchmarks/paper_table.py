@@ -149,7 +149,7 @@ def train(name: str, run: Run, args, work: Path) -> None:
     from onnxprune.api import inspect_model, prune_model
     from onnxprune.bayes.exporting import export
     from onnxprune.bayes.finetune import finetune_pruned
-    from onnxprune.bayes.training import evaluate, fit
+    from onnxprune.bayes.training import evaluate, fit, predict
     from onnxprune.bayes.wrapper import wrap
     from onnxprune.data import augment_batch, load_dataset
     from onnxprune.pipeline import load_checkpoint
@@ -168,7 +168,7 @@ def train(name: str, run: Run, args, work: Path) -> None:
         x, y, xt, yt = x[i], y[i], xt[j], yt[j]
     augment = augment_batch if raw else None
     pre_epochs = 1 if args.quick else (args.pretrain_epochs if args.pretrain_epochs is not None else run.pretrain_epochs)
-    epochs = 2 if args.quick else (args.epochs or run.epochs)
+    epochs = args.quick_epochs if args.quick else (args.epochs or run.epochs)
     # what this training really used, for the result's config (measure may run later, with other flags)
     (work / "train_config.json").write_text(json.dumps({
         "method": args.method, "pretrain_epochs": pre_epochs, "epochs": epochs,
@@ -234,6 +234,13 @@ def train(name: str, run: Run, args, work: Path) -> None:
                                         checkpoint=work / "finetune.pt", desc="fine-tune", **common)
             torch.save(tuned.state_dict(), tuned_state)
 
+    # The wrapped (or fine-tuned) net's own test predictions in evaluation mode: the measure stage checks the
+    # pruned ONNX model against them (the bar: it computes what the wrapped model computes).
+    wrapped_predictions = work / "wrapped_predictions.npy"
+    if not wrapped_predictions.exists():
+        evaluated = (tuned if tuned is not None else wrapped).to(device)
+        np.save(wrapped_predictions, predict(evaluated, xt, device=device).astype(np.int16))
+
     # 3. export and prune
     if not (work / "pruned.onnx").exists():
         with timed(times, "export_prune_s", times_path):
@@ -278,7 +285,8 @@ def models_sha1(work: Path) -> dict[str, str]:
     return {k: hashlib.sha1(p.read_bytes()).hexdigest() for k, p in _files(work).items()}
 
 
-def onnx_error(path: Path, x: np.ndarray, y: np.ndarray, providers) -> float:
+def onnx_predictions(path: Path, x: np.ndarray, providers) -> np.ndarray:
+    """Class predictions of the ONNX model for images ``x`` (uint8 scaled to [0, 1])."""
     from onnxprune.runtime import make_session
 
     session = make_session(str(path), providers=providers)
@@ -287,7 +295,7 @@ def onnx_error(path: Path, x: np.ndarray, y: np.ndarray, providers) -> float:
         xb = x[i : i + 500]
         xb = xb.astype(np.float32) / 255.0 if xb.dtype == np.uint8 else xb.astype(np.float32)
         pred.append(session.run(None, {"input": xb})[0].argmax(1))
-    return float((np.concatenate(pred) != y).mean())
+    return np.concatenate(pred)
 
 
 def units(path: Path, with_inputs: bool = False) -> list[int]:
@@ -326,11 +334,14 @@ def measure(name: str, run: Run, args, work: Path) -> dict:
         files = {**files, "pruned_all": everything}
     # Test errors on the GPU where there is one (the same ONNX models; latency below stays on 2 CPU threads).
     providers = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else ["CPUExecutionProvider"]
+    predictions = {}
     for key, path in files.items():
         cost = inspect_model(path)[2]
         out["macs"][key], out["params"][key] = cost.macs, cost.params
         out["units"][key] = units(path, run.gate_inputs)
-        out["error_pct"][key] = 100 * onnx_error(path, xt, yt, providers)
+        predictions[key] = onnx_predictions(path, xt, providers)
+        out["error_pct"][key] = 100 * float((predictions[key] != yt).mean())
+    out.update(agreement_with_wrapped(work, predictions, yt, out["error_pct"]))
     shape = xt.shape[1:]
     out["latency_cpu"] = {"threads": 2}
     for batch in (1, 64):
@@ -340,6 +351,37 @@ def measure(name: str, run: Run, args, work: Path) -> dict:
         runners = {k: ort_runner(str(p), feed, threads=2) for k, p in timed_files.items()}
         out["latency_cpu"][f"batch{batch}"] = interleaved_latency(runners, repeats=args.rounds, budget_s=60)
     return out
+
+
+def agreement_with_wrapped(work: Path, predictions: dict[str, np.ndarray], yt: np.ndarray, errors: dict) -> dict:
+    """The wrapped net's test error in evaluation mode (into ``errors``) and the share of test images on which each
+    pruned ONNX model predicts what it predicts; {} for runs trained before the predictions were saved."""
+    if not (work / "wrapped_predictions.npy").exists():
+        return {}
+    wrapped = np.load(work / "wrapped_predictions.npy")
+    errors["wrapped_torch"] = 100 * float((wrapped != yt).mean())
+    return {"agreement_with_wrapped": {k: float((predictions[k] == wrapped).mean())
+                                       for k in ("pruned", "pruned_all") if k in predictions}}
+
+
+def verify(run: Run, args, work: Path, result: dict) -> None:
+    """Adds the wrapped net's error and the pruned models' agreement with it to ``result`` (the same models only)."""
+    from onnxprune.data import load_dataset
+
+    recorded = result.get("models_sha1", {}).get("pruned")
+    if recorded and recorded != models_sha1(work).get("pruned"):
+        sys.exit(f"{work / 'pruned.onnx'} is not the model {result['run']} measured (SHA-1 differs)")
+    xt, yt = load_dataset(run.data, args.data_dir, "test", as_uint8=run.data == "cifar10")
+    if args.quick:
+        j = np.random.default_rng(1).permutation(len(xt))[:512]
+        xt, yt = xt[j], yt[j]
+    predictions = {k: onnx_predictions(work / f"{k}.onnx", xt, ["CPUExecutionProvider"])
+                   for k in ("pruned", "pruned_all") if (work / f"{k}.onnx").exists()}
+    errors = {k: 100 * float((p != yt).mean()) for k, p in predictions.items()}
+    for k, e in errors.items():
+        if abs(e - result["error_pct"][k]) > 0.03:  # CPU against the CUDA provider: a flipped image at most
+            sys.exit(f"{k}.onnx gives {e:.2f} % test error, {result['run']} recorded {result['error_pct'][k]:.2f} %")
+    result.update(agreement_with_wrapped(work, predictions, yt, result["error_pct"]))
 
 
 def measure_cuda(run: Run, args, work: Path) -> dict:
@@ -360,9 +402,11 @@ def measure_cuda(run: Run, args, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", choices=sorted(RUNS))
-    ap.add_argument("--stage", choices=("all", "dense", "train", "measure", "measure-cuda"), default="all",
+    ap.add_argument("--stage", choices=("all", "dense", "train", "measure", "measure-cuda", "verify"), default="all",
                     help="dense: only the dense net (variants given --dense-dir then share it); "
-                         "measure-cuda (on the GPU machine) adds only CUDA latencies to an existing result")
+                         "measure-cuda (on the GPU machine) adds only CUDA latencies to an existing result; "
+                         "verify adds to an existing result the wrapped net's test error in evaluation mode and the "
+                         "pruned models' agreement with it (from a complete work folder: nothing is retrained)")
     ap.add_argument("--method", default="sbp", choices=("sbp", "rbp", "turbo-vbi"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--epochs", type=int, help="Bayesian epochs (default per run; the baseline fine-tunes as long)")
@@ -417,10 +461,11 @@ def main() -> None:
         except json.JSONDecodeError:
             args.gate_options[key] = value
     recipe = run.recipe_for(args.method)
+    args.quick_epochs = args.epochs or 2  # --quick: two epochs unless --epochs says otherwise
     for key, default in {**RECIPE_DEFAULTS, "epochs": None}.items():  # flags not given: this run's recipe, else the global default
         if getattr(args, key) is None:
             setattr(args, key, recipe.get(key, default))
-    if args.quick:  # two epochs in all: at most one of them fine-tuning
+    if args.quick:  # two epochs in all (or --epochs): at most one of them fine-tuning
         args.finetune_epochs = min(args.finetune_epochs, 1)
     label = f"{args.run}-{args.method.replace('-', '')}" + (f"-{args.tag}" if args.tag else "")
     base = args.work or ROOT / "benchmarks" / "work" / args.run
@@ -428,7 +473,9 @@ def main() -> None:
     args.dense_dir.mkdir(parents=True, exist_ok=True)
     work = base if args.method == "sbp" else base / args.method
     work.mkdir(parents=True, exist_ok=True)
-    if args.stage in ("all", "train", "dense"):
+    if args.stage == "verify":
+        args.no_baseline = True  # checks the Bayesian model only; trains nothing
+    if args.stage in ("all", "train", "dense", "verify"):
         train(args.run, run, args, work)
         if args.stage == "dense":
             return
@@ -440,6 +487,12 @@ def main() -> None:
         result["machine_cuda"] = machine_info()
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["latency_cuda"], indent=1))
+        return
+    if args.stage == "verify":
+        result = json.loads(path.read_text())
+        verify(run, args, work, result)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: result.get(k) for k in ("error_pct", "agreement_with_wrapped")}, indent=1))
         return
     if args.stage in ("all", "measure"):
         result_dir.mkdir(parents=True, exist_ok=True)

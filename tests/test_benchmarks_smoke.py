@@ -38,3 +38,22 @@ def test_paper_table_runs_a_tagged_variant_end_to_end(tmp_path):
     assert result["macs"]["pruned_all"] <= result["macs"]["pruned"] <= result["macs"]["dense"]
     assert not list(out.glob("*.onnx"))  # a variant keeps only its result.json
     assert (tmp_path / "dense" / "dense_final.pt").exists()
+    assert result["agreement_with_wrapped"]["pruned_all"] >= 0.998  # 512 test images: at most one flip
+
+
+# RBP's noise starts near its threshold so that six quick epochs reject channels; Turbo-VBI rejects none this
+# early (its rejection is tested in test_bayes_wrap.py), the run still checks the model it ships.
+@pytest.mark.parametrize("method, options", [("rbp", ["--gate-option", "init_log_alpha=2.5"]),
+                                             ("turbo-vbi", ["--gate-option", "update_every=4"])])
+def test_paper_table_trains_rbp_and_turbo_vbi_into_a_pruned_model_that_agrees_with_the_wrapped_one(tmp_path, method, options):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "paper_table.py"), "mnist-lenet5", "--method", method, "--quick",
+           "--epochs", "6", *options, "--rounds", "2", "--tag", "smoke", "--work", str(tmp_path / "work"),
+           "--results", str(tmp_path / "results"), "--quiet", "--no-baseline"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / f"mnist-lenet5-{method.replace('-', '')}-smoke" / "result.json").read_text())
+    assert result["method"] == method
+    assert result["agreement_with_wrapped"]["pruned"] >= 0.998 and result["agreement_with_wrapped"]["pruned_all"] >= 0.998
+    assert abs(result["error_pct"]["wrapped_torch"] - result["error_pct"]["pruned_all"]) <= 0.2
+    if method == "rbp":
+        assert sum(result["units"]["pruned_all"]) < sum(result["units"]["dense"])

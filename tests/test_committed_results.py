@@ -52,3 +52,10 @@ def test_committed_models_reproduce_the_reported_test_errors(folder: Path):
         pred = np.concatenate([session.run(None, {name: x[i : i + 1000]})[0].argmax(1) for i in range(0, len(x), 1000)])
         error = 100 * float((pred != y).mean())
         assert error == pytest.approx(result["error_pct"][which], abs=0.011), (which, error)
+
+
+@pytest.mark.parametrize("name", ["mnist-lenet5-sbp", "mnist-lenet5-rbp", "mnist-lenet5-turbovbi"])
+def test_committed_lenet5_runs_record_that_the_pruned_model_predicts_as_the_wrapped_net(name: str):
+    result = json.loads((RESULTS / name / "result.json").read_text())
+    assert result["agreement_with_wrapped"]["pruned"] >= 0.999
+    assert abs(result["error_pct"]["wrapped_torch"] - result["error_pct"]["pruned"]) <= 0.01
