@@ -429,6 +429,28 @@ def scoreboard_table(results: list[tuple[str, dict]]) -> str:
     return md_table(head, rows)
 
 
+def shapes_latency_table(results: list[tuple[str, dict]]) -> str:
+    """ORT CPU latency of the runs rebuilt from their shapes on another machine (benchmarks/cpu_latency_shapes.py),
+    beside the speed-ups the run measured on its own models."""
+    rows = []
+    for run, r in results:
+        t = r.get("latency_cpu_shapes")
+        if not t:
+            continue
+        cells = []
+        for batch in ("batch1", "batch64"):
+            d, p = t[batch]["dense"]["median_ms"], t[batch]["pruned"]["median_ms"]
+            cells.append(f"{d:.2f} / {p:.2f} ms (**{d / p:.2f}x**)")
+        own = r.get("latency_cpu", {})
+        rows.append([f"`{run}`", f"{r['error_pct']['pruned']:.2f}", "-".join(map(str, r["units"]["pruned"])), *cells,
+                     f"{_x(_speedup(own, 'batch1', 'pruned'))} / {_x(_speedup(own, 'batch64', 'pruned'))}"])
+    if not rows:
+        return ""
+    head = ["run", "test error %", "units kept (shipped)", "dense / pruned, batch 1", "dense / pruned, batch 64",
+            "the run's own speed-up b1 / b64 (GPU host's CPU)"]
+    return md_table(head, rows)
+
+
 def is_variant(r: dict) -> bool:
     """A run of paper_table.py with --tag: an ablation beside the run its RUNS entry defines."""
     return bool(r["config"].get("tag"))
@@ -548,6 +570,11 @@ def _schedule_note(run: str, r: dict) -> str:
         kl += f" (the last {cfg['finetune_epochs']} fine-tuning the gate-folded net, rejected channels held at zero)"
     times = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in r.get("stage_times_s", {}).items())
     notes = "".join(f" **Note**: {cfg[k]}." for k in ("note", "cuda_note") if cfg.get(k))
+    if r.get("shipped_batch64"):
+        b64 = r["shipped_batch64"]
+        notes += (f" At batch 64 the model `onnxprune prune --batch 64` ships is timed: units "
+                  f"{'-'.join(map(str, b64['units']))}, {r['macs']['dense'] / b64['macs']:.2f}x fewer MACs, "
+                  f"{b64['error_pct']:.2f} % error.")
     return (f"{run}: {pre}, {cfg['epochs']} Bayesian epochs{kl}{short}, on {where.get('gpu') or where.get('device', '?')}; "
             f"{times}. Latency CPU: {r['machine'].get('cpu', '?')} ({r['machine'].get('cpu_count', '?')} cores, 2 threads used)"
             f".{notes}")
@@ -647,7 +674,20 @@ def main() -> None:
         parts.append(scoreboard_table(paper))
         parts.append("\nUnits and MACs: the posterior's decision, every rejected channel deleted (`--target none`); in "
                      "brackets, the model `onnxprune prune --target ort-cpu` ships, which keeps dead channels where whole "
-                     "blocks of 16 run faster on ORT CPU. Speed-ups are the shipped model's.\n")
+                     "blocks of 16 run faster on ORT CPU. Speed-ups are the shipped model's; at batch 64, the model "
+                     "`onnxprune prune --batch 64` ships, where it differs (runs measured since 2026-11-22 evening: the "
+                     "run's note below gives its units).\n")
+        shapes = shapes_latency_table(paper)
+        if shapes:
+            machine = next(r["latency_cpu_shapes"]["machine"] for _, r in paper if r.get("latency_cpu_shapes"))
+            parts.append("\n#### The CIFAR models' CPU latency on a 2-core machine\n")
+            parts.append("The CIFAR models are too large to come back from the GPU machine, so the runs timed them on its "
+                         "CPU (2 of its 64 cores). `python benchmarks/cpu_latency_shapes.py RUN..` rebuilds each run's dense "
+                         "and shipped models through the same pipeline with random weights (latency on ORT CPU does not "
+                         "depend on the weights' values), checks every layer's width against the shipped model, and times "
+                         "them side by side here (2 threads, medians of interleaved runs). "
+                         + machine_line(machine) + ".\n")
+            parts.append(shapes)
         parts.append("\n### SBP variants: the authors' recipe, piece by piece\n")
         parts.append("The same dense net per architecture (`--dense-dir`), trained on with `--tag` variants of "
                      "`benchmarks/paper_table.py` (the plans in `benchmarks/plans/`, run with `benchmarks/gpu_block.sh "

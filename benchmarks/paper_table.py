@@ -170,17 +170,20 @@ def train(name: str, run: Run, args, work: Path) -> None:
     pre_epochs = 1 if args.quick else (args.pretrain_epochs if args.pretrain_epochs is not None else run.pretrain_epochs)
     epochs = args.quick_epochs if args.quick else (args.epochs or run.epochs)
     # what this training really used, for the result's config (measure may run later, with other flags)
-    (work / "train_config.json").write_text(json.dumps({
-        "method": args.method, "pretrain_epochs": pre_epochs, "epochs": epochs,
-        "dense": (f"pretrained checkpoint, fine-tuned {pre_epochs} epochs here" if run.pretrained
-                  else f"trained here, {pre_epochs} epochs") + " (Adam lr 1e-3, cosine decay)",
-        "baseline_epochs": None if args.no_baseline else epochs, "gate_lr": args.gate_lr, "kl_warmup_epochs": args.kl_warmup,
-        **({"kl_scale": args.kl_scale} if args.kl_scale != 1.0 else {}),
-        **({"kl_weighting": args.kl_weighting} if args.kl_weighting != "none" else {}),
-        **({"compile": args.compile} if args.compile != "auto" else {}),
-        **({"finetune_epochs": args.finetune_epochs} if args.finetune_epochs else {}), "seed": args.seed, "noise": args.noise, "placement": args.placement, "optimizer": optimizer_text(args),
-        **({"lr_restarts": args.lr_restarts} if args.method == "rbp" else {}),
-        **({"gate_options": args.gate_options} if args.gate_options else {})}, indent=1))
+    # How the run was trained: written once (a later call on a finished work folder, e.g. --stage verify, trains
+    # nothing and must not overwrite it with its own flags)
+    if not (work / "train_config.json").exists():
+        (work / "train_config.json").write_text(json.dumps({
+            "method": args.method, "pretrain_epochs": pre_epochs, "epochs": epochs,
+            "dense": (f"pretrained checkpoint, fine-tuned {pre_epochs} epochs here" if run.pretrained
+                      else f"trained here, {pre_epochs} epochs") + " (Adam lr 1e-3, cosine decay)",
+            "baseline_epochs": None if args.no_baseline else epochs, "gate_lr": args.gate_lr, "kl_warmup_epochs": args.kl_warmup,
+            **({"kl_scale": args.kl_scale} if args.kl_scale != 1.0 else {}),
+            **({"kl_weighting": args.kl_weighting} if args.kl_weighting != "none" else {}),
+            **({"compile": args.compile} if args.compile != "auto" else {}),
+            **({"finetune_epochs": args.finetune_epochs} if args.finetune_epochs else {}), "seed": args.seed, "noise": args.noise, "placement": args.placement, "optimizer": optimizer_text(args),
+            **({"lr_restarts": args.lr_restarts} if args.method == "rbp" else {}),
+            **({"gate_options": args.gate_options} if args.gate_options else {})}, indent=1))
     common = dict(batch_size=run.batch_size, seed=args.seed, device=device, augment=augment, amp=device.type == "cuda",
                   progress=not args.quiet)
     example = torch.zeros(1, *models.REGISTRY[run.model].input_shape)
@@ -249,6 +252,9 @@ def train(name: str, run: Run, args, work: Path) -> None:
             onnx.save(gated, work / "gated.onnx")
             prune_model(work / "gated.onnx", output=work / "pruned.onnx", target="ort-cpu", threads=2)
         dense.to(device)
+    # What `onnxprune prune --batch 64` ships (the batch-64 latency is that model's; often the same model)
+    if (work / "gated.onnx").exists() and not (work / "pruned_b64.onnx").exists():
+        prune_model(work / "gated.onnx", output=work / "pruned_b64.onnx", target="ort-cpu", threads=2, batch=64)
 
     # 4. Torch-Pruning baseline: same dense net, same MACs, same epochs of fine-tuning
     if not args.no_baseline and not (work / "tp.onnx").exists():
@@ -342,13 +348,21 @@ def measure(name: str, run: Run, args, work: Path) -> dict:
         predictions[key] = onnx_predictions(path, xt, providers)
         out["error_pct"][key] = 100 * float((predictions[key] != yt).mean())
     out.update(agreement_with_wrapped(work, predictions, yt, out["error_pct"]))
+    # At batch 64 the model planned for batch 64 is timed, where it differs from the batch-1 one
+    for_batch = {1: timed_files, 64: timed_files}
+    b64 = work / "pruned_b64.onnx"
+    if "pruned" in files and b64.exists() and b64.read_bytes() != files["pruned"].read_bytes():
+        cost = inspect_model(b64)[2]
+        out["shipped_batch64"] = {"units": units(b64, run.gate_inputs), "macs": cost.macs, "params": cost.params,
+                                  "error_pct": 100 * float((onnx_predictions(b64, xt, providers) != yt).mean())}
+        for_batch[64] = {**timed_files, "pruned": b64}
     shape = xt.shape[1:]
     out["latency_cpu"] = {"threads": 2}
     for batch in (1, 64):
         feed = {"input": np.random.default_rng(0).random((batch, *shape), dtype=np.float32)}
         from benchmarks.common import ort_runner
 
-        runners = {k: ort_runner(str(p), feed, threads=2) for k, p in timed_files.items()}
+        runners = {k: ort_runner(str(p), feed, threads=2) for k, p in for_batch[batch].items()}
         out["latency_cpu"][f"batch{batch}"] = interleaved_latency(runners, repeats=args.rounds, budget_s=60)
     return out
 
@@ -522,6 +536,9 @@ def main() -> None:
             "stage_times_s": stage_times(work / "times.json"),
             **measured,
         }
+        for key in ("note", "cuda_note"):  # written by hand beside a result (where and how it ran): kept
+            if key in previous.get("config", {}):
+                result["config"].setdefault(key, previous["config"][key])
         path.write_text(json.dumps(result, indent=2) + "\n")
         if run.commit_onnx and not args.quick and not args.tag:  # variants keep only their result.json
             for f in ("dense.onnx", "pruned.onnx"):

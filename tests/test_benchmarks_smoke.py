@@ -57,3 +57,15 @@ def test_paper_table_trains_rbp_and_turbo_vbi_into_a_pruned_model_that_agrees_wi
     assert abs(result["error_pct"]["wrapped_torch"] - result["error_pct"]["pruned_all"]) <= 0.2
     if method == "rbp":
         assert sum(result["units"]["pruned_all"]) < sum(result["units"]["dense"])
+
+
+def test_cpu_latency_shapes_rebuilds_a_vgg_run_with_its_shipped_widths():
+    """The rebuilt models of a committed CIFAR run: the dense net's widths, and exactly the shipped ones."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.cpu_latency_shapes import rebuild
+    from tests.prune_helpers import layer_widths
+
+    result = json.loads((ROOT / "benchmarks" / "results" / "cifar-vgg-sbp" / "result.json").read_text())
+    dense, pruned = rebuild(result)
+    assert [w[1] for w in layer_widths(dense).values()][:-1] == result["units"]["dense"]
+    assert [w[1] for w in layer_widths(pruned).values()][:-1] == result["units"]["pruned"]
