@@ -9,7 +9,14 @@ that reject each layer's channels beyond the shipped width, export, `onnxprune p
 pruned side by side on this machine (2 threads, batch 1 and 64, medians of interleaved
 runs). The timings go into the run's result.json as `latency_cpu_shapes`.
 
-    python benchmarks/cpu_latency_shapes.py cifar-vgg15-sbp cifar-vgg-sbp [--rounds 30]
+The shipped widths were planned on the GPU host's CPU (`onnxprune prune --target ort-cpu` keeps
+dead channels where a wider layer runs faster there). With `--plan-here` the script also does
+what a user on this machine would: it rebuilds the model with every channel the posterior
+rejected gone (the run's `pruned_all` widths), lets `onnxprune prune --target ort-cpu --threads 2`
+plan the widths here, once for batch 1 and once for batch 64 (`--batch 64`), and times each
+against the dense model at its batch size: `latency_cpu_planned_here`.
+
+    python benchmarks/cpu_latency_shapes.py cifar-vgg15-sbp cifar-vgg-sbp [--rounds 30] [--plan-here]
 
 VGG-like runs only (one gate per layer, in layer order); the weights are random, so no
 error is measured here.
@@ -29,8 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, interleaved_latency, machine_info, ort_runner, use_global_ort_threads  # noqa: E402
 
 
-def rebuild(result: dict):
-    """(dense, pruned) ONNX models with the run's architecture and its shipped widths, random weights."""
+def rebuild(result: dict, widths_key: str = "pruned", target: str = "none", batch: int = 1):
+    """(dense, pruned) ONNX models with the run's architecture, random weights, and the widths
+    ``result["units"][widths_key]`` left alive by the gates; ``target``/``batch`` as for
+    ``onnxprune prune`` (with "none" every layer must come out at exactly those widths)."""
     import torch
 
     import models
@@ -49,7 +58,7 @@ def rebuild(result: dict):
     example = torch.rand(1, 3, 32, 32)
     dense = export_onnx(net, example)
     wrapped = bayes.wrap(net, (example,), method="sbp")
-    shipped = result["units"]["pruned"]
+    shipped = result["units"][widths_key]
     gates = list(wrapped.gates.values())
     if len(gates) != len(shipped):
         raise SystemExit(f"{result['run']}: {len(gates)} gates for {len(shipped)} shipped widths")
@@ -60,11 +69,30 @@ def rebuild(result: dict):
             gate.mu[keep:] = -15.0
             gate.log_sigma[keep:] = 2.0
     wrapped.eval()
-    pruned = prune_model(export(wrapped, (example,)), target="none").model
+    pruned = prune_model(export(wrapped, (example,)), target=target, threads=2, batch=batch).model
     widths = [w[1] for w in layer_widths(pruned).values()][:-1]
-    if widths != shipped:
+    if target == "none" and widths != shipped:
         raise SystemExit(f"{result['run']}: rebuilt widths {widths} are not the shipped {shipped}")
     return dense, pruned
+
+
+def plan_here(result: dict, rounds: int) -> dict:
+    """Dense against the model ``onnxprune prune --target ort-cpu --threads 2 --batch B`` plans here, per batch."""
+    from tests.prune_helpers import layer_widths
+
+    timing: dict = {"threads": 2, "weights": "random (the posterior's widths)", "machine": machine_info()}
+    for batch in (1, 64):
+        dense, planned = rebuild(result, "pruned_all", target="ort-cpu", batch=batch)
+        feed = {"input": np.random.default_rng(0).random((batch, 3, 32, 32), dtype=np.float32)}
+        runners = {"dense": ort_runner(dense.SerializeToString(), feed, threads=2),
+                   "pruned": ort_runner(planned.SerializeToString(), feed, threads=2)}
+        timing[f"batch{batch}"] = interleaved_latency(runners, repeats=rounds, budget_s=120)
+        timing[f"batch{batch}"]["units"] = [w[1] for w in layer_widths(planned).values()][:-1]
+        t = timing[f"batch{batch}"]
+        print(f"{result['run']}: planned here for batch {batch}: {'-'.join(map(str, t['units']))}, dense / pruned "
+              f"{t['dense']['median_ms']:.2f} / {t['pruned']['median_ms']:.2f} ms "
+              f"({t['dense']['median_ms'] / t['pruned']['median_ms']:.2f}x)", flush=True)
+    return timing
 
 
 def main() -> None:
@@ -72,11 +100,16 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="result folders under benchmarks/results (e.g. cifar-vgg15-sbp)")
     ap.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds per batch size")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--plan-here", action="store_true",
+                    help="also plan the shipped widths on this machine from the posterior's (latency_cpu_planned_here)")
     args = ap.parse_args()
     use_global_ort_threads(2)
     for run in args.runs:
         path = args.results / run / "result.json"
         result = json.loads(path.read_text())
+        if args.plan_here:
+            result["latency_cpu_planned_here"] = plan_here(result, args.rounds)
+            path.write_text(json.dumps(result, indent=2) + "\n")
         dense, pruned = rebuild(result)
         timing: dict = {"threads": 2, "weights": "random (the run's shapes)", "machine": machine_info()}
         for batch in (1, 64):

@@ -441,13 +441,18 @@ def shapes_latency_table(results: list[tuple[str, dict]]) -> str:
         for batch in ("batch1", "batch64"):
             d, p = t[batch]["dense"]["median_ms"], t[batch]["pruned"]["median_ms"]
             cells.append(f"{d:.2f} / {p:.2f} ms (**{d / p:.2f}x**)")
+        here = r.get("latency_cpu_planned_here")
+        planned = "-"
+        if here:
+            planned = " / ".join(f"{_x(_speedup(here, b, 'pruned'))}" + ("" if here[b]["units"] == r["units"]["pruned"]
+                                 else f" ({'-'.join(map(str, here[b]['units']))})") for b in ("batch1", "batch64"))
         own = r.get("latency_cpu", {})
         rows.append([f"`{run}`", f"{r['error_pct']['pruned']:.2f}", "-".join(map(str, r["units"]["pruned"])), *cells,
-                     f"{_x(_speedup(own, 'batch1', 'pruned'))} / {_x(_speedup(own, 'batch64', 'pruned'))}"])
+                     planned, f"{_x(_speedup(own, 'batch1', 'pruned'))} / {_x(_speedup(own, 'batch64', 'pruned'))}"])
     if not rows:
         return ""
     head = ["run", "test error %", "units kept (shipped)", "dense / pruned, batch 1", "dense / pruned, batch 64",
-            "the run's own speed-up b1 / b64 (GPU host's CPU)"]
+            "widths planned here: speed-up b1 / b64", "the run's own speed-up b1 / b64 (GPU host's CPU)"]
     return md_table(head, rows)
 
 
@@ -529,7 +534,7 @@ def methods_table(results: list[tuple[str, dict]]) -> str:
         rs = _same_budget(rs)
         if len({r["method"] for r in rs}) < 2:  # a net trained with SBP alone belongs to the tables above
             continue
-        for r in sorted(rs, key=lambda r: list(METHOD_NAMES).index(r["method"])):
+        for r in sorted(rs, key=lambda r: (bool(r["config"].get("tag")), list(METHOD_NAMES).index(r["method"]))):
             err, macs, method = r["error_pct"], r["macs"], r["method"]
             cpu_s, gpu_s = _speedups(r, "pruned")
             seconds = r.get("stage_times_s", {}).get(f"{method}_training_s")
@@ -540,6 +545,8 @@ def methods_table(results: list[tuple[str, dict]]) -> str:
             settings += [f"last {r['config']['finetune_epochs']} fine-tuning"] if r["config"].get("finetune_epochs") else []
             settings += ["schedule restarted per stage"] if r["config"].get("lr_restarts") == "stage" else []
             name = METHOD_NAMES[method] + (" (" + ", ".join(settings) + ")" if settings else "")
+            if not r["config"].get("tag"):  # the run's recipe in paper_table.RUNS, not a variant
+                name = f"**{name}**, the script's recipe"
             rows.append([net, name, f"{err['dense']:.2f} -> **{err['pruned']:.2f}**",
                          "-".join(str(u) for u in r["units"]["pruned"]), f"{macs['dense'] / macs['pruned']:.2f}x",
                          f"{r['params']['dense'] / r['params']['pruned']:.2f}x", cpu_s, gpu_s,
@@ -685,7 +692,11 @@ def main() -> None:
                          "CPU (2 of its 64 cores). `python benchmarks/cpu_latency_shapes.py RUN..` rebuilds each run's dense "
                          "and shipped models through the same pipeline with random weights (latency on ORT CPU does not "
                          "depend on the weights' values), checks every layer's width against the shipped model, and times "
-                         "them side by side here (2 threads, medians of interleaved runs). "
+                         "them side by side here (2 threads, medians of interleaved runs). The shipped widths were "
+                         "planned for the GPU host's CPU; with `--plan-here` the script also lets `onnxprune prune "
+                         "--target ort-cpu --threads 2` plan them here from the posterior's widths, for batch 1 and for "
+                         "batch 64 (the widths it picks are given where they differ from the shipped ones). Timings of one "
+                         "model differ by up to about 10 % between invocations on this shared machine. "
                          + machine_line(machine) + ".\n")
             parts.append(shapes)
         parts.append("\n### SBP variants: the authors' recipe, piece by piece\n")
@@ -710,7 +721,9 @@ def main() -> None:
                      "(arXiv 2302.10483) gives no numbers. SBP's are in the table above. The last column checks the export: "
                      "on the test set, the shipped ONNX model's predictions against the wrapped (or fine-tuned) net's in "
                      "PyTorch evaluation mode (recorded by `paper_table.py` since 2026-11-22, and added by `--stage verify` "
-                     "to older runs whose work folder was kept; the GPU-trained ones were not).\n")
+                     "to older runs whose work folder was kept; the GPU-trained ones were not). Per net, the rows in bold come first: "
+                     "each method's recipe in `benchmarks/paper_table.py` (`RUNS`), what the script trains when no flag "
+                     "changes it; the variants follow.\n")
         parts.append(methods_table(paper))
         parts.append("\nHow each row was trained and measured:\n")
         parts.append("\n".join(f"- {_schedule_note(run, r)}" for run, r in paper) + "\n")

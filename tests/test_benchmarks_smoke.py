@@ -69,3 +69,20 @@ def test_cpu_latency_shapes_rebuilds_a_vgg_run_with_its_shipped_widths():
     dense, pruned = rebuild(result)
     assert [w[1] for w in layer_widths(dense).values()][:-1] == result["units"]["dense"]
     assert [w[1] for w in layer_widths(pruned).values()][:-1] == result["units"]["pruned"]
+
+
+def test_cpu_latency_shapes_plans_widths_here_between_the_posteriors_and_the_dense():
+    """--plan-here: onnxprune's ORT CPU planner, run here, keeps every surviving channel and drops only dead ones."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.cpu_latency_shapes import rebuild
+    from tests.prune_helpers import layer_widths
+
+    dense_widths = [16, 16, 32, 32, 64, 64, 64, 128, 128, 128, 128, 128, 128, 128]
+    alive = [5, 16, 9, 32, 40, 64, 17, 100, 3, 128, 60, 1, 128, 77]
+    result = {"run": "tiny-vgg", "config": {"model": "vgg_cifar", "model_kwargs": {"width": 0.25}},
+              "units": {"dense": dense_widths, "pruned_all": alive}}
+    dense, planned = rebuild(result, "pruned_all", target="ort-cpu", batch=1)
+    assert [w[1] for w in layer_widths(dense).values()][:-1] == dense_widths
+    widths = [w[1] for w in layer_widths(planned).values()][:-1]
+    assert all(a <= w <= d for a, w, d in zip(alive, widths, dense_widths)), widths
+    assert sum(widths) < sum(dense_widths)
