@@ -615,8 +615,13 @@ def plot_error_vs_macs(results: list[tuple[str, dict]], path: Path, extra: dict[
     method_style = {"sbp": ("*", "#2e86de"), "rbp": ("D", "#10ac84"), "turbo-vbi": ("^", "#ff9f43")}
     for ax, (net, rs) in zip(axes.flat, by_net.items()):
         points = {}
+        dense: dict[tuple[int, float], list[str]] = {}  # runs of one net trained in different leases start from different dense nets
         for r in rs:
-            points["dense"] = (r["macs"]["dense"], r["error_pct"]["dense"], "o", "#8395a7")
+            dense.setdefault((r["macs"]["dense"], round(r["error_pct"]["dense"], 2)), []).append(METHOD_NAMES[r["method"]])
+        for i, ((m, e), methods) in enumerate(dense.items()):
+            label = "dense" if len(dense) == 1 else f"dense net of the {', '.join(methods)} run{'s' if len(methods) > 1 else ''}"
+            points[label] = (m, e, "o" if i == 0 else "oo", "#8395a7")  # the second dense net hollow
+        for r in rs:
             marker, color = method_style[r["method"]]
             points[f"{METHOD_NAMES[r['method']]} + onnxprune"] = (r["macs"]["pruned"], r["error_pct"]["pruned"], marker, color)
             if "torch_pruning" in r["macs"]:
@@ -627,8 +632,9 @@ def plot_error_vs_macs(results: list[tuple[str, dict]], path: Path, extra: dict[
             points[f"SBP variant {r['config'].get('tag')} (best within the paper's error)"] = (
                 r["macs"]["pruned"], r["error_pct"]["pruned"], "*o", "#2e86de")
         for label, (m, e, marker, color) in points.items():
-            if marker == "*o":  # hollow star
-                ax.scatter(m / 1e6, e, marker="*", s=130, facecolors="none", edgecolors=color, linewidths=1.2, label=label, zorder=3)
+            if marker in ("*o", "oo"):  # hollow star, hollow circle
+                ax.scatter(m / 1e6, e, marker=marker[0], s=130 if marker == "*o" else 70, facecolors="none", edgecolors=color,
+                           linewidths=1.2, label=label, zorder=3)
                 continue
             ax.scatter(m / 1e6, e, marker=marker, s=110 if marker == "*" else 70, color=color, label=label, zorder=3,
                        alpha=0.85, edgecolors="white", linewidths=0.5)
