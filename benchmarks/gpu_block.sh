@@ -8,6 +8,7 @@
 #   benchmarks/gpu_block.sh launch-plan FILE  # the queues a plan file lists (e.g. benchmarks/plans/sbp-200.txt)
 #   benchmarks/gpu_block.sh launch-plan-measure FILE  # launch-plan, then launch-measure of every spec it lists
 #   benchmarks/gpu_block.sh launch-measure Q@G SPEC [Q@G SPEC]..  # measure each run once queue Q is done (CUDA on GPU G)
+#   benchmarks/gpu_block.sh launch-zoo GPU [ARGS..]  # benchmarks/methods_zoo.py on CUDA in the background (results packed)
 #   benchmarks/gpu_block.sh wait SECONDS     # keep the machine busy until the queues and measurers end; progress
 #   benchmarks/gpu_block.sh measure [SPEC..] # errors, MACs, units, ORT CPU (2 threads) and CUDA latency
 #   benchmarks/gpu_block.sh measure-cuda     # only the CUDA latency, added to the results of measure
@@ -137,15 +138,23 @@ PY
     done
     sleep 1; echo "measurers waiting: $(ls "$LOG"/m*.log | wc -l)"
     ;;
+  launch-zoo)
+    # launch-zoo GPU [ARGS..]: every MNIST/CIFAR-10 architecture through RBP and Turbo-VBI (methods_zoo.py ARGS)
+    g=$2; shift 2; mkdir -p "$LOG" "$RESULTS/methods-zoo"
+    CUDA_VISIBLE_DEVICES=$g setsid nohup bash -c "python3 benchmarks/methods_zoo.py --device cuda \
+      --results $RESULTS/methods-zoo/result.json $* 2>&1 | grep -v Warning; touch $LOG/zoo.done" > "$LOG/zoo.log" 2>&1 &
+    sleep 1; echo "methods zoo launched on GPU $g"
+    ;;
   wait)
     limit=${2:-540}; start=$(date +%s); want=$(cat "$LOG/nqueues" 2>/dev/null || echo 4)
     while [ $(( $(date +%s) - start )) -lt "$limit" ]; do
       n=$(ls "$LOG"/q*.done 2>/dev/null | wc -l)
       m=$(ls "$LOG"/m*.log 2>/dev/null | wc -l); md=$(grep -l "=== done" "$LOG"/m*.log 2>/dev/null | wc -l)
-      [ "$n" -ge "$want" ] && [ "$md" -ge "$m" ] && break
+      zoo_busy=0; [ -e "$LOG/zoo.log" ] && [ ! -e "$LOG/zoo.done" ] && zoo_busy=1
+      [ "$n" -ge "$want" ] && [ "$md" -ge "$m" ] && [ "$zoo_busy" = 0 ] && break
       sleep 15
     done
-    for f in "$LOG"/q*.log "$LOG"/m*.log; do [ -e "$f" ] && { echo "--- $f"; tail -6 "$f"; }; done
+    for f in "$LOG"/q*.log "$LOG"/m*.log "$LOG"/zoo.log; do [ -e "$f" ] && { echo "--- $f"; tail -6 "$f"; }; done
     ls "$LOG"/q*.done 2>/dev/null
     for d in benchmarks/work/*/; do
       python3 - "$d" <<'PY'

@@ -596,6 +596,29 @@ interleaved runs measured side by side in one process.
 """
 
 
+def methods_zoo_section(path: Path) -> str:
+    """Every MNIST/CIFAR-10 architecture through each method (benchmarks/methods_zoo.py): the export's check."""
+    if not path.exists():
+        return ""
+    z = json.loads(path.read_text())
+    c = z["config"]
+    rows = [[f"`{r['model']}`", r["data"], METHOD_NAMES[r["method"]], f"{100 * r['dense_error_onnx']:.2f}",
+             f"{100 * r['wrapped_error_torch']:.2f}", f"{100 * r['pruned_error_onnx']:.2f}",
+             f"**{100 * r['agreement_with_wrapped']:.2f} %**", f"{r['channels_kept']} / {r['channels_gated']}",
+             f"{r['macs']['dense'] / r['macs']['pruned']:.2f}x", f"{r['seconds']:.0f}"] for r in z["rows"]]
+    kl = f", KL x{c['kl_scale']:g}" + (" by MACs" if c.get("kl_weighting") == "macs" else "") if c.get("kl_scale", 1) != 1 else ""
+    text = ("\n### Every architecture through RBP and Turbo-VBI: the export's check\n\n"
+            "`python benchmarks/methods_zoo.py` runs `onnxprune train`'s pipeline on every architecture in `models/` whose "
+            f"dataset is MNIST or CIFAR-10: {c['train_limit']} training images (a fixed random subset), {c['pretrain_epochs']} "
+            f"dense and {c['epochs']} Bayesian epochs{kl}, on {c['device']}; then export, `onnxprune prune --target none`, and "
+            "the whole test set on ONNX Runtime against the wrapped net's predictions in PyTorch evaluation mode. A short "
+            "budget: it checks that every architecture trains and exports exactly under each method, not the methods' "
+            f"accuracy. {machine_line(z['machine'])}.\n\n")
+    head = ["model", "data", "method", "dense error % (ORT)", "wrapped error % (PyTorch)", "pruned error % (ORT)",
+            "pruned predicts as wrapped", "channels kept / gated", "MAC reduction", "seconds"]
+    return text + md_table(head, rows)
+
+
 def plot_error_vs_macs(results: list[tuple[str, dict]], path: Path, extra: dict[str, tuple[str, dict]] | None = None) -> None:
     """One panel per net: test error against MACs for dense, every Bayesian method and Torch-Pruning; ``extra``
     adds, per net, one more SBP run (a variant), drawn as a hollow star."""
@@ -731,6 +754,7 @@ def main() -> None:
                      "each method's recipe in `benchmarks/paper_table.py` (`RUNS`), what the script trains when no flag "
                      "changes it; the variants follow.\n")
         parts.append(methods_table(paper))
+        parts.append(methods_zoo_section(RESULTS / "methods-zoo" / "result.json"))
         parts.append("\nHow each row was trained and measured:\n")
         parts.append("\n".join(f"- {_schedule_note(run, r)}" for run, r in paper) + "\n")
         cuda = next((r["machine_cuda"] for _, r in paper if r.get("machine_cuda")), None)

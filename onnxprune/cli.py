@@ -240,6 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         kl_weighting=args.kl_weighting, finetune_epochs=args.finetune_epochs, seed=args.seed,
         device=device, target=args.target, threads=args.threads, progress=not args.quiet, gate_inputs=args.gate_inputs,
         gate_options={"placement": args.placement, "noise": args.noise},
+        train_limit=args.train_limit,
     )
     report = run(cfg)
     if "rank" in report:  # a torchrun worker: rank 0 reports and writes
@@ -338,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="epochs of Bayesian training (default by dataset)")
     p.add_argument("--pretrain-epochs", type=int, help="epochs of dense training first (default by dataset; 0 with --pretrained)")
     p.add_argument("--pretrained", metavar="CKPT", help="start from this PyTorch checkpoint instead of training the dense model")
+    p.add_argument("--train-limit", type=int, metavar="N",
+                   help="train on N training images only (a fixed random subset; for a quick trial of a setting)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, as the SBP paper)")
     p.add_argument("--gate-lr", type=float, default=3e-2, help="learning rate of the gates' mu and log sigma (default 3e-2)")

@@ -56,6 +56,7 @@ class TrainConfig:
     threads: int | None = None
     progress: bool = True
     gate_options: dict = field(default_factory=dict)
+    train_limit: int | None = None  # train on this many training images (a fixed random subset), for quick trials
 
     def resolved_epochs(self) -> tuple[int, int]:
         pre, bayes = DEFAULT_EPOCHS.get(self.data, (10, 30))
@@ -85,6 +86,8 @@ def _check(cfg: TrainConfig):
         raise InputError(
             f"model '{cfg.model}' takes inputs {tuple(spec.input_shape)} but dataset '{cfg.data}' has {tuple(data.input_shape)}"
         )
+    if cfg.train_limit is not None and cfg.train_limit < 1:
+        raise InputError(f"--train-limit must be a positive number of images, got {cfg.train_limit}")
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
         raise InputError(f"data folder {cfg.data_dir} does not exist")
     if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
@@ -186,6 +189,9 @@ def run(cfg: TrainConfig) -> dict:
     raw = cfg.data == "cifar10"  # keep 50000 color images as uint8; batches become float on the fly
     x_train, y_train = load_dataset(cfg.data, cfg.data_dir, "train", as_uint8=raw)
     x_test, y_test = load_dataset(cfg.data, cfg.data_dir, "test", as_uint8=raw)
+    if cfg.train_limit is not None and cfg.train_limit < len(x_train):
+        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(x_train))[: cfg.train_limit])
+        x_train, y_train = x_train[keep], y_train[keep]
     device = torch.device(cfg.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

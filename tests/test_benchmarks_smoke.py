@@ -86,3 +86,25 @@ def test_cpu_latency_shapes_plans_widths_here_between_the_posteriors_and_the_den
     widths = [w[1] for w in layer_widths(planned).values()][:-1]
     assert all(a <= w <= d for a, w, d in zip(alive, widths, dense_widths)), widths
     assert sum(widths) < sum(dense_widths)
+
+
+def test_methods_zoo_trains_exports_and_reports_agreement(tmp_path):
+    """benchmarks/methods_zoo.py on one MNIST net and both alternative methods: the pruned ONNX model predicts as
+    the wrapped net on the whole test set, and the report renders the rows."""
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "methods_zoo.py"), "--models", "lenet300",
+                           "--train-limit", "600", "--pretrain-epochs", "1", "--epochs", "2", "--kl-scale", "50",
+                           "--work", str(tmp_path / "work"), "--results", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["method"]) for r in rows] == [("lenet300", "rbp"), ("lenet300", "turbo-vbi")]
+    for r in rows:
+        assert r["test_images"] == 10000 and r["train_images"] == 600
+        assert r["agreement_with_wrapped"] >= 0.999
+        assert abs(r["wrapped_error_torch"] - r["pruned_error_onnx"]) <= 0.001
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.make_report import methods_zoo_section
+
+    table = methods_zoo_section(out)
+    assert "`lenet300`" in table and "RBP" in table and "Turbo-VBI" in table and "KL x50" in table

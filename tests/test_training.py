@@ -263,6 +263,7 @@ def test_trained_models_prune_to_the_same_predictions(name, digits):
         (["--data", "mnist", "--data-dir", "/nonexistent/folder"], "does not exist"),
         (["--model", "vgg_cifar"], "takes inputs (3, 32, 32) but dataset 'digits' has (1, 28, 28)"),
         (["--epochs", "5", "--finetune-epochs", "5"], "--finetune-epochs must be at least 0 and below the 5 epochs"),
+        (["--train-limit", "0"], "--train-limit must be a positive number of images"),
     ],
 )
 def test_bad_train_arguments_are_one_line_and_exit_2(tmp_path, capsys, args, message):

@@ -1,0 +1,104 @@
+"""Every MNIST and CIFAR-10 architecture in `models/` through each Bayesian method, end to end.
+
+Issue #5 asks that RBP and Turbo-VBI train the reference architectures on MNIST and CIFAR-10 and
+end in a pruned ONNX model whose test accuracy equals the wrapped model's in evaluation mode.
+The paper table (`paper_table.py`) does that at full budget for LeNet5, LeNet-300-100, VGG-like
+and ResNet-56; this script does it for every architecture in the registry whose dataset is MNIST
+or CIFAR-10, with a short budget: `onnxprune train`'s pipeline (`onnxprune.pipeline.run`) on a
+fixed random subset of the training set (`--train-limit`), a few dense and Bayesian epochs,
+then export, `onnxprune prune --target none` and the whole test set on ONNX Runtime against the
+wrapped net's predictions in PyTorch. It checks the pipeline, not the methods' accuracy.
+
+    python benchmarks/methods_zoo.py [--methods rbp turbo-vbi] [--models vgg_cifar resnet20] [--device cuda]
+
+Results: benchmarks/results/methods-zoo/result.json (one row per model and method), shown in
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import RESULTS, machine_info, use_global_ort_threads  # noqa: E402
+
+ZOO_DATASETS = ("mnist", "cifar10")
+
+
+def zoo_models() -> list[tuple[str, str]]:
+    """(model, dataset) for every registry model trained on MNIST or CIFAR-10."""
+    import models
+
+    return [(name, spec.dataset) for name, spec in models.REGISTRY.items() if spec.dataset in ZOO_DATASETS]
+
+
+def run_one(model: str, data: str, method: str, args: argparse.Namespace) -> dict:
+    """Train, export, prune and check one (model, method); the row of the result table."""
+    from onnxprune.pipeline import TrainConfig, run
+
+    cfg = TrainConfig(model=model, data=data, data_dir=args.data_dir, out=str(args.work / f"{model}-{method}"),
+                      method=method, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, seed=args.seed,
+                      device=args.device, target="none", threads=2, progress=False, train_limit=args.train_limit,
+                      kl_scale=args.kl_scale, kl_weighting=args.kl_weighting)
+    t = time.perf_counter()
+    report = run(cfg)
+    groups = report["groups"]
+    return {
+        "model": model, "data": data, "method": method,
+        "train_images": report["data"]["train"], "test_images": report["data"]["test"],
+        "dense_error_onnx": report["dense"]["error_onnx"],
+        "wrapped_error_torch": report["wrapped"]["error_torch_eval"],
+        "pruned_error_onnx": report["pruned"]["error_onnx"],
+        "agreement_with_wrapped": report["pruned"]["agreement_with_wrapped"],
+        "channels_kept": sum(g["kept"] for g in groups), "channels_gated": sum(g["channels"] for g in groups),
+        "macs": {"dense": report["dense"]["macs"], "pruned": report["pruned"]["macs"]},
+        "params": {"dense": report["dense"]["params"], "pruned": report["pruned"]["params"]},
+        "seconds": time.perf_counter() - t,
+    }
+
+
+def main() -> None:
+    names = [m for m, _ in zoo_models()]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=names, choices=names, metavar="MODEL",
+                    help=f"registry models (default: all on MNIST or CIFAR-10: {', '.join(names)})")
+    ap.add_argument("--methods", nargs="+", default=["rbp", "turbo-vbi"], choices=["sbp", "rbp", "turbo-vbi"])
+    ap.add_argument("--train-limit", type=int, default=10000, help="training images per run (default 10000)")
+    ap.add_argument("--pretrain-epochs", type=int, default=2, help="dense epochs (default 2)")
+    ap.add_argument("--epochs", type=int, default=3, help="Bayesian epochs (default 3)")
+    ap.add_argument("--kl-scale", type=float, default=1.0, help="multiplies the KL term (default 1: the ELBO)")
+    ap.add_argument("--kl-weighting", choices=("none", "macs"), default="none", help="weight each channel's KL by its MACs")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir")
+    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "methods-zoo")
+    ap.add_argument("--results", type=Path, default=RESULTS / "methods-zoo" / "result.json")
+    args = ap.parse_args()
+    use_global_ort_threads(2)
+    datasets = dict(zoo_models())
+    rows = []
+    for model in args.models:
+        for method in args.methods:
+            row = run_one(model, datasets[model], method, args)
+            rows.append(row)
+            print(f"{model} / {method}: wrapped {100 * row['wrapped_error_torch']:.2f} % error, pruned ONNX "
+                  f"{100 * row['pruned_error_onnx']:.2f} %, agreement {100 * row['agreement_with_wrapped']:.2f} %, "
+                  f"{row['channels_kept']}/{row['channels_gated']} channels kept ({row['seconds']:.0f} s)", flush=True)
+    result = {"benchmark": "methods-zoo", "machine": machine_info(),
+              "config": {"train_limit": args.train_limit, "pretrain_epochs": args.pretrain_epochs, "epochs": args.epochs,
+                         "device": args.device, "seed": args.seed, "kl_scale": args.kl_scale,
+                         "kl_weighting": args.kl_weighting},
+              "rows": rows}
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
