@@ -82,21 +82,23 @@ def main() -> None:
     args = ap.parse_args()
     use_global_ort_threads(2)
     datasets = dict(zoo_models())
-    rows = []
-    for model in args.models:
-        for method in args.methods:
-            row = run_one(model, datasets[model], method, args)
-            rows.append(row)
-            print(f"{model} / {method}: wrapped {100 * row['wrapped_error_torch']:.2f} % error, pruned ONNX "
-                  f"{100 * row['pruned_error_onnx']:.2f} %, agreement {100 * row['agreement_with_wrapped']:.2f} %, "
-                  f"{row['channels_kept']}/{row['channels_gated']} channels kept ({row['seconds']:.0f} s)", flush=True)
     result = {"benchmark": "methods-zoo", "machine": machine_info(),
               "config": {"train_limit": args.train_limit, "pretrain_epochs": args.pretrain_epochs, "epochs": args.epochs,
                          "device": args.device, "seed": args.seed, "kl_scale": args.kl_scale,
-                         "kl_weighting": args.kl_weighting},
-              "rows": rows}
+                         "kl_weighting": args.kl_weighting, "models": args.models, "methods": args.methods},
+              "rows": []}
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=1) + "\n")
+    for model in args.models:
+        for method in args.methods:
+            row = run_one(model, datasets[model], method, args)
+            result["rows"].append(row)
+            # written after every row: a run cut short (a GPU lease ending) keeps the rows it finished
+            tmp = args.results.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+            tmp.replace(args.results)
+            print(f"{model} / {method}: wrapped {100 * row['wrapped_error_torch']:.2f} % error, pruned ONNX "
+                  f"{100 * row['pruned_error_onnx']:.2f} %, agreement {100 * row['agreement_with_wrapped']:.2f} %, "
+                  f"{row['channels_kept']}/{row['channels_gated']} channels kept ({row['seconds']:.0f} s)", flush=True)
     print(f"wrote {args.results}")
 
 
