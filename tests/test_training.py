@@ -281,3 +281,25 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "does not fit the model" in err
     assert not (tmp_path / "run" / "pruned.onnx").exists()
+
+
+def test_predict_runs_in_ieee_float32_and_restores_the_precision_settings():
+    """Predictions compared with ONNX Runtime's float32 must not use TF32 (PyTorch's default for cuDNN convolutions):
+    inside predict both settings read "ieee", and the caller's settings come back afterwards."""
+    import torch
+    from torch import nn
+
+    from onnxprune.bayes.training import predict
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+            return x.flatten(1)[:, :3]
+
+    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    pred = predict(Probe(), np.eye(3, dtype=np.float32).reshape(3, 1, 1, 3), batch_size=2)
+    assert pred.tolist() == [0, 1, 2]
+    assert seen == [("ieee", "ieee")] * 2
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before

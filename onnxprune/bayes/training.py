@@ -14,7 +14,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,18 +91,32 @@ def _base(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Full float32 arithmetic while open: on CUDA, convolutions and matrix products without TF32 (PyTorch's default
+    for cuDNN convolutions), so predictions compare with ONNX Runtime's float32 kernels to the rounding of the sum."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: np.ndarray, *, batch_size: int = 512, device: str | torch.device = "cpu") -> np.ndarray:
-    """Class predictions of ``model`` in evaluation mode for images ``x`` (numpy, float or uint8)."""
+    """Class predictions of ``model`` in evaluation mode for images ``x`` (numpy, float or uint8), in full float32."""
     model = _base(model)
     was = model.training
     model.eval()
     out = []
     try:
-        for i in range(0, len(x), batch_size):
-            xb = torch.as_tensor(x[i : i + batch_size])
-            xb = xb.float() / 255.0 if xb.dtype == torch.uint8 else xb.float()
-            out.append(model(xb.to(device)).argmax(dim=1).cpu().numpy())
+        with ieee_float32():
+            for i in range(0, len(x), batch_size):
+                xb = torch.as_tensor(x[i : i + batch_size])
+                xb = xb.float() / 255.0 if xb.dtype == torch.uint8 else xb.float()
+                out.append(model(xb.to(device)).argmax(dim=1).cpu().numpy())
     finally:
         model.train(was)
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
