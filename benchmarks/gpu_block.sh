@@ -134,16 +134,18 @@ PY
       CUDA_VISIBLE_DEVICES=$g setsid nohup bash -c "while [ ! -e $LOG/q$q.done ]; do sleep 5; done; echo \"=== \$(date +%T) $spec\";
         $RUN $spec --stage measure --rounds 15 --quiet --results $RESULTS 2>&1 | tail -2;
         $RUN $spec --stage measure-cuda --rounds 20 --quiet --results $RESULTS 2>&1 | tail -2; echo \"=== done \$(date +%T)\"" \
-        > "$LOG/m$q-$(echo "$spec" | tr -c 'A-Za-z0-9.\n-' _).log" 2>&1 &
+        > "$LOG/m$q-$(echo "$spec" | tr -c 'A-Za-z0-9.\n-' _ | cut -c1-120).log" 2>&1 &
     done
     sleep 1; echo "measurers waiting: $(ls "$LOG"/m*.log | wc -l)"
     ;;
   launch-zoo)
-    # launch-zoo GPU [ARGS..]: every MNIST/CIFAR-10 architecture through RBP and Turbo-VBI (methods_zoo.py ARGS)
-    g=$2; shift 2; mkdir -p "$LOG" "$RESULTS/methods-zoo"
+    # launch-zoo GPU [ARGS..]: every MNIST/CIFAR-10 architecture through RBP and Turbo-VBI (methods_zoo.py ARGS);
+    # ZOO=NAME (default methods-zoo) runs another zoo beside it: results in $RESULTS/NAME, log $LOG/NAME.log
+    g=$2; shift 2; z=${ZOO:-methods-zoo}; tag=${z#methods-}; mkdir -p "$LOG" "$RESULTS/$z"
     CUDA_VISIBLE_DEVICES=$g setsid nohup bash -c "python3 benchmarks/methods_zoo.py --device cuda \
-      --results $RESULTS/methods-zoo/result.json $* 2>&1 | grep -v Warning; touch $LOG/zoo.done" > "$LOG/zoo.log" 2>&1 &
-    sleep 1; echo "methods zoo launched on GPU $g"
+      --work benchmarks/work/$z --results $RESULTS/$z/result.json $* 2>&1 | grep -v Warning; touch $LOG/$tag.done" \
+      > "$LOG/$tag.log" 2>&1 &
+    sleep 1; echo "methods zoo $z launched on GPU $g"
     ;;
   wait)
     limit=${2:-540}; start=$(date +%s); want=$(cat "$LOG/nqueues" 2>/dev/null || echo 4)
@@ -221,7 +223,9 @@ PY
     mkdir -p "$OUT"
     [ -d "$RESULTS" ] && tar czf "$OUT/results.tgz" -C "$RESULTS" .
     # the trained models and stage times of every run (ONNX files, final states, json), for measuring elsewhere
-    (cd benchmarks/work && find . \( -name '*.onnx' -o -name '*_final.pt' -o -name '*.json' \) -size -4M -print0 | \
+    # (not the methods zoos' nets: their result.json holds what the report shows)
+    (cd benchmarks/work && find . -path './methods-zoo*' -prune -o \( -name '*.onnx' -o -name '*_final.pt' -o -name '*.json' \) \
+      -size -4M -print0 | \
       tar czf "$OUT/work.tgz" --null -T -)
     cp "$LOG"/q*.log "$OUT/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; rm -f "$OUT"/q*.log
     ls -la "$OUT"

@@ -596,32 +596,70 @@ interleaved runs measured side by side in one process.
 """
 
 
-def methods_zoo_section(path: Path) -> str:
-    """Every MNIST/CIFAR-10 architecture through each method (benchmarks/methods_zoo.py): the export's check."""
-    if not path.exists():
+def _zoo_options(config: dict, method: str) -> str:
+    """A zoo run's gate options for one method, as `key=value` (or the method's defaults)."""
+    options = config.get("gate_options", {}).get(method, {})
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(options.items())) or "defaults"
+
+
+def _tf32(config: dict) -> bool:
+    """Whether a zoo run on CUDA took the wrapped net's predictions with TF32 convolutions (before 2026-11-22's fix)."""
+    return config["device"].startswith("cuda") and "torch_eval_precision" not in config
+
+
+def methods_zoo_section(paths: list[Path]) -> str:
+    """Every MNIST/CIFAR-10 architecture through each method (benchmarks/methods_zoo.py), one table over every
+    zoo result file (a lease may split the zoo over GPUs, and finish on a CPU): the export's check."""
+    zoos = [json.loads(p.read_text()) for p in paths if p.exists()]
+    if not zoos:
         return ""
-    z = json.loads(path.read_text())
-    c = z["config"]
-    rows = [[f"`{r['model']}`", r["data"], METHOD_NAMES[r["method"]], f"{100 * r['dense_error_onnx']:.2f}",
-             f"{100 * r['wrapped_error_torch']:.2f}", f"{100 * r['pruned_error_onnx']:.2f}",
-             f"**{100 * r['agreement_with_wrapped']:.2f} %**", f"{r['channels_kept']} / {r['channels_gated']}",
-             f"{r['macs']['dense'] / r['macs']['pruned']:.2f}x", f"{r['seconds']:.0f}"] for r in z["rows"]]
-    kl = f", KL x{c['kl_scale']:g}" + (" by MACs" if c.get("kl_weighting") == "macs" else "") if c.get("kl_scale", 1) != 1 else ""
+    order = {m: i for i, m in enumerate(max((z["config"].get("models", []) for z in zoos), key=len))}
+    entries = []  # (config, row, machine)
+    planned, done = [], set()
+    for z in zoos:
+        c = z["config"]
+        for m in c.get("models", []):
+            planned += [(m, k, _zoo_options(c, k)) for k in c.get("methods", [])]
+        for r in z["rows"]:
+            entries.append((c, r, z["machine"]))
+            done.add((r["model"], r["method"], _zoo_options(c, r["method"])))
+    entries.sort(key=lambda e: (order.get(e[1]["model"], len(order)), e[1]["method"], _zoo_options(e[0], e[1]["method"]),
+                                e[0]["device"]))
+
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.2f}"
+
+    rows = [[f"`{r['model']}`", r["data"], METHOD_NAMES[r["method"]], _zoo_options(c, r["method"]),
+             f"{r['train_images']} on {c['device'].split(':')[0].upper()}", pct(r.get("dense_error_torch")),
+             pct(r["dense_error_onnx"]), pct(r["wrapped_error_torch"]), pct(r["pruned_error_onnx"]),
+             f"**{100 * r['agreement_with_wrapped']:.2f} %**" + (" (TF32)" if _tf32(c) else ""),
+             f"{r['channels_kept']} / {r['channels_gated']}",
+             f"{r['macs']['dense'] / r['macs']['pruned']:.2f}x", f"{r['seconds']:.0f}"] for c, r, _ in entries]
+    budgets = sorted({(c["pretrain_epochs"], c["epochs"], c.get("kl_scale", 1), c.get("kl_weighting", "none"))
+                      for c, _, _ in entries})
+    budget_text = "; ".join(f"{p} dense and {e} Bayesian epochs" + (f", KL x{k:g}" + (" by MACs" if w == "macs" else "")
+                                                                     if k != 1 else "") for p, e, k, w in budgets)
+    machines = sorted({machine_line({**m, "date": m.get("date", "")[:10]}) for _, _, m in entries})
     text = ("\n### Every architecture through RBP and Turbo-VBI: the export's check\n\n"
             "`python benchmarks/methods_zoo.py` runs `onnxprune train`'s pipeline on every architecture in `models/` whose "
-            f"dataset is MNIST or CIFAR-10: {c['train_limit']} training images (a fixed random subset), {c['pretrain_epochs']} "
-            f"dense and {c['epochs']} Bayesian epochs{kl}, on {c['device']}; then export, `onnxprune prune --target none`, and "
-            "the whole test set on ONNX Runtime against the wrapped net's predictions in PyTorch evaluation mode. A short "
-            "budget: it checks that every architecture trains and exports exactly under each method, not the methods' "
-            f"accuracy. {machine_line(z['machine'])}.")
-    planned = [(m, k) for m in c.get("models", []) for k in c.get("methods", [])]
-    done = {(r["model"], r["method"]) for r in z["rows"]}
-    missing = [f"{m} / {METHOD_NAMES[k]}" for m, k in planned if (m, k) not in done]
+            f"dataset is MNIST or CIFAR-10, on a fixed random subset of the training set: {budget_text}; then export, "
+            "`onnxprune prune --target none`, and the whole test set on ONNX Runtime against the wrapped net's predictions "
+            "in PyTorch evaluation mode. A short budget: it checks that every architecture trains and exports exactly "
+            "under each method, not the methods' accuracy (thousands of training images for a few epochs: the CIFAR nets stay far from it). "
+            + ("The dense net's two columns compare the two runtimes before any pruning (– where not recorded). "
+               if any("dense_error_torch" in r for _, r, _ in entries) else "") + " ".join(machines) + ".")
+    if any(_tf32(c) for c, _, _ in entries):
+        text += (" Rows marked (TF32) were trained on CUDA before `predict` switched TF32 off: the wrapped net's "
+                 "predictions came from TF32 convolutions (PyTorch's default for cuDNN), against ONNX Runtime's float32; "
+                 "the few images on which they differ are that rounding, not the pruning (the same nets' CPU rows agree "
+                 "to the image).")
+    missing = [f"{m} / {METHOD_NAMES[k]} ({o})" for m, k, o in dict.fromkeys(planned) if (m, k, o) not in done]
     if missing:
-        text += f" **Cut short**: {len(done)} of {len(planned)} runs finished; not run: {', '.join(missing)}."
+        text += f" **Cut short**: not run: {', '.join(missing)}."
     text += "\n\n"
-    head = ["model", "data", "method", "dense error % (ORT)", "wrapped error % (PyTorch)", "pruned error % (ORT)",
-            "pruned predicts as wrapped", "channels kept / gated", "MAC reduction", "seconds"]
+    head = ["model", "data", "method", "gate options", "train images", "dense error % (PyTorch)", "dense error % (ORT)",
+            "wrapped error % (PyTorch)", "pruned error % (ORT)", "pruned predicts as wrapped", "channels kept / gated",
+            "MAC reduction", "seconds"]
     return text + md_table(head, rows)
 
 
@@ -760,7 +798,7 @@ def main() -> None:
                      "each method's recipe in `benchmarks/paper_table.py` (`RUNS`), what the script trains when no flag "
                      "changes it; the variants follow.\n")
         parts.append(methods_table(paper))
-        parts.append(methods_zoo_section(RESULTS / "methods-zoo" / "result.json"))
+        parts.append(methods_zoo_section(sorted(RESULTS.glob("methods-zoo*/result.json"))))
         parts.append("\nHow each row was trained and measured:\n")
         parts.append("\n".join(f"- {_schedule_note(run, r)}" for run, r in paper) + "\n")
         cuda = next((r["machine_cuda"] for _, r in paper if r.get("machine_cuda")), None)
@@ -768,7 +806,7 @@ def main() -> None:
         parts.append("\n![error vs MACs](benchmarks/results/paper_error_vs_macs.png)\n")
     for path in sorted(RESULTS.glob("*/result.json")):
         r = json.loads(path.read_text())
-        if r.get("benchmark") == "paper-table":
+        if r.get("benchmark") in ("paper-table", "methods-zoo"):
             continue
         render = SECTIONS.get(r.get("benchmark", ""))
         if render is None:

@@ -45,14 +45,15 @@ def run_one(model: str, data: str, method: str, args: argparse.Namespace) -> dic
     cfg = TrainConfig(model=model, data=data, data_dir=args.data_dir, out=str(args.work / f"{model}-{method}"),
                       method=method, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, seed=args.seed,
                       device=args.device, target="none", threads=2, progress=False, train_limit=args.train_limit,
-                      kl_scale=args.kl_scale, kl_weighting=args.kl_weighting)
+                      kl_scale=args.kl_scale, kl_weighting=args.kl_weighting,
+                      gate_options=dict(args.gate_options.get(method, {})))
     t = time.perf_counter()
     report = run(cfg)
     groups = report["groups"]
     return {
         "model": model, "data": data, "method": method,
         "train_images": report["data"]["train"], "test_images": report["data"]["test"],
-        "dense_error_onnx": report["dense"]["error_onnx"],
+        "dense_error_torch": report["dense"]["error_torch"], "dense_error_onnx": report["dense"]["error_onnx"],
         "wrapped_error_torch": report["wrapped"]["error_torch_eval"],
         "pruned_error_onnx": report["pruned"]["error_onnx"],
         "agreement_with_wrapped": report["pruned"]["agreement_with_wrapped"],
@@ -61,6 +62,21 @@ def run_one(model: str, data: str, method: str, args: argparse.Namespace) -> dic
         "params": {"dense": report["dense"]["params"], "pruned": report["pruned"]["params"]},
         "seconds": time.perf_counter() - t,
     }
+
+
+def parse_gate_options(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, dict[str, float]]:
+    """`METHOD.KEY=VALUE` strings as {method: {key: float(value)}}; a malformed one is an argument error."""
+    options: dict[str, dict[str, float]] = {}
+    for item in items:
+        head, sep, value = item.partition("=")
+        method, dot, key = head.partition(".")
+        if not sep or not dot or method not in ("sbp", "rbp", "turbo-vbi"):
+            ap.error(f"--gate-option {item!r}: expected METHOD.KEY=VALUE with METHOD sbp, rbp or turbo-vbi")
+        try:
+            options.setdefault(method, {})[key] = float(value)
+        except ValueError:
+            ap.error(f"--gate-option {item!r}: {value!r} is not a number")
+    return options
 
 
 def main() -> None:
@@ -74,18 +90,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="Bayesian epochs (default 3)")
     ap.add_argument("--kl-scale", type=float, default=1.0, help="multiplies the KL term (default 1: the ELBO)")
     ap.add_argument("--kl-weighting", choices=("none", "macs"), default="none", help="weight each channel's KL by its MACs")
+    ap.add_argument("--gate-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                    help="a gate option for one method's runs, e.g. turbo-vbi.prior_weight=0.01 (repeatable)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "methods-zoo")
     ap.add_argument("--results", type=Path, default=RESULTS / "methods-zoo" / "result.json")
     args = ap.parse_args()
+    args.gate_options = parse_gate_options(ap, args.gate_option)
     use_global_ort_threads(2)
     datasets = dict(zoo_models())
     result = {"benchmark": "methods-zoo", "machine": machine_info(),
               "config": {"train_limit": args.train_limit, "pretrain_epochs": args.pretrain_epochs, "epochs": args.epochs,
                          "device": args.device, "seed": args.seed, "kl_scale": args.kl_scale,
-                         "kl_weighting": args.kl_weighting, "models": args.models, "methods": args.methods},
+                         "kl_weighting": args.kl_weighting, "gate_options": args.gate_options,
+                         "torch_eval_precision": "ieee float32", "models": args.models, "methods": args.methods},
               "rows": []}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for model in args.models:

@@ -106,5 +106,39 @@ def test_methods_zoo_trains_exports_and_reports_agreement(tmp_path):
     sys.path.insert(0, str(ROOT))
     from benchmarks.make_report import methods_zoo_section
 
-    table = methods_zoo_section(out)
+    table = methods_zoo_section([out])
     assert "`lenet300`" in table and "RBP" in table and "Turbo-VBI" in table and "KL x50" in table
+
+
+def _zoo_file(path, models, methods, rows, device="cpu", gate_options=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    row = {"data": "mnist", "train_images": 100, "test_images": 10000, "dense_error_onnx": 0.1,
+           "wrapped_error_torch": 0.1, "pruned_error_onnx": 0.1, "agreement_with_wrapped": 1.0, "channels_kept": 3,
+           "channels_gated": 4, "macs": {"dense": 4, "pruned": 2}, "params": {"dense": 4, "pruned": 2}, "seconds": 1}
+    config = {"train_limit": 100, "pretrain_epochs": 1, "epochs": 2, "device": device, "seed": 0, "kl_scale": 1.0,
+              "kl_weighting": "none", "gate_options": gate_options or {}, "models": models, "methods": methods}
+    path.write_text(json.dumps({"benchmark": "methods-zoo", "machine": {"cpu": "x"}, "config": config,
+                                "rows": [{**row, "model": m, "method": k} for m, k in rows]}))
+    return path
+
+
+def test_methods_zoo_section_merges_split_zoos_and_names_only_runs_no_file_finished(tmp_path):
+    """A zoo split over GPUs and finished elsewhere is one table in registry order; a planned run is reported
+    missing only when no file holds it with the same gate options."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.make_report import methods_zoo_section
+
+    a = _zoo_file(tmp_path / "a/result.json", ["lenet300", "lenet500", "lenet5"], ["rbp"],
+                  [("lenet5", "rbp")], device="cuda")
+    b = _zoo_file(tmp_path / "b/result.json", ["lenet300", "lenet500"], ["rbp"], [("lenet300", "rbp")])
+    c = _zoo_file(tmp_path / "c/result.json", ["lenet300"], ["turbo-vbi"], [], gate_options={"turbo-vbi": {"prior_weight": 0.01}})
+    table = methods_zoo_section([a, b, c])
+    assert table.index("`lenet300`") < table.index("`lenet5`")
+    assert "not run: lenet500 / RBP (defaults), lenet300 / Turbo-VBI (prior_weight=0.01)." in table
+    assert "(TF32)" in table  # the CUDA file predates the float32 predictions
+
+
+def test_methods_zoo_rejects_a_malformed_gate_option():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "methods_zoo.py"), "--gate-option", "prior_weight=0.1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "METHOD.KEY=VALUE" in proc.stderr
