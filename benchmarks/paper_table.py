@@ -117,7 +117,8 @@ RUNS: dict[str, Run] = {
     "cifar-resnet56": Run("resnet56", "cifar10", 20, 24, {}, pretrained=str(PRETRAINED / "resnet56-4bfd9763.th"),
                           tp_ignore=("conv1", r"layer\d+\.\d+\.conv2"),
                           recipe={"schedule": "step-linear", "lr": 1e-3, "gate_lr": 1e-2, "beta1": 0.95,
-                                  "kl_scale": 10.0, "kl_weighting": "macs", "finetune_epochs": 6}),
+                                  "kl_scale": 10.0, "kl_weighting": "macs", "finetune_epochs": 6},
+                          method_recipes={"turbo-vbi": {"gate_options": {"prior_weight": 0.01}}}),
 }
 
 
