@@ -647,12 +647,14 @@ def methods_zoo_section(paths: list[Path]) -> str:
             "in PyTorch evaluation mode. A short budget: it checks that every architecture trains and exports exactly "
             "under each method, not the methods' accuracy (thousands of training images for a few epochs: the CIFAR nets stay far from it). "
             + ("The dense net's two columns compare the two runtimes before any pruning (– where not recorded). "
-               if any("dense_error_torch" in r for _, r, _ in entries) else "") + " ".join(machines) + ".")
+               if any("dense_error_torch" in r for _, r, _ in entries) else "") + "; ".join(machines) + ".")
     if any(_tf32(c) for c, _, _ in entries):
         text += (" Rows marked (TF32) were trained on CUDA before `predict` switched TF32 off: the wrapped net's "
-                 "predictions came from TF32 convolutions (PyTorch's default for cuDNN), against ONNX Runtime's float32; "
-                 "the few images on which they differ are that rounding, not the pruning (the same nets' CPU rows agree "
-                 "to the image).")
+                 "predictions came from TF32 convolutions (PyTorch's default for cuDNN), against ONNX Runtime's float32.")
+        exact = [r for c, r, _ in entries if not _tf32(c)]
+        if exact and all(r["agreement_with_wrapped"] == 1.0 for r in exact):
+            text += (f" The {len(exact)} rows computed in float32 on both sides agree on every test image, which points to that rounding, not the pruning, "
+                     "for the few images of a TF32 row.")
     missing = [f"{m} / {METHOD_NAMES[k]} ({o})" for m, k, o in dict.fromkeys(planned) if (m, k, o) not in done]
     if missing:
         text += f" **Cut short**: not run: {', '.join(missing)}."
