@@ -487,3 +487,47 @@ def test_wrapped_model_reports_a_stage_span_only_for_recursive_gates():
     assert wrapped.stage_span(5, 12) == (0, 6) and wrapped.stage_span(6, 12) == (6, 12)
     assert bayes.wrap(model, (x,), method="rbp", recursive=False).stage_span(5, 12) is None
     assert bayes.wrap(model, (x,), method="sbp").stage_span(5, 12) is None
+
+
+def test_a_compiled_training_step_is_traced_once_for_every_stage_of_the_schedule():
+    """The gate reads its state as data: a compiled forward and KL (as fit compiles them) is not recompiled when the
+    schedule moves a gate from dormant to active to frozen, where a branch on the host-side state would be."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    g = RBPGate(4)
+    g.stage_index, g.stage_count = 1, 3
+    g.state_as_data = True  # as fit sets it while it runs a compiled step
+    counter = CompileCounter()
+    step = torch.compile(lambda x: g(x).sum() + g.kl(), backend=counter, dynamic=False)
+    x = torch.rand(5, 4)
+    g.train()
+    values = []
+    for epoch in (0, 2, 4):  # dormant, active, frozen
+        g.begin_epoch(epoch, 6)
+        values.append(step(x))
+    assert g.state == "frozen" and counter.frame_count == 1
+    assert torch.allclose(values[0], x.sum())  # dormant: ones, no KL
+    assert torch.allclose(values[2], (x * g.deterministic()).sum())  # frozen: theta * mask, no KL
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("state_as_data", [False, True])
+def test_a_state_trains_only_its_parameters_when_the_state_is_read_as_data_too(state_as_data):
+    """Dormant trains nothing, frozen theta only, active both; read as data, the untrained parameters get zero
+    gradients in the graph, which before_step drops, so the optimizer sees what an eager branch gives it."""
+    g = RBPGate(4, parametrization="alpha")
+    g.stage_index, g.stage_count = 1, 3
+    g.state_as_data = state_as_data
+    x = torch.rand(5, 4)
+    trained = {}
+    for epoch, state in ((0, "dormant"), (2, "active"), (4, "frozen")):
+        g.begin_epoch(epoch, 6)
+        assert g.state == state
+        g.zero_grad(set_to_none=True)
+        out = (g.train()(x)).sum() + g.kl()
+        if out.requires_grad:
+            out.backward()
+        g.before_step()
+        trained[state] = (g.log_theta.grad is not None, g.log_alpha.grad is not None)
+    assert trained == {"dormant": (False, False), "active": (True, True), "frozen": (True, False)}

@@ -92,6 +92,10 @@ class RBPGate(nn.Module):
         # the wrapper overwrites these before training. Defaults: a lone gate, always active.
         self.stage_index = 0
         self.stage_count = 1
+        # Read the state as data in training (sample, kl): set by fit while it runs a compiled step, so that the
+        # step is traced once for all stages. Parameters a state does not train then get zero gradients, which
+        # before_step drops (an own training loop leaves this off, or calls before_step between backward and step).
+        self.state_as_data = False
         self.log_theta = nn.Parameter(torch.zeros(self.num_channels))
         if parametrization == "alpha":
             self.log_alpha = nn.Parameter(torch.full((self.num_channels,), self.init_log_alpha))
@@ -203,6 +207,16 @@ class RBPGate(nn.Module):
             return
         self.set_state(self.schedule(self.stage_index, self.stage_count, epoch, epochs))
 
+    def before_step(self) -> None:
+        """Drop the gradients this state does not train, as if those parameters had not taken part in the step:
+        frozen gates train ``log_theta`` only, dormant gates nothing. With ``state_as_data`` the training graph
+        holds them in every state, so they get zero gradients, on which Adam would still move them by its momentum."""
+        code = self._code
+        if code != _ACTIVE:
+            self.noise_parameter().grad = None
+        if code == _DORMANT:
+            self.log_theta.grad = None
+
     def after_step(self) -> None:
         """Nothing to do after an optimiser step (all updates are gradient steps)."""
 
@@ -212,8 +226,12 @@ class RBPGate(nn.Module):
         """KL(q || log-uniform prior) summed over channels while active; 0 otherwise (scalar).
 
         Frozen and dormant gates are point masses whose KL from the log-uniform prior is a
-        constant independent of their location (see the doc), hence dropped.
+        constant independent of their location (see the doc), hence dropped. With ``state_as_data``
+        the state is read from the ``state_code`` buffer as data (see :meth:`sample`).
         """
+        if self.state_as_data:
+            kl = kl_log_uniform(self._log_alpha()).sum()
+            return torch.where(self.state_code == _ACTIVE, kl, torch.zeros_like(kl))
         if self._code != _ACTIVE:
             return self.log_theta.new_zeros(())
         return kl_log_uniform(self._log_alpha()).sum()
@@ -255,6 +273,16 @@ class RBPGate(nn.Module):
         (reparametrised, differentiable w.r.t. ``log_theta`` and ``log_alpha``); frozen:
         ``theta * mask`` repeated (differentiable w.r.t. ``log_theta``); dormant: ones."""
         n = int(n)
+        if self.state_as_data:
+            # Branch-free on the state, read from the state_code buffer as data rather than from the host-side
+            # copy: a compiled training step is then one graph for every stage of the schedule, not one per stage.
+            # Noise is drawn in every state; before_step drops the (zero) gradients a state does not train.
+            theta = self.theta()
+            eps = torch.randn((n, self.num_channels), generator=generator, dtype=theta.dtype, device=theta.device)
+            noisy = theta * (1.0 + torch.exp(0.5 * self._log_alpha()) * eps)
+            fixed = (theta * self.frozen_mask.to(theta.dtype)).expand(n, -1)
+            held = torch.where(self.state_code == _FROZEN, fixed, torch.ones_like(noisy))
+            return torch.where(self.state_code == _ACTIVE, noisy, held)
         code = self._code
         if code == _DORMANT:
             return torch.ones((n, self.num_channels), dtype=self.log_theta.dtype, device=self.log_theta.device)

@@ -281,8 +281,10 @@ def fit(
         return F.cross_entropy(logits, yb), logits
 
     if compile_step:
-        # a schedule stage (RBP) changes what the graph holds: allow one compiled graph per stage
+        # (other code that changes with the schedule still gets its own graph: allow several)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        if bayesian:  # RBP's gates then read their stage as data: one graph for all stages, not one per stage
+            base.read_states_as_data(True)
         forward_loss = torch.compile(forward_loss, dynamic=False)
     if not kl_scale > 0:
         raise ValueError(f"kl_scale must be positive, got {kl_scale}")
@@ -325,6 +327,8 @@ def fit(
             loss, logits = forward_loss(xb, yb, kl_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if bayesian:
+                base.before_step()
             optimizer.step()
             if bayesian:
                 base.after_step()
@@ -372,6 +376,8 @@ def fit(
             )
         if world > 1:
             dist.barrier()
+    if bayesian:
+        base.read_states_as_data(False)
     if bayesian and recalibrate:
         recalibrate_norms(base, x, batch_size=max(batch_size, 256), device=device)
     return history

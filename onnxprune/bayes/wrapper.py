@@ -222,6 +222,19 @@ class BayesianModel(nn.Module):
                 return g.stage_span(g.stage_count, epoch, epochs)
         return None
 
+    def read_states_as_data(self, flag: bool) -> None:
+        """Gates on a schedule (RBP) read their state as data in training (one compiled graph for every stage)."""
+        for g in self.gates.values():
+            if hasattr(g, "state_as_data"):
+                g.state_as_data = bool(flag)
+
+    def before_step(self) -> None:
+        """Between backward and the optimizer step: gates on a schedule (RBP) drop the gradients their state does
+        not train."""
+        for g in self.gates.values():
+            if hasattr(g, "before_step"):
+                g.before_step()
+
     def after_step(self) -> None:
         """After each optimizer step: gates with closed-form updates (Turbo-VBI) run them here."""
         for g in self.gates.values():
