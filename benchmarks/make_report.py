@@ -145,6 +145,23 @@ def _ms(v: float | None) -> str:
     return "not measured" if v is None else f"{v:.2f} ms"
 
 
+@section("rbp-compile")
+def rbp_compile_section(run: str, r: dict) -> str:
+    """RBP's compiled training step: gates reading their stage as data against gates branching on it."""
+    c = r["config"]
+    out = [f"### {run}: RBP's compiled step, one graph for every stage or one per stage\n"]
+    out.append(machine_line(r["machine"]) + f". Script: `python benchmarks/rbp_compile.py --model {c['model']} --epochs "
+               f"{c['epochs']} --train-limit {c['train_limit']} --device {c['device']}`. RBP's schedule moves its gates "
+               "from dormant to active to frozen stage by stage; `fit` compiles its whole training step "
+               "(`compile_step`). Gates that branch on their state make each stage a new graph, compiled when the stage "
+               "begins; gates that read it as data (`state_as_data`, what `fit` sets since 2026-11-22) share one graph. "
+               "Each way in a fresh process, Inductor's caches off; the first epoch holds the first compilation.\n")
+    rows = [[x["label"], x["stages"], x["graphs_compiled"], " / ".join(f"{s:.1f}" for s in x["epoch_seconds"]),
+             f"{sum(x['epoch_seconds']):.1f} s"] for x in r["rows"]]
+    out.append(md_table(["gates", "stages", "graphs compiled", "seconds per epoch", "total"], rows))
+    return "\n".join(out) + "\n"
+
+
 @section("sbp-step-time")
 def step_time_section(run: str, r: dict) -> str:
     """Old results: eager vs compiled gates (``sbp_compiled_ms``); new ones: eager gates, gates compiled alone and

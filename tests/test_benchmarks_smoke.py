@@ -142,3 +142,20 @@ def test_methods_zoo_rejects_a_malformed_gate_option():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "methods_zoo.py"), "--gate-option", "prior_weight=0.1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "METHOD.KEY=VALUE" in proc.stderr
+
+
+def test_rbp_compile_compiles_fewer_graphs_when_the_gates_read_their_stage_as_data(tmp_path):
+    """benchmarks/rbp_compile.py on LeNet5 (3 stages over 3 epochs): the gates that read their stage as data compile
+    fewer graphs than gates branching on it, which compile one per stage; the report renders both rows."""
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rbp_compile.py"), "--epochs", "3",
+                           "--train-limit", "256", "--results", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    data, branches = (next(x for x in r["rows"] if x["mode"] == m) for m in ("data", "branches"))
+    assert data["stages"] == branches["stages"] == 3
+    assert data["graphs_compiled"] < branches["graphs_compiled"]
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.make_report import rbp_compile_section
+
+    assert "state as data" in rbp_compile_section("rbp-compile-lenet5-cpu", r)
