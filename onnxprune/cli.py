@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from onnxprune import __version__
@@ -240,7 +241,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         kl_weighting=args.kl_weighting, finetune_epochs=args.finetune_epochs, seed=args.seed,
         device=device, target=args.target, threads=args.threads, progress=not args.quiet, gate_inputs=args.gate_inputs,
         gate_options={"placement": args.placement, "noise": args.noise},
-        train_limit=args.train_limit,
+        train_limit=args.train_limit, compile=False if args.no_compile else None,
     )
     report = run(cfg)
     if "rank" in report:  # a torchrun worker: rank 0 reports and writes
@@ -362,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw the gates once per example (default) or once per minibatch (the SBP authors')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--no-compile", action="store_true",
+                   help="train eagerly: no torch.compile of the step (on CUDA it is on by default; compiling takes a "
+                        "minute or two, which a short run does not win back)")
     p.add_argument("-o", "--output", metavar="DIR", help="output folder (default out/MODEL-DATA-METHOD)")
     _target_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -376,12 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line for the user (e.g. an RBP stage too short to reject any channel), not a source trace."""
+    return f"onnxprune: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.own_process = argv is None
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.formatwarning = _format_warning
+            return args.func(args)
     except OnnxPruneError as e:
         print(f"onnxprune: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -57,6 +57,7 @@ class TrainConfig:
     progress: bool = True
     gate_options: dict = field(default_factory=dict)
     train_limit: int | None = None  # train on this many training images (a fixed random subset), for quick trials
+    compile: bool | None = None  # torch.compile the Bayesian training step (None: fit's default, on CUDA with Triton)
 
     def resolved_epochs(self) -> tuple[int, int]:
         pre, bayes = DEFAULT_EPOCHS.get(self.data, (10, 30))
@@ -217,7 +218,8 @@ def run(cfg: TrainConfig) -> dict:
         weight_kl_by_macs(wrapped, (example,))
     fit(wrapped, x_train, y_train, epochs=epochs - cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, gate_lr=cfg.gate_lr,
         kl_warmup_epochs=cfg.kl_warmup_epochs, kl_scale=cfg.kl_scale, seed=cfg.seed, device=device, augment=augment,
-        checkpoint=ckpt / f"{cfg.method}.pt", progress=cfg.progress, desc=cfg.method)
+        checkpoint=ckpt / f"{cfg.method}.pt", progress=cfg.progress, desc=cfg.method,
+        compile_step=cfg.compile, compile_gates=cfg.compile)
     timings["bayesian_training_s"] = time.perf_counter() - t
     tuned = None
     if cfg.finetune_epochs:

@@ -302,3 +302,10 @@ def test_ir_version_newer_than_the_runtime_is_lowered_not_refused(tmp_path, caps
     pruned = onnx.load(out)
     assert pruned.ir_version < too_new and layer_widths(pruned)["conv1"] == (3, 4)
     assert onnx.load(src).ir_version == too_new  # the input file is untouched
+
+
+def test_a_warning_during_a_command_reads_as_one_line_for_the_user():
+    from onnxprune.cli import _format_warning
+
+    line = _format_warning(RuntimeWarning("RBP: 2 of 2 gates train for too few steps"), RuntimeWarning, "x.py", 1)
+    assert line == "onnxprune: warning: RBP: 2 of 2 gates train for too few steps\n"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import integrate, special, stats
 
-from onnxprune.bayes.rbp import K1, K2, K3, RBPGate, kl_log_uniform
+from onnxprune.bayes.rbp import K1, K2, K3, RBPGate, kl_log_uniform, log_alpha_reach
 
 LOG_ALPHA_GRID = np.linspace(-8.0, 8.0, 81)
 # KL -> 0 as alpha -> inf fixes the additive constant: -E log|eps| = (gamma + log 2) / 2.
@@ -531,3 +531,59 @@ def test_a_state_trains_only_its_parameters_when_the_state_is_read_as_data_too(s
         g.before_step()
         trained[state] = (g.log_theta.grad is not None, g.log_alpha.grad is not None)
     assert trained == {"dormant": (False, False), "active": (True, True), "frozen": (True, False)}
+
+
+@pytest.mark.parametrize("parametrization,per_step", [("additive", 3.0), ("alpha", 1.0)])
+def test_the_kl_alone_moves_log_alpha_by_the_estimated_reach(parametrization, per_step):
+    """Under a steady gradient Adam moves each parameter by its learning rate per step, so the KL alone carries
+    log alpha log_alpha_reach() in n steps: three times the rate per step when log sigma^2 and log theta both move."""
+    lr, steps = 0.01, 100
+    gate = RBPGate(4, parametrization=parametrization)
+    opt = torch.optim.Adam(gate.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        gate.kl().backward()
+        opt.step()
+    travelled = gate.log_alpha_values() - gate.init_log_alpha
+    reach = log_alpha_reach(lr, [1.0] * steps, parametrization)
+    assert reach == pytest.approx(per_step * lr * steps)
+    assert torch.allclose(travelled, torch.full_like(travelled, reach), rtol=0.01)
+
+
+def test_log_alpha_reach_sums_the_schedule_and_rejects_an_unknown_parametrization():
+    assert log_alpha_reach(0.1, [1.0, 0.5, 0.0]) == pytest.approx(0.45)
+    with pytest.raises(ValueError, match="parametrization"):
+        log_alpha_reach(0.1, [1.0], "gaussian")
+
+
+def _two_gate_model():
+    import torch.nn as nn
+
+    from onnxprune import bayes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    return bayes.wrap(model, (torch.zeros(1, 3, 6, 6),), method="rbp")
+
+
+def test_fit_warns_when_a_stage_is_too_short_for_any_channel_to_be_rejected():
+    from onnxprune.bayes.training import fit
+
+    x = np.random.default_rng(0).random((64, 3, 6, 6), dtype=np.float32)
+    y = np.arange(64) % 3
+    with pytest.warns(RuntimeWarning, match=r"2 of 2 gates train for too few steps.*at least 1\.8"):
+        fit(_two_gate_model(), x, y, epochs=2, batch_size=32, gate_lr=1e-3, progress=False, compile_step=False)
+
+
+def test_fit_does_not_warn_when_every_stage_can_reach_the_threshold(recwarn):
+    from onnxprune.bayes.training import fit, rbp_reach_warning
+
+    x = np.random.default_rng(0).random((64, 3, 6, 6), dtype=np.float32)
+    y = np.arange(64) % 3
+    fit(_two_gate_model(), x, y, epochs=2, batch_size=32, gate_lr=2.0, progress=False, compile_step=False)
+    assert not [w for w in recwarn if "too few steps" in str(w.message)]
+    # a cosine schedule restarted per stage halves the reach: the same rate then falls short
+    assert rbp_reach_warning(_two_gate_model(), epochs=2, steps_per_epoch=2, gate_lr=2.0) is None
+    assert "at least 2.4" in rbp_reach_warning(_two_gate_model(), epochs=2, steps_per_epoch=2, gate_lr=2.0,
+                                               lr_schedule="cosine")

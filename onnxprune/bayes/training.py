@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -64,6 +65,59 @@ def lr_factor(schedule: str, progress: float, decay_start: float = 0.5) -> float
     if schedule == "step-linear":
         return min(1.0, (1.0 - progress) / (1.0 - decay_start))
     return 1.0
+
+
+def step_lr_factor(
+    schedule: str, epoch: int, step: int, steps_per_epoch: int, epochs: int,
+    span: tuple[int, int] | None = None, decay_start: float = 0.5,
+) -> float:
+    """The learning rate's multiplier at ``step`` of ``epoch`` in ``fit``: the schedule runs once over all
+    epochs, or once within ``span`` (the epochs ``[start, end)`` of the current RBP stage)."""
+    if schedule == "constant":
+        return 1.0
+    if span is None:
+        progress = (epoch * steps_per_epoch + step) / (epochs * steps_per_epoch)
+    else:
+        progress = ((epoch - span[0]) * steps_per_epoch + step) / ((span[1] - span[0]) * steps_per_epoch)
+    return lr_factor(schedule, progress, decay_start)
+
+
+def rbp_reach_warning(
+    model: BayesianModel, *, epochs: int, steps_per_epoch: int, gate_lr: float, lr_schedule: str = "constant",
+    decay_start: float = 0.5, restart_per_stage: bool = True,
+) -> str | None:
+    """A sentence when some RBP gate trains for too few steps to reject any channel, else None.
+
+    A channel is rejected when its log alpha passes the threshold (3) from where it starts (-8); Adam moves log
+    alpha by about the gate learning rate per step at most (:func:`~onnxprune.bayes.rbp.log_alpha_reach`), so a
+    stage shorter than that distance keeps every channel, whatever the data say: the noise has no time to grow.
+    Layer by layer, a stage is ``epochs / stages`` epochs (one at least), which on a deep net is short.
+    """
+    from onnxprune.bayes.rbp import RBPGate, log_alpha_reach
+
+    gates = [g for g in model.gates.values() if isinstance(g, RBPGate)]
+    short = []
+    for g in gates:
+        if g.recursive:
+            active = [e for e in range(epochs) if RBPGate.schedule(g.stage_index, g.stage_count, e, epochs) == "active"]
+        else:
+            active = list(range(epochs))
+        factors = [step_lr_factor(lr_schedule, e, s, steps_per_epoch, epochs,
+                                  model.stage_span(e, epochs) if restart_per_stage else None, decay_start)
+                   for e in active for s in range(steps_per_epoch)]
+        reach = log_alpha_reach(gate_lr, factors, g.parametrization)
+        need = g.log_alpha_threshold - g.init_log_alpha
+        if reach < need:
+            per_lr = log_alpha_reach(1.0, factors, g.parametrization)
+            short.append((need / per_lr if per_lr > 0 else math.inf, len(active) * steps_per_epoch, reach, g))
+    if not short:
+        return None
+    needed, steps, reach, g = max(short, key=lambda t: t[0])
+    return (f"RBP: {len(short)} of {len(gates)} gates train for too few steps to reject any channel. The shortest "
+            f"stage is {steps} steps at gate lr {gate_lr:g} ({lr_schedule} schedule): Adam moves log alpha by about "
+            f"{reach:.2g} in it, but a channel starts at log alpha {g.init_log_alpha:g} and is rejected above "
+            f"{g.log_alpha_threshold:g}. Use a gate learning rate of at least {needed:.2g}, more epochs or more "
+            f"steps per epoch, or a higher init_log_alpha.")
 
 
 def _distributed(device: torch.device) -> tuple[int, int]:
@@ -292,7 +346,11 @@ def fit(
     loader = ArrayLoader(x, y, batch_size, shuffle=True, seed=seed, device=device, augment=augment,
                          drop_last=True, rank=rank, world_size=world)
     steps_per_epoch = max(1, len(loader))
-    total_steps = epochs * steps_per_epoch
+    if bayesian and rank == 0:
+        short = rbp_reach_warning(base, epochs=epochs, steps_per_epoch=steps_per_epoch, gate_lr=gate_lr or lr,
+                                  lr_schedule=lr_schedule, decay_start=decay_start, restart_per_stage=restart_per_stage)
+        if short:
+            warnings.warn(short, RuntimeWarning, stacklevel=2)
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
         train_model.train()
@@ -313,12 +371,8 @@ def fit(
         kl_w = 1.0
         for step, (xb, yb) in enumerate(loader):
             done = epoch * steps_per_epoch + step
-            if lr_schedule != "constant":
-                if span is None:
-                    progress = done / total_steps
-                else:  # gates trained stage by stage: the schedule runs once within each stage
-                    progress = ((epoch - span[0]) * steps_per_epoch + step) / ((span[1] - span[0]) * steps_per_epoch)
-                factor = lr_factor(lr_schedule, progress, decay_start)
+            if lr_schedule != "constant":  # gates trained stage by stage (span): once within each stage
+                factor = step_lr_factor(lr_schedule, epoch, step, steps_per_epoch, epochs, span, decay_start)
                 for g, base_lr in zip(optimizer.param_groups, [lr, gate_lr or lr]):
                     g["lr"] = base_lr * factor
             if bayesian and kl_warmup_epochs > 0:
