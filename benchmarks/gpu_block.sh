@@ -152,11 +152,12 @@ PY
     while [ $(( $(date +%s) - start )) -lt "$limit" ]; do
       n=$(ls "$LOG"/q*.done 2>/dev/null | wc -l)
       m=$(ls "$LOG"/m*.log 2>/dev/null | wc -l); md=$(grep -l "=== done" "$LOG"/m*.log 2>/dev/null | wc -l)
-      zoo_busy=0; [ -e "$LOG/zoo.log" ] && [ ! -e "$LOG/zoo.done" ] && zoo_busy=1
+      zoo_busy=0  # every zoo launched (ZOO=NAME: log $LOG/zoo-*.log) until its .done appears
+      for zl in "$LOG"/zoo*.log; do [ -e "$zl" ] && [ ! -e "${zl%.log}.done" ] && zoo_busy=1; done
       [ "$n" -ge "$want" ] && [ "$md" -ge "$m" ] && [ "$zoo_busy" = 0 ] && break
       sleep 15
     done
-    for f in "$LOG"/q*.log "$LOG"/m*.log "$LOG"/zoo.log; do [ -e "$f" ] && { echo "--- $f"; tail -6 "$f"; }; done
+    for f in "$LOG"/q*.log "$LOG"/m*.log "$LOG"/zoo*.log; do [ -e "$f" ] && { echo "--- $f"; tail -6 "$f"; }; done
     ls "$LOG"/q*.done 2>/dev/null
     for d in benchmarks/work/*/; do
       python3 - "$d" <<'PY'

@@ -473,6 +473,40 @@ def shapes_latency_table(results: list[tuple[str, dict]]) -> str:
     return md_table(head, rows)
 
 
+SEED_BLIND = ("seed", "tag", "note", "cuda_note", "trained_on")
+
+
+def seeds_table(results: list[tuple[str, dict]]) -> str:
+    """SBP runs of one net whose configs differ only in the seed (and tag, notes, machine): each seed's error and
+    Torch-Pruning's at the same MACs, and the means, so that one seed's difference is read against another's."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for run, r in results:
+        if r["method"] != "sbp" or "torch_pruning" not in r["error_pct"]:
+            continue
+        key = json.dumps({k: v for k, v in r["config"].items() if k not in SEED_BLIND}, sort_keys=True)
+        groups.setdefault(key, []).append((run, r))
+    rows = []
+    for runs in groups.values():
+        seeds = sorted(runs, key=lambda x: x[1]["config"]["seed"])
+        if len({r["config"]["seed"] for _, r in seeds}) < 2:
+            continue
+        ours = [r["error_pct"]["pruned"] for _, r in seeds]
+        tp = [r["error_pct"]["torch_pruning"] for _, r in seeds]
+        macs = [r["macs"]["dense"] / r["macs"]["pruned"] for _, r in seeds]
+        tp_macs = [r["macs"]["dense"] / r["macs"]["torch_pruning"] for _, r in seeds]
+        rows.append([_net_name(seeds[0][1]["config"]), ", ".join(f"`{run}`" for run, _ in seeds),
+                     ", ".join(str(r["config"]["seed"]) for _, r in seeds),
+                     ", ".join(f"{r['error_pct']['dense']:.2f}" for _, r in seeds),
+                     ", ".join(f"{e:.2f}" for e in ours), ", ".join(f"{e:.2f}" for e in tp),
+                     f"**{sum(ours) / len(ours):.2f}** vs **{sum(tp) / len(tp):.2f}**",
+                     ", ".join(f"{a:.2f}x / {b:.2f}x" for a, b in zip(macs, tp_macs))])
+    if not rows:
+        return ""
+    head = ["net / data", "runs", "seeds", "dense error %", "SBP error % (shipped)", "Torch-Pruning error %",
+            "mean: SBP vs Torch-Pruning", "MAC reduction: SBP shipped / Torch-Pruning"]
+    return md_table(head, rows)
+
+
 def is_variant(r: dict) -> bool:
     """A run of paper_table.py with --tag: an ablation beside the run its RUNS entry defines."""
     return bool(r["config"].get("tag"))
@@ -614,8 +648,11 @@ interleaved runs measured side by side in one process.
 
 
 def _zoo_options(config: dict, method: str) -> str:
-    """A zoo run's gate options for one method, as `key=value` (or the method's defaults)."""
-    options = config.get("gate_options", {}).get(method, {})
+    """A zoo run's gate options for one method, as `key=value`, with its gate learning rate where one was given
+    (or the method's defaults)."""
+    options = dict(config.get("gate_options", {}).get(method, {}))
+    if method in config.get("gate_lr", {}):
+        options["gate lr"] = config["gate_lr"][method]
     return ", ".join(f"{k}={v:g}" for k, v in sorted(options.items())) or "defaults"
 
 
@@ -630,7 +667,12 @@ def methods_zoo_section(paths: list[Path]) -> str:
     zoos = [json.loads(p.read_text()) for p in paths if p.exists()]
     if not zoos:
         return ""
-    order = {m: i for i, m in enumerate(max((z["config"].get("models", []) for z in zoos), key=len))}
+    import models  # the registry's order: a zoo split over several files lists part of it each
+
+    names = list(models.REGISTRY) + [m for z in zoos for m in z["config"].get("models", []) if m not in models.REGISTRY]
+    order = {m: i for i, m in enumerate(dict.fromkeys(names))}
+    kl_scales = [z["config"].get("kl_scale", 1) for z in zoos for _ in z["rows"]]
+    usual_kl = max(set(kl_scales), key=kl_scales.count) if kl_scales else 1
     entries = []  # (config, row, machine)
     planned, done = [], set()
     for z in zoos:
@@ -646,7 +688,12 @@ def methods_zoo_section(paths: list[Path]) -> str:
     def pct(v):
         return "–" if v is None else f"{100 * v:.2f}"
 
-    rows = [[f"`{r['model']}`", r["data"], METHOD_NAMES[r["method"]], _zoo_options(c, r["method"]),
+    def options(c: dict, method: str) -> str:  # a zoo trained with another KL weight than most says so
+        text = _zoo_options(c, method)
+        kl = c.get("kl_scale", 1)
+        return text if kl == usual_kl else f"{text}, **KL x{kl:g}**" if kl != 1 else f"{text}, **the plain ELBO**"
+
+    rows = [[f"`{r['model']}`", r["data"], METHOD_NAMES[r["method"]], options(c, r["method"]),
              f"{r['train_images']} on {c['device'].split(':')[0].upper()}", pct(r.get("dense_error_torch")),
              pct(r["dense_error_onnx"]), pct(r["wrapped_error_torch"]), pct(r["pruned_error_onnx"]),
              f"**{100 * r['agreement_with_wrapped']:.2f} %**" + (" (TF32)" if _tf32(c) else ""),
@@ -655,7 +702,7 @@ def methods_zoo_section(paths: list[Path]) -> str:
     budgets = sorted({(c["pretrain_epochs"], c["epochs"], c.get("kl_scale", 1), c.get("kl_weighting", "none"))
                       for c, _, _ in entries})
     budget_text = "; ".join(f"{p} dense and {e} Bayesian epochs" + (f", KL x{k:g}" + (" by MACs" if w == "macs" else "")
-                                                                     if k != 1 else "") for p, e, k, w in budgets)
+                                                                     if k != 1 else ", the plain ELBO") for p, e, k, w in budgets)
     machines = sorted({machine_line({**m, "date": m.get("date", "")[:10]}) for _, _, m in entries})
     text = ("\n### Every architecture through RBP and Turbo-VBI: the export's check\n\n"
             "`python benchmarks/methods_zoo.py` runs `onnxprune train`'s pipeline on every architecture in `models/` whose "
@@ -672,6 +719,19 @@ def methods_zoo_section(paths: list[Path]) -> str:
         if exact and all(r["agreement_with_wrapped"] == 1.0 for r in exact):
             text += (f" The {len(exact)} rows computed in float32 on both sides agree on every test image, which points to that rounding, not the pruning, "
                      "for the few images of a TF32 row.")
+    if any(c.get("gate_lr") for c, _, _ in entries):
+        text += (" A gate lr in the options column is the gates' learning rate where it is not the pipeline's 3e-2: RBP's "
+                 "stages are one epoch each on these nets (78 steps), in which Adam moves log alpha by about "
+                 "3 x lr x 39 (cosine restarted per stage), and a channel needs 11 to be rejected (from -8 past 3). At "
+                 "3e-2 that is 3.5, and RBP kept every channel of the CIFAR nets, whatever the data said; `fit` now "
+                 "warns of it (docs/methods.md, RBP, how far the noise can travel in a stage).")
+    notes = list(dict.fromkeys(z["note"] for z in zoos if z.get("note")))
+    if notes:
+        text += " Notes of the zoo files: " + " ".join(f"({i}) {n}." for i, n in enumerate(notes, 1))
+    superseded = sorted(p.parent.name for p in (RESULTS / "superseded").glob("methods-zoo*/result.json"))
+    if superseded:
+        text += (f" Earlier zoos, superseded by these rows, are kept in `benchmarks/results/superseded/` "
+                 f"({', '.join(superseded)}).")
     missing = [f"{m} / {METHOD_NAMES[k]} ({o})" for m, k, o in dict.fromkeys(planned) if (m, k, o) not in done]
     if missing:
         text += f" **Cut short**: not run: {', '.join(missing)}."
@@ -791,6 +851,15 @@ def main() -> None:
                          "model differ by up to about 10 % between invocations on this shared machine. "
                          + machine_line(machine) + ".\n")
             parts.append(shapes)
+        seeds = seeds_table(paper)
+        if seeds:
+            parts.append("\n#### The same recipe, another seed\n")
+            parts.append("Runs whose configuration differs only in the seed (`--seed`; the dense net each started from "
+                         "was retrained in its lease, hence the dense column). Torch-Pruning prunes the same dense net to "
+                         "the MACs of the model SBP ships (landing a little below them) and fine-tunes as long; its seed "
+                         "is the run's. One seed's gap between the "
+                         "two is to be read against the spread between seeds.\n")
+            parts.append(seeds)
         parts.append("\n### SBP variants: the authors' recipe, piece by piece\n")
         parts.append("The same dense net per architecture (`--dense-dir`), trained on with `--tag` variants of "
                      "`benchmarks/paper_table.py` (the plans in `benchmarks/plans/`, run with `benchmarks/gpu_block.sh "

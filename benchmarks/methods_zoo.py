@@ -46,7 +46,8 @@ def run_one(model: str, data: str, method: str, args: argparse.Namespace) -> dic
                       method=method, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, seed=args.seed,
                       device=args.device, target="none", threads=2, progress=False, train_limit=args.train_limit,
                       kl_scale=args.kl_scale, kl_weighting=args.kl_weighting,
-                      gate_options=dict(args.gate_options.get(method, {})))
+                      gate_options=dict(args.gate_options.get(method, {})), gate_lr=args.gate_lr.get(method, 3e-2),
+                      compile=False if args.no_compile else None)
     t = time.perf_counter()
     report = run(cfg)
     groups = report["groups"]
@@ -79,6 +80,20 @@ def parse_gate_options(ap: argparse.ArgumentParser, items: list[str]) -> dict[st
     return options
 
 
+def parse_gate_lrs(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, float]:
+    """`METHOD=LR` strings as {method: lr}; a malformed one is an argument error."""
+    lrs: dict[str, float] = {}
+    for item in items:
+        method, sep, value = item.partition("=")
+        if not sep or method not in ("sbp", "rbp", "turbo-vbi"):
+            ap.error(f"--gate-lr {item!r}: expected METHOD=LR with METHOD sbp, rbp or turbo-vbi")
+        try:
+            lrs[method] = float(value)
+        except ValueError:
+            ap.error(f"--gate-lr {item!r}: {value!r} is not a number")
+    return lrs
+
+
 def main() -> None:
     names = [m for m, _ in zoo_models()]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -92,6 +107,10 @@ def main() -> None:
     ap.add_argument("--kl-weighting", choices=("none", "macs"), default="none", help="weight each channel's KL by its MACs")
     ap.add_argument("--gate-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                     help="a gate option for one method's runs, e.g. turbo-vbi.prior_weight=0.01 (repeatable)")
+    ap.add_argument("--gate-lr", action="append", default=[], metavar="METHOD=LR",
+                    help="the gates' learning rate for one method (default 3e-2, the pipeline's); RBP's layer-by-layer "
+                         "stages are short on a deep net, and at 3e-2 its noise cannot reach the rejection threshold")
+    ap.add_argument("--no-compile", action="store_true", help="train eagerly (a short run does not win back a compile)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir")
@@ -99,12 +118,14 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=RESULTS / "methods-zoo" / "result.json")
     args = ap.parse_args()
     args.gate_options = parse_gate_options(ap, args.gate_option)
+    args.gate_lr = parse_gate_lrs(ap, args.gate_lr)
     use_global_ort_threads(2)
     datasets = dict(zoo_models())
     result = {"benchmark": "methods-zoo", "machine": machine_info(),
               "config": {"train_limit": args.train_limit, "pretrain_epochs": args.pretrain_epochs, "epochs": args.epochs,
                          "device": args.device, "seed": args.seed, "kl_scale": args.kl_scale,
                          "kl_weighting": args.kl_weighting, "gate_options": args.gate_options,
+                         "gate_lr": args.gate_lr, "compile": not args.no_compile,
                          "torch_eval_precision": "ieee float32", "models": args.models, "methods": args.methods},
               "rows": []}
     args.results.parent.mkdir(parents=True, exist_ok=True)

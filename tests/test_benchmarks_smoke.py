@@ -132,16 +132,21 @@ def test_methods_zoo_section_merges_split_zoos_and_names_only_runs_no_file_finis
                   [("lenet5", "rbp")], device="cuda")
     b = _zoo_file(tmp_path / "b/result.json", ["lenet300", "lenet500"], ["rbp"], [("lenet300", "rbp")])
     c = _zoo_file(tmp_path / "c/result.json", ["lenet300"], ["turbo-vbi"], [], gate_options={"turbo-vbi": {"prior_weight": 0.01}})
-    table = methods_zoo_section([a, b, c])
+    d = _zoo_file(tmp_path / "d/result.json", ["lenet5"], ["rbp"], [("lenet5", "rbp")])
+    d.write_text(d.read_text().replace('"gate_options": {}', '"gate_options": {}, "gate_lr": {"rbp": 0.15}'))
+    table = methods_zoo_section([a, b, c, d])
+    assert "gate lr=0.15" in table
     assert table.index("`lenet300`") < table.index("`lenet5`")
     assert "not run: lenet500 / RBP (defaults), lenet300 / Turbo-VBI (prior_weight=0.01)." in table
     assert "(TF32)" in table  # the CUDA file predates the float32 predictions
 
 
-def test_methods_zoo_rejects_a_malformed_gate_option():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "methods_zoo.py"), "--gate-option", "prior_weight=0.1"],
+@pytest.mark.parametrize("args, expected", [(["--gate-option", "prior_weight=0.1"], "METHOD.KEY=VALUE"),
+                                            (["--gate-lr", "0.1"], "METHOD=LR"), (["--gate-lr", "rbp=fast"], "not a number")])
+def test_methods_zoo_rejects_a_malformed_gate_option_or_gate_lr(args, expected):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "methods_zoo.py"), *args],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "METHOD.KEY=VALUE" in proc.stderr
+    assert proc.returncode == 2 and expected in proc.stderr
 
 
 def test_rbp_compile_compiles_fewer_graphs_when_the_gates_read_their_stage_as_data(tmp_path):
