@@ -127,13 +127,15 @@ PY
     ;;
   launch-measure)
     # launch-measure Q@G SPEC [Q@G SPEC]..: once $LOG/qQ.done exists, measure SPEC (errors, MACs, CPU latency,
-    # then CUDA latency, on GPU G), each run in its own background process; logs in $LOG/m*.log
+    # then CUDA latency, on GPU G), each run in its own background process; logs in $LOG/m*.log, then $LOG/mQ.done
+    # (a plan's queue on "G:/tmp/gpu_runs/mQ.done" starts after it: latency not timed beside its training)
     shift; mkdir -p "$LOG" "$RESULTS"; export RESULTS
     while [ $# -ge 2 ]; do
       q=${1%@*} g=${1#*@} spec=$2; shift 2
       CUDA_VISIBLE_DEVICES=$g setsid nohup bash -c "while [ ! -e $LOG/q$q.done ]; do sleep 5; done; echo \"=== \$(date +%T) $spec\";
         $RUN $spec --stage measure --rounds 15 --quiet --results $RESULTS 2>&1 | tail -2;
-        $RUN $spec --stage measure-cuda --rounds 20 --quiet --results $RESULTS 2>&1 | tail -2; echo \"=== done \$(date +%T)\"" \
+        $RUN $spec --stage measure-cuda --rounds 20 --quiet --results $RESULTS 2>&1 | tail -2; echo \"=== done \$(date +%T)\";
+        touch $LOG/m$q.done" \
         > "$LOG/m$q-$(echo "$spec" | tr -c 'A-Za-z0-9.\n-' _ | cut -c1-120).log" 2>&1 &
     done
     sleep 1; echo "measurers waiting: $(ls "$LOG"/m*.log | wc -l)"
