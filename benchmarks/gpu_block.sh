@@ -101,7 +101,8 @@ PY
     # launch-plan FILE: lines "QUEUE GPU SPEC..." (# comments); the specs of one queue run in turn,
     # queues run at once (several may share a GPU). Lines "dense GPU SPEC" run first, in order.
     # GPU may be "G:FILE": the queue starts on GPU G once FILE exists (e.g. a dense net trained elsewhere).
-    mkdir -p "$LOG"; rm -f "$LOG"/q*.done
+    # A second plan launched while the first runs adds its queues (numbered apart): wait waits for all of them.
+    mkdir -p "$LOG"
     export -f queue; export RUN LOG
     grep -E '^dense ' "$2" | while read -r _ g spec; do
       echo "=== dense: $spec"
@@ -109,7 +110,8 @@ PY
       CUDA_VISIBLE_DEVICES=$g $RUN $spec --device cuda --stage dense --quiet 2>&1 | grep -v Warning | tail -2
     done
     queues=$(grep -vE '^(#|dense |$)' "$2" | awk '{print $1}' | sort -u)
-    echo "$queues" | wc -l > "$LOG/nqueues"
+    for q in $queues; do rm -f "$LOG/q$q.done"; echo "$q" >> "$LOG/queues"; done
+    sort -u -o "$LOG/queues" "$LOG/queues"; wc -l < "$LOG/queues" > "$LOG/nqueues"
     for q in $queues; do
       g=$(grep -E "^$q " "$2" | head -1 | awk '{print $2}')
       after=""; if [[ $g == *:* ]]; then after=${g#*:}; g=${g%%:*}; fi
@@ -117,7 +119,7 @@ PY
       while read -r _ _ spec; do specs+=("$spec"); done < <(grep -E "^$q " "$2")
       setsid nohup bash -c "while [ -n '$after' ] && [ ! -e '$after' ]; do sleep 5; done; queue $q $g $(printf "'%s' " "${specs[@]}")" >/dev/null 2>&1 &
     done
-    sleep 3; echo "launched $(cat "$LOG/nqueues") queues"; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
+    sleep 3; echo "launched $(echo "$queues" | wc -l) queues ($(cat "$LOG/nqueues") in all)"; nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
     ;;
   launch-plan-measure)
     bash "$0" launch-plan "$2" || exit 1
