@@ -473,38 +473,109 @@ def shapes_latency_table(results: list[tuple[str, dict]]) -> str:
     return md_table(head, rows)
 
 
-SEED_BLIND = ("seed", "tag", "note", "cuda_note", "trained_on")
+SEED_BLIND = ("seed", "tag", "note", "cuda_note", "trained_on", "baseline_macs")  # not how SBP trained
+# Which SBP model each Torch-Pruning baseline matches in MACs: (what the report calls it, its key, the baseline's key)
+SEED_COMPARISONS = (("shipped", "pruned", "torch_pruning"), ("posterior's", "pruned_all", "torch_pruning_posterior"))
 
 
-def seeds_table(results: list[tuple[str, dict]]) -> str:
-    """SBP runs of one net whose configs differ only in the seed (and tag, notes, machine): each seed's error and
-    Torch-Pruning's at the same MACs, and the means, so that one seed's difference is read against another's."""
+def seed_groups(results: list[tuple[str, dict]]) -> list[list[tuple[str, dict]]]:
+    """SBP runs compared with Torch-Pruning whose configs differ only in the seed (and tag, notes, machine), groups of
+    at least two seeds, each sorted by seed."""
     groups: dict[str, list[tuple[str, dict]]] = {}
     for run, r in results:
         if r["method"] != "sbp" or "torch_pruning" not in r["error_pct"]:
             continue
         key = json.dumps({k: v for k, v in r["config"].items() if k not in SEED_BLIND}, sort_keys=True)
         groups.setdefault(key, []).append((run, r))
-    rows = []
-    for runs in groups.values():
-        seeds = sorted(runs, key=lambda x: x[1]["config"]["seed"])
-        if len({r["config"]["seed"] for _, r in seeds}) < 2:
-            continue
-        ours = [r["error_pct"]["pruned"] for _, r in seeds]
-        tp = [r["error_pct"]["torch_pruning"] for _, r in seeds]
-        macs = [r["macs"]["dense"] / r["macs"]["pruned"] for _, r in seeds]
-        tp_macs = [r["macs"]["dense"] / r["macs"]["torch_pruning"] for _, r in seeds]
-        rows.append([_net_name(seeds[0][1]["config"]), ", ".join(f"`{run}`" for run, _ in seeds),
-                     ", ".join(str(r["config"]["seed"]) for _, r in seeds),
-                     ", ".join(f"{r['error_pct']['dense']:.2f}" for _, r in seeds),
-                     ", ".join(f"{e:.2f}" for e in ours), ", ".join(f"{e:.2f}" for e in tp),
-                     f"**{sum(ours) / len(ours):.2f}** vs **{sum(tp) / len(tp):.2f}**",
-                     ", ".join(f"{a:.2f}x / {b:.2f}x" for a, b in zip(macs, tp_macs))])
-    if not rows:
+    runs = [sorted(g, key=lambda x: x[1]["config"]["seed"]) for g in groups.values()]
+    return [g for g in runs if len({r["config"]["seed"] for _, r in g}) >= 2]
+
+
+def paired_difference(ours: list[float], theirs: list[float]) -> tuple[float, float | None, int]:
+    """Per-seed differences ours - theirs: their mean, its standard error (None for one pair), and how many are < 0."""
+    d = [a - b for a, b in zip(ours, theirs)]
+    mean = sum(d) / len(d)
+    se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else None
+    return mean, se, sum(x < 0 for x in d)
+
+
+def _mean_sd(v: list[float]) -> str:
+    mean = sum(v) / len(v)
+    sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+    return f"{mean:.2f} ({sd:.2f})"
+
+
+def seed_comparisons(results: list[tuple[str, dict]]) -> list[tuple[str, str, str, list[tuple[str, dict]]]]:
+    """(net, SBP model, its key, baseline key, runs) for every seed group and every baseline at least two of its
+    seeds trained: the shipped model against Torch-Pruning at its MACs, the posterior's against Torch-Pruning at its."""
+    out = []
+    for seeds in seed_groups(results):
+        for model, ours, theirs in SEED_COMPARISONS:
+            runs = [(run, r) for run, r in seeds if theirs in r["error_pct"] and ours in r["error_pct"]]
+            if len({r["config"]["seed"] for _, r in runs}) >= 2:
+                out.append((_net_name(runs[0][1]["config"]), model, ours, theirs, runs))
+    return out
+
+
+def seeds_table(results: list[tuple[str, dict]]) -> str:
+    """Per net, SBP against Torch-Pruning over seeds of one recipe: the means, the paired difference with its
+    standard error, how often SBP is lower; then every seed's row, so that one seed's gap is read against the spread."""
+    summary, detail = [], []
+    for net, model, ours_key, theirs_key, seeds in seed_comparisons(results):
+        ours = [r["error_pct"][ours_key] for _, r in seeds]
+        tp = [r["error_pct"][theirs_key] for _, r in seeds]
+        mean, se, lower = paired_difference(ours, tp)
+        macs = [r["macs"]["dense"] / r["macs"][ours_key] for _, r in seeds]
+        tp_macs = [r["macs"]["dense"] / r["macs"][theirs_key] for _, r in seeds]
+        summary.append([net, model, len(seeds), _mean_sd([r["error_pct"]["dense"] for _, r in seeds]),
+                        f"**{_mean_sd(ours)}**", f"**{_mean_sd(tp)}**", f"{mean:+.2f} ({se:.2f})",
+                        f"{lower} of {len(seeds)}",
+                        f"{min(macs):.2f}x to {max(macs):.2f}x / {min(tp_macs):.2f}x to {max(tp_macs):.2f}x"])
+        for (run, r), a, b, m, t in zip(seeds, ours, tp, macs, tp_macs):
+            detail.append([net, model, r["config"]["seed"], f"`{run}`", f"{r['error_pct']['dense']:.2f}", f"{a:.2f}",
+                           f"{b:.2f}", f"{a - b:+.2f}", f"{m:.2f}x / {t:.2f}x"])
+    if not summary:
         return ""
-    head = ["net / data", "runs", "seeds", "dense error %", "SBP error % (shipped)", "Torch-Pruning error %",
-            "mean: SBP vs Torch-Pruning", "MAC reduction: SBP shipped / Torch-Pruning"]
-    return md_table(head, rows)
+    head = ["net / data", "SBP model", "seeds", "dense error %: mean (sd)", "SBP error %: mean (sd)",
+            "Torch-Pruning error % at its MACs: mean (sd)", "SBP - Torch-Pruning, paired by seed: mean (s.e.)",
+            "seeds SBP is lower", "MAC reduction: SBP / Torch-Pruning"]
+    detail_head = ["net / data", "SBP model", "seed", "run", "dense error %", "SBP error %", "Torch-Pruning error %",
+                   "SBP - Torch-Pruning", "MAC reduction: SBP / Torch-Pruning"]
+    return md_table(head, summary) + "\n\nSeed by seed:\n\n" + md_table(detail_head, detail)
+
+
+def plot_seeds(results: list[tuple[str, dict]], path: Path) -> bool:
+    """One panel per net and SBP model with several seeds: each seed's SBP and Torch-Pruning errors joined by a
+    line, the means dashed. False (and no file) when no net has several seeds."""
+    panels = seed_comparisons(results)
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.4), squeeze=False)
+    for ax, (net, model, ours_key, theirs_key, seeds) in zip(axes.flat, panels):
+        x = [r["config"]["seed"] for _, r in seeds]
+        ours = [r["error_pct"][ours_key] for _, r in seeds]
+        tp = [r["error_pct"][theirs_key] for _, r in seeds]
+        for xi, a, b in zip(x, ours, tp):
+            ax.plot([xi, xi], [a, b], color="#c8d6e5", linewidth=2, zorder=1)
+        ax.scatter(x, ours, marker="*", s=110, color="#2e86de", label=f"SBP + onnxprune ({model} model)", zorder=3)
+        ax.scatter(x, tp, marker="s", s=45, color="#ee5253", label="Torch-Pruning (same MACs)", zorder=3)
+        ax.axhline(sum(ours) / len(ours), color="#2e86de", linestyle="--", linewidth=1, label="SBP mean")
+        ax.axhline(sum(tp) / len(tp), color="#ee5253", linestyle=":", linewidth=1, label="Torch-Pruning mean")
+        ax.set_xticks(x)
+        ax.set_title(f"{net}: SBP's {model} model" if model != "shipped" else net, fontsize=9)
+        ax.set_xlabel("seed")
+        ax.set_ylabel("test error %")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def is_variant(r: dict) -> bool:
@@ -855,11 +926,18 @@ def main() -> None:
         if seeds:
             parts.append("\n#### The same recipe, another seed\n")
             parts.append("Runs whose configuration differs only in the seed (`--seed`; the dense net each started from "
-                         "was retrained in its lease, hence the dense column). Torch-Pruning prunes the same dense net to "
-                         "the MACs of the model SBP ships (landing a little below them) and fine-tunes as long; its seed "
-                         "is the run's. One seed's gap between the "
-                         "two is to be read against the spread between seeds.\n")
+                         "was retrained in its lease, hence the dense column; the seeds of one lease share it). "
+                         "Torch-Pruning prunes the same dense net to the MACs of the model SBP ships (landing a little "
+                         "below them) and fine-tunes as long; its seed is the run's. Where a run also trained it to the "
+                         "MACs of the posterior's own model, every rejected channel deleted (`--baseline-macs "
+                         "posterior`; the shipped model keeps dead channels where ORT CPU runs them faster, so the two "
+                         "compute the same function), the second row compares that model with it. The difference is taken seed by seed "
+                         "(both from one dense net), then averaged; s.e. is its standard error (sd over the square root of "
+                         "the number of seeds): a mean within about two of them of zero is a tie. One test image is 0.01 "
+                         "points.\n")
             parts.append(seeds)
+            if plot_seeds(paper, RESULTS / "paper_seeds.png"):
+                parts.append("\n![SBP and Torch-Pruning, seed by seed](benchmarks/results/paper_seeds.png)\n")
         parts.append("\n### SBP variants: the authors' recipe, piece by piece\n")
         parts.append("The same dense net per architecture (`--dense-dir`), trained on with `--tag` variants of "
                      "`benchmarks/paper_table.py` (the plans in `benchmarks/plans/`, run with `benchmarks/gpu_block.sh "

@@ -13,7 +13,8 @@ One command per run:
 Each run: the dense net (trained here, or the pretrained checkpoint), the
 Bayesian net (SBP unless --method), export with gates folded, `onnxprune prune`
 (--target ort-cpu), and a Torch-Pruning baseline: L2-magnitude pruning of the
-same dense net to the same MACs, fine-tuned for the same number of epochs.
+same dense net to the same MACs (those of the model SBP ships; with --baseline-macs
+also, or instead, those of the posterior's own model), fine-tuned for as many epochs.
 Then, on ONNX Runtime: test error of every model, units kept per layer,
 parameters, MACs, and latency (CPU: 2 threads, batch 1 and 64; CUDA, where the
 CUDA provider exists: batch 1 and 256), all variants timed side by side.
@@ -184,7 +185,8 @@ def train(name: str, run: Run, args, work: Path) -> None:
             "method": args.method, "pretrain_epochs": pre_epochs, "epochs": epochs,
             "dense": (f"pretrained checkpoint, fine-tuned {pre_epochs} epochs here" if run.pretrained
                       else f"trained here, {pre_epochs} epochs") + " (Adam lr 1e-3, cosine decay)",
-            "baseline_epochs": None if args.no_baseline else epochs, "gate_lr": args.gate_lr, "kl_warmup_epochs": args.kl_warmup,
+            "baseline_epochs": None if args.no_baseline else epochs,
+            **({"baseline_macs": args.baseline_macs} if args.baseline_macs != ["shipped"] and not args.no_baseline else {}), "gate_lr": args.gate_lr, "kl_warmup_epochs": args.kl_warmup,
             **({"kl_scale": args.kl_scale} if args.kl_scale != 1.0 else {}),
             **({"kl_weighting": args.kl_weighting} if args.kl_weighting != "none" else {}),
             **({"compile": args.compile} if args.compile != "auto" else {}),
@@ -263,18 +265,35 @@ def train(name: str, run: Run, args, work: Path) -> None:
     if (work / "gated.onnx").exists() and not (work / "pruned_b64.onnx").exists():
         prune_model(work / "gated.onnx", output=work / "pruned_b64.onnx", target="ort-cpu", threads=2, batch=64)
 
-    # 4. Torch-Pruning baseline: same dense net, same MACs, same epochs of fine-tuning
-    if not args.no_baseline and not (work / "tp.onnx").exists():
-        target_macs = inspect_model(work / "pruned.onnx")[2].macs
-        with timed(times, "torch_pruning_s", times_path):
-            baseline = models.build(run.model, **run.model_kwargs)
-            baseline.load_state_dict(torch.load(dense_state, map_location="cpu", weights_only=True))
-            baseline = prune_to_macs(baseline.eval(), example, target_macs, ignore=run.tp_ignore)
-            # the dense net's learning rate: a magnitude-pruned net must recover (SBP's may be far smaller, e.g. VGG's 1e-5)
-            fit(baseline, x, y, epochs=epochs, lr=1e-3, lr_schedule=args.schedule, betas=(args.beta1, 0.999),
-                decay_start=args.decay_start,
-                checkpoint=work / "tp.pt", desc="tp-finetune", **common)
-            onnx.save(export_onnx(baseline.cpu().eval(), example), work / "tp.onnx")
+    # 4. Torch-Pruning baselines: same dense net, same epochs of fine-tuning, pruned to the MACs of the model SBP
+    #    ships (dead channels kept where ORT CPU runs them faster) and/or of the posterior's own model
+    if not args.no_baseline:
+        for target in args.baseline_macs:
+            name = BASELINES[target]
+            if (work / f"{name}.onnx").exists():
+                continue
+            source = work / ("pruned.onnx" if target == "shipped" else "pruned_all.onnx")
+            if not source.exists():
+                prune_model(gated_or_pruned(work), output=source, target="none")
+            target_macs = inspect_model(source)[2].macs
+            with timed(times, "torch_pruning_s" if target == "shipped" else f"torch_pruning_{target}_s", times_path):
+                baseline = models.build(run.model, **run.model_kwargs)
+                baseline.load_state_dict(torch.load(dense_state, map_location="cpu", weights_only=True))
+                baseline = prune_to_macs(baseline.eval(), example, target_macs, ignore=run.tp_ignore)
+                # the dense net's learning rate: a magnitude-pruned net must recover (SBP's may be far smaller, e.g. VGG's 1e-5)
+                fit(baseline, x, y, epochs=epochs, lr=1e-3, lr_schedule=args.schedule, betas=(args.beta1, 0.999),
+                    decay_start=args.decay_start,
+                    checkpoint=work / f"{name}.pt", desc=f"{name}-finetune", **common)
+                onnx.save(export_onnx(baseline.cpu().eval(), example), work / f"{name}.onnx")
+
+
+# Torch-Pruning baselines by the SBP model whose MACs they are pruned to: their model files in a work folder
+BASELINES = {"shipped": "tp", "posterior": "tp_posterior"}
+
+
+def gated_or_pruned(work: Path) -> Path:
+    """The model the posterior's own pruning starts from: the gate-folded export, else (older runs) the shipped one."""
+    return work / "gated.onnx" if (work / "gated.onnx").exists() else work / "pruned.onnx"
 
 
 def optimizer_text(args) -> str:
@@ -287,7 +306,8 @@ def optimizer_text(args) -> str:
 def _files(work: Path) -> dict[str, Path]:
     """The models a run compares: the dense baseline, the pruned Bayesian one, Torch-Pruning's if trained."""
     files = {"dense": work.parent / "dense.onnx" if not (work / "dense.onnx").exists() else work / "dense.onnx",
-             "pruned": work / "pruned.onnx", "torch_pruning": work / "tp.onnx"}
+             "pruned": work / "pruned.onnx", "torch_pruning": work / "tp.onnx",
+             "torch_pruning_posterior": work / "tp_posterior.onnx"}
     return {k: p for k, p in files.items() if p.exists()}
 
 
@@ -340,8 +360,7 @@ def measure(name: str, run: Run, args, work: Path) -> dict:
     if "pruned" in files and not everything.exists():
         from onnxprune.api import prune_model
 
-        source = work / "gated.onnx" if (work / "gated.onnx").exists() else files["pruned"]
-        prune_model(source, output=everything, target="none")
+        prune_model(gated_or_pruned(work), output=everything, target="none")
     timed_files = dict(files)
     if everything.exists():
         files = {**files, "pruned_all": everything}
@@ -469,6 +488,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30, help="interleaved latency rounds")
     ap.add_argument("--quick", action="store_true", help="tiny data and epochs: a smoke test of the script")
     ap.add_argument("--no-baseline", action="store_true", help="skip the Torch-Pruning baseline")
+    ap.add_argument("--baseline-macs", nargs="+", choices=sorted(BASELINES), default=["shipped"],
+                    help="the MACs Torch-Pruning prunes to: the model SBP ships (shipped, the default; `torch_pruning` "
+                         "in the result) and/or the posterior's own, every rejected channel deleted (posterior; "
+                         "`torch_pruning_posterior`), one baseline trained for each")
     ap.add_argument("--pretrain-epochs", type=int, help="dense epochs (default per run)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--results", type=Path, default=RESULTS)

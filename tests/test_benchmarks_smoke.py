@@ -41,6 +41,23 @@ def test_paper_table_runs_a_tagged_variant_end_to_end(tmp_path):
     assert result["agreement_with_wrapped"]["pruned_all"] >= 0.998  # 512 test images: at most one flip
 
 
+def test_paper_table_trains_torch_pruning_to_the_shipped_and_the_posteriors_macs(tmp_path):
+    """--baseline-macs shipped posterior: two baselines from one dense net, each at most the MACs of its SBP model,
+    both measured on ONNX Runtime and named in the config."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "paper_table.py"), "mnist-lenet5", "--quick", "--rounds", "2",
+           "--gate-option", "a=-20", "--baseline-macs", "shipped", "posterior", "--work", str(tmp_path / "work"),
+           "--results", str(tmp_path / "results"), "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "mnist-lenet5-sbp" / "result.json").read_text())
+    macs, errors = result["macs"], result["error_pct"]
+    assert macs["torch_pruning"] <= macs["pruned"] and macs["torch_pruning_posterior"] <= macs["pruned_all"]
+    assert macs["torch_pruning_posterior"] > 0.8 * macs["pruned_all"]
+    assert {"torch_pruning", "torch_pruning_posterior"} <= set(errors)
+    assert result["config"]["baseline_macs"] == ["shipped", "posterior"]
+    assert {"torch_pruning_s", "torch_pruning_posterior_s"} <= set(result["stage_times_s"])
+
+
 # RBP's noise starts near its threshold so that six quick epochs reject channels; Turbo-VBI rejects none this
 # early (its rejection is tested in test_bayes_wrap.py), the run still checks the model it ships.
 @pytest.mark.parametrize("method, options", [("rbp", ["--gate-option", "init_log_alpha=2.5"]),
@@ -164,3 +181,47 @@ def test_rbp_compile_compiles_fewer_graphs_when_the_gates_read_their_stage_as_da
     from benchmarks.make_report import rbp_compile_section
 
     assert "state as data" in rbp_compile_section("rbp-compile-lenet5-cpu", r)
+
+
+def _paper_result(seed, ours, theirs, tag="", kl_scale=10.0, posterior=None):
+    config = {"model": "resnet56", "model_kwargs": {}, "data": "cifar10", "epochs": 24, "kl_scale": kl_scale,
+              "seed": seed, "tag": tag, "note": f"lease {seed}"}
+    r = {"benchmark": "paper-table", "method": "sbp", "config": config,
+         "error_pct": {"dense": 9.8, "pruned": ours, "pruned_all": ours, "torch_pruning": theirs},
+         "macs": {"dense": 150, "pruned": 100, "pruned_all": 75, "torch_pruning": 98}}
+    if posterior is not None:  # a Torch-Pruning baseline at the posterior's MACs too (--baseline-macs)
+        config["baseline_macs"] = ["shipped", "posterior"]
+        r["error_pct"]["torch_pruning_posterior"], r["macs"]["torch_pruning_posterior"] = posterior, 74
+    return r
+
+
+def test_seeds_table_pairs_sbp_with_torch_pruning_seed_by_seed_and_leaves_out_other_recipes(tmp_path):
+    """Runs differing only in seed, tag and note form one group: the mean paired difference, its standard error and
+    how many seeds SBP is lower; a run of another recipe, or a recipe with one seed, is not in the table."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.make_report import paired_difference, plot_seeds, seeds_table
+
+    results = [("a", _paper_result(0, 10.4, 10.5)), ("b", _paper_result(1, 10.3, 10.2, tag="seed1")),
+               ("c", _paper_result(2, 10.1, 10.4, tag="seed2")), ("other", _paper_result(0, 9.0, 12.0, kl_scale=5.0))]
+    mean, se, lower = paired_difference([10.4, 10.3, 10.1], [10.5, 10.2, 10.4])
+    assert round(mean, 6) == -0.1 and lower == 2
+    assert se == pytest.approx((((0.0) ** 2 + 0.2 ** 2 + 0.2 ** 2) / 2 / 3) ** 0.5)
+    table = seeds_table(results)
+    assert "| 3 |" in table and "-0.10 (0.12)" in table and "2 of 3" in table
+    assert "`other`" not in table and "1.50x / 1.53x" in table
+    assert plot_seeds(results, tmp_path / "seeds.png") and (tmp_path / "seeds.png").stat().st_size > 0
+    assert seeds_table(results[:1] + results[3:]) == "" and not plot_seeds(results[:1], tmp_path / "none.png")
+    assert "posterior's" not in table
+
+
+def test_seeds_table_compares_the_posteriors_model_where_two_seeds_trained_a_baseline_at_its_macs():
+    """A baseline at the posterior's MACs (--baseline-macs posterior) leaves the shipped comparison's group as it is
+    and adds a row for the seeds that have it."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.make_report import seeds_table
+
+    results = [("a", _paper_result(0, 10.4, 10.5)), ("b", _paper_result(1, 10.3, 10.2, posterior=10.9)),
+               ("c", _paper_result(2, 10.1, 10.4, posterior=10.6))]
+    summary = seeds_table(results).split("Seed by seed")[0]
+    assert "| shipped | 3 |" in summary and "| posterior's | 2 |" in summary
+    assert "-0.55 (0.05)" in summary and "2 of 2" in summary and "2.00x to 2.00x / 2.03x to 2.03x" in summary
