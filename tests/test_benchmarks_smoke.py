@@ -41,9 +41,12 @@ def test_paper_table_runs_a_tagged_variant_end_to_end(tmp_path):
     assert result["agreement_with_wrapped"]["pruned_all"] >= 0.998  # 512 test images: at most one flip
 
 
+@pytest.mark.slow
 def test_paper_table_trains_torch_pruning_to_the_shipped_and_the_posteriors_macs(tmp_path):
     """--baseline-macs shipped posterior: two baselines from one dense net, each at most the MACs of its SBP model,
-    both measured on ONNX Runtime and named in the config."""
+    both measured on ONNX Runtime and named in the config (Torch-Pruning is a benchmark extra: `pip install -e
+    '.[bench]'`, then `pytest -m slow`)."""
+    pytest.importorskip("torch_pruning")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "paper_table.py"), "mnist-lenet5", "--quick", "--rounds", "2",
            "--gate-option", "a=-20", "--baseline-macs", "shipped", "posterior", "--work", str(tmp_path / "work"),
            "--results", str(tmp_path / "results"), "--quiet"]
