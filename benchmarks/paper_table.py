@@ -14,7 +14,8 @@ Each run: the dense net (trained here, or the pretrained checkpoint), the
 Bayesian net (SBP unless --method), export with gates folded, `onnxprune prune`
 (--target ort-cpu), and a Torch-Pruning baseline: L2-magnitude pruning of the
 same dense net to the same MACs (those of the model SBP ships; with --baseline-macs
-also, or instead, those of the posterior's own model), fine-tuned for as many epochs.
+also, or instead, those of the posterior's own model; --baseline-rule nearest: the nearest
+MAC count a uniform ratio reaches, else the nearest at or below), fine-tuned for as many epochs.
 Then, on ONNX Runtime: test error of every model, units kept per layer,
 parameters, MACs, and latency (CPU: 2 threads, batch 1 and 64; CUDA, where the
 CUDA provider exists: batch 1 and 256), all variants timed side by side.
@@ -43,6 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, ROOT, interleaved_latency, machine_info, use_global_ort_threads  # noqa: E402
+from benchmarks.tp_baseline import MACS_RULES  # noqa: E402
 
 PRETRAINED = Path(os.environ.get("ONNXPRUNE_DATA", ROOT.parent / "shared" / "data")) / "pretrained" / "resnet-cifar10"
 
@@ -186,7 +188,9 @@ def train(name: str, run: Run, args, work: Path) -> None:
             "dense": (f"pretrained checkpoint, fine-tuned {pre_epochs} epochs here" if run.pretrained
                       else f"trained here, {pre_epochs} epochs") + " (Adam lr 1e-3, cosine decay)",
             "baseline_epochs": None if args.no_baseline else epochs,
-            **({"baseline_macs": args.baseline_macs} if args.baseline_macs != ["shipped"] and not args.no_baseline else {}), "gate_lr": args.gate_lr, "kl_warmup_epochs": args.kl_warmup,
+            **({"baseline_macs": args.baseline_macs} if args.baseline_macs != ["shipped"] and not args.no_baseline else {}),
+            **({"baseline_rule": args.baseline_rule} if args.baseline_rule != "at-most" and not args.no_baseline else {}),
+            "gate_lr": args.gate_lr, "kl_warmup_epochs": args.kl_warmup,
             **({"kl_scale": args.kl_scale} if args.kl_scale != 1.0 else {}),
             **({"kl_weighting": args.kl_weighting} if args.kl_weighting != "none" else {}),
             **({"compile": args.compile} if args.compile != "auto" else {}),
@@ -279,7 +283,8 @@ def train(name: str, run: Run, args, work: Path) -> None:
             with timed(times, "torch_pruning_s" if target == "shipped" else f"torch_pruning_{target}_s", times_path):
                 baseline = models.build(run.model, **run.model_kwargs)
                 baseline.load_state_dict(torch.load(dense_state, map_location="cpu", weights_only=True))
-                baseline = prune_to_macs(baseline.eval(), example, target_macs, ignore=run.tp_ignore)
+                baseline = prune_to_macs(baseline.eval(), example, target_macs, ignore=run.tp_ignore,
+                                         rule=args.baseline_rule)
                 # the dense net's learning rate: a magnitude-pruned net must recover (SBP's may be far smaller, e.g. VGG's 1e-5)
                 fit(baseline, x, y, epochs=epochs, lr=1e-3, lr_schedule=args.schedule, betas=(args.beta1, 0.999),
                     decay_start=args.decay_start,
@@ -492,6 +497,9 @@ def main() -> None:
                     help="the MACs Torch-Pruning prunes to: the model SBP ships (shipped, the default; `torch_pruning` "
                          "in the result) and/or the posterior's own, every rejected channel deleted (posterior; "
                          "`torch_pruning_posterior`), one baseline trained for each")
+    ap.add_argument("--baseline-rule", choices=MACS_RULES, default="at-most",
+                    help="a uniform ratio reaches few MAC counts: the nearest at or below the target (at-most, the "
+                         "default: Torch-Pruning never gets more MACs) or the nearest on either side (nearest)")
     ap.add_argument("--pretrain-epochs", type=int, help="dense epochs (default per run)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--results", type=Path, default=RESULTS)
