@@ -227,4 +227,22 @@ def test_seeds_table_compares_the_posteriors_model_where_two_seeds_trained_a_bas
                ("c", _paper_result(2, 10.1, 10.4, posterior=10.6))]
     summary = seeds_table(results).split("Seed by seed")[0]
     assert "| shipped | 3 |" in summary and "| posterior's | 2 |" in summary
-    assert "-0.55 (0.05)" in summary and "2 of 2" in summary and "2.00x to 2.00x / 2.03x to 2.03x" in summary
+    assert "-0.55 (0.05)" in summary and "2 of 2" in summary and "2.00x / 2.03x" in summary
+
+
+def test_seeds_table_keeps_runs_whose_baseline_took_the_nearest_macs_apart_and_says_so():
+    """Seeds trained only against Torch-Pruning at the posterior's MACs, by the nearest reachable count
+    (--baseline-macs posterior --baseline-rule nearest), form their own row, named by that rule."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.make_report import seeds_table
+
+    nearest = []
+    for seed, ours, theirs in ((16, 10.2, 10.5), (17, 10.3, 10.4)):
+        r = _paper_result(seed, ours, 0.0, tag=f"seed{seed}", posterior=theirs)
+        del r["error_pct"]["torch_pruning"], r["macs"]["torch_pruning"]
+        r["config"].update(baseline_macs=["posterior"], baseline_rule="nearest")
+        nearest.append((f"n{seed}", r))
+    results = [("b", _paper_result(1, 10.3, 10.2, posterior=10.9)), ("c", _paper_result(2, 10.1, 10.4, posterior=10.6))]
+    summary = seeds_table(results + nearest).split("Seed by seed")[0]
+    assert "| posterior's | 2 |" in summary and "| posterior's, Torch-Pruning nearest | 2 |" in summary
+    assert "-0.20 (0.10)" in summary and summary.count("| shipped |") == 1
