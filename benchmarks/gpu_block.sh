@@ -232,6 +232,10 @@ PY
     (cd benchmarks/work && find . -path './methods-zoo*' -prune -o \( -name '*.onnx' -o -name '*_final.pt' -o -name '*.json' \) \
       -size -4M -print0 | \
       tar czf "$OUT/work.tgz" --null -T -)
+    # work.tgz outgrows what comes back (16 MiB a file) once several runs train: the dense nets alone, so a later
+    # lease can start from the same one (a run's --dense-dir holding dense_final.pt trains no dense net)
+    (cd benchmarks/work && find . -maxdepth 2 \( -name 'dense_final.pt' -o -name 'dense.onnx' \) -size -6M -print0 | \
+      tar czf "$OUT/dense.tgz" --null -T -)
     cp "$LOG"/q*.log "$OUT/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; rm -f "$OUT"/q*.log
     ls -la "$OUT"
     ;;
