@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, ROOT  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, median  # noqa: E402
 from onnxprune.table import human  # noqa: E402
 
 SECTIONS: dict[str, Callable[[str, dict], str]] = {}
@@ -499,6 +500,16 @@ def paired_difference(ours: list[float], theirs: list[float]) -> tuple[float, fl
     return mean, se, sum(x < 0 for x in d)
 
 
+def sign_test_p(diffs: list[float]) -> float | None:
+    """Two-sided exact sign test that SBP and Torch-Pruning are equally likely to be lower (seeds with no difference
+    left out): robust where one seed's gap is far from the others'. None with no nonzero difference."""
+    n = sum(d != 0 for d in diffs)
+    if not n:
+        return None
+    k = min(sum(d < 0 for d in diffs), sum(d > 0 for d in diffs))
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
 def _mean_sd(v: list[float]) -> str:
     mean = sum(v) / len(v)
     sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
@@ -535,9 +546,10 @@ def seeds_table(results: list[tuple[str, dict]]) -> str:
         mean, se, lower = paired_difference(ours, tp)
         macs = [r["macs"]["dense"] / r["macs"][ours_key] for _, r in seeds]
         tp_macs = [r["macs"]["dense"] / r["macs"][theirs_key] for _, r in seeds]
+        p = sign_test_p([a - b for a, b in zip(ours, tp)])
         summary.append([net, model, len(seeds), _mean_sd([r["error_pct"]["dense"] for _, r in seeds]),
                         f"**{_mean_sd(ours)}**", f"**{_mean_sd(tp)}**", f"{mean:+.2f} ({se:.2f})",
-                        f"{lower} of {len(seeds)}",
+                        f"{lower} of {len(seeds)}", "-" if p is None else f"{p:.3f}",
                         f"{_reduction_range(macs)} / {_reduction_range(tp_macs)}"])
         for (run, r), a, b, m, t in zip(seeds, ours, tp, macs, tp_macs):
             detail.append([net, model, r["config"]["seed"], f"`{run}`", f"{r['error_pct']['dense']:.2f}", f"{a:.2f}",
@@ -546,10 +558,41 @@ def seeds_table(results: list[tuple[str, dict]]) -> str:
         return ""
     head = ["net / data", "SBP model", "seeds", "dense error %: mean (sd)", "SBP error %: mean (sd)",
             "Torch-Pruning error % at its MACs: mean (sd)", "SBP - Torch-Pruning, paired by seed: mean (s.e.)",
-            "seeds SBP is lower", "MAC reduction: SBP / Torch-Pruning"]
+            "seeds SBP is lower", "sign test p", "MAC reduction: SBP / Torch-Pruning"]
     detail_head = ["net / data", "SBP model", "seed", "run", "dense error %", "SBP error %", "Torch-Pruning error %",
                    "SBP - Torch-Pruning", "MAC reduction: SBP / Torch-Pruning"]
     return md_table(head, summary) + "\n\nSeed by seed:\n\n" + md_table(detail_head, detail)
+
+
+SEED_LATENCY = (("ORT CPU batch 1", "latency_cpu", "batch1"), ("ORT CPU batch 64", "latency_cpu", "batch64"),
+                ("ORT CUDA batch 1", "latency_cuda", "batch1"), ("ORT CUDA batch 256", "latency_cuda", "batch256"))
+
+
+def seed_latency_table(results: list[tuple[str, dict]]) -> str:
+    """SBP's shipped model against each Torch-Pruning baseline over the seeds of one recipe: the paired error gap and,
+    per runtime and batch, the median over seeds of Torch-Pruning's latency over SBP's (each pair timed side by side
+    in one run) with the seeds where SBP's model is the faster."""
+    rows = []
+    for seeds in seed_groups(results):
+        for theirs, macs in (("torch_pruning", "the shipped model's"), ("torch_pruning_posterior", "the posterior's")):
+            runs = [r for _, r in seeds if theirs in r["error_pct"]]
+            if len({r["config"]["seed"] for r in runs}) < 2:
+                continue
+            rule = runs[0]["config"].get("baseline_rule", "at-most")
+            mean, se, lower = paired_difference([r["error_pct"]["pruned"] for r in runs],
+                                                [r["error_pct"][theirs] for r in runs])
+            cells = []
+            for _, kind, batch in SEED_LATENCY:
+                timed = [r[kind][batch] for r in runs if {"pruned", theirs} <= set(r.get(kind, {}).get(batch, {}))]
+                ratios = [t[theirs]["median_ms"] / t["pruned"]["median_ms"] for t in timed]
+                cells.append(f"{median(ratios):.2f}x ({sum(x > 1 for x in ratios)} of {len(ratios)})" if ratios else "-")
+            rows.append([_net_name(runs[0]["config"]), f"at {macs} MACs" + ("" if rule == "at-most" else f" ({rule})"),
+                         len(runs), f"{mean:+.2f} ({se:.2f}), {lower} of {len(runs)} lower", *cells])
+    if not rows:
+        return ""
+    head = ["net / data", "Torch-Pruning", "seeds", "SBP's shipped model - Torch-Pruning, error: mean (s.e.)",
+            *(f"{name}: Torch-Pruning / SBP latency, median (SBP faster)" for name, _, _ in SEED_LATENCY)]
+    return md_table(head, rows)
 
 
 def plot_seeds(results: list[tuple[str, dict]], path: Path) -> bool:
@@ -950,9 +993,22 @@ def main() -> None:
                          "more MACs than SBP; rows marked *Torch-Pruning nearest* (`--baseline-rule nearest`) took the "
                          "nearest on either side. The difference is taken seed by seed "
                          "(both from one dense net), then averaged; s.e. is its standard error (sd over the square root of "
-                         "the number of seeds): a mean within about two of them of zero is a tie. One test image is 0.01 "
-                         "points.\n")
+                         "the number of seeds): a mean within about two of them of zero is a tie. The sign test's p is the "
+                         "chance, were each seed a coin toss between the two, of a count of seeds at least as one-sided "
+                         "as this; one seed far from the rest does not move it as it moves the mean. One test image is "
+                         "0.01 points.\n")
             parts.append(seeds)
+            latency = seed_latency_table(paper)
+            if latency:
+                parts.append("\nThe model SBP ships against each baseline on the runtime. Every run timed its models "
+                             "side by side (medians of interleaved runs; ORT CPU on 2 threads), on the GPU host while "
+                             "other runs trained there, so one run's timings are noisy: the table gives the median over "
+                             "seeds of Torch-Pruning's latency over SBP's, and in how many seeds SBP's model is the "
+                             "faster (more than 1.00x: SBP faster). At CPU batch 64 SBP's model is the one `onnxprune "
+                             "prune --batch 64` ships. The shipped model computes the posterior's function (errors "
+                             "within 0.01 points), so against the baseline at the posterior's MACs it has more MACs "
+                             "than Torch-Pruning's model and a lower error.\n")
+                parts.append(latency + "\n")
             if plot_seeds(paper, RESULTS / "paper_seeds.png"):
                 parts.append("\n![SBP and Torch-Pruning, seed by seed](benchmarks/results/paper_seeds.png)\n")
         parts.append("\n### SBP variants: the authors' recipe, piece by piece\n")

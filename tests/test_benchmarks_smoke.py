@@ -230,6 +230,36 @@ def test_seeds_table_compares_the_posteriors_model_where_two_seeds_trained_a_bas
     assert "-0.55 (0.05)" in summary and "2 of 2" in summary and "2.00x / 2.03x" in summary
 
 
+def test_sign_test_counts_the_seeds_each_side_and_leaves_out_ties():
+    """Two-sided exact binomial: 11 of 12 seeds lower gives 26/4096; a seed with no difference is left out."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.make_report import sign_test_p
+
+    assert sign_test_p([-0.1] * 11 + [0.5]) == pytest.approx(2 * 13 / 4096)
+    assert sign_test_p([-0.1] * 11 + [0.5, 0.0]) == pytest.approx(2 * 13 / 4096)
+    assert sign_test_p([-0.1, 0.1]) == 1.0 and sign_test_p([0.0, 0.0]) is None
+
+
+def _timed(**ms):
+    return {name: {"median_ms": v} for name, v in ms.items()}
+
+
+def test_seed_latency_table_gives_the_median_latency_ratio_and_the_seeds_sbp_is_faster():
+    """Per baseline with two seeds or more: Torch-Pruning's latency over SBP's shipped model's, the median over seeds
+    and how many seeds SBP's is the faster; a runtime no run timed reads '-'."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.make_report import seed_latency_table
+
+    results = []
+    for seed, ours, theirs, cpu_tp in ((0, 10.4, 10.5, 1.2), (1, 10.3, 10.2, 0.9), (2, 10.1, 10.4, 1.5)):
+        r = _paper_result(seed, ours, theirs, tag=f"seed{seed}" if seed else "")
+        r["latency_cpu"] = {"batch1": _timed(dense=1.5, pruned=1.0, torch_pruning=cpu_tp)}
+        results.append((f"r{seed}", r))
+    table = seed_latency_table(results)
+    assert "| at the shipped model's MACs | 3 | -0.10 (0.12), 2 of 3 lower | 1.20x (2 of 3) | - |" in table
+    assert "posterior" not in table and seed_latency_table(results[:1]) == ""
+
+
 def test_seeds_table_keeps_runs_whose_baseline_took_the_nearest_macs_apart_and_says_so():
     """Seeds trained only against Torch-Pruning at the posterior's MACs, by the nearest reachable count
     (--baseline-macs posterior --baseline-rule nearest), form their own row, named by that rule."""
