@@ -564,6 +564,24 @@ def seeds_table(results: list[tuple[str, dict]]) -> str:
     return md_table(head, summary) + "\n\nSeed by seed:\n\n" + md_table(detail_head, detail)
 
 
+def seeds_digest(results: list[tuple[str, dict]]) -> str:
+    """One sentence per seed comparison, for the paper table: SBP minus Torch-Pruning over seeds, and how often lower."""
+    said = []
+    for net, model, ours_key, theirs_key, seeds in seed_comparisons(results):
+        ours = [r["error_pct"][ours_key] for _, r in seeds]
+        theirs = [r["error_pct"][theirs_key] for _, r in seeds]
+        mean, se, lower = paired_difference(ours, theirs)
+        p = sign_test_p([a - b for a, b in zip(ours, theirs)])
+        which, _, rule = model.partition(", Torch-Pruning ")
+        against = {"nearest": "the nearest reachable count"}.get(rule, "its MACs" if which == "shipped" else "most its MACs")
+        said.append(f"{net}, SBP's {which} model against Torch-Pruning at {against}: {mean:+.2f} points (s.e. {se:.2f}), lower in {lower} of {len(seeds)} "
+                    f"seeds" + ("" if p is None else f" (sign test p = {p:.3f})"))
+    if not said:
+        return ""
+    return ("Over several seeds of one recipe, SBP minus Torch-Pruning, paired by seed (\"The same recipe, another "
+            "seed\" below): " + "; ".join(said) + ".")
+
+
 SEED_LATENCY = (("ORT CPU batch 1", "latency_cpu", "batch1"), ("ORT CPU batch 64", "latency_cpu", "batch64"),
                 ("ORT CUDA batch 1", "latency_cuda", "batch1"), ("ORT CUDA batch 256", "latency_cuda", "batch256"))
 
@@ -963,6 +981,9 @@ def main() -> None:
                      "blocks of 16 run faster on ORT CPU. Speed-ups are the shipped model's; at batch 64, the model "
                      "`onnxprune prune --batch 64` ships, where it differs (runs measured since 2026-11-22 evening: the "
                      "run's note below gives its units).\n")
+        digest = seeds_digest(paper)
+        if digest:
+            parts.append("\nTorch-Pruning's column is one seed at the shipped model's MACs. " + digest + "\n")
         shapes = shapes_latency_table(paper)
         if shapes:
             machine = next(r["latency_cpu_shapes"]["machine"] for _, r in paper if r.get("latency_cpu_shapes"))

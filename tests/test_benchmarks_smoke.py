@@ -276,3 +276,15 @@ def test_seeds_table_keeps_runs_whose_baseline_took_the_nearest_macs_apart_and_s
     summary = seeds_table(results + nearest).split("Seed by seed")[0]
     assert "| posterior's | 2 |" in summary and "| posterior's, Torch-Pruning nearest | 2 |" in summary
     assert "-0.20 (0.10)" in summary and summary.count("| shipped |") == 1
+
+
+def test_seeds_digest_names_each_comparison_and_its_baseline_rule():
+    """The sentence under the paper table: one clause per seed comparison, the baseline's MACs named by its rule."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.make_report import seeds_digest
+
+    results = [("b", _paper_result(1, 10.3, 10.2, posterior=10.9)), ("c", _paper_result(2, 10.1, 10.4, posterior=10.6))]
+    digest = seeds_digest(results)
+    assert "SBP's shipped model against Torch-Pruning at its MACs: -0.10 points" in digest
+    assert "SBP's posterior's model against Torch-Pruning at most its MACs: -0.55 points (s.e. 0.05), lower in 2 of 2" in digest
+    assert seeds_digest(results[:1]) == "" 
