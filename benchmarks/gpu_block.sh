@@ -234,7 +234,9 @@ PY
       tar czf "$OUT/work.tgz" --null -T -)
     # work.tgz outgrows what comes back (16 MiB a file) once several runs train: the dense nets alone, so a later
     # lease can start from the same one (a run's --dense-dir holding dense_final.pt trains no dense net)
-    (cd benchmarks/work && find . -maxdepth 2 \( -name 'dense_final.pt' -o -name 'dense.onnx' \) -size -6M -print0 | \
+    # (a seed's work folder holds its own dense.onnx, the same net exported: only the folders that trained one)
+    (cd benchmarks/work && find . -maxdepth 2 -name 'dense_final.pt' -size -6M -printf '%h\n' | while read -r d; do
+      printf '%s\0' "$d/dense_final.pt"; [ -e "$d/dense.onnx" ] && printf '%s\0' "$d/dense.onnx"; done | \
       tar czf "$OUT/dense.tgz" --null -T -)
     cp "$LOG"/q*.log "$OUT/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; rm -f "$OUT"/q*.log
     ls -la "$OUT"
