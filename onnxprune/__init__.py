@@ -6,6 +6,11 @@ same function; ``onnxprune`` on the command line does the same for files.
 
 from __future__ import annotations
 
+import logging
+
+# A library logs; the program that uses it decides what is shown (the `onnxprune` command: INFO on stdout).
+logging.getLogger("onnxprune").addHandler(logging.NullHandler())
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "prune", "prune_model", "run_passes", "inspect_model", "export", "compress"]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from onnxprune import __version__
 from onnxprune.errors import OnnxPruneError
@@ -95,8 +97,13 @@ def _print_latency(latency: dict | None) -> None:
         line += f" (predicted {pred['input']:.3g} -> {pred['output']:.3g} ms; deleting every dead channel: {pred['max_pruned']:.3g} ms)"
     print(line)
     if len(latency["attempts"]) > 1:
+        from onnxprune.latency.planner import FALL_BACKS
+
         tried = "; ".join(f"{a['attempt']}: {a.get('output_ms', 0):.3g} ms" for a in latency["attempts"])
-        print(f"fell back to '{latency['accepted']}' (tried {tried}; input {m['input']:.3g} ms)")
+        if latency["accepted"] in {rung.label for rung in FALL_BACKS}:
+            print(f"fell back to '{latency['accepted']}' (tried {tried}; input {m['input']:.3g} ms)")
+        else:
+            print(f"kept the fastest, '{latency['accepted']}' (timed side by side: {tried}; input {m['input']:.3g} ms)")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -263,7 +270,7 @@ def _exit_after_distributed(code: int) -> int:
     os._exit(code)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_engine_demo(args: argparse.Namespace) -> int:
     from onnxprune.demo import run_demo
 
     return run_demo(model=args.model, fraction=args.fraction, out_dir=args.out, seed=args.seed)
@@ -278,14 +285,7 @@ def _target_args(p: argparse.ArgumentParser, default: str = "ort-cpu", choices=(
     p.add_argument("--batch", type=int, default=1, metavar="N", help="batch size to be fast at (default 1)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="onnxprune",
-        description="Delete provably dead channels from ONNX models: a smaller model computing the same function.",
-    )
-    parser.add_argument("--version", action="version", version=f"onnxprune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="delete dead channels from a model", description=(
         "Delete every channel that is provably zero (or constant and foldable) from every node it reaches, "
         "verify the result on ONNX Runtime against the input, and write it atomically."))
@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=cmd_prune)
 
+
+def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="measure layer latencies on a target for the given models (fills the cache)",
                        description="Measure, on this machine, the latency of every Conv/Gemm/MatMul of the models at the "
                                    "channel widths `onnxprune prune --target` would consider, and cache it on disk "
@@ -309,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     _target_args(p, default="ort-cpu", choices=("ort-cpu", "ort-cuda"))
     p.set_defaults(func=cmd_calibrate)
 
+
+def _add_inspect_passes_run(sub) -> None:
     p = sub.add_parser("inspect", help="show layers, channel groups, dead channels, parameters and MACs")
     p.add_argument("input", help="input .onnx file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -328,11 +332,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("train", help="train with Bayesian channel gates, export, prune, measure (needs torch)",
-                       description="The whole pipeline: dense model (trained here or --pretrained) -> Bayesian gates "
-                                   "(--method) -> ONNX with gates folded -> onnxprune prune -> test error, parameters, "
-                                   "MACs and ONNX Runtime latency, dense vs pruned. Defaults: LeNet5 on scikit-learn's "
-                                   "digits (offline).")
+
+TRAIN_DESCRIPTION = (
+    "The whole pipeline: dense model (trained here or --pretrained) -> Bayesian gates (--method) -> ONNX with gates "
+    "folded -> onnxprune prune -> test error, parameters, MACs and ONNX Runtime latency, dense vs pruned. Defaults: "
+    "LeNet5 on scikit-learn's digits (offline).")
+
+
+def _add_train(sub) -> None:
+    for name, help_text in (("train", "train with Bayesian channel gates, export, prune, measure (needs torch)"),
+                            ("demo", "the main job on the embedded default: `onnxprune train` with its defaults "
+                                     "(LeNet5, SBP, digits; about a minute on 2 cores)")):
+        p = sub.add_parser(name, help=help_text, description=TRAIN_DESCRIPTION)
+        _train_data_args(p)
+        _train_optimizer_args(p)
+        _train_gate_args(p)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+        p.add_argument("--no-compile", action="store_true",
+                       help="train eagerly: no torch.compile of the step (on CUDA it is on by default; compiling takes a "
+                            "minute or two, which a short run does not win back)")
+        p.add_argument("-o", "--output", metavar="DIR", help="output folder (default out/MODEL-DATA-METHOD)")
+        _target_args(p)
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(func=cmd_train)
+
+
+def _train_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lenet5", help="an architecture from models/ (default lenet5)")
     p.add_argument("--data", default="digits", help="mnist, fashion-mnist, cifar10 or digits (default digits, offline)")
     p.add_argument("--data-dir", help="folder holding the datasets (default $ONNXPRUNE_DATA or ../shared/data)")
@@ -342,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", metavar="CKPT", help="start from this PyTorch checkpoint instead of training the dense model")
     p.add_argument("--train-limit", type=int, metavar="N",
                    help="train on N training images only (a fixed random subset; for a quick trial of a setting)")
+
+
+def _train_optimizer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, as the SBP paper)")
     p.add_argument("--gate-lr", type=float, default=3e-2, help="learning rate of the gates' mu and log sigma (default 3e-2)")
@@ -354,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=0, metavar="N",
                    help="spend the last N epochs training the gate-folded net without noise, rejected channels held "
                         "at zero (the same channels are deleted; usually recovers most of the accuracy)")
+
+
+def _train_gate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-inputs", action="store_true",
                    help="also gate the input features of MLPs (as the SBP paper does for LeNet-500-300)")
     p.add_argument("--placement", choices=("output", "pre-bias"), default="output",
@@ -361,28 +393,66 @@ def build_parser() -> argparse.ArgumentParser:
                         "authors do (rejected channels are constants, folded into the next layer's bias)")
     p.add_argument("--noise", choices=("example", "batch"), default="example",
                    help="draw the gates once per example (default) or once per minibatch (the SBP authors')")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--no-compile", action="store_true",
-                   help="train eagerly: no torch.compile of the step (on CUDA it is on by default; compiling takes a "
-                        "minute or two, which a short run does not win back)")
-    p.add_argument("-o", "--output", metavar="DIR", help="output folder (default out/MODEL-DATA-METHOD)")
-    _target_args(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="build a reference model, kill some channels, prune it, print the table (needs torch)")
+
+def _add_engine_demo(sub) -> None:
+    p = sub.add_parser("engine-demo",
+                       help="the pruning engine alone: a reference model with some channels zeroed, pruned (needs torch)")
     p.add_argument("--model", default="resnet20", help="a name from models/ (default resnet20)")
     p.add_argument("--fraction", type=float, default=0.4, help="fraction of channels to kill per group (default 0.4)")
-    p.add_argument("--out", default="out/demo", help="folder for dense.onnx and pruned.onnx (default out/demo)")
+    p.add_argument("--out", default="out/engine-demo", help="folder for dense.onnx and pruned.onnx (default out/engine-demo)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_engine_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxprune",
+        description="Delete provably dead channels from ONNX models: a smaller model computing the same function.",
+    )
+    parser.add_argument("--version", action="version", version=f"onnxprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_prune, _add_calibrate, _add_inspect_passes_run, _add_train, _add_engine_demo):
+        add(sub)
     return parser
 
 
-def _format_warning(message, category, filename, lineno, line=None) -> str:
+def format_warning_line(message, category, filename, lineno, line=None) -> str:
     """A warning as one line for the user (e.g. an RBP stage too short to reject any channel), not a source trace."""
     return f"onnxprune: warning: {message}\n"
+
+
+LIBRARY_LOGGERS = ("onnxprune", "passes")
+
+
+@contextmanager
+def user_logging(quiet: bool) -> Iterator[None]:
+    """While open, the library's log records reach the terminal: INFO lines as plain text on stdout (e.g. training's
+    epoch lines; none with ``quiet``), warnings as one line on stderr. Restored afterwards, so an embedding program
+    keeps its own logging."""
+    to_stdout = logging.StreamHandler(sys.stdout)
+    to_stdout.setLevel(logging.INFO)
+    to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
+    to_stdout.setFormatter(logging.Formatter("%(message)s"))
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setLevel(logging.WARNING)
+    to_stderr.setFormatter(logging.Formatter("onnxprune: warning: %(message)s"))
+    handlers = [to_stderr] if quiet else [to_stdout, to_stderr]
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING if quiet else logging.INFO)
+        lg.propagate = False
+        for h in handlers:
+            lg.addHandler(h)
+    try:
+        yield
+    finally:
+        for lg, (level, propagate) in zip(loggers, saved):
+            for h in handlers:
+                lg.removeHandler(h)
+            lg.setLevel(level)
+            lg.propagate = propagate
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -390,8 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.own_process = argv is None
     try:
-        with warnings.catch_warnings():
-            warnings.formatwarning = _format_warning
+        with warnings.catch_warnings(), user_logging(getattr(args, "quiet", False)):
+            warnings.formatwarning = format_warning_line
             return args.func(args)
     except OnnxPruneError as e:
         print(f"onnxprune: error: {e}", file=sys.stderr)

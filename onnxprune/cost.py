@@ -6,14 +6,16 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import TensorProto
 
-from onnxprune.graphutil import constant_value, optional_input
+from onnxprune.graphutil import constant_size, constant_value, graphsurgeon_logging, optional_input
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass
 class LayerCost:
+    """Widths, parameters and MACs of one Conv/ConvTranspose/Gemm/MatMul."""
     name: str
     op: str
     in_channels: int
@@ -24,28 +26,34 @@ class LayerCost:
 
 @dataclass
 class CostSummary:
+    """Per-layer costs and the model's totals."""
     layers: list[LayerCost] = field(default_factory=list)
     params: int = 0
     macs: int = 0
 
     def by_name(self) -> dict[str, LayerCost]:
+        """The layers by node name."""
         return {layer.name: layer for layer in self.layers}
 
     def to_dict(self) -> dict:
+        """A JSON-ready dict (for reports)."""
         return {"params": self.params, "macs": self.macs, "layers": [asdict(layer) for layer in self.layers]}
 
 
 def _dims(t: gs.Tensor | None) -> list[int] | None:
+    """Static shape of ``t`` with unknown or symbolic dimensions counted as 1 (None if unknown)."""
     if t is None or t.shape is None:
         return None
     return [int(d) if isinstance(d, (int, np.integer)) and d >= 0 else 1 for d in t.shape]
 
 
 def _prod(xs) -> int:
+    """Product of ``xs`` as an int (1 for none)."""
     return int(np.prod(xs, dtype=np.int64)) if len(xs) else 1
 
 
 def _layer(node: gs.Node) -> LayerCost | None:
+    """The cost of one layer node (None if its weight is not constant)."""
     w = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
     b_t = optional_input(node, 2)
     b = constant_value(b_t) if b_t is not None else None
@@ -77,15 +85,19 @@ def _layer(node: gs.Node) -> LayerCost | None:
 def model_cost(graph: gs.Graph) -> CostSummary:
     """Per-layer and total parameters and MACs of a graph whose tensors carry shapes."""
     summary = CostSummary()
-    for node in graph.nodes:
-        if node.op in LAYER_OPS:
-            layer = _layer(node)
+    with graphsurgeon_logging():
+        for node in graph.nodes:
+            layer = _layer(node) if node.op in LAYER_OPS else None
             if layer is not None:
                 summary.layers.append(layer)
                 summary.macs += layer.macs
-    summary.params = sum(
-        int(np.asarray(t.values).size)
-        for t in graph.tensors().values()
-        if isinstance(t, gs.Constant) and np.issubdtype(t.dtype, np.floating)
-    )
+        constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    summary.params = sum(constant_size(t) for t in constants if _is_float(t.dtype))
     return summary
+
+
+def _is_float(dtype: np.dtype | int) -> bool:
+    """True for floating-point element types, also those numpy lacks (bfloat16, float8: kept as ONNX type numbers)."""
+    if isinstance(dtype, (int, np.integer)):
+        return "FLOAT" in TensorProto.DataType.Name(int(dtype))
+    return np.issubdtype(dtype, np.floating)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from onnxprune.errors import InputError
 
+logger = logging.getLogger(__name__)
+
 
 def run_demo(model: str = "resnet20", fraction: float = 0.4, out_dir: str = "out/demo", seed: int = 0) -> int:
-    """Build ``model`` from models/, kill ``fraction`` of each group's channels, prune, print the table."""
+    """Build ``model`` from models/, kill ``fraction`` of each group's channels, prune, log the table.
+
+    Progress and the before/after table go to this module's logger at INFO level (the CLI shows them on stdout).
+    """
     try:
         import torch
 
@@ -31,17 +37,18 @@ def run_demo(model: str = "resnet20", fraction: float = 0.4, out_dir: str = "out
     example = torch.rand(1, *spec.input_shape)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[1/3] exporting {model} ({spec.description}) to ONNX")
+    logger.info("[1/3] exporting %s (%s) to ONNX", model, spec.description)
     dense = export_onnx(net, example)
-    print(f"[2/3] killing {fraction:.0%} of the channels of every prunable group (zero weights)")
+    logger.info("[2/3] killing %.0f%% of the channels of every prunable group (zero weights)", fraction * 100)
     dead, killed = kill_channels(dense, fraction, seed=seed)
     save_model(dead, out / "dense.onnx")
-    print(f"[3/3] onnxprune prune {out / 'dense.onnx'} -o {out / 'pruned.onnx'}\n")
+    logger.info("[3/3] onnxprune prune %s -o %s\n", out / "dense.onnx", out / "pruned.onnx")
     result = prune_model(out / "dense.onnx", output=out / "pruned.onnx")
     report = result.report
-    print(before_after_table(report.before, report.after))
+    logger.info("%s", before_after_table(report.before, report.after))
     worst = max(report.verification.max_relative_error.values())
-    print(f"\n{report.plan.removed_channels} channels removed from {sum(1 for g in report.plan.groups if g.removed)} groups; "
-          f"outputs match the input model on ONNX Runtime (max relative error {worst:.1e}).")
-    print(f"wrote {out / 'dense.onnx'} and {out / 'pruned.onnx'}")
+    groups = sum(1 for g in report.plan.groups if g.removed)
+    logger.info("\n%d channels removed from %d groups; outputs match the input model on ONNX Runtime "
+                "(max relative error %.1e).", report.plan.removed_channels, groups, worst)
+    logger.info("wrote %s and %s", out / "dense.onnx", out / "pruned.onnx")
     return 0

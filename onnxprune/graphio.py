@@ -6,12 +6,16 @@ import json
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+from onnxprune.graphutil import graphsurgeon_logging
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import ``model``; nodes without a name (or with a duplicate one) get a unique one,
     since analyses and reports refer to nodes by name."""
-    graph = gs.import_onnx(model)
+    with G_LOGGER.suppress(G_LOGGER.CRITICAL + 1):  # a damaged input's complaints: the exception it raises says it
+        graph = gs.import_onnx(model)
     seen: set[str] = set()
     for i, node in enumerate(graph.nodes):
         if not node.name or node.name in seen:
@@ -30,7 +34,8 @@ def to_model(graph: gs.Graph, original: onnx.ModelProto, metadata: dict[str, obj
     initializers are listed as inputs again (original order first, shapes current).
     ``metadata`` entries are added to ``metadata_props`` (non-strings as JSON).
     """
-    model = gs.export_onnx(graph, do_type_check=False)
+    with graphsurgeon_logging():
+        model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = original.ir_version
     del model.opset_import[:]
     model.opset_import.extend(original.opset_import)

@@ -1,14 +1,51 @@
-"""Small helpers over onnx-graphsurgeon graphs."""
+"""Small helpers over onnx-graphsurgeon graphs, and its messages routed to logging."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER, LogMode
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+
+# onnx-graphsurgeon prints its messages on stdout; within graphsurgeon_logging() they come here instead.
+GRAPHSURGEON_LOG = logging.getLogger("onnxprune.graphsurgeon")
+GRAPHSURGEON_LOG.addHandler(logging.NullHandler())  # silent unless the application configures logging
+
+
+def _log_graphsurgeon_message(
+    message: str | Callable[[], str], severity: int, mode: LogMode = LogMode.EACH, stack_depth: int = 2
+) -> None:
+    """Stand-in for ``G_LOGGER.log``: its errors as errors, anything less (notes on its own type
+    conversions, which onnxprune's checks make moot) at DEBUG level."""
+    if severity < G_LOGGER.severity:
+        return
+    if mode == LogMode.ONCE:
+        if hash(message) in G_LOGGER.once_logged:
+            return
+        G_LOGGER.once_logged.add(hash(message))
+    level = severity if severity >= G_LOGGER.ERROR else logging.DEBUG
+    if GRAPHSURGEON_LOG.isEnabledFor(level):
+        GRAPHSURGEON_LOG.log(level, "%s", message() if callable(message) else message)
+
+
+@contextmanager
+def graphsurgeon_logging() -> Iterator[None]:
+    """While open, onnx-graphsurgeon's messages go to the ``onnxprune.graphsurgeon`` logger, not stdout."""
+    previous = G_LOGGER.__dict__.get("log")
+    G_LOGGER.log = _log_graphsurgeon_message
+    try:
+        yield
+    finally:
+        if previous is None:
+            del G_LOGGER.log
+        else:
+            G_LOGGER.log = previous
 
 
 def is_default_domain(node: gs.Node) -> bool:
@@ -19,10 +56,6 @@ def is_default_domain(node: gs.Node) -> bool:
 def producer(t: gs.Tensor) -> gs.Node | None:
     """The node writing ``t`` (None for graph inputs and constants)."""
     return t.inputs[0] if t.inputs else None
-
-
-def consumers(t: gs.Tensor) -> list[gs.Node]:
-    return list(t.outputs)
 
 
 def constant_value(t: gs.Tensor) -> np.ndarray | None:
@@ -43,13 +76,14 @@ def constant_value(t: gs.Tensor) -> np.ndarray | None:
     return None
 
 
-def is_constant(t: gs.Tensor | None) -> bool:
-    return t is not None and constant_value(t) is not None
+def constant_size(t: gs.Constant) -> int:
+    """Number of elements of a constant, from its shape (lazily loaded weights stay unloaded)."""
+    return int(np.prod(t.shape, dtype=np.int64))
 
 
 def opset_version(graph: gs.Graph, domain: str = "") -> int:
     """The graph's opset for the default domain (or ``domain``)."""
-    imports = getattr(graph, "import_domains", None) or []
+    imports = graph.import_domains or []
     for entry in imports:
         if entry.domain in ((domain,) if domain else DEFAULT_DOMAINS):
             return int(entry.version)
@@ -73,6 +107,7 @@ class NameSource:
         self._counter = itertools.count()
 
     def fresh(self, base: str) -> str:
+        """``base``, or ``base`` with a counter, whichever is not used yet (now reserved)."""
         name = base
         while name in self.used:
             name = f"{base}_{next(self._counter)}"
@@ -92,7 +127,29 @@ def set_const_input(node: gs.Node, index: int, value: np.ndarray, names: NameSou
     node.inputs[index] = new
 
 
+def set_or_add_const_input(node: gs.Node, index: int, value: np.ndarray, names: NameSource, name: str) -> None:
+    """Like :func:`set_const_input`, but where ``node`` omits input ``index`` a new constant (named
+    after ``name``) is added there, with empty names for any omitted inputs before it."""
+    if optional_input(node, index) is not None:
+        set_const_input(node, index, value, names)
+        return
+    while len(node.inputs) <= index:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[index] = gs.Constant(names.fresh(name), np.ascontiguousarray(value))
+
+
+def weight_and_bias(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A layer's constant weight (input 1) and optional constant bias (input 2); None if either varies."""
+    weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    bias_input = optional_input(node, 2)
+    bias = constant_value(bias_input) if bias_input is not None else None
+    if weight is None or (bias_input is not None and bias is None):
+        return None
+    return weight, bias
+
+
 def has_subgraphs(node: gs.Node) -> bool:
+    """True if any attribute of ``node`` holds a graph (If, Loop, Scan)."""
     return next(node.subgraphs(), None) is not None
 
 

@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.channels.analysis import CHANNEL_SOURCES, analyze
 from onnxprune.graphio import to_graph, to_model
-from onnxprune.graphutil import constant_value, optional_input, producer
+from onnxprune.graphutil import constant_value, graphsurgeon_logging, optional_input, producer
 from onnxprune.pass_infra import PassManager
 from passes import PROVIDERS
 from passes.fold_constants import FoldConstantsPass
@@ -22,6 +22,7 @@ from passes.structure import InferShapesPass
 
 
 def _zero_rows(node: gs.Node, index: int, rows: np.ndarray, axis: int) -> None:
+    """Zero the slices ``rows`` along ``axis`` (the last axis if the constant has fewer) of constant input ``index``."""
     t = optional_input(node, index)
     if t is None or not isinstance(t, gs.Constant):
         return
@@ -35,6 +36,7 @@ def _zero_rows(node: gs.Node, index: int, rows: np.ndarray, axis: int) -> None:
 
 
 def _zero_channels(node: gs.Node, out_name: str, rows: np.ndarray) -> None:
+    """Zero what ``node`` contributes to channels ``rows`` of its output (weights, bias, BN scale and shift)."""
     if node.op == "Conv":
         _zero_rows(node, 1, rows, 0)
         _zero_rows(node, 2, rows, 0)
@@ -64,9 +66,16 @@ def kill_channels(model: onnx.ModelProto, fraction: float, seed: int = 0) -> tup
     group name, the channel positions killed.
     """
     rng = np.random.default_rng(seed)
-    graph = to_graph(model)
-    PassManager([FoldConstantsPass(), InferShapesPass()], PROVIDERS).run(graph)
-    graph.toposort()
+    with graphsurgeon_logging():
+        graph = to_graph(model)
+        PassManager([FoldConstantsPass(), InferShapesPass()], PROVIDERS).run(graph)
+        graph.toposort()
+        killed = _kill_in_every_group(graph, fraction, rng)
+        return to_model(graph, model), killed
+
+
+def _kill_in_every_group(graph: gs.Graph, fraction: float, rng: np.random.Generator) -> dict[str, list[int]]:
+    """Zero the weights writing ``fraction`` of each prunable group's channels; the positions killed, by group."""
     analysis = analyze(graph)
     tensors = graph.tensors()
     killed: dict[str, list[int]] = {}
@@ -74,8 +83,7 @@ def kill_channels(model: onnx.ModelProto, fraction: float, seed: int = 0) -> tup
         comps = group.components
         if analysis.pinned[comps].any() or not group.producers or group.size < 2:
             continue
-        k = int(round(fraction * group.size))
-        k = min(k, group.size - 1)
+        k = min(int(round(fraction * group.size)), group.size - 1)
         if k <= 0:
             continue
         chosen_pos = np.sort(rng.choice(group.size, size=k, replace=False))
@@ -87,4 +95,4 @@ def kill_channels(model: onnx.ModelProto, fraction: float, seed: int = 0) -> tup
                 continue
             rows = np.flatnonzero(np.isin(analysis.components_of(name), list(chosen)))
             _zero_channels(node, name, rows)
-    return to_model(graph, model), killed
+    return killed

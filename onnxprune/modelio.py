@@ -1,34 +1,45 @@
-"""Reading and writing ONNX files without ever losing the user's data.
+"""Reading ONNX files and refusing what cannot be used, in one clear sentence.
 
 Reading validates everything a later step would trip over (missing file, not
-ONNX, truncated protobuf, external data that is missing, short or outside the
-model's folder, an opset or IR version onnxruntime cannot load) and raises
-:class:`~onnxprune.errors.InputError` with one clear sentence.
+ONNX, truncated protobuf, text that is not UTF-8, external data that is
+missing, short or outside the model's folder, an opset or IR version
+onnxruntime cannot load) and raises :class:`~onnxprune.errors.InputError`.
 
-Writing is atomic: the model (and its external data, if any) is written into a
-temporary folder beside the destination, optionally checked there, and only
-then moved into place with ``os.replace``. A failure leaves no half-written file.
+Writing lives in :mod:`onnxprune.atomic_write`; its names are re-exported here
+for existing callers.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper
 
+from onnxprune.atomic_write import PROTO_LIMIT_BYTES, atomic_write_text, needs_external_data, save_model, staged_write
 from onnxprune.errors import InputError
 from onnxprune.runtime import max_loadable_ir, ort_load_problem
 
-# Protobuf cannot serialise a message of 2 GiB or more; stay well below it.
-PROTO_LIMIT_BYTES = 2_000_000_000
+__all__ = [
+    "LoadedModel",
+    "as_loaded",
+    "check_input_model",
+    "check_output_path",
+    "load_model",
+    "same_file",
+    # written by onnxprune.atomic_write, re-exported for existing callers
+    "PROTO_LIMIT_BYTES",
+    "atomic_write_text",
+    "needs_external_data",
+    "save_model",
+    "staged_write",
+]
 
 
 @dataclass
@@ -74,42 +85,123 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             yield from _node_tensors(node)
 
 
+# The keys an external-data reference may have (onnx.external_data_helper reads no others).
+EXTERNAL_DATA_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
+
+
+def _external_reference(tensor: onnx.TensorProto, name: str) -> tuple[str, int, int | None]:
+    """(file, offset, length) of a tensor's external data; unknown keys or bad numbers are an InputError."""
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    unknown = sorted(set(entries) - EXTERNAL_DATA_KEYS)
+    if unknown:
+        raise InputError(f"{name}: tensor '{tensor.name}' has unknown external data key(s) {unknown} (damaged file?)")
+    numbers = {}
+    for key in ("offset", "length"):
+        try:
+            numbers[key] = int(entries[key]) if key in entries else None
+        except ValueError:
+            raise InputError(f"{name}: tensor '{tensor.name}' has external data {key} {entries[key]!r}, not a number") from None
+        if (numbers[key] or 0) < 0:
+            raise InputError(f"{name}: tensor '{tensor.name}' has a negative external data {key}")
+    return entries.get("location", ""), numbers["offset"] or 0, numbers["length"]
+
+
+def _external_file(base_dir: Path, location: str, tensor: onnx.TensorProto, name: str) -> Path:
+    """The file ``location`` names inside the model's folder; InputError if it is elsewhere or missing."""
+    if not location:
+        raise InputError(f"{name}: tensor '{tensor.name}' uses external data but names no file")
+    if os.path.isabs(location) or location.startswith(("/", "\\")):
+        raise InputError(
+            f"{name}: tensor '{tensor.name}' points at external data '{location}' by absolute path; "
+            "only files inside the model's folder are read"
+        )
+    base_real = base_dir.resolve()
+    target = (base_dir / location).resolve()
+    if base_real != target and base_real not in target.parents:
+        raise InputError(
+            f"{name}: tensor '{tensor.name}' points at external data '{location}' outside the model's "
+            "folder; refusing to read it"
+        )
+    if not target.is_file():
+        raise InputError(
+            f"{name}: external data file '{location}' for tensor '{tensor.name}' is missing "
+            f"(expected at {target})"
+        )
+    return target
+
+
 def _check_external_data(model: onnx.ModelProto, base_dir: Path, name: str) -> list[Path]:
     """Validate every external-data reference; return the files they use."""
-    base_real = base_dir.resolve()
     files: dict[Path, int] = {}
     for tensor in _all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
-        info = external_data_helper.ExternalDataInfo(tensor)
-        location = info.location
-        if not location:
-            raise InputError(f"{name}: tensor '{tensor.name}' uses external data but names no file")
-        if os.path.isabs(location) or location.startswith(("/", "\\")):
-            raise InputError(
-                f"{name}: tensor '{tensor.name}' points at external data '{location}' by absolute path; "
-                "only files inside the model's folder are read"
-            )
-        target = (base_dir / location).resolve()
-        if base_real != target and base_real not in target.parents:
-            raise InputError(
-                f"{name}: tensor '{tensor.name}' points at external data '{location}' outside the model's "
-                "folder; refusing to read it"
-            )
-        if not target.is_file():
-            raise InputError(
-                f"{name}: external data file '{location}' for tensor '{tensor.name}' is missing "
-                f"(expected at {target})"
-            )
+        location, offset, length = _external_reference(tensor, name)
+        target = _external_file(base_dir, location, tensor, name)
         size = files.setdefault(target, target.stat().st_size)
-        offset = int(info.offset or 0)
-        length = info.length
-        if length is not None and offset + int(length) > size:
+        if length is not None and offset + length > size:
             raise InputError(
                 f"{name}: external data file '{location}' is truncated: tensor '{tensor.name}' needs bytes "
-                f"{offset}..{offset + int(length)} but the file has {size}"
+                f"{offset}..{offset + length} but the file has {size}"
             )
     return sorted(files)
+
+
+@functools.cache
+def _text_and_message_fields(descriptor: Descriptor) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Names of a message type's string fields and of its message fields."""
+    fields = descriptor.fields
+    return (
+        tuple(f.name for f in fields if f.type == f.TYPE_STRING),
+        tuple(f.name for f in fields if f.type == f.TYPE_MESSAGE),
+    )
+
+
+def _non_utf8_field(model: onnx.ModelProto) -> str | None:
+    """``Message.field`` of the first text field whose bytes are not UTF-8, or None.
+
+    The protobuf parser accepts such bytes in ONNX's (proto2) string fields and
+    hands them out as ``bytes``; every later step expects ``str``. String
+    attributes are bytes fields that readers decode as UTF-8.
+    """
+    stack: list[Message] = [model]
+    while stack:
+        message = stack.pop()
+        texts, messages = _text_and_message_fields(message.DESCRIPTOR)
+        for name in texts:
+            value = getattr(message, name)
+            if isinstance(value, bytes) or (not isinstance(value, str) and any(isinstance(v, bytes) for v in value)):
+                return f"{message.DESCRIPTOR.name}.{name}"
+        if isinstance(message, onnx.AttributeProto) and not _attribute_text_is_utf8(message):
+            return f"attribute '{message.name}'"
+        for name in messages:
+            value = getattr(message, name)
+            if not isinstance(value, Message):
+                stack.extend(value)
+            elif message.HasField(name):
+                stack.append(value)
+    return None
+
+
+def _attribute_text_is_utf8(attribute: onnx.AttributeProto) -> bool:
+    """Whether a STRING(S) attribute's bytes read as UTF-8, as every reader (onnx-graphsurgeon) decodes them."""
+    try:
+        attribute.s.decode()
+        for value in attribute.strings:
+            value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _check_text(model: onnx.ModelProto, name: str) -> None:
+    """Refuse a model whose names or other text are not UTF-8 (a damaged file)."""
+    try:
+        where = _non_utf8_field(model)
+    except UnicodeDecodeError:  # protobuf implementations that decode on access
+        where = "a text field"
+    if where is not None:
+        raise InputError(f"{name} is not a valid ONNX model: {where} holds text that is not UTF-8 (damaged file?)")
 
 
 def _check_structure(model: onnx.ModelProto, name: str) -> None:
@@ -163,6 +255,7 @@ def load_model(path: str | os.PathLike[str], *, check: bool = False) -> LoadedMo
     except (DecodeError, RuntimeError, ValueError) as e:
         raise InputError(f"{name} is not an ONNX model, or is truncated (protobuf parse failed: {e})") from None
     del data
+    _check_text(model, name)
     _check_structure(model, name)
     files = _check_external_data(model, p.parent, name)
     if files:
@@ -194,9 +287,14 @@ def check_input_model(loaded: LoadedModel, name: str) -> None:
         raise InputError(f"{name} fails the ONNX checker: {first}") from None
 
 
-def as_loaded(model_or_path: onnx.ModelProto | str | os.PathLike[str], *, check: bool = False) -> LoadedModel:
-    """Accept a path or an in-memory ModelProto (validated the same way)."""
+def as_loaded(model_or_path: onnx.ModelProto | str | os.PathLike[str] | LoadedModel, *, check: bool = False) -> LoadedModel:
+    """Accept a path or an in-memory ModelProto (validated the same way); a LoadedModel is returned as is."""
+    if isinstance(model_or_path, LoadedModel):
+        if check:
+            check_input_model(model_or_path, str(model_or_path.path or "model"))
+        return model_or_path
     if isinstance(model_or_path, onnx.ModelProto):
+        _check_text(model_or_path, "model")
         _check_structure(model_or_path, "model")
         model, lowered = model_or_path, None
         if ort_load_problem(model) is not None:
@@ -208,11 +306,6 @@ def as_loaded(model_or_path: onnx.ModelProto | str | os.PathLike[str], *, check:
             check_input_model(loaded, "model")
         return loaded
     return load_model(model_or_path, check=check)
-
-
-def needs_external_data(model: onnx.ModelProto) -> bool:
-    """True when the model is too large to be stored as one protobuf."""
-    return model.ByteSize() >= PROTO_LIMIT_BYTES
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
@@ -236,68 +329,3 @@ def check_output_path(output: str | os.PathLike[str], loaded: LoadedModel) -> No
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{output}: folder {parent} does not exist")
-
-
-@contextlib.contextmanager
-def staged_write(
-    model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None
-) -> Iterator[Path]:
-    """Write ``model`` to a temporary copy of ``path``; move it into place on success.
-
-    Yields the staged model's path so the caller can check it (e.g. run it on
-    ONNX Runtime) before it replaces anything. If the body raises, nothing is
-    written. ``external_data=None`` stores weights beside the model only when
-    the model is too large for one protobuf.
-    """
-    dest = Path(path)
-    use_external = needs_external_data(model) if external_data is None else external_data
-    stage_dir = Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=dest.parent if str(dest.parent) else "."))
-    try:
-        staged = stage_dir / dest.name
-        data_name = dest.name + ".data"
-        if use_external:
-            onnx.save_model(
-                model,
-                str(staged),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-            # save_model moved the weights out of the in-memory proto; put them back.
-            external_data_helper.load_external_data_for_model(model, str(stage_dir))
-        else:
-            with open(staged, "wb") as f:
-                f.write(model.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-        yield staged
-        staged_data = stage_dir / data_name
-        if staged_data.exists():
-            os.replace(staged_data, dest.with_name(data_name))
-        os.replace(staged, dest)
-    finally:
-        shutil.rmtree(stage_dir, ignore_errors=True)
-
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
-    """Write a model atomically (see :func:`staged_write`)."""
-    with staged_write(model, path, external_data=external_data):
-        pass
-    return Path(path)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write a text file atomically (temporary file beside it, then rename)."""
-    dest = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent if str(dest.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

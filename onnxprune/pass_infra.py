@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import PassError
+from onnxprune.graphutil import graphsurgeon_logging
 
 
 class PreconditionError(PassError):
@@ -54,17 +55,20 @@ class GraphPass(abc.ABC):
         """Edit ``graph`` in place."""
 
     def __call__(self, graph: gs.Graph) -> PassResult:
-        for prop in self.requires:
-            problem = _check(prop, graph)
-            if problem:
-                raise PreconditionError(f"pass '{self.name}' requires '{prop}': {problem}")
-        result = self.call(graph)
-        if not isinstance(result, PassResult):
-            raise TypeError(f"pass '{self.name}' returned {type(result).__name__}, not PassResult")
-        for prop in self.ensures:
-            problem = _check(prop, graph)
-            if problem:
-                raise PostconditionError(f"pass '{self.name}' promises '{prop}' but: {problem}")
+        """Check the required properties, run :meth:`call` (onnx-graphsurgeon's messages logged, not
+        printed), check the promised ones."""
+        with graphsurgeon_logging():
+            for prop in self.requires:
+                problem = _check(prop, graph)
+                if problem:
+                    raise PreconditionError(f"pass '{self.name}' requires '{prop}': {problem}")
+            result = self.call(graph)
+            if not isinstance(result, PassResult):
+                raise TypeError(f"pass '{self.name}' returned {type(result).__name__}, not PassResult")
+            for prop in self.ensures:
+                problem = _check(prop, graph)
+                if problem:
+                    raise PostconditionError(f"pass '{self.name}' promises '{prop}' but: {problem}")
         return result
 
 
@@ -72,6 +76,7 @@ class GraphPass(abc.ABC):
 
 
 def _toposorted(graph: gs.Graph) -> str | None:
+    """Why the graph is not in topological order (None if it is)."""
     seen = {t.name for t in graph.inputs}
     seen.update(name for name, t in graph.tensors().items() if isinstance(t, gs.Constant))
     for node in graph.nodes:
@@ -84,6 +89,7 @@ def _toposorted(graph: gs.Graph) -> str | None:
 
 
 def _clean(graph: gs.Graph) -> str | None:
+    """Why the graph is not clean: a node whose outputs nobody uses (None if clean)."""
     used = {t.name for t in graph.outputs}
     for node in reversed(graph.nodes):
         if not any(o.name in used for o in node.outputs):
@@ -104,6 +110,7 @@ PROPERTY_CHECKS: dict[str, Callable[[gs.Graph], str | None] | None] = {
 
 
 def _check(prop: str, graph: gs.Graph) -> str | None:
+    """Why ``prop`` does not hold on ``graph`` (None if it holds or cannot be checked)."""
     checker = PROPERTY_CHECKS[prop]
     return None if checker is None else checker(graph)
 
@@ -133,6 +140,7 @@ class PassManager:
         self.on_pass = on_pass
 
     def _run_one(self, graph: gs.Graph, p: GraphPass, holds: set[str], records: list[PassRecord], auto: bool) -> None:
+        """Run ``p``, first the providers of its required properties that do not hold."""
         for prop in sorted(p.requires):
             if prop in holds or (PROPERTY_CHECKS[prop] is not None and _check(prop, graph) is None):
                 holds.add(prop)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -28,6 +27,7 @@ _ORT_TYPES: Mapping[str, np.dtype] = {
 }
 
 ModelSource = onnx.ModelProto | bytes | str | os.PathLike
+ORT_LOG_FATAL = 4  # SessionOptions.log_severity_level: fatal errors only
 
 
 def _ort():
@@ -73,8 +73,8 @@ def session_options(threads: int | None = None, *, optimize: bool = True, quiet:
     elif threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    if quiet:
-        so.log_severity_level = 3
+    if quiet:  # failures reach the caller as exceptions; the runtime's own error log would be a second report
+        so.log_severity_level = ORT_LOG_FATAL
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return so
@@ -113,7 +113,6 @@ def _probe(ir_version: int, opsets: tuple[tuple[str, int], ...]) -> str | None:
     model = helper.make_model(graph, opset_imports=imports)
     model.ir_version = ir_version
     so = session_options()
-    so.log_severity_level = 4
     try:
         ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
@@ -168,10 +167,3 @@ def random_feed(specs, rng: np.random.Generator) -> dict[str, np.ndarray]:
             feed[name] = rng.integers(0, 2, shape).astype(dtype)
     return feed
 
-
-def model_path_or_bytes(model: ModelSource) -> str | bytes:
-    if isinstance(model, onnx.ModelProto):
-        return model.SerializeToString()
-    if isinstance(model, (str, Path, os.PathLike)):
-        return os.fspath(model)
-    return model

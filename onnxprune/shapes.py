@@ -12,10 +12,13 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
 
+from onnxprune.graphutil import constant_size
+
 SMALL_CONSTANT = 1024  # elements; smaller constants keep their values (shape tensors)
 
 
 def _light_model(graph: gs.Graph) -> onnx.ModelProto:
+    """The graph as a model whose large constants are typed inputs (no weights copied)."""
     tensors = graph.tensors()
     nodes = [OnnxExporter.export_node(n) for n in graph.nodes]
     inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs]
@@ -23,7 +26,7 @@ def _light_model(graph: gs.Graph) -> onnx.ModelProto:
     for t in tensors.values():
         if not isinstance(t, gs.Constant):
             continue
-        if t.values.size <= SMALL_CONSTANT:
+        if constant_size(t) <= SMALL_CONSTANT:
             initializers.append(OnnxExporter.export_tensor_proto(t))
         else:
             inputs.append(helper.make_tensor_value_info(t.name, dtype_to_onnx(t.dtype), list(t.shape)))

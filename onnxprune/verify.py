@@ -32,7 +32,15 @@ class VerifyResult:
         return name, self.max_relative_error[name]
 
 
-def _run(model: ModelSource, feeds: list[dict[str, np.ndarray]] | None, symbolic_dim: int, seed: int, trials: int):
+def run_on_random_inputs(
+    model: ModelSource,
+    feeds: list[dict[str, np.ndarray]] | None = None,
+    *,
+    symbolic_dim: int = 2,
+    seed: int = 0,
+    trials: int = 1,
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """(feeds, outputs by name) of ``model`` run on ``feeds``, or on ``trials`` random feeds made from its inputs."""
     session = make_session(model, options=lean_session_options())
     if feeds is None:
         rng = np.random.default_rng(seed)
@@ -76,13 +84,13 @@ def compare_models(
     other so that only one model's weights are held by the runtime at a time.
     """
     try:
-        feeds, ref_out = _run(reference, feeds, symbolic_dim, seed, trials)
+        feeds, ref_out = run_on_random_inputs(reference, feeds, symbolic_dim=symbolic_dim, seed=seed, trials=trials)
     except InputError:
         raise
     except Exception as e:  # onnxruntime cannot load or run the input model itself
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise InputError(f"onnxruntime cannot run the input model: {first}") from None
-    _, got_out = _run(candidate, feeds, symbolic_dim, seed, trials)
+    _, got_out = run_on_random_inputs(candidate, feeds, symbolic_dim=symbolic_dim, seed=seed, trials=trials)
     result = VerifyResult(trials=len(feeds))
     for ref, got in zip(ref_out, got_out):
         if set(ref) != set(got):

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from onnxprune.errors import PassError
 from onnxprune.pass_infra import GraphPass
+from passes.flush_subnormals import FlushSubnormalsPass
 from passes.fold_batchnorm import FoldBatchNormPass
 from passes.fold_bias_add import FoldBiasAddPass
 from passes.fold_constants import FoldConstantsPass
 from passes.fold_input_scale import FoldInputScalePass
-from passes.flush_subnormals import FlushSubnormalsPass
 from passes.prune_channels import PruneChannelsPass
 from passes.remove_identity import RemoveIdentityPass
 from passes.structure import CleanupPass, InferShapesPass, ToposortPass
+
+logging.getLogger("passes").addHandler(logging.NullHandler())
 
 PASSES: dict[str, type[GraphPass]] = {
     p.name: p

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.graphutil import NameSource, constant_value, optional_input, set_const_input
-from onnxprune.pass_infra import GraphPass, PassResult
+from onnxprune.graphutil import constant_value, weight_and_bias
+from passes.folding import FoldScope, NodeFoldPass, bias_per_channel, set_bias, take_output
 
 
 def _per_channel(c: np.ndarray, channels: int, out_rank: int, axis: int) -> np.ndarray | None:
@@ -22,51 +22,47 @@ def _per_channel(c: np.ndarray, channels: int, out_rank: int, axis: int) -> np.n
     return np.broadcast_to(c.reshape(-1), (channels,)).astype(np.float64) if c.size in (1, channels) else None
 
 
-class FoldBiasAddPass(GraphPass):
+def _output_channels(layer: gs.Node, weight: np.ndarray) -> int | None:
+    """How many output channels (axis 1 of the output) a Conv or Gemm writes."""
+    if layer.op == "Conv":
+        return weight.shape[0]
+    if layer.op == "Gemm" and not int(layer.attrs.get("transA", 0)):
+        return weight.shape[0] if int(layer.attrs.get("transB", 0)) else weight.shape[1]
+    return None
+
+
+def _fold_into(add: gs.Node, x: gs.Tensor, constant: np.ndarray, scope: FoldScope) -> bool:
+    """Fold ``add`` (``x`` plus ``constant``) into the bias of the Conv/Gemm writing ``x``, if exact."""
+    layer = x.inputs[0] if x.inputs else None
+    if layer is None or layer.op not in ("Conv", "Gemm") or len(x.outputs) != 1 or scope.is_graph_output(x):
+        return False
+    found = weight_and_bias(layer)
+    y = add.outputs[0]
+    if found is None or x.shape is None or y.shape is None or len(y.shape) != len(x.shape):
+        return False
+    w, b = found
+    channels = _output_channels(layer, w)
+    if channels is None:
+        return False
+    per = _per_channel(np.asarray(constant), channels, len(x.shape), 1)
+    if per is None or (b is not None and b.size not in (1, channels)):
+        return False
+    set_bias(layer, (bias_per_channel(layer, b, channels) + per).astype(w.dtype), scope.names)
+    take_output(layer, add)
+    return True
+
+
+class FoldBiasAddPass(NodeFoldPass):
     name = "fold-bias-add"
     summary = "fold an Add of a per-channel constant after Conv/Gemm into their bias"
     requires = frozenset({"shapes"})
+    folded_summary = "Add node(s) folded into a bias"
 
-    def call(self, graph: gs.Graph) -> PassResult:
-        names = NameSource(graph)
-        graph_outputs = {id(t) for t in graph.outputs}
-        folded = 0
-        for add in list(graph.nodes):
-            if add.op != "Add" or len(add.inputs) != 2:
-                continue
-            for i in (0, 1):
-                x, c_t = add.inputs[i], add.inputs[1 - i]
-                prod = x.inputs[0] if x.inputs else None
-                c = constant_value(c_t)
-                if c is None or prod is None or prod.op not in ("Conv", "Gemm") or len(x.outputs) != 1 or id(x) in graph_outputs:
-                    continue
-                w = constant_value(prod.inputs[1])
-                if w is None or x.shape is None or add.outputs[0].shape is None or len(add.outputs[0].shape) != len(x.shape):
-                    continue
-                if prod.op == "Gemm":
-                    if int(prod.attrs.get("transA", 0)):
-                        continue
-                    channels = w.shape[0] if int(prod.attrs.get("transB", 0)) else w.shape[1]
-                else:
-                    channels = w.shape[0]
-                per = _per_channel(np.asarray(c), channels, len(x.shape), 1)
-                b_t = optional_input(prod, 2)
-                b = constant_value(b_t) if b_t is not None else None
-                if per is None or (b_t is not None and b is None) or (b is not None and b.size not in (1, channels)):
-                    continue
-                beta = float(prod.attrs.get("beta", 1.0)) if prod.op == "Gemm" else 1.0
-                old = np.zeros(channels) if b is None else beta * np.broadcast_to(b.reshape(-1).astype(np.float64), (channels,))
-                new_b = (old + per).astype(w.dtype)
-                if b is not None:
-                    set_const_input(prod, 2, new_b, names)
-                else:
-                    prod.inputs.append(gs.Constant(names.fresh(f"{prod.name}_bias"), new_b))
-                if prod.op == "Gemm":
-                    prod.attrs["beta"] = 1.0
-                prod.outputs[0] = add.outputs[0]
-                add.outputs.clear()
-                folded += 1
-                break
-        if folded:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=folded > 0, summary=f"{folded} Add node(s) folded into a bias")
+    def fold(self, node: gs.Node, scope: FoldScope) -> bool:
+        if node.op != "Add" or len(node.inputs) != 2:
+            return False
+        for i in (0, 1):
+            constant = constant_value(node.inputs[1 - i])
+            if constant is not None and _fold_into(node, node.inputs[i], constant, scope):
+                return True
+        return False

@@ -39,6 +39,7 @@ def foldable_nodes(graph: gs.Graph) -> list[gs.Node]:
 
 
 def _evaluate(graph: gs.Graph, nodes: list[gs.Node], wanted: list[gs.Variable]) -> list[np.ndarray]:
+    """Values of ``wanted`` computed by running ``nodes`` on ONNX Runtime."""
     from onnxprune.runtime import make_session, session_options
 
     sub = gs.Graph(

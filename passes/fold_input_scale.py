@@ -21,8 +21,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxprune.graphutil import NameSource, constant_value, is_default_domain, set_const_input
-from onnxprune.pass_infra import GraphPass, PassResult
+from onnxprune.graphutil import constant_value, is_default_domain, set_const_input
+from passes.folding import FoldScope, NodeFoldPass
 
 
 def _feature_scale(c: np.ndarray, rank: int, axis: int, features: int) -> np.ndarray | None:
@@ -85,59 +85,68 @@ def _gathered_features(node: gs.Node, rank: int) -> tuple[int, np.ndarray] | Non
     return axis % rank, idx.astype(np.int64)
 
 
-class FoldInputScalePass(GraphPass):
+def _reader_of(mul_output: gs.Variable, scope: FoldScope) -> tuple[gs.Node, gs.Node | None] | None:
+    """(the layer reading the Mul's output as its data input, a Gather of kept features between them or None)."""
+    reader = mul_output.outputs[0]
+    if reader.inputs[0] is not mul_output or any(t is mul_output for t in reader.inputs[1:]):
+        return None
+    gathered = reader.outputs[0] if reader.op == "Gather" else None
+    if gathered is None or len(gathered.outputs) != 1 or scope.is_graph_output(gathered):
+        return reader, None
+    layer = gathered.outputs[0]
+    if layer.inputs[0] is not gathered or any(t is gathered for t in layer.inputs[1:]):
+        return None
+    return layer, reader
+
+
+def _fold_scale(mul: gs.Node, x: gs.Tensor, constant: np.ndarray, reader: gs.Node, gather: gs.Node | None,
+                scope: FoldScope) -> bool:
+    """Fold ``mul`` (``x`` times ``constant``) into ``reader``'s weights, through ``gather`` if any."""
+    y = mul.outputs[0]
+    if x.shape is None or y.shape is None or not _from_graph_input(x, scope.graph_inputs):
+        return False
+    if list(x.shape) != list(y.shape):  # the constant must not broadcast x to a larger shape
+        return False
+    rank = len(x.shape)
+    found = _scaled_weight(reader, rank)
+    if found is None:
+        return False
+    axis, features, w, scale = found
+    picked = None
+    if gather is not None:
+        picked = _gathered_features(gather, rank)
+        if picked is None or picked[0] != axis or len(picked[1]) != features or not isinstance(y.shape[axis], int):
+            return False
+        features = y.shape[axis]
+    per_feature = _feature_scale(np.asarray(constant), rank, axis, features)
+    if per_feature is None or np.asarray(constant).dtype != w.dtype:
+        return False
+    if picked is not None:
+        per_feature = per_feature[picked[1] % features]
+    set_const_input(reader, 1, scale(per_feature).astype(w.dtype), scope.names)
+    (gather or reader).inputs[0] = x
+    mul.outputs.clear()
+    return True
+
+
+class FoldInputScalePass(NodeFoldPass):
     name = "fold-input-scale"
     summary = ("fold Mul of a graph input (or its Flatten/Reshape) by a per-feature constant into the weights of the "
                "one Conv/Gemm/MatMul reading it (through a Gather of kept features)")
     requires = frozenset({"shapes"})
+    folded_summary = "Mul node(s) folded into the weights that read them"
 
-    def call(self, graph: gs.Graph) -> PassResult:
-        names = NameSource(graph)
-        graph_outputs = {id(t) for t in graph.outputs}
-        graph_inputs = {id(t) for t in graph.inputs}
-        folded = 0
-        for mul in list(graph.nodes):
-            if mul.op != "Mul" or not is_default_domain(mul) or len(mul.inputs) != 2:
-                continue
-            y = mul.outputs[0]
-            if len(y.outputs) != 1 or id(y) in graph_outputs:
-                continue
-            reader = y.outputs[0]
-            if reader.inputs[0] is not y or any(t is y for t in reader.inputs[1:]):
-                continue
-            gather = None  # Mul -> Gather(kept features) -> reader: the scale travels with the features
-            if reader.op == "Gather" and len(reader.outputs[0].outputs) == 1 and id(reader.outputs[0]) not in graph_outputs:
-                gather, reader = reader, reader.outputs[0].outputs[0]
-                if reader.inputs[0] is not gather.outputs[0] or any(t is gather.outputs[0] for t in reader.inputs[1:]):
-                    continue
-            for i in (0, 1):
-                x, c_t = mul.inputs[i], mul.inputs[1 - i]
-                c = constant_value(c_t)
-                if c is None or x.shape is None or y.shape is None or not _from_graph_input(x, graph_inputs):
-                    continue
-                if list(x.shape) != list(y.shape):  # the constant must not broadcast x to a larger shape
-                    continue
-                rank = len(x.shape)
-                found = _scaled_weight(reader, rank)
-                if found is None:
-                    continue
-                axis, features, w, scale = found
-                picked = None
-                if gather is not None:
-                    picked = _gathered_features(gather, rank)
-                    if picked is None or picked[0] != axis or len(picked[1]) != features or not isinstance(y.shape[axis], int):
-                        continue
-                    features = y.shape[axis]
-                s = _feature_scale(np.asarray(c), rank, axis, features)
-                if s is None or np.asarray(c).dtype != w.dtype:
-                    continue
-                if picked is not None:
-                    s = s[picked[1] % features]
-                set_const_input(reader, 1, scale(s).astype(w.dtype), names)
-                (gather or reader).inputs[0] = x
-                mul.outputs.clear()
-                folded += 1
-                break
-        if folded:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=folded > 0, summary=f"{folded} Mul node(s) folded into the weights that read them")
+    def fold(self, node: gs.Node, scope: FoldScope) -> bool:
+        if node.op != "Mul" or not is_default_domain(node) or len(node.inputs) != 2:
+            return False
+        y = node.outputs[0]
+        if len(y.outputs) != 1 or scope.is_graph_output(y):
+            return False
+        readers = _reader_of(y, scope)
+        if readers is None:
+            return False
+        for i in (0, 1):
+            constant = constant_value(node.inputs[1 - i])
+            if constant is not None and _fold_scale(node, node.inputs[i], constant, *readers, scope):
+                return True
+        return False

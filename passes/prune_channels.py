@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import onnx_graphsurgeon as gs
-
 from collections.abc import Callable
+
+import onnx_graphsurgeon as gs
 
 from onnxprune.channels.analysis import ChannelAnalysis, analyze
 from onnxprune.channels.plan import PrunePlan, WidthPolicy, make_plan

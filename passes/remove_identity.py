@@ -6,10 +6,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.graphutil import constant_value, is_default_domain, optional_input
-from onnxprune.pass_infra import GraphPass, PassResult
+from passes.folding import FoldScope, NodeFoldPass
 
 
 def _is_noop(node: gs.Node) -> bool:
+    """Identity, or a Dropout known to be in inference mode whose mask nobody reads."""
     if not is_default_domain(node):
         return False
     if node.op == "Identity":
@@ -23,25 +24,20 @@ def _is_noop(node: gs.Node) -> bool:
     return flag is not None and not bool(np.asarray(flag).reshape(-1)[0])
 
 
-class RemoveIdentityPass(GraphPass):
+class RemoveIdentityPass(NodeFoldPass):
     name = "remove-identity"
     summary = "remove Identity nodes and Dropout in inference mode (graph outputs keep their names)"
+    folded_summary = "node(s) removed"
 
-    def call(self, graph: gs.Graph) -> PassResult:
-        outputs = {id(t) for t in graph.outputs}
-        removed = 0
-        for node in list(graph.nodes):
-            if not _is_noop(node):
-                continue
-            src, dst = node.inputs[0], node.outputs[0]
-            if id(dst) in outputs:
-                continue  # keep the graph output's name and producer
-            for consumer in list(dst.outputs):
-                for i, t in enumerate(consumer.inputs):
-                    if t is dst:
-                        consumer.inputs[i] = src
-            node.outputs.clear()
-            removed += 1
-        if removed:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=removed > 0, summary=f"{removed} node(s) removed")
+    def fold(self, node: gs.Node, scope: FoldScope) -> bool:
+        if not _is_noop(node):
+            return False
+        src, dst = node.inputs[0], node.outputs[0]
+        if scope.is_graph_output(dst):
+            return False  # keep the graph output's name and producer
+        for consumer in list(dst.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is dst:
+                    consumer.inputs[i] = src
+        node.outputs.clear()
+        return True

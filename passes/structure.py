@@ -25,8 +25,7 @@ class InferShapesPass(GraphPass):
     ensures = frozenset({"shapes"})
 
     def call(self, graph: gs.Graph) -> PassResult:
-        changed = infer_shapes(graph)
-        return PassResult(modified=False, summary=f"{changed} tensor shapes updated")
+        return PassResult(modified=False, summary=f"{infer_shapes(graph)} tensor shapes updated")
 
 
 class CleanupPass(GraphPass):

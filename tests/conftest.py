@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -228,7 +228,11 @@ def test_run_command_applies_a_pass_sequence(tmp_path, capsys):
     ]
     inits = [numpy_helper.from_array(a, n) for a, n in zip([w, *bn], ["w", "s", "b", "m", "v"])]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 3, 6, 6])], [helper.make_tensor_value_info("y", 1, [1, 4, 6, 6])], inits
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -305,7 +309,7 @@ def test_ir_version_newer_than_the_runtime_is_lowered_not_refused(tmp_path, caps
 
 
 def test_a_warning_during_a_command_reads_as_one_line_for_the_user():
-    from onnxprune.cli import _format_warning
+    from onnxprune.cli import format_warning_line
 
-    line = _format_warning(RuntimeWarning("RBP: 2 of 2 gates train for too few steps"), RuntimeWarning, "x.py", 1)
+    line = format_warning_line(RuntimeWarning("RBP: 2 of 2 gates train for too few steps"), RuntimeWarning, "x.py", 1)
     assert line == "onnxprune: warning: RBP: 2 of 2 gates train for too few steps\n"

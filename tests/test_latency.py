@@ -10,13 +10,25 @@ import onnx
 import pytest
 
 from onnxprune.api import inspect_model, prune_model
+from onnxprune.checked_write import runtime_reference
 from onnxprune.cli import main
 from onnxprune.latency.cache import LatencyCache
+from onnxprune.latency.guarantee import Ladder, fall_back, first_rung_candidates, pick_first_rung
 from onnxprune.latency.layers import layer_specs
 from onnxprune.latency.measure import measure
-from onnxprune.latency.planner import LatencyPlanner
+from onnxprune.latency.planner import (
+    ALTERNATIVES,
+    ATTEMPTS,
+    FEWER_PRUNED_GROUPS,
+    NOTHING_PRUNED,
+    ROUND_TO_COARSE,
+    RUNGS,
+    LatencyPlanner,
+)
 from onnxprune.latency.search import candidates, choose_widths
 from onnxprune.latency.target import Target, make_target
+from onnxprune.modelio import as_loaded
+from onnxprune.pruner import Pruner
 from tests.graphs import GraphBuilder
 from tests.prune_helpers import layer_widths, same_outputs
 
@@ -91,27 +103,52 @@ def test_prune_for_cpu_is_verified_and_not_slower_than_the_input(dead_mobilenet)
     assert result.report.verification.ok
     assert same_outputs(dead_mobilenet, result.model, seed=5)
     exact = layer_widths(prune_model(dead_mobilenet, target="none").model)
-    for name, (cin, cout) in layer_widths(result.model).items():
+    for name, (_, cout) in layer_widths(result.model).items():
         assert cout >= exact[name][1]  # only dead channels are kept for speed
 
 
-@pytest.mark.parametrize("attempt", ["round to 32", "nothing pruned", "fewer pruned groups"])
-def test_fallback_rungs_prune_less(dead_mobilenet, attempt):
-    from passes.prune_channels import PruneChannelsPass
-    from onnxprune.api import run_passes
+def test_rungs_have_distinct_ids_and_the_labels_reports_show():
+    assert [r.label for r in ATTEMPTS] == ["latency model", "round to 32", "fewer pruned groups", "nothing pruned"]
+    assert [r.label for r in ALTERNATIVES] == ["every dead channel", "round to 16"]
+    assert len(RUNGS) == len(ATTEMPTS) + len(ALTERNATIVES)
+    assert all(RUNGS[r.id] is r for r in (*ATTEMPTS, *ALTERNATIVES))
 
-    planner = LatencyPlanner(TARGET, LatencyCache(TARGET), attempt)
+
+@pytest.mark.parametrize("rung", [ROUND_TO_COARSE, NOTHING_PRUNED, FEWER_PRUNED_GROUPS], ids=lambda r: r.id)
+def test_fallback_rungs_prune_less(dead_mobilenet, rung):
+    from onnxprune.api import run_passes
+    from passes.prune_channels import PruneChannelsPass
+
+    planner = LatencyPlanner(TARGET, LatencyCache(TARGET), rung)
     out = run_passes(dead_mobilenet, [PruneChannelsPass(planner=planner)]).model
     dense = layer_widths(dead_mobilenet)
     widths = layer_widths(out)
-    if attempt == "nothing pruned":
+    if rung is NOTHING_PRUNED:
         assert widths == dense
-    elif attempt == "round to 32":
+    elif rung is ROUND_TO_COARSE:
         assert all(w[1] % 32 == 0 or w[1] == dense[n][1] for n, w in widths.items())
     else:
         full = layer_widths(run_passes(dead_mobilenet, [PruneChannelsPass(planner=LatencyPlanner(TARGET, LatencyCache(TARGET)))]).model)
         assert sum(w[1] for w in widths.values()) >= sum(w[1] for w in full.values())
     assert same_outputs(dead_mobilenet, out)
+
+
+class InputAlwaysFaster(Ladder):
+    """Timings in which the input beats every candidate (a runtime that gains nothing from pruning)."""
+
+    def time(self, candidates):
+        return {"input": 1.0, **{c.label: 2.0 for c in candidates}}
+
+
+def test_when_no_candidate_beats_the_input_every_fall_back_is_tried_and_nothing_pruned_is_kept(dead_mobilenet):
+    loaded = as_loaded(dead_mobilenet)
+    ladder = InputAlwaysFaster(Pruner(loaded), TARGET, LatencyCache(TARGET), runtime_reference(loaded))
+    assert pick_first_rung(ladder, first_rung_candidates(ladder, LatencyPlanner(TARGET, ladder.cache))) is None
+    winner = fall_back(ladder)
+    assert winner.rung is NOTHING_PRUNED and not winner.changes
+    labels = [a["attempt"] for a in ladder.attempts]
+    assert labels[0] == "latency model" and labels[-3:] == ["round to 32", "fewer pruned groups", "nothing pruned"]
+    assert [a["accepted"] for a in ladder.attempts] == [False] * (len(labels) - 1) + [True]
 
 
 def test_model_without_dead_channels_is_accepted_unchanged():

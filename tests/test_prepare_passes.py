@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from onnxprune.api import prune_model, run_passes
 from passes.flush_subnormals import FlushSubnormalsPass, subnormal_mask

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from tests.prune_helpers import prune_checked, same_outputs
 
@@ -20,7 +20,10 @@ def gated_mlp(rejected, features=16, op="MatMul"):
     nodes = [helper.make_node("Mul", ["x", "g"], ["xg"], name="gate"), first,
              helper.make_node("Relu", ["h"], ["r"], name="relu"), helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", 1, ["n", features])], [helper.make_tensor_value_info("y", 1, ["n", 4])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
         [numpy_helper.from_array(a, n) for a, n in ((g, "g"), (w1, "w1"), (w2, "w2"))],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

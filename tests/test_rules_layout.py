@@ -1,5 +1,5 @@
-"""Per-rule tests for ops that move channels around (rules_layout.py): Concat, Split, Slice, Pad,
-Transpose, Squeeze, Flatten, Reshape, on small hand-built graphs."""
+"""Per-rule tests for ops that move channels around (rules_layout.py: Concat, Split, Slice, Pad;
+rules_axes.py: Transpose, Squeeze; rules_reshape.py: Flatten, Reshape), on small hand-built graphs."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ from tests.graphs import (
     weight,
 )
 from tests.prune_helpers import layer_widths
-
-
 
 # -- Concat ----------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from onnx import TensorProto
 
 from tests.graphs import GraphBuilder, bias_of, group_named, input_value, live_reasons, prune_ok, weight
 from tests.prune_helpers import layer_widths
@@ -83,7 +84,7 @@ ZERO_PRESERVING = {
     ),
     "cast_float16_and_back": (
         17,
-        lambda g, x, c: g.node("Cast", [g.node("Cast", [x], to=10)], to=1),
+        lambda g, x, c: g.node("Cast", [g.node("Cast", [x], to=TensorProto.FLOAT16)], to=TensorProto.FLOAT),
     ),
 }
 
@@ -141,13 +142,13 @@ def test_clip_whose_range_excludes_zero_makes_a_constant_that_a_padded_conv_keep
     assert "not zero where read by Conv 'conv2'" in live_reasons(result, "conv1")
 
 
-@pytest.mark.parametrize("to", [10, 16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("to", [TensorProto.FLOAT16, TensorProto.BFLOAT16], ids=["float16", "bfloat16"])
 def test_constant_channel_through_cast_to_half_folds_the_rounded_value(to):
     # conv1 channel 1 is the constant 1000.3; float16 stores 1000.5, bfloat16 1000.0.
     g = GraphBuilder()
     x = g.input("x", [1, 3, 6, 6])
     h = g.conv(x, 3, 4, const={1: 1000.3}, name="conv1")
-    h = g.node("Cast", [g.node("Cast", [h], to=to)], to=1)
+    h = g.node("Cast", [g.node("Cast", [h], to=to)], to=TensorProto.FLOAT)
     g.output(g.conv(h, 4, 3, k=1, pad=0, name="conv2"))
     out = prune_ok(g.build()).model
     assert layer_widths(out) == {"conv1": (3, 3), "conv2": (3, 3)}

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.channels.context import AnalysisContext, ReadKind
+from onnxprune.channels.rule_base import Barrier
 from onnxprune.channels.rules import RULES
 from onnxprune.graphutil import has_subgraphs, is_default_domain, producer, walk_subgraph_inputs
 
@@ -33,6 +34,7 @@ class ChannelGroup:
 
     @property
     def size(self) -> int:
+        """How many channels the group has."""
         return int(self.components.size)
 
 
@@ -55,6 +57,7 @@ class ChannelAnalysis:
 
     @property
     def num_components(self) -> int:
+        """How many components (channels across all the tensors they reach) the graph has."""
         return int(self.live.size)
 
     @property
@@ -63,44 +66,62 @@ class ChannelAnalysis:
         return ~self.live & ~self.pinned
 
     def components_of(self, tensor: str) -> np.ndarray:
+        """The component of each channel of a tracked tensor."""
         return self.component_of_slot[self.ctx.slots.ids(tensor)]
 
     @property
     def barriers(self) -> dict[str, str]:
+        """Node name -> why channels cannot pass it."""
         return dict(self.ctx.barrier_nodes)
 
 
 class _Reasons:
+    """Reason texts, each stored once and referred to by index."""
     def __init__(self) -> None:
         self.items: list[str] = []
         self._index: dict[str, int] = {}
 
     def id(self, text: str) -> int:
+        """Index of ``text`` (added if new)."""
         if text not in self._index:
             self._index[text] = len(self.items)
             self.items.append(text)
         return self._index[text]
 
 
+def _barrier_with_subgraphs(graph: gs.Graph, node: gs.Node, ctx: AnalysisContext) -> None:
+    """A node with subgraphs is a barrier, also for the outer tensors its subgraphs read."""
+    outer = list(walk_subgraph_inputs(node))
+    ctx.barrier(node, "it has subgraphs")
+    tensors = graph.tensors()
+    for name in outer:
+        t = tensors.get(name)
+        if t is not None and ctx.tracked(t) is not None:
+            ctx.read(t, node, ReadKind.BARRIER, f"read inside a subgraph of {node.op} '{node.name}'")
+
+
+def _analyze_node(node: gs.Node, ctx: AnalysisContext) -> None:
+    """Run ``node``'s rule; an op without one is a barrier to the channels reaching it."""
+    rule = RULES.get(node.op) if is_default_domain(node) else None
+    if rule is None:
+        if any(ctx.tracked(t) is not None for t in node.inputs):
+            domain = f"{node.domain}." if node.domain not in (None, "", "ai.onnx") else ""
+            ctx.barrier(node, f"no channel rule for {domain}{node.op}")
+        return
+    try:
+        rule.analyze(node, ctx)
+    except Barrier as stop:
+        ctx.barrier(node, stop.reason)
+
+
 def _run_rules(graph: gs.Graph) -> AnalysisContext:
+    """Run every node's rule over a toposorted graph; channels reaching a graph output are read there."""
     ctx = AnalysisContext(graph)
     for node in graph.nodes:
         if has_subgraphs(node):
-            outer = list(walk_subgraph_inputs(node))
-            ctx.barrier(node, "it has subgraphs")
-            tensors = graph.tensors()
-            for name in outer:
-                t = tensors.get(name)
-                if t is not None and ctx.tracked(t) is not None:
-                    ctx.read(t, node, ReadKind.BARRIER, f"read inside a subgraph of {node.op} '{node.name}'")
-            continue
-        rule = RULES.get(node.op) if is_default_domain(node) else None
-        if rule is None:
-            if any(ctx.tracked(t) is not None for t in node.inputs):
-                domain = f"{node.domain}." if node.domain not in (None, "", "ai.onnx") else ""
-                ctx.barrier(node, f"no channel rule for {domain}{node.op}")
-            continue
-        rule.analyze(node, ctx)
+            _barrier_with_subgraphs(graph, node, ctx)
+        else:
+            _analyze_node(node, ctx)
     for t in graph.outputs:
         if ctx.tracked(t) is not None:
             ctx.read(t, None, ReadKind.BARRIER, f"reaches graph output '{t.name}'")
@@ -121,6 +142,7 @@ def analyze(graph: gs.Graph) -> ChannelAnalysis:
     pin_reason = np.full(k, -1, dtype=np.int64)
 
     def mark(flags, why, ids, text):
+        """Flag components of slots ``ids``, recording ``text`` as the reason where they have none yet."""
         c = comp[ids]
         flags[c] = True
         fresh = c[why[c] < 0]
@@ -158,6 +180,7 @@ def analyze(graph: gs.Graph) -> ChannelAnalysis:
 
 
 def _build_groups(analysis: ChannelAnalysis) -> None:
+    """Group the components by the set of tensors they span, each group labelled by its first layer."""
     ctx = analysis.ctx
     tracked = ctx.slots.tracked
     k = analysis.num_components

@@ -32,6 +32,7 @@ UNKNOWN = np.nan
 
 
 class ReadKind(enum.Enum):
+    """What a read allows: delete a zero channel, also fold a constant one, or nothing."""
     ZERO = "zero"
     FOLD = "fold"
     BARRIER = "barrier"
@@ -86,11 +87,13 @@ class AnalysisContext:
 
     @classmethod
     def rank(cls, t: gs.Tensor) -> int | None:
+        """Number of dimensions of ``t`` (None if unknown)."""
         s = cls.shape(t)
         return None if s is None else len(s)
 
     @classmethod
     def dim(cls, t: gs.Tensor, axis: int) -> int | None:
+        """Static size of ``t`` along ``axis`` (None if unknown or symbolic)."""
         s = cls.shape(t)
         if s is None or not -len(s) <= axis < len(s):
             return None
@@ -99,10 +102,12 @@ class AnalysisContext:
 
     @staticmethod
     def const(t: gs.Tensor | None) -> np.ndarray | None:
+        """Value of ``t`` if it is a constant (None otherwise)."""
         return None if t is None else constant_value(t)
 
     # -- tracking -----------------------------------------------------------
     def tracked(self, t: gs.Tensor | str | None) -> TrackedAxis | None:
+        """The channel axis of ``t`` if some rule declared one (None otherwise)."""
         if t is None:
             return None
         name = t if isinstance(t, str) else t.name
@@ -146,16 +151,19 @@ class AnalysisContext:
         return True
 
     def tie(self, a: gs.Tensor | str, b: gs.Tensor | str, a_index=None, b_index=None) -> None:
+        """Declare slots of ``a`` and ``b`` the same channels (all, or ``a_index`` to ``b_index``)."""
         an = a if isinstance(a, str) else a.name
         bn = b if isinstance(b, str) else b.name
         self.slots.tie(an, bn, a_index, b_index)
 
     def read(self, t: gs.Tensor, node: gs.Node | None, kind: ReadKind, reason: str, index=None) -> None:
+        """Declare that ``node`` reads the channels of ``t`` (all, or ``index``) in the way ``kind`` says."""
         if self.tracked(t) is None:
             return
         self.reads.append(Read(t.name, None if index is None else np.asarray(index), node.name if node else "", kind, reason))
 
     def pin(self, t: gs.Tensor | str, reason: str, index=None) -> None:
+        """Declare slots of ``t`` (all, or ``index``) undeletable, for ``reason``."""
         name = t if isinstance(t, str) else t.name
         self.pins.append(Pin(name, None if index is None else np.asarray(index), reason))
 
@@ -171,4 +179,5 @@ class AnalysisContext:
         self.constraint_nodes.append(node)
 
     def value(self, t: gs.Tensor) -> np.ndarray:
+        """Per-channel values of a tracked tensor (NaN unknown)."""
         return self.values[t.name]

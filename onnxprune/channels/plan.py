@@ -18,8 +18,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.channels.analysis import ChannelAnalysis, ChannelGroup
+from onnxprune.channels.context import ReadKind
 from onnxprune.channels.rules import RULES
 from onnxprune.graphutil import constant_value
+
 
 class WidthPolicy(Protocol):
     """Chooses how many channels a layer tensor keeps: at least ``needed``, at most ``total``.
@@ -41,6 +43,7 @@ class RoundTo:
 
     @property
     def reason(self) -> str:
+        """Why dead channels are kept for this policy."""
         return f"--round-to {self.n}"
 
     def __call__(self, tensor: str, needed: int, total: int) -> int:
@@ -48,6 +51,7 @@ class RoundTo:
 
 
 def round_to(n: int) -> WidthPolicy:
+    """The width policy of ``--round-to n``."""
     return RoundTo(n)
 
 
@@ -64,6 +68,7 @@ class GroupDecision:
 
     @property
     def kept(self) -> int:
+        """Channels the group keeps, live or dead."""
         return self.channels - self.removed
 
 
@@ -80,14 +85,17 @@ class PrunePlan:
     read_drops: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
     def keep_mask(self, tensor: str) -> np.ndarray:
+        """Boolean mask of the channels of ``tensor`` the plan keeps."""
         return ~self.remove[self.analysis.components_of(tensor)]
 
     @property
     def removed_channels(self) -> int:
+        """How many components the plan deletes."""
         return int(self.remove.sum())
 
     @property
     def changes_graph(self) -> bool:
+        """True if the plan deletes a channel or drops a read."""
         return bool(self.remove.any()) or bool(self.read_drops)
 
     def release_graph(self) -> None:
@@ -97,14 +105,110 @@ class PrunePlan:
 
 
 class _View:
+    """The :class:`~onnxprune.channels.rule_base.PlanView` that rules' ``constrain`` hooks see."""
     def __init__(self, analysis: ChannelAnalysis, remove: np.ndarray) -> None:
         self.analysis, self.remove = analysis, remove
 
     def removed(self, t: gs.Tensor) -> np.ndarray:
+        """Boolean mask: which channels of ``t`` are currently to be deleted."""
         return self.remove[self.analysis.components_of(t.name)]
 
     def components(self, t: gs.Tensor) -> np.ndarray:
+        """Component index of each channel of ``t``."""
         return self.analysis.components_of(t.name)
+
+
+class _PlanDraft:
+    """The deletion decision while :func:`make_plan` refines it: what goes, and why dead channels stay."""
+
+    def __init__(self, analysis: ChannelAnalysis, width_policy: WidthPolicy | None) -> None:
+        self.analysis = analysis
+        self.width_policy = width_policy
+        self.remove = analysis.removable.copy()
+        self.reasons = list(analysis.reasons)
+        self._reason_index = {r: i for i, r in enumerate(self.reasons)}
+        self.keep_reason = np.where(analysis.pinned & ~analysis.live, analysis.pin_reason, -1)
+
+    def reason_id(self, text: str) -> int:
+        """Index of ``text`` in :attr:`reasons` (added if new)."""
+        if text not in self._reason_index:
+            self._reason_index[text] = len(self.reasons)
+            self.reasons.append(text)
+        return self._reason_index[text]
+
+    def keep_back(self, comps: np.ndarray, text: str) -> bool:
+        """Keep the components of ``comps`` still to be removed, because of ``text``; True if any were."""
+        comps = comps[self.remove[comps]]
+        if comps.size == 0:
+            return False
+        self.remove[comps] = False
+        self.keep_reason[comps] = self.reason_id(text)
+        return True
+
+    def honour_group_targets(self, group_targets: dict[int, int], group_reason: str) -> None:
+        """Keep dead channels back, in channel order, until each group ``i`` keeps ``group_targets[i]``."""
+        for group in self.analysis.groups:
+            want = group_targets.get(group.index)
+            if want is None:
+                continue
+            comps = group.components
+            gone = comps[self.remove[comps]]
+            extra = want - (comps.size - gone.size)
+            if extra > 0:
+                self.keep_back(gone[:extra], group_reason)
+
+    def widen(self, name: str, comps: np.ndarray) -> bool:
+        """Keep back removed components of one tensor until its width satisfies the rules."""
+        gone = self.remove[comps]
+        if not gone.any():
+            return False
+        kept, total = int((~gone).sum()), comps.size
+        target, text = 1, "a tensor cannot be empty"
+        if self.width_policy is not None and name in self.analysis.layer_tensors:
+            wanted = self.width_policy(name, max(kept, 1), total)
+            if wanted > max(kept, 1):
+                target, text = wanted, self.width_policy.reason
+        if kept >= target:
+            return False
+        uniq, first, counts = np.unique(comps[gone], return_index=True, return_counts=True)
+        by_position = np.argsort(first)
+        order, per_comp = uniq[by_position], counts[by_position]
+        take = int(np.searchsorted(np.cumsum(per_comp), target - kept)) + 1
+        return self.keep_back(order[:take], text)
+
+    def settle(self) -> None:
+        """Apply every rule's veto and every width requirement until none objects."""
+        view = _View(self.analysis, self.remove)
+        tensors = [(t.tensor, self.analysis.components_of(t.tensor)) for t in self.analysis.ctx.slots.tracked]
+        changed = True
+        while changed:
+            changed = False
+            for node in self.analysis.ctx.constraint_nodes:
+                veto = RULES[node.op].constrain(node, view)
+                if veto is not None:
+                    changed |= self.keep_back(*veto)
+            for name, comps in tensors:
+                changed |= self.widen(name, comps)
+
+    def group_decisions(self) -> list[GroupDecision]:
+        """What happens to each channel group under the current decision."""
+        decisions = []
+        for group in self.analysis.groups:
+            comps = group.components
+            dead = ~self.analysis.live[comps]
+            kept_reasons = self.keep_reason[comps][dead & ~self.remove[comps]].tolist()
+            kept_dead = Counter(self.reasons[r] for r in kept_reasons if r >= 0)
+            decisions.append(
+                GroupDecision(
+                    group=group,
+                    channels=group.size,
+                    live=int((~dead).sum()),
+                    dead=int(dead.sum()),
+                    removed=int(self.remove[comps].sum()),
+                    kept_dead=dict(kept_dead),
+                )
+            )
+        return decisions
 
 
 def make_plan(
@@ -119,85 +223,12 @@ def make_plan(
     ``group_targets`` asks group ``i`` to keep at least that many channels
     (dead ones are kept back in channel order, with ``group_reason``).
     """
-    remove = analysis.removable.copy()
-    reasons = list(analysis.reasons)
-    index = {r: i for i, r in enumerate(reasons)}
-
-    def reason_id(text: str) -> int:
-        if text not in index:
-            index[text] = len(reasons)
-            reasons.append(text)
-        return index[text]
-
-    keep_reason = np.where(analysis.pinned & ~analysis.live, analysis.pin_reason, -1)
-    view = _View(analysis, remove)
-
-    def keep_back(comps: np.ndarray, text: str) -> bool:
-        comps = comps[remove[comps]]
-        if comps.size == 0:
-            return False
-        remove[comps] = False
-        keep_reason[comps] = reason_id(text)
-        return True
-
-    tensors = [(t.tensor, analysis.components_of(t.tensor)) for t in analysis.ctx.slots.tracked]
-    layer_tensors = analysis.layer_tensors
-
-    def widen(name: str, comps: np.ndarray) -> bool:
-        """Keep back removed components of one tensor until its width satisfies the rules."""
-        gone = remove[comps]
-        if not gone.any():
-            return False
-        kept, total = int((~gone).sum()), comps.size
-        target, text = 1, "a tensor cannot be empty"
-        if width_policy is not None and name in layer_tensors:
-            wanted = width_policy(name, max(kept, 1), total)
-            if wanted > max(kept, 1):
-                target, text = wanted, width_policy.reason
-        if kept >= target:
-            return False
-        uniq, first, counts = np.unique(comps[gone], return_index=True, return_counts=True)
-        by_position = np.argsort(first)
-        order, per_comp = uniq[by_position], counts[by_position]
-        take = int(np.searchsorted(np.cumsum(per_comp), target - kept)) + 1
-        return keep_back(order[:take], text)
-
-    for group in analysis.groups:
-        want = (group_targets or {}).get(group.index)
-        if want is None:
-            continue
-        comps = group.components
-        gone = comps[remove[comps]]
-        extra = want - (comps.size - gone.size)
-        if extra > 0:
-            keep_back(gone[:extra], group_reason)
-
-    changed = True
-    while changed:
-        changed = False
-        for node in analysis.ctx.constraint_nodes:
-            veto = RULES[node.op].constrain(node, view)
-            if veto is not None:
-                changed |= keep_back(*veto)
-        for name, comps in tensors:
-            changed |= widen(name, comps)
-
-    plan = PrunePlan(analysis, remove, reasons, keep_reason)
-    plan.read_drops = _read_drops(analysis, remove)
-    for group in analysis.groups:
-        comps = group.components
-        dead = ~analysis.live[comps]
-        kept_dead = Counter(reasons[r] for r in keep_reason[comps][dead & ~remove[comps]].tolist() if r >= 0)
-        plan.groups.append(
-            GroupDecision(
-                group=group,
-                channels=group.size,
-                live=int((~dead).sum()),
-                dead=int(dead.sum()),
-                removed=int(remove[comps].sum()),
-                kept_dead=dict(kept_dead),
-            )
-        )
+    draft = _PlanDraft(analysis, width_policy)
+    draft.honour_group_targets(group_targets or {}, group_reason)
+    draft.settle()
+    plan = PrunePlan(analysis, draft.remove, draft.reasons, draft.keep_reason)
+    plan.read_drops = _read_drops(analysis, draft.remove)
+    plan.groups = draft.group_decisions()
     return plan
 
 
@@ -233,8 +264,6 @@ def _read_drops(analysis: ChannelAnalysis, remove: np.ndarray) -> dict[tuple[str
     reading them drop their weight columns and read the kept channels through a Gather. Exact: those
     channels contribute nothing where they are read. Not applied to channels a graph output or a
     barrier needs, nor to channels kept on purpose (for speed)."""
-    from onnxprune.channels.context import ReadKind
-
     if analysis.graph is None:
         return {}
     ops = {n.name: n for n in analysis.graph.nodes}

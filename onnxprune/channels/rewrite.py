@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.channels.plan import PrunePlan
 from onnxprune.channels.rules import RULES
-from onnxprune.graphutil import NameSource, constant_value, optional_input, set_const_input
+from onnxprune.graphutil import NameSource, constant_value, set_const_input, set_or_add_const_input
 
 
 class Rewriter:
@@ -83,12 +83,7 @@ class Rewriter:
         set_const_input(node, index, value, self.names)
 
     def set_const_or_add(self, node: gs.Node, index: int, value: np.ndarray) -> None:
-        if optional_input(node, index) is not None:
-            self.set_const(node, index, value)
-            return
-        while len(node.inputs) <= index:
-            node.inputs.append(gs.Variable.empty())
-        node.inputs[index] = gs.Constant(self.names.fresh(f"{node.name}_input{index}"), np.ascontiguousarray(value))
+        set_or_add_const_input(node, index, value, self.names, f"{node.name}_input{index}")
 
     def insert_after(self, node: gs.Node, op: str, extra_inputs: list, attrs: dict) -> gs.Node:
         out = node.outputs[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
@@ -11,6 +12,7 @@ from onnxprune.graphutil import NameSource
 
 if TYPE_CHECKING:
     from onnxprune.channels.context import AnalysisContext
+    from onnxprune.channels.slots import TrackedAxis
 
 
 class RewriteContext(Protocol):
@@ -46,6 +48,9 @@ class RewriteContext(Protocol):
     def set_const(self, node: gs.Node, index: int, value: np.ndarray) -> None:
         """Replace constant input ``index`` of ``node`` (copy-on-write if shared)."""
 
+    def set_const_or_add(self, node: gs.Node, index: int, value: np.ndarray) -> None:
+        """Replace constant input ``index`` of ``node``, adding it where the node omits that input."""
+
     def add_bias_after(self, node: gs.Node, bias: np.ndarray) -> None:
         """Insert ``Add(node's output, bias)`` so the output keeps its name and consumers."""
 
@@ -63,19 +68,33 @@ class PlanView(Protocol):
         """Component index of each channel slot of a tracked tensor."""
 
 
+class Barrier(Exception):
+    """Raised by a rule before it declares anything: the node is a barrier, for ``reason``.
+
+    The analysis catches it and calls :meth:`AnalysisContext.barrier`, so a rule
+    (or a helper it calls) says ``raise Barrier("...")`` where it cannot follow channels.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class ChannelRule:
     """How channels flow through one kind of op.
 
     ``analyze`` declares channel axes, ties, reads and values on an
-    :class:`AnalysisContext`; ``rewrite`` edits the node (its constant inputs and
-    attributes) once the plan says which channels go; ``constrain`` may veto
-    deletions that the op cannot express (e.g. unequal group sizes).
+    :class:`AnalysisContext` (or raises :class:`Barrier`); ``rewrite`` edits the
+    node (its constant inputs and attributes) once the plan says which channels
+    go; ``constrain`` may veto deletions that the op cannot express (e.g.
+    unequal group sizes).
     """
 
     ops: ClassVar[tuple[str, ...]] = ()
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
-        raise NotImplementedError
+        """Declare what ``node`` does to channels (every rule overrides this)."""
+        raise NotImplementedError(f"{type(self).__name__} does not analyse {node.op}")
 
     def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
         """Default: the op needs no edit (its output shape follows its inputs)."""
@@ -85,15 +104,40 @@ class ChannelRule:
         return None
 
 
+class TrackedInputRule(ChannelRule):
+    """Rules for ops whose channels come from their first input: nothing happens unless it carries channels."""
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        tracked_input = ctx.tracked(node.inputs[0])
+        if tracked_input is not None:
+            self.analyze_tracked(node, ctx, tracked_input)
+
+    def analyze_tracked(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis) -> None:
+        """Declare what ``node`` does to the channels of its first input, which carries ``tracked_input``."""
+        raise NotImplementedError(f"{type(self).__name__} does not analyse {node.op}")
+
+
+def known_rank(ctx: AnalysisContext, t: gs.Tensor, reason: str = "input rank unknown") -> int:
+    """The rank of ``t``; a :class:`Barrier` for ``reason`` when shape inference left it unknown."""
+    rank = ctx.rank(t)
+    if rank is None:
+        raise Barrier(reason)
+    return rank
+
+
 def normalize_axis(axis: int, rank: int) -> int:
+    """``axis`` counted from the front (ONNX allows negative axes)."""
     return axis + rank if axis < 0 else axis
 
 
 def keep_or_all(mask: np.ndarray | None, size: int) -> np.ndarray:
+    """``mask``, or all ``size`` channels kept when the tensor is not tracked."""
     return np.ones(size, dtype=bool) if mask is None else mask
 
 
-def ints_attr_or_input(node: gs.Node, ctx_const, attr: str, input_index: int) -> tuple[list[int] | None, bool]:
+def ints_attr_or_input(
+    node: gs.Node, const_of: Callable[[gs.Tensor], np.ndarray | None], attr: str, input_index: int
+) -> tuple[list[int] | None, bool]:
     """Integer list from an attribute (older opsets) or a constant input (newer).
 
     Returns (values, ok); ok is False when the input exists but is not constant.
@@ -104,8 +148,8 @@ def ints_attr_or_input(node: gs.Node, ctx_const, attr: str, input_index: int) ->
         t = node.inputs[input_index]
         if t is None or (not isinstance(t, gs.Constant) and not t.name):
             return None, True
-        v = ctx_const(t)
-        if v is None:
+        value = const_of(t)
+        if value is None:
             return None, False
-        return [int(x) for x in np.asarray(v).reshape(-1)], True
+        return [int(x) for x in np.asarray(value).reshape(-1)], True
     return None, True

@@ -7,12 +7,15 @@ kept. There is no fallback that guesses.
 from __future__ import annotations
 
 from onnxprune.channels.rule_base import ChannelRule
+from onnxprune.channels.rules_axes import AXES_RULES
 from onnxprune.channels.rules_layout import LAYOUT_RULES
 from onnxprune.channels.rules_linear import LINEAR_RULES
 from onnxprune.channels.rules_pointwise import POINTWISE_RULES
+from onnxprune.channels.rules_reshape import RESHAPE_RULES
 
 
 def _table(rules: list[ChannelRule]) -> dict[str, ChannelRule]:
+    """The rules keyed by every op type they cover; two rules for one op type is an error."""
     table: dict[str, ChannelRule] = {}
     for rule in rules:
         for op in rule.ops:
@@ -22,8 +25,4 @@ def _table(rules: list[ChannelRule]) -> dict[str, ChannelRule]:
     return table
 
 
-RULES: dict[str, ChannelRule] = _table(POINTWISE_RULES + LINEAR_RULES + LAYOUT_RULES)
-
-
-def rule_for(op_type: str) -> ChannelRule | None:
-    return RULES.get(op_type)
+RULES: dict[str, ChannelRule] = _table(POINTWISE_RULES + LINEAR_RULES + LAYOUT_RULES + AXES_RULES + RESHAPE_RULES)

@@ -12,12 +12,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.channels.context import AnalysisContext, ReadKind
-from onnxprune.channels.rule_base import ChannelRule, PlanView, RewriteContext, keep_or_all
+from onnxprune.channels.rule_base import Barrier, ChannelRule, PlanView, RewriteContext, keep_or_all
 from onnxprune.channels.values import linear_values
-from onnxprune.graphutil import optional_input
+from onnxprune.graphutil import optional_input, set_or_add_const_input, weight_and_bias
 
 
 def _conv_unpadded(node: gs.Node) -> bool:
+    """True if the Conv adds no padding (a constant input channel then stays constant)."""
     pads = [int(p) for p in node.attrs.get("pads", [])]
     return not any(pads) and str(node.attrs.get("auto_pad", "NOTSET")) in ("NOTSET", "VALID")
 
@@ -30,13 +31,26 @@ def _folded_delta(values: np.ndarray, dropped: np.ndarray, weight_sums) -> np.nd
     return weight_sums(idx) @ values[idx]
 
 
-def _set_bias(node: gs.Node, rw: RewriteContext, index: int, bias: np.ndarray, dtype) -> None:
-    if optional_input(node, index) is not None:
-        rw.set_const(node, index, bias.astype(dtype))
-        return
-    while len(node.inputs) < index:
-        node.inputs.append(gs.Variable.empty())
-    node.inputs.append(gs.Constant(rw.names.fresh(f"{node.name}_bias"), bias.astype(dtype)))
+def _set_bias(node: gs.Node, rw: RewriteContext, index: int, bias: np.ndarray, dtype: np.dtype) -> None:
+    """Make ``bias`` (as ``dtype``) the node's input ``index``, adding that input where it is omitted."""
+    set_or_add_const_input(node, index, bias.astype(dtype), rw.names, f"{node.name}_bias")
+
+
+def _constant_layer(node: gs.Node, reason: str, covered: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """The layer's constant weight and optional bias; a :class:`Barrier` for ``reason`` if either
+    varies or the layer's attributes are not ``covered``."""
+    found = weight_and_bias(node)
+    if found is None or not covered:
+        raise Barrier(reason)
+    return found
+
+
+def _demand_input(node: gs.Node, ctx: AnalysisContext, axis: int, channels: int, reason: str) -> None:
+    """The layer reads ``channels`` channels of its input on ``axis``; a :class:`Barrier` if they are elsewhere."""
+    x = node.inputs[0]
+    tracked_input = ctx.tracked(x)
+    if (tracked_input is not None and tracked_input.axis != axis) or not ctx.demand(x, axis, channels, node):
+        raise Barrier(reason)
 
 
 class ConvRule(ChannelRule):
@@ -45,19 +59,11 @@ class ConvRule(ChannelRule):
     ops = ("Conv",)
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
-        x, w_t, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        w = ctx.const(w_t)
-        b_t = optional_input(node, 2)
-        b = ctx.const(b_t) if b_t is not None else None
-        if w is None or (b_t is not None and b is None):
-            ctx.barrier(node, "its weights or bias are not constant")
-            return
+        x, y = node.inputs[0], node.outputs[0]
+        w, b = _constant_layer(node, "its weights or bias are not constant")
         group = int(node.attrs.get("group", 1))
         cout, cin = w.shape[0], w.shape[1] * group
-        tx = ctx.tracked(x)
-        if (tx is not None and tx.axis != 1) or not ctx.demand(x, 1, cin, node):
-            ctx.barrier(node, "its input's channels are not on axis 1")
-            return
+        _demand_input(node, ctx, 1, cin, "its input's channels are not on axis 1")
         bias = np.zeros(cout) if b is None else b.astype(np.float64)
         unpadded = _conv_unpadded(node)
         v = ctx.value(x)
@@ -77,8 +83,7 @@ class ConvRule(ChannelRule):
             ctx.tie(x, y, src, np.arange(cout))
         else:
             if cin % group or cout % group:
-                ctx.barrier(node, "its group count does not divide its channels")
-                return
+                raise Barrier("its group count does not divide its channels")
             ctx.read(x, node, ReadKind.ZERO, f"read by grouped Conv '{node.name}'")
             cpg, opg = cin // group, cout // group
             out = np.empty(cout)
@@ -115,9 +120,7 @@ class ConvRule(ChannelRule):
         x, y = node.inputs[0], node.outputs[0]
         if not (rw.changed_read(node, x) or rw.changed(y)):
             return
-        w = rw.const(node.inputs[1])
-        b_t = optional_input(node, 2)
-        b = rw.const(b_t) if b_t is not None else None
+        w, b = weight_and_bias(node)
         group = int(node.attrs.get("group", 1))
         cout, cin = w.shape[0], w.shape[1] * group
         kin, kout = keep_or_all(rw.keep_read(node, x), cin), keep_or_all(rw.keep(y), cout)
@@ -154,17 +157,10 @@ class ConvTransposeRule(ChannelRule):
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
-        w = ctx.const(node.inputs[1])
-        b_t = optional_input(node, 2)
-        b = ctx.const(b_t) if b_t is not None else None
-        if w is None or (b_t is not None and b is None) or int(node.attrs.get("group", 1)) != 1:
-            ctx.barrier(node, "only group-1 ConvTranspose with constant weights is covered")
-            return
+        group_one = int(node.attrs.get("group", 1)) == 1
+        w, b = _constant_layer(node, "only group-1 ConvTranspose with constant weights is covered", group_one)
         cin, cout = w.shape[0], w.shape[1]
-        tx = ctx.tracked(x)
-        if (tx is not None and tx.axis != 1) or not ctx.demand(x, 1, cin, node):
-            ctx.barrier(node, "its input's channels are not on axis 1")
-            return
+        _demand_input(node, ctx, 1, cin, "its input's channels are not on axis 1")
         ctx.read(x, node, ReadKind.ZERO, f"read by ConvTranspose '{node.name}'")
         bias = np.zeros(cout) if b is None else b.astype(np.float64)
         out = linear_values(ctx.value(x), np.swapaxes(w, 0, 1), bias, allow_constant=False)
@@ -189,18 +185,11 @@ class GemmRule(ChannelRule):
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         a, y = node.inputs[0], node.outputs[0]
-        bmat = ctx.const(node.inputs[1])
-        c_t = optional_input(node, 2)
-        c = ctx.const(c_t) if c_t is not None else None
-        if bmat is None or int(node.attrs.get("transA", 0)) or (c_t is not None and c is None):
-            ctx.barrier(node, "B (or C) is not constant, or A is transposed")
-            return
+        plain_a = not int(node.attrs.get("transA", 0))
+        bmat, c = _constant_layer(node, "B (or C) is not constant, or A is transposed", plain_a)
         w = bmat if int(node.attrs.get("transB", 0)) else bmat.T  # (N, K)
         n, k = w.shape
-        ta = ctx.tracked(a)
-        if (ta is not None and ta.axis != 1) or not ctx.demand(a, 1, k, node):
-            ctx.barrier(node, "A's features are not on axis 1")
-            return
+        _demand_input(node, ctx, 1, k, "A's features are not on axis 1")
         ctx.read(a, node, ReadKind.FOLD, f"read by Gemm '{node.name}'")
         alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
         cvals = np.zeros(n) if c is None else _row_constant(c, n)
@@ -252,13 +241,10 @@ class MatMulRule(ChannelRule):
         rank = ctx.rank(a)
         if bmat is None or bmat.ndim != 2 or rank is None or rank < 2:
             if ctx.tracked(a) is not None or ctx.tracked(node.inputs[1]) is not None:
-                ctx.barrier(node, "only activation @ constant 2-D matrix is covered")
+                raise Barrier("only activation @ constant 2-D matrix is covered")
             return
         k, n = bmat.shape
-        ta = ctx.tracked(a)
-        if (ta is not None and ta.axis != rank - 1) or not ctx.demand(a, rank - 1, k, node):
-            ctx.barrier(node, "its input's channels are not on the last axis")
-            return
+        _demand_input(node, ctx, rank - 1, k, "its input's channels are not on the last axis")
         ctx.read(a, node, ReadKind.FOLD, f"read by MatMul '{node.name}'")
         out = linear_values(ctx.value(a), bmat.T, 0.0, allow_constant=True)
         ctx.track(y, rank - 1, n, node, out)

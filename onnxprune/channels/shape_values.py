@@ -37,6 +37,7 @@ Entry = Literal | Dim
 
 
 def _ints(t: gs.Tensor) -> list[int] | None:
+    """The value of a constant integer tensor as a list (None if not constant)."""
     v = constant_value(t)
     return None if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
 

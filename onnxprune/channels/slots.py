@@ -29,6 +29,7 @@ class TrackedAxis:
 
     @property
     def ids(self) -> np.ndarray:
+        """Slot ids of this tensor's channels."""
         return np.arange(self.start, self.start + self.size)
 
 
@@ -45,6 +46,7 @@ class SlotSpace:
 
     # -- allocation ---------------------------------------------------------
     def add(self, tensor: str, axis: int, size: int) -> TrackedAxis:
+        """Allocate slots for ``size`` channels of ``tensor`` on ``axis``."""
         if tensor in self._axes:
             raise ValueError(f"tensor '{tensor}' is already tracked")
         tracked = TrackedAxis(tensor, axis, int(size), self._n)
@@ -55,6 +57,7 @@ class SlotSpace:
         return tracked
 
     def get(self, tensor: str) -> TrackedAxis | None:
+        """The tracked axis of ``tensor`` (None if untracked)."""
         return self._axes.get(tensor)
 
     def __contains__(self, tensor: str) -> bool:
@@ -62,13 +65,16 @@ class SlotSpace:
 
     @property
     def tracked(self) -> list[TrackedAxis]:
+        """Every tracked tensor, in the order they were declared."""
         return list(self._order)
 
     @property
     def size(self) -> int:
+        """Total number of slots."""
         return self._n
 
     def ids(self, tensor: str, index: np.ndarray | None = None) -> np.ndarray:
+        """Slot ids of the channels of ``tensor`` (all, or those at ``index``)."""
         t = self._axes[tensor]
         return t.ids if index is None else t.start + np.asarray(index, dtype=np.int64)
 

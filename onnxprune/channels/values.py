@@ -16,6 +16,7 @@ _erf = np.frompyfunc(math.erf, 1, 1)
 
 
 def erf(v: np.ndarray) -> np.ndarray:
+    """Elementwise erf where known (NaN stays NaN)."""
     out = np.full_like(v, np.nan)
     known = np.isfinite(v)
     out[known] = _erf(v[known]).astype(np.float64)
@@ -23,16 +24,19 @@ def erf(v: np.ndarray) -> np.ndarray:
 
 
 def _sigmoid(v: np.ndarray) -> np.ndarray:
+    """Logistic function without overflow warnings."""
     with np.errstate(over="ignore"):
         return 1.0 / (1.0 + np.exp(-v))
 
 
 def _softplus(v: np.ndarray) -> np.ndarray:
+    """log(1 + exp(v)) without overflow warnings."""
     with np.errstate(over="ignore"):
         return np.logaddexp(0.0, v)
 
 
 def _gelu(approximate: str) -> Callable[[np.ndarray], np.ndarray]:
+    """GELU, exact (erf) or its tanh approximation."""
     if approximate == "tanh":
         return lambda v: 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
     return lambda v: 0.5 * v * (1.0 + erf(v / math.sqrt(2.0)))

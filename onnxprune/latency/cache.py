@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from onnxprune.atomic_write import atomic_write_text
 from onnxprune.latency.target import Target
 
 
@@ -49,8 +50,6 @@ class LatencyCache:
     def save(self) -> None:
         if not self.dirty:
             return
-        from onnxprune.modelio import atomic_write_text
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {"fingerprint": self.target.fingerprint, "constants": self.constants, "entries": self.entries}
         atomic_write_text(self.path, json.dumps(data, indent=0, sort_keys=True) + "\n")

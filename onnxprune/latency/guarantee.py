@@ -10,27 +10,45 @@ The report records every attempt.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnxprune.api import Pruner, RunResult, _check_output_model, _reference, write_checked
+from onnxprune.checked_write import check_in_memory, input_blamed, runtime_reference, write_checked
 from onnxprune.latency.cache import LatencyCache
-from onnxprune.latency.planner import ALTERNATIVES, ATTEMPTS, LatencyPlanner
+from onnxprune.latency.planner import ALTERNATIVES, FALL_BACKS, LATENCY_MODEL, LatencyPlanner, Rung
+from onnxprune.latency.search import GroupChoice, LatencyChoice
 from onnxprune.latency.target import Target
 from onnxprune.latency.timing import clear_winner, interleaved
-from onnxprune.modelio import LoadedModel, as_loaded, check_output_path, needs_external_data
+from onnxprune.modelio import LoadedModel, as_loaded, check_output_path
+from onnxprune.pruner import Pruner
+from onnxprune.report import RunResult
 from onnxprune.runtime import input_specs, random_feed
-from onnxprune.verify import verify_same_function
+
+logger = logging.getLogger(__name__)
 
 CHECK_BUDGET_S = 0.6
 CHECK_ROUNDS = 60
 CHECK_MIN_ROUNDS = 8
 
+# Timed beside a candidate whose layers skip zero inputs through a Gather (read drops): the
+# same widths with every input read. The Gather's copy can cost more than the columns it saves.
+READS_ALL = "{}, every input read"
+UNCHANGED = "no channel removed: the model is unchanged"
 
-def time_side_by_side(target: Target, reference, candidates: dict[str, onnx.ModelProto], *, budget_s: float = CHECK_BUDGET_S) -> dict[str, float]:
+
+def time_side_by_side(
+    target: Target,
+    reference: onnx.ModelProto | str | os.PathLike[str],
+    candidates: dict[str, onnx.ModelProto],
+    *,
+    budget_s: float = CHECK_BUDGET_S,
+) -> dict[str, float]:
     """Median latency (ms) of the input ("input") and each candidate on ``target``, interleaved."""
     ref = target.session(reference.SerializeToString() if isinstance(reference, onnx.ModelProto) else os.fspath(reference))
     sessions = {"input": ref, **{k: target.session(m.SerializeToString()) for k, m in candidates.items()}}
@@ -41,28 +59,170 @@ def time_side_by_side(target: Target, reference, candidates: dict[str, onnx.Mode
     return {k: t.median_ms for k, t in timings.items()}
 
 
-def _removed(result: RunResult) -> int:
-    return result.report.plan.removed_channels if result.report.plan else 0
+@dataclasses.dataclass
+class Candidate:
+    """A pruned model to time against the input, and the rung that planned its widths."""
+
+    rung: Rung
+    result: RunResult
+    reads_all: bool = False  # the rung's widths with every input read (no Gathers)
+
+    @property
+    def label(self) -> str:
+        """What the report and the command line call it."""
+        return READS_ALL.format(self.rung.label) if self.reads_all else self.rung.label
+
+    @property
+    def changes(self) -> bool:
+        """True when the candidate differs from the input."""
+        plan = self.result.report.plan
+        return bool(plan and plan.changes_graph)
+
+    @property
+    def removed(self) -> int:
+        """Channels the candidate deleted."""
+        plan = self.result.report.plan
+        return plan.removed_channels if plan else 0
 
 
-def _changes(result: RunResult) -> bool:
-    return bool(result.report.plan and result.report.plan.changes_graph)
+@dataclasses.dataclass
+class Ladder:
+    """One analysis of the input and the measurements that decide between its candidates."""
+
+    pruner: Pruner
+    target: Target
+    cache: LatencyCache
+    reference: onnx.ModelProto | Path
+    attempts: list[dict] = dataclasses.field(default_factory=list)
+
+    def build(self, rung: Rung) -> Candidate:
+        """The candidate ``rung`` plans (a fresh planner: its latency choice is not the report's)."""
+        plan = LatencyPlanner(self.target, self.cache, rung)(self.pruner.analysis)
+        return Candidate(rung, self.pruner.build(plan))
+
+    def time(self, candidates: list[Candidate]) -> dict[str, float]:
+        """Median milliseconds of the input ("input") and of each candidate (by label), timed side by side."""
+        return time_side_by_side(self.target, self.reference, {c.label: c.result.model for c in candidates})
+
+    def record_unchanged(self, candidate: Candidate) -> Candidate:
+        """Record ``candidate`` as accepted without timing: it is the input's own graph."""
+        self.attempts.append({"attempt": candidate.label, "removed_channels": 0, "accepted": True, "why": UNCHANGED})
+        return candidate
+
+    def record_timed(self, candidate: Candidate, ms: dict[str, float], *, accepted: bool) -> None:
+        """Record ``candidate``'s measured time beside the input's."""
+        self.attempts.append({"attempt": candidate.label, "removed_channels": candidate.removed, "input_ms": ms["input"],
+                              "output_ms": ms[candidate.label], "accepted": accepted})
 
 
-# Timed beside a candidate whose layers skip zero inputs through a Gather (read drops): the
-# same widths with every input read. The Gather's copy can cost more than the columns it saves.
-READS_ALL = "{}, every input read"
+def first_rung_candidates(ladder: Ladder, planner: LatencyPlanner) -> list[Candidate]:
+    """The latency model's choice, the alternatives that differ from it, and each with every input read."""
+    candidates = [Candidate(LATENCY_MODEL, ladder.pruner.build(planner(ladder.pruner.analysis)))]
+    for rung in ALTERNATIVES:
+        alternative = ladder.build(rung)
+        if not any(np.array_equal(alternative.result.report.plan.remove, c.result.report.plan.remove) for c in candidates):
+            candidates.append(alternative)
+    for candidate in list(candidates):
+        plan = candidate.result.report.plan
+        if plan.read_drops and plan.remove.any():
+            reads_all = ladder.pruner.build(dataclasses.replace(plan, read_drops={}))
+            candidates.append(Candidate(candidate.rung, reads_all, reads_all=True))
+    return candidates
+
+
+def pick_first_rung(ladder: Ladder, candidates: list[Candidate]) -> Candidate | None:
+    """The fastest candidate if it beats the input (the latency model's if nothing is pruned), else None."""
+    pruning = [c for c in candidates if c.changes]
+    if not pruning:
+        return ladder.record_unchanged(candidates[0])
+    ms = ladder.time(pruning)
+    best = min(pruning, key=lambda c: ms[c.label])
+    faster = ms[best.label] < ms["input"]
+    for candidate in pruning:
+        ladder.record_timed(candidate, ms, accepted=candidate is best and faster)
+    return best if faster else None
+
+
+def fall_back(ladder: Ladder) -> Candidate:
+    """Try the fall-back rungs in order; the first not slower than the input (or the last) wins."""
+    for rung in FALL_BACKS:
+        candidate = ladder.build(rung)
+        if not candidate.changes:
+            return ladder.record_unchanged(candidate)
+        ms = ladder.time([candidate])
+        accepted = ms[candidate.label] < ms["input"] or rung is FALL_BACKS[-1]
+        ladder.record_timed(candidate, ms, accepted=accepted)
+        if accepted:
+            return candidate
+    raise AssertionError("the last fall-back rung is always accepted")
+
+
+def _group_choice_dict(group: GroupChoice) -> dict:
+    return {
+        "group": group.name,
+        "channels": group.total,
+        "kept_by_max_pruning": group.live_or_kept,
+        "chosen": group.chosen,
+        "kept_for_speed": group.kept_for_speed,
+        "predicted_ms": {k: v / 1000.0 for k, v in group.predicted_us.items()},
+    }
+
+
+def latency_report(ladder: Ladder, choice: LatencyChoice | None, *, search_s: float, check_s: float) -> dict:
+    """The report's ``latency`` section: every attempt, the accepted one, and the latency model's prediction."""
+    accepted = next(a for a in ladder.attempts if a["accepted"])
+    target = ladder.target
+    latency = {
+        "target": target.name,
+        "threads": target.threads,
+        "batch": target.batch,
+        "cache": str(ladder.cache.path),
+        "attempts": ladder.attempts,
+        "accepted": accepted["attempt"],
+        "measured_ms": {"input": accepted.get("input_ms"), "output": accepted.get("output_ms")},
+        "search_s": search_s,
+        "check_s": check_s,
+    }
+    if choice is not None:
+        latency.update(choice.to_dict())
+        latency["groups"] = [_group_choice_dict(c) for c in choice.groups]
+    return latency
+
+
+def choose_candidate(
+    loaded: LoadedModel,
+    target: Target,
+    cache: LatencyCache,
+    reference: onnx.ModelProto | Path,
+    measure_progress: Callable[[int, int], None] | None = None,
+) -> tuple[Candidate, dict]:
+    """The candidate to keep, and the report's ``latency`` section on how it was chosen.
+
+    The analysis and the other candidates are freed on return, before the winner is verified.
+    """
+    with input_blamed(loaded):
+        start = time.perf_counter()
+        ladder = Ladder(Pruner(loaded), target, cache, reference)
+        planner = LatencyPlanner(target, cache, LATENCY_MODEL, progress=measure_progress)
+        candidates = first_rung_candidates(ladder, planner)
+        search_s = time.perf_counter() - start
+        start = time.perf_counter()
+        winner = pick_first_rung(ladder, candidates) or fall_back(ladder)
+        check_s = time.perf_counter() - start
+    logger.debug("on %s kept '%s' after %d attempt(s)", target.name, winner.label, len(ladder.attempts))
+    winner.result.report.plan.release_graph()
+    return winner, latency_report(ladder, planner.choice, search_s=search_s, check_s=check_s)
 
 
 def prune_for_target(
-    model_or_path,
+    model_or_path: onnx.ModelProto | str | os.PathLike[str] | LoadedModel,
     target: Target,
     *,
-    output=None,
+    output: str | os.PathLike[str] | None = None,
     verify: bool = True,
     external_data: bool | None = None,
     cache: LatencyCache | None = None,
-    measure_progress=None,
+    measure_progress: Callable[[int, int], None] | None = None,
 ) -> RunResult:
     """Prune, choosing widths for ``target``; never return a model measured slower than the input.
 
@@ -70,99 +230,21 @@ def prune_for_target(
     with the alternatives (every dead channel deleted; widths rounded to 16;
     a candidate's widths with every input read instead of Gathers); the fastest
     wins. If none is faster than the input, the remaining rungs of
-    :data:`ATTEMPTS` are tried.
+    :data:`~onnxprune.latency.planner.ATTEMPTS` are tried.
     ``measure_progress(done, total)`` is called while layer latencies are
     measured (cold cache).
     """
-    loaded: LoadedModel = as_loaded(model_or_path)
+    loaded = as_loaded(model_or_path)
     if output is not None:
         check_output_path(output, loaded)
-    cache = cache or LatencyCache(target)
-    reference = _reference(loaded)
-    t = time.perf_counter()
-    pruner = Pruner(loaded)
-    planner = LatencyPlanner(target, cache, ATTEMPTS[0], progress=measure_progress)
-    first = pruner.build(planner(pruner.analysis))
-    choice = planner.choice
-    candidates = {ATTEMPTS[0]: first}
-    for alt in ALTERNATIVES if choice is not None else ():
-        plan = LatencyPlanner(target, cache, alt)(pruner.analysis)
-        if not any(np.array_equal(plan.remove, c.report.plan.remove) for c in candidates.values()):
-            candidates[alt] = pruner.build(plan)
-    for name, r in list(candidates.items()):
-        if r.report.plan.read_drops and r.report.plan.remove.any():
-            candidates[READS_ALL.format(name)] = pruner.build(dataclasses.replace(r.report.plan, read_drops={}))
-    search_s = time.perf_counter() - t
-    attempts: list[dict] = []
-    t = time.perf_counter()
-    winner = None
-    pruning = {k: r for k, r in candidates.items() if _changes(r)}
-    if not pruning:
-        attempts.append({"attempt": ATTEMPTS[0], "removed_channels": 0, "accepted": True,
-                         "why": "no channel removed: the model is unchanged"})
-        winner = first
-    else:
-        ms = time_side_by_side(target, reference, {k: r.model for k, r in pruning.items()})
-        best = min(pruning, key=ms.get)
-        for k, r in pruning.items():
-            attempts.append({"attempt": k, "removed_channels": _removed(r), "input_ms": ms["input"], "output_ms": ms[k],
-                             "accepted": k == best and ms[k] < ms["input"]})
-        if ms[best] < ms["input"]:
-            winner = pruning[best]
-        for i, attempt in enumerate(ATTEMPTS[1:], start=1):
-            if winner is not None:
-                break
-            result = pruner.build(LatencyPlanner(target, cache, attempt)(pruner.analysis))
-            last = i == len(ATTEMPTS) - 1
-            if not _changes(result):
-                attempts.append({"attempt": attempt, "removed_channels": 0, "accepted": True,
-                                 "why": "no channel removed: the model is unchanged"})
-                winner = result
-                break
-            ms = time_side_by_side(target, reference, {attempt: result.model})
-            faster = ms[attempt] < ms["input"]
-            attempts.append({"attempt": attempt, "removed_channels": _removed(result), "input_ms": ms["input"],
-                             "output_ms": ms[attempt], "accepted": faster or last})
-            if faster or last:
-                winner = result
-    check_s = time.perf_counter() - t
-    report = winner.report
-    winner.report.plan.release_graph()
-    del pruner
-    if not needs_external_data(winner.model):
-        _check_output_model(winner.model, None, reference)
-    if verify:
-        t = time.perf_counter()
-        report.verification = verify_same_function(reference, winner.model)
-        report.timings["verify"] = time.perf_counter() - t
-    accepted = next(a for a in attempts if a["accepted"])
-    report.latency = {
-        "target": target.name,
-        "threads": target.threads,
-        "batch": target.batch,
-        "cache": str(cache.path),
-        "attempts": attempts,
-        "accepted": accepted["attempt"],
-        "measured_ms": {"input": accepted.get("input_ms"), "output": accepted.get("output_ms")},
-        "search_s": search_s,
-        "check_s": check_s,
-    }
-    if choice is not None:
-        report.latency.update(choice.to_dict())
-        report.latency["groups"] = [
-            {
-                "group": c.name,
-                "channels": c.total,
-                "kept_by_max_pruning": c.live_or_kept,
-                "chosen": c.chosen,
-                "kept_for_speed": c.kept_for_speed,
-                "predicted_ms": {k: v / 1000.0 for k, v in c.predicted_us.items()},
-            }
-            for c in choice.groups
-        ]
-    if accepted["attempt"] in ATTEMPTS[1:]:
-        report.notes.append(f"on {target.name} no first-rung candidate was faster than the input; used '{accepted['attempt']}'")
+    reference = runtime_reference(loaded)
+    winner, latency = choose_candidate(loaded, target, cache or LatencyCache(target), reference, measure_progress)
+    report = winner.result.report
+    check_in_memory(winner.result.model, reference, report, verify=verify)
+    report.latency = latency
+    if winner.rung in FALL_BACKS:
+        report.notes.append(f"on {target.name} no first-rung candidate was faster than the input; used '{winner.label}'")
     if output is not None:
-        write_checked(winner.model, output, reference, report, verify=False,
-                      external_data=bool(loaded.uses_external_data if external_data is None else external_data))
-    return winner
+        use_external = loaded.uses_external_data if external_data is None else external_data
+        write_checked(winner.result.model, output, reference, report, verify=False, external_data=bool(use_external))
+    return winner.result

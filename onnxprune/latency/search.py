@@ -26,7 +26,7 @@ import numpy as np
 from onnxprune.channels.analysis import ChannelAnalysis
 from onnxprune.channels.plan import PrunePlan
 from onnxprune.latency.cache import LatencyCache
-from onnxprune.latency.layers import LayerSpec, layer_specs
+from onnxprune.latency.layers import layer_specs
 from onnxprune.latency.measure import Request, measure
 from onnxprune.latency.target import Target
 

@@ -1,0 +1,130 @@
+"""The last steps of every run: check the result, verify it on ONNX Runtime, write it atomically.
+
+Shared by the pass pipeline (:mod:`onnxprune.api`) and the latency guarantee
+(:mod:`onnxprune.latency.guarantee`). Nothing is written unless the result
+passes the ONNX checker and (when asked) computes what the input computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+
+from onnxprune.atomic_write import needs_external_data, staged_write
+from onnxprune.errors import InputError, OnnxPruneError, PassError
+from onnxprune.modelio import LoadedModel
+from onnxprune.report import RunReport
+from onnxprune.verify import run_on_random_inputs, verify_same_function
+
+_CHECK_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def checker_problem(model: onnx.ModelProto | Path) -> str | None:
+    """The first line of the full ONNX checker's complaint about ``model``, or None if it passes."""
+    try:
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
+    except _CHECK_ERRORS as e:
+        return _first_line(e)
+    return None
+
+
+def check_output_model(model: onnx.ModelProto, path: Path | None, source: onnx.ModelProto | Path) -> None:
+    """Full ONNX check of the result (by ``path`` if given); if it fails, blame the input or the rewrite.
+
+    Raises :class:`InputError` when ``source`` fails the checker too, else :class:`PassError`.
+    """
+    problem = checker_problem(path if path is not None else model)
+    if problem is None:
+        return
+    input_problem = checker_problem(source)
+    if input_problem is not None:
+        raise InputError(f"the input model fails the ONNX checker ({input_problem}); nothing was written")
+    raise PassError(f"internal error: the rewritten model fails the ONNX checker ({problem}); nothing was written")
+
+
+def unusable_input(loaded: LoadedModel) -> str | None:
+    """Why the input cannot be used (the ONNX checker rejects it, or onnxruntime cannot run it), or None."""
+    source = runtime_reference(loaded)
+    try:
+        problem = checker_problem(source)
+    except Exception as e:  # the checker itself fails on some damaged models (an unknown data type)
+        problem = _first_line(e)
+    if problem is not None:
+        return f"it fails the ONNX checker ({problem})"
+    try:
+        run_on_random_inputs(source)
+    except Exception as e:  # onnxruntime raises its own exception types
+        return f"onnxruntime cannot run it ({_first_line(e)[:300]})"
+    return None
+
+
+@contextlib.contextmanager
+def input_blamed(loaded: LoadedModel) -> Iterator[None]:
+    """Report an unexpected failure of the work inside as an :class:`InputError` when the input is unusable.
+
+    A damaged model can pass every check made when it is read and still break
+    the analysis; if the ONNX checker or onnxruntime rejects it, the input is at
+    fault (exit 2), not onnxprune. A failure on a usable input stays a bug.
+    """
+    try:
+        yield
+    except OnnxPruneError:
+        raise
+    except Exception as error:
+        problem = unusable_input(loaded)
+        if problem is None:
+            raise
+        raise InputError(f"the input model is not usable: {problem}; nothing was written") from error
+
+
+def runtime_reference(loaded: LoadedModel) -> onnx.ModelProto | Path:
+    """What the runtime compares against: the input file, unless its IR version had to be lowered."""
+    return loaded.path if loaded.path is not None and loaded.ir_lowered_from is None else loaded.model
+
+
+def verify_into(report: RunReport, reference: onnx.ModelProto | Path, candidate: onnx.ModelProto | Path) -> None:
+    """Verify ``candidate`` against ``reference`` on ONNX Runtime; record the result and its time in ``report``."""
+    start = time.perf_counter()
+    report.verification = verify_same_function(reference, candidate)
+    report.timings["verify"] = time.perf_counter() - start
+
+
+def check_in_memory(model: onnx.ModelProto, reference: onnx.ModelProto | Path, report: RunReport, *, verify: bool) -> None:
+    """Check a result that is not written (a model too large for one protobuf is checked when written)."""
+    if not needs_external_data(model):
+        check_output_model(model, None, reference)
+    if verify:
+        verify_into(report, reference, model)
+
+
+def write_checked(
+    model: onnx.ModelProto,
+    output: str | os.PathLike[str],
+    reference: onnx.ModelProto | Path,
+    report: RunReport,
+    *,
+    verify: bool,
+    external_data: bool = False,
+) -> None:
+    """Stage ``model`` beside ``output``, check (and verify) it there, then move it into place."""
+    big = needs_external_data(model)
+    timings = report.timings
+    start = time.perf_counter()
+    with staged_write(model, output, external_data=external_data or big) as staged:
+        timings["save"] = time.perf_counter() - start
+        check_output_model(model, staged if big else None, reference)
+        if verify:
+            verify_into(report, reference, staged)
+        start = time.perf_counter()
+    timings["save"] += time.perf_counter() - start  # the move into place
+    report.output = str(output)

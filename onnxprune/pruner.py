@@ -1,0 +1,51 @@
+"""One analysis of a model, any number of prune plans turned into models."""
+
+from __future__ import annotations
+
+import time
+
+from onnxprune.channels.analysis import analyze
+from onnxprune.channels.plan import PrunePlan
+from onnxprune.channels.rewrite import apply_plan
+from onnxprune.cost import model_cost
+from onnxprune.graphio import to_graph, to_model
+from onnxprune.modelio import LoadedModel
+from onnxprune.pass_infra import PassManager
+from onnxprune.report import RunReport, RunResult, removed_metadata
+
+
+class Pruner:
+    """One analysis of a model; any number of prune plans turned into models.
+
+    Each plan is applied to its own copy of the prepared graph (copies share the
+    weight arrays; rewrites replace arrays, never change them), so candidates
+    cost a rewrite and an export each, not a reload and a re-analysis.
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        from passes import PROVIDERS, preparation
+
+        self.loaded = loaded
+        self.graph = to_graph(loaded.model)
+        self.prepared = PassManager(preparation(), PROVIDERS).run(self.graph)
+        self.graph.toposort()
+        self.before = model_cost(self.graph)
+        self.analysis = analyze(self.graph)
+
+    def build(self, plan: PrunePlan) -> RunResult:
+        """The model ``plan`` makes of the prepared graph, with its report."""
+        start = time.perf_counter()
+        graph = self.graph.copy()
+        if plan.changes_graph:
+            apply_plan(graph, plan)
+        after = model_cost(graph)
+        model = to_model(graph, self.loaded.model, removed_metadata(plan))
+        report = RunReport.of(
+            self.loaded,
+            before=self.before,
+            after=after,
+            passes=list(self.prepared),
+            timings={"analysis+rewrite": time.perf_counter() - start},
+            plan=plan,
+        )
+        return RunResult(model, report)
