@@ -577,13 +577,14 @@ def test_fit_warns_when_a_stage_is_too_short_for_any_channel_to_be_rejected():
 
 
 def test_fit_does_not_warn_when_every_stage_can_reach_the_threshold(recwarn):
-    from onnxprune.bayes.training import fit, rbp_reach_warning
+    from onnxprune.bayes.schedule import reach_warning
+    from onnxprune.bayes.training import fit
 
     x = np.random.default_rng(0).random((64, 3, 6, 6), dtype=np.float32)
     y = np.arange(64) % 3
     fit(_two_gate_model(), x, y, epochs=2, batch_size=32, gate_lr=2.0, progress=False, compile_step=False)
     assert not [w for w in recwarn if "too few steps" in str(w.message)]
     # a cosine schedule restarted per stage halves the reach: the same rate then falls short
-    assert rbp_reach_warning(_two_gate_model(), epochs=2, steps_per_epoch=2, gate_lr=2.0) is None
-    assert "at least 2.4" in rbp_reach_warning(_two_gate_model(), epochs=2, steps_per_epoch=2, gate_lr=2.0,
-                                               lr_schedule="cosine")
+    assert reach_warning(_two_gate_model(), epochs=2, steps_per_epoch=2, gate_lr=2.0) is None
+    assert "at least 2.4" in reach_warning(_two_gate_model(), epochs=2, steps_per_epoch=2, gate_lr=2.0,
+                                           lr_schedule="cosine")

@@ -62,6 +62,91 @@ def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path, digits):
         torch.testing.assert_close(p, q)
 
 
+def _conv_bn_net(method: str, **gate_kwargs) -> bayes.BayesianModel:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10),
+    )
+    return bayes.wrap(net, (torch.zeros(1, 1, 28, 28),), method=method, **gate_kwargs)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _stop_after(batches: int):
+    """An identity augmentation that interrupts training at batch ``batches`` (as a killed run stops)."""
+    seen = []
+
+    def augment(xb, generator):
+        seen.append(1)
+        if len(seen) > batches:
+            raise _Interrupted
+        return xb
+
+    return augment
+
+
+@pytest.mark.parametrize("method, gate_kwargs", [("rbp", {}), ("turbo-vbi", {"update_every": 3})])
+@pytest.mark.filterwarnings("ignore:RBP. 2 of 2 gates:RuntimeWarning")
+def test_resume_restores_every_gates_state_from_a_weights_only_checkpoint(tmp_path, digits, method, gate_kwargs):
+    """RBP's schedule state and Turbo-VBI's buffers and step count come back through torch.load(weights_only=True):
+    a run interrupted in its third epoch and resumed ends where an uninterrupted one does."""
+    x, y, _, _ = digits
+    opts = dict(epochs=3, batch_size=64, gate_lr=0.03, seed=1, progress=False, compile_step=False)
+    straight = _conv_bn_net(method, **gate_kwargs)
+    fit(straight, x, y, augment=_stop_after(10**6), **opts)
+    ckpt = tmp_path / "c.pt"
+    with pytest.raises(_Interrupted):
+        fit(_conv_bn_net(method, **gate_kwargs), x, y, checkpoint=ckpt, augment=_stop_after(2 * 8 + 3), **opts)
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+    resumed = _conv_bn_net(method, **gate_kwargs)
+    history = fit(resumed, x, y, checkpoint=ckpt, augment=_stop_after(10**6), **opts)
+    assert [e.epoch for e in history.epochs] == [1, 2, 3]
+    expected = straight.state_dict()
+    for key, value in resumed.state_dict().items():  # Turbo-VBI's extra state is a dict of numbers
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, expected[key], msg=key)
+        else:
+            assert value == expected[key] and value, key
+
+
+class _PlantedPayload:
+    """Unpickling this with a full unpickler would create ``marker``: what a planted checkpoint could do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_and_nothing_in_it_runs(tmp_path, digits):
+    from onnxprune.errors import InputError
+
+    x, y, _, _ = digits
+    ckpt, marker = tmp_path / "planted.pt", tmp_path / "marker"
+    torch.save({"model": _PlantedPayload(str(marker)), "optimizer": {}, "epoch": 1, "history": [], "rng": None}, ckpt)
+    with pytest.raises(InputError, match=r"planted\.pt: refused to load this training checkpoint"):
+        fit(wrapped_lenet(), x, y, epochs=1, batch_size=64, progress=False, checkpoint=ckpt)
+    assert not marker.exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_an_input_error_naming_it(tmp_path, digits):
+    from onnxprune.errors import InputError
+
+    x, y, _, _ = digits
+    ckpt = tmp_path / "junk.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match=r"junk\.pt: not a readable training checkpoint"):
+        fit(wrapped_lenet(), x, y, epochs=1, batch_size=64, progress=False, checkpoint=ckpt)
+    torch.save({"weights": torch.zeros(2)}, ckpt)
+    with pytest.raises(InputError, match=r"junk\.pt: not a training checkpoint written by fit"):
+        fit(wrapped_lenet(), x, y, epochs=1, batch_size=64, progress=False, checkpoint=ckpt)
+
+
 @pytest.mark.slow  # torch.compile of the gates' float64 numerics: about 4 min on 2 CPU cores
 def test_compiled_step_trains_like_the_eager_step(digits):
     x, y, xt, yt = digits

@@ -49,7 +49,8 @@ def brute_force(lams, positions, num_channels, *, p_channel, p_stay, p_start, ep
 
     Joint: prior(t) * prod_chains [chain(s) prod_j psi(t, s_j) / Z_t(chain)] * prod_j l_j^{s_j},
     with Z_t the chain's conditional-prior normaliser (1 for t = 1)."""
-    chains = [(int(pos[r]), l, r, np.asarray(lam[r], dtype=float)) for l, (lam, pos) in enumerate(zip(lams, positions)) for r in range(len(pos))]
+    chains = [(int(pos[r]), l, r, np.asarray(lam[r], dtype=float))
+              for l, (lam, pos) in enumerate(zip(lams, positions)) for r in range(len(pos))]
     p_t = np.full(num_channels, np.nan)
     marg = [np.zeros(np.asarray(lam).shape) for lam in lams]
     kw = dict(p_stay=p_stay, p_start=p_start, eps=eps)
@@ -133,7 +134,7 @@ def test_log_evidence_is_expected_log_density_ratio(a, b, a_bar, b_bar):
             a_bar * math.log(b_bar) - special.gammaln(a_bar) + (a_bar - 1) * e_log - b_bar * e_rho
         )
         ref, _ = integrate.quad(
-            lambda r: q.pdf(r) * (stats.gamma.logpdf(r, a, scale=1 / b) - stats.gamma.logpdf(r, a_bar, scale=1 / b_bar)),
+            lambda r, q=q: q.pdf(r) * (stats.gamma.logpdf(r, a, scale=1 / b) - stats.gamma.logpdf(r, a_bar, scale=1 / b_bar)),
             0,
             np.inf,
             limit=200,
@@ -147,7 +148,8 @@ def _log_marginal(w, a, b):
     n, S = len(w), float(np.sum(np.square(w)))
 
     def log_integrand(x):  # x = log rho
-        return a * math.log(b) - special.gammaln(a) + a * x - b * math.exp(x) + 0.5 * n * (x - math.log(2 * math.pi)) - 0.5 * S * math.exp(x)
+        return (a * math.log(b) - special.gammaln(a) + a * x - b * math.exp(x)
+                + 0.5 * n * (x - math.log(2 * math.pi)) - 0.5 * S * math.exp(x))
 
     mode = math.log((a + 0.5 * n) / (b + 0.5 * S))
     peak = log_integrand(mode)
@@ -206,7 +208,8 @@ def test_hub_and_two_chains_match_enumeration():
 
 def test_several_channels_rows_and_an_uncovered_channel_match_enumeration():
     g = torch.Generator().manual_seed(2)
-    lams = [torch.randn(3, 2, generator=g, dtype=F64) * 3, torch.randn(2, 3, generator=g, dtype=F64), torch.randn(1, 1, generator=g, dtype=F64)]
+    lams = [torch.randn(3, 2, generator=g, dtype=F64) * 3, torch.randn(2, 3, generator=g, dtype=F64),
+            torch.randn(1, 1, generator=g, dtype=F64)]
     positions = [torch.tensor([2, 0, 1]), torch.tensor([0, 2]), torch.tensor([1])]  # channel 3: no units
     msg = _check_against_brute_force(lams, positions, 4, **MRF)
     assert float(torch.sigmoid(msg.channel_logit[3])) == pytest.approx(MRF["p_channel"], abs=1e-15)  # the prior
@@ -389,7 +392,8 @@ def test_channel_with_several_producers_is_removed_only_when_all_are_inactive():
         w1[3] = 0.0
         w2[3] = 0.0  # channel 3: dead in both producers
         w1[1] = 0.0  # channel 1: dead in one producer only
-    gate = TurboVBIGate(4, active_precision="he").attach([(w1, torch.arange(4), torch.arange(4)), (w2, torch.tensor([3, 2, 1, 0]), torch.tensor([3, 2, 1, 0]))])
+    reversed_rows = torch.tensor([3, 2, 1, 0])
+    gate = TurboVBIGate(4, active_precision="he").attach([(w1, torch.arange(4), torch.arange(4)), (w2, reversed_rows, reversed_rows)])
     assert gate.deterministic().tolist() == [1.0, 1.0, 1.0, 0.0]
     # an active hub still allows all-inactive rows with chain-prior probability 0.5 * 0.9^(J-1) per row
     assert float(gate.active_probability()[3]) < 0.02 and float(gate.active_probability()[1]) > 1 - 1e-9

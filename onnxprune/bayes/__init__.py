@@ -3,37 +3,37 @@
     from onnxprune import bayes
     wrapped = bayes.wrap(model, example_inputs, method="sbp")
     loss = bayes.elbo(wrapped(x), y, wrapped, n_train=60000)
+
+A gate of one's own subclasses :class:`ChannelGate` and is registered with
+``register_method(name, gate_class)``; ``fit``'s options are :class:`FitConfig`'s fields.
 """
 
 from __future__ import annotations
 
-__all__ = ["SBPGate", "BayesianModel", "wrap", "elbo", "fit", "export", "compress", "finetune_pruned", "METHODS"]
+import importlib
+
+__all__ = ["SBPGate", "ChannelGate", "BayesianModel", "wrap", "elbo", "fit", "FitConfig", "export", "compress",
+           "finetune_pruned", "METHODS", "register_method"]
+
+# Lazy: importing onnxprune.bayes must not pull torch into `onnxprune prune`.
+_HOMES = {
+    "SBPGate": "onnxprune.bayes.sbp",
+    "ChannelGate": "onnxprune.bayes.gate",
+    "wrap": "onnxprune.bayes.wrapper",
+    "BayesianModel": "onnxprune.bayes.wrapper",
+    "elbo": "onnxprune.bayes.training",
+    "fit": "onnxprune.bayes.training",
+    "FitConfig": "onnxprune.bayes.fit_config",
+    "export": "onnxprune.bayes.exporting",
+    "compress": "onnxprune.bayes.exporting",
+    "finetune_pruned": "onnxprune.bayes.finetune",
+    "METHODS": "onnxprune.bayes.methods",
+    "register_method": "onnxprune.bayes.methods",
+}
 
 
 def __getattr__(name: str):
-    # Lazy: importing onnxprune.bayes must not pull torch into `onnxprune prune`.
-    if name == "SBPGate":
-        from onnxprune.bayes.sbp import SBPGate
-
-        return SBPGate
-    if name in ("wrap", "BayesianModel"):
-        from onnxprune.bayes import wrapper
-
-        return getattr(wrapper, name)
-    if name in ("elbo", "fit"):
-        from onnxprune.bayes import training
-
-        return getattr(training, name)
-    if name in ("export", "compress"):
-        from onnxprune.bayes import exporting
-
-        return getattr(exporting, name)
-    if name == "finetune_pruned":
-        from onnxprune.bayes.finetune import finetune_pruned
-
-        return finetune_pruned
-    if name == "METHODS":
-        from onnxprune.bayes.methods import METHODS
-
-        return METHODS
-    raise AttributeError(f"module 'onnxprune.bayes' has no attribute {name!r}")
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'onnxprune.bayes' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)

@@ -71,9 +71,9 @@ def gate_summary(wrapped: BayesianModel) -> dict:
     for name, gate in wrapped.gates.items():
         entry = {"layers": wrapped.group_layers.get(name, []), "channels": gate.num_channels,
                  "kept": int((gate.deterministic() != 0).sum())}
-        for attr in ("expected", "snr"):
-            if hasattr(gate, attr):
-                entry[attr] = [round(float(v), 6) for v in getattr(gate, attr)().tolist()]
+        for statistic, values in (("expected", gate.expected()), ("snr", gate.snr())):
+            if values is not None:  # None: the gate has no such statistic (ChannelGate's default)
+                entry[statistic] = [round(float(v), 6) for v in values.tolist()]
         out[name] = entry
     return out
 

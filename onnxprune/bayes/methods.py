@@ -1,33 +1,31 @@
-"""The posteriors a model can be wrapped with, by name.
+"""The posteriors a model can be wrapped with, by name: method name -> gate class.
 
-Every gate class takes ``num_channels`` and offers ``kl()``, ``sample(n)``
-([n, C] during training), ``deterministic()`` ([C], exact zeros for rejected
-channels), ``snr()``/``expected()`` where meaningful, and ``num_channels``.
+``wrap(model, x, method=name)`` builds one gate of ``METHODS[name]`` per channel group, as
+``gate_class(num_channels, **gate_kwargs)``. The interface a gate class implements is
+:class:`~onnxprune.bayes.gate.ChannelGate`'s; :func:`register_method` adds one's own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from onnxprune.bayes.gate import ChannelGate
+from onnxprune.bayes.rbp import RBPGate
+from onnxprune.bayes.sbp import SBPGate
+from onnxprune.bayes.turbo_vbi import TurboVBIGate
 
-from torch import nn
+__all__ = ["METHODS", "register_method", "gate_class"]
 
-
-def _sbp(num_channels: int, **kwargs) -> nn.Module:
-    from onnxprune.bayes.sbp import SBPGate
-
-    return SBPGate(num_channels, **kwargs)
-
-
-def _rbp(num_channels: int, **kwargs) -> nn.Module:
-    from onnxprune.bayes.rbp import RBPGate
-
-    return RBPGate(num_channels, **kwargs)
+METHODS: dict[str, type[ChannelGate]] = {"sbp": SBPGate, "rbp": RBPGate, "turbo-vbi": TurboVBIGate}
 
 
-def _turbo_vbi(num_channels: int, **kwargs) -> nn.Module:
-    from onnxprune.bayes.turbo_vbi import TurboVBIGate
+def register_method(name: str, gate: type[ChannelGate]) -> None:
+    """Make ``wrap(..., method=name)`` build gates of class ``gate`` (a :class:`ChannelGate` subclass)."""
+    if not (isinstance(gate, type) and issubclass(gate, ChannelGate)):
+        raise TypeError(f"a method's gate must be a ChannelGate subclass, got {gate!r}")
+    METHODS[name] = gate
 
-    return TurboVBIGate(num_channels, **kwargs)
 
-
-METHODS: dict[str, Callable[..., nn.Module]] = {"sbp": _sbp, "rbp": _rbp, "turbo-vbi": _turbo_vbi}
+def gate_class(method: str) -> type[ChannelGate]:
+    """The gate class registered under ``method``; a ValueError names the known ones."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}'; known: {', '.join(METHODS)}")
+    return METHODS[method]

@@ -25,11 +25,14 @@ training, the ablation). Derivation, constants and what is our own choice:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from onnxprune.bayes.gate import ChannelGate, ReachShortfall, TrainingPlan
 
 __all__ = ["RBPGate", "kl_log_uniform", "log_alpha_reach", "K1", "K2", "K3"]
 
@@ -67,7 +70,7 @@ def log_alpha_reach(gate_lr: float, lr_factors: Iterable[float], parametrization
     return per_step * float(gate_lr) * float(sum(lr_factors))
 
 
-class RBPGate(nn.Module):
+class RBPGate(ChannelGate):
     """Per-channel Gaussian dropout gate with a log-uniform prior, trained layer by layer.
 
     Parameters ``log_theta`` (init 0: theta = 1) and the noise: with ``parametrization="additive"``
@@ -144,7 +147,7 @@ class RBPGate(nn.Module):
         return self._log_alpha().detach()
 
     @torch.no_grad()
-    def clip_(self) -> "RBPGate":
+    def clip_(self) -> RBPGate:
         """Clamp ``log_alpha`` into ``[-10, 10]`` in place (additive: ``log_sigma2`` into
         ``2 log_theta + [-10, 10]``); returns self."""
         if self.parametrization == "alpha":
@@ -235,8 +238,35 @@ class RBPGate(nn.Module):
         if code == _DORMANT:
             self.log_theta.grad = None
 
-    def after_step(self) -> None:
-        """Nothing to do after an optimiser step (all updates are gradient steps)."""
+    def stage_epochs(self, epoch: int, epochs: int) -> tuple[int, int] | None:
+        """The epochs ``[start, end)`` of the current stage when trained layer by layer, else None."""
+        if self.recursive and self.stage_count > 1:
+            return self.stage_span(self.stage_count, epoch, epochs)
+        return None
+
+    def read_state_as_data(self, enabled: bool) -> None:
+        """Set ``state_as_data`` (fit does while it runs a compiled step)."""
+        self.state_as_data = bool(enabled)
+
+    def leaves_parameters_unused(self) -> bool:
+        """True: dormant and frozen stages leave some parameters without gradient."""
+        return True
+
+    def reach_shortfall(self, plan: TrainingPlan) -> ReachShortfall | None:
+        """A shortfall when the gate's active epochs of ``plan`` are too few steps for log alpha to travel
+        from ``init_log_alpha`` past ``log_alpha_threshold`` (:func:`log_alpha_reach`), else None."""
+        if self.recursive:
+            active = [e for e in range(plan.epochs) if self.schedule(self.stage_index, self.stage_count, e, plan.epochs) == "active"]
+        else:
+            active = list(range(plan.epochs))
+        factors = [plan.lr_factor(e, s) for e in active for s in range(plan.steps_per_epoch)]
+        reach = log_alpha_reach(plan.gate_lr, factors, self.parametrization)
+        need = self.log_alpha_threshold - self.init_log_alpha
+        if reach >= need:
+            return None
+        per_lr = log_alpha_reach(1.0, factors, self.parametrization)
+        needed = need / per_lr if per_lr > 0 else math.inf
+        return ReachShortfall(needed, len(active) * plan.steps_per_epoch, reach, self.init_log_alpha, self.log_alpha_threshold)
 
     # -- closed forms -------------------------------------------------------
 
@@ -333,6 +363,7 @@ class RBPGate(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_channels={self.num_channels}, log_alpha_threshold={self.log_alpha_threshold}, "
-            f"recursive={self.recursive}, parametrization={self.parametrization}, stage={self.stage_index}/{self.stage_count}, state={self.state}"
+            f"recursive={self.recursive}, parametrization={self.parametrization}, "
+            f"stage={self.stage_index}/{self.stage_count}, state={self.state}"
         )
 

@@ -10,12 +10,13 @@ deterministic ``E[theta] * 1[SNR > tau]``. The numerics live in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from onnxprune.bayes import truncnorm
+from onnxprune.bayes.gate import ChannelGate
 
 __all__ = ["SBPGate", "compiled_kernels", "sample_together", "kl_together"]
 
@@ -48,14 +49,14 @@ def _sample64(mu: Tensor, log_sigma: Tensor, a: float, b: float, n: int, compile
     return torch.exp(truncnorm.sample_log_channels(mu64, sigma, a, b, u, solver=solver))
 
 
-def _together(gates: list["SBPGate"]) -> tuple[Tensor, Tensor, float, float, bool]:
+def _together(gates: list[SBPGate]) -> tuple[Tensor, Tensor, float, float, bool]:
     first = gates[0]
     if any((g.a, g.b, g.compiled) != (first.a, first.b, first.compiled) for g in gates):
         raise ValueError("gates drawn together must share the truncation interval [a, b] and the compile setting")
     return torch.cat([g.mu for g in gates]), torch.cat([g.log_sigma for g in gates]), first.a, first.b, first.compiled
 
 
-def sample_together(gates: list["SBPGate"], n: int) -> list[Tensor]:
+def sample_together(gates: list[SBPGate], n: int) -> list[Tensor]:
     """``gate.sample(n)`` for every gate at once: the float64 numerics run once on all their
     channels (concatenated) instead of once per gate, so a step launches (or a compiled graph
     holds) one copy of them. Same distribution as separate draws; other random numbers."""
@@ -64,7 +65,7 @@ def sample_together(gates: list["SBPGate"], n: int) -> list[Tensor]:
     return list(theta.split([g.num_channels for g in gates], dim=-1))
 
 
-def kl_together(gates: list["SBPGate"], weights: list[float] | None = None) -> Tensor:
+def kl_together(gates: list[SBPGate], weights: list[float] | None = None) -> Tensor:
     """The sum of the gates' KL terms, computed on all their channels at once (each gate's
     terms multiplied by its entry of ``weights``, when given)."""
     mu, log_sigma, a, b, compiled = _together(gates)
@@ -78,7 +79,7 @@ def kl_together(gates: list["SBPGate"], weights: list[float] | None = None) -> T
     return terms.sum().to(gates[0].mu.dtype)
 
 
-class SBPGate(nn.Module):
+class SBPGate(ChannelGate):
     """Multiplicative per-channel gate with a truncated log-normal posterior.
 
     Parameters ``mu`` (init 0) and ``log_sigma`` (init -5), both clipped to
@@ -87,7 +88,8 @@ class SBPGate(nn.Module):
     steps as in the authors' code).
     """
 
-    #: Use :func:`compiled_kernels` (set by ``fit(compile_gates=...)``; on by default on CUDA).
+    #: Use :func:`compiled_kernels` (set by ``fit(compile_gates=...)`` through :meth:`compile_numerics`;
+    #: on by default on CUDA).
     compiled: bool = False
     MU_MIN = -20.0
     MU_MAX = 5.0
@@ -113,11 +115,31 @@ class SBPGate(nn.Module):
         return _clip64(self.mu, self.log_sigma)
 
     @torch.no_grad()
-    def clip_(self) -> "SBPGate":
+    def clip_(self) -> SBPGate:
         """Clamp ``mu`` and ``log_sigma`` into ``[-20, 5]`` in place; returns self."""
         self.mu.clamp_(self.MU_MIN, self.MU_MAX)
         self.log_sigma.clamp_(self.LOG_SIGMA_MIN, self.LOG_SIGMA_MAX)
         return self
+
+    def compile_numerics(self, enabled: bool) -> None:
+        """Use the compiled float64 kernels (:func:`compiled_kernels`) or the eager ones."""
+        self.compiled = bool(enabled)
+
+    # -- several gates in one computation -------------------------------------
+
+    def joint_key(self) -> Hashable:
+        """SBP gates with the same truncation interval and compile setting are drawn and KL'd together."""
+        return (self.a, self.b, self.compiled)
+
+    @classmethod
+    def sample_jointly(cls, gates: Sequence[SBPGate], n: int) -> list[Tensor]:
+        """:func:`sample_together`."""
+        return sample_together(list(gates), n)
+
+    @classmethod
+    def kl_jointly(cls, gates: Sequence[SBPGate], weights: Sequence[float]) -> Tensor:
+        """:func:`kl_together`."""
+        return kl_together(list(gates), list(weights))
 
     # -- closed forms -------------------------------------------------------
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from onnxprune.bayes.gate import ChannelGate
+
 __all__ = [
     "TurboVBIGate",
     "gamma_update",
@@ -87,11 +89,16 @@ def log_evidence(a_t: Tensor, b_t: Tensor, a: float, b: float, a_bar: float, b_b
     return lam.clamp(-_LAM_MAX, _LAM_MAX)
 
 
+def _student_log_constant(a: float, b: float, n: int) -> float:
+    """``a log b - lgamma a + lgamma(a + n/2)``: the constant of log p(w) for n weights of precision Gamma(a, b)."""
+    return a * math.log(b) - math.lgamma(a) + math.lgamma(a + 0.5 * n)
+
+
 def collapsed_log_evidence(sq_norm: Tensor, n: int, a: float, b: float, a_bar: float, b_bar: float) -> Tensor:
     """``log p(w | s = 1) - log p(w | s = 0)`` with rho integrated out (Student-t marginals):
     ``[a log b - lgamma a + lgamma(a + n/2) - (a + n/2) log(b + ||w||^2/2)] - [same with a_bar, b_bar]``."""
     h = 0.5 * sq_norm
-    const = (a * math.log(b) - math.lgamma(a) + math.lgamma(a + 0.5 * n)) - (a_bar * math.log(b_bar) - math.lgamma(a_bar) + math.lgamma(a_bar + 0.5 * n))
+    const = _student_log_constant(a, b, n) - _student_log_constant(a_bar, b_bar, n)
     lam = const - (a + 0.5 * n) * torch.log(b + h) + (a_bar + 0.5 * n) * torch.log(b_bar + h)
     return lam.clamp(-_LAM_MAX, _LAM_MAX)
 
@@ -136,82 +143,111 @@ def chain_messages(lam: Tensor, *, p_stay: float, p_start: float, eps: float) ->
     """
     if lam.dim() != 2:
         raise ValueError(f"lam must be [R, J], got shape {tuple(lam.shape)}")
-    lam = lam.to(F64)
-    R, J = lam.shape
-    dev = lam.device
-    B = max(1, math.isqrt(J - 1) + 1) if J > 1 else 1
-    K = -(-J // B)
-    Jp = K * B
-    lsw, lst = _log_probs(p_stay)  # log P(switch), log P(stay)
-    l0, l1 = _log_probs(p_start)
-    log_eps = math.log(eps)
-    # unary of state 1 per hub state (state 0's unary is 0 for both t): [2, R, Jp]
-    u1 = torch.zeros((2, R, Jp), dtype=F64, device=dev)
-    u1[0, :, :J] = lam + log_eps
-    u1[1, :, :J] = lam
-    u1 = u1.view(2, R, K, B)
-    # transition into the first unit of each block, from the previous unit (state a): [K, 2(a), 2(s)]
-    first = torch.tensor([[lst, lsw], [lsw, lst]], dtype=F64, device=dev).expand(K, 2, 2).clone()
-    first[0] = torch.tensor([[l0, l1], [l0, l1]], dtype=F64, device=dev)  # chain start: P(s_0), whatever a
-    neg_inf = torch.tensor(-math.inf, dtype=F64, device=dev)
+    chain = _BlockedChain.of(lam.to(F64), p_stay, p_start, eps)
+    m0, m1 = chain.block_transfer()
+    log_f, into, out_of = chain.boundary_messages(m0, m1)
+    return log_f, chain.cavities(log_f, into, out_of)
 
-    # -- phase 1: block transfer matrices M_k[a, s] (a: state before the block, s: its last unit)
-    m0 = first[:, :, 0].expand(2, R, K, 2).clone()  # [2, R, K, 2(a)]: M[a, 0]
-    m1 = first[:, :, 1] + u1[..., 0].unsqueeze(-1)  # M[a, 1]
-    for i in range(1, B):
-        n0 = torch.logaddexp(m0 + lst, m1 + lsw)
-        n1 = torch.logaddexp(m0 + lsw, m1 + lst) + u1[..., i].unsqueeze(-1)
-        m0, m1 = n0, n1
-    # -- phase 2: messages at block boundaries
-    # forward: v_k(a) = log-message into block k (state of the unit before it); v_0 = (0, -inf): a dummy start
-    v0 = torch.zeros((2, R), dtype=F64, device=dev)
-    v1 = neg_inf.expand(2, R)
-    ins0, ins1 = [], []
-    for k in range(K):
-        ins0.append(v0)
-        ins1.append(v1)
-        v0, v1 = (
-            torch.logaddexp(v0 + m0[:, :, k, 0], v1 + m0[:, :, k, 1]),
-            torch.logaddexp(v0 + m1[:, :, k, 0], v1 + m1[:, :, k, 1]),
-        )
-    log_f = torch.logaddexp(v0, v1)  # [2, R]
-    # backward: w_k(s) = log-message into the last unit of block k from everything after it
-    w0 = torch.zeros((2, R), dtype=F64, device=dev)
-    w1 = torch.zeros((2, R), dtype=F64, device=dev)
-    outs0, outs1 = [w0] * K, [w1] * K
-    for k in range(K - 1, 0, -1):
-        w0, w1 = (
-            torch.logaddexp(m0[:, :, k, 0] + w0, m1[:, :, k, 0] + w1),
-            torch.logaddexp(m0[:, :, k, 1] + w0, m1[:, :, k, 1] + w1),
-        )
-        outs0[k - 1], outs1[k - 1] = w0, w1
-    in0, in1 = torch.stack(ins0, -1), torch.stack(ins1, -1)  # [2, R, K]
-    out0, out1 = torch.stack(outs0, -1), torch.stack(outs1, -1)
-    # -- phase 3: inside the blocks (vectorised over blocks)
-    pre0, pre1 = [], []  # forward message into unit i, before its unary
-    a0, a1 = in0, in1
-    for i in range(B):
-        if i == 0:
-            p0 = torch.logaddexp(a0 + first[:, 0, 0], a1 + first[:, 1, 0])
-            p1 = torch.logaddexp(a0 + first[:, 0, 1], a1 + first[:, 1, 1])
-        else:
-            p0 = torch.logaddexp(a0 + lst, a1 + lsw)
-            p1 = torch.logaddexp(a0 + lsw, a1 + lst)
-        pre0.append(p0)
-        pre1.append(p1)
-        a0, a1 = p0, p1 + u1[..., i]
-    post0, post1 = [None] * B, [None] * B  # backward message into unit i from the units after it
-    b0, b1 = out0, out1
-    post0[B - 1], post1[B - 1] = b0, b1
-    for i in range(B - 1, 0, -1):
-        c1 = u1[..., i] + b1
-        b0, b1 = torch.logaddexp(lst + b0, lsw + c1), torch.logaddexp(lsw + b0, lst + c1)
-        post0[i - 1], post1[i - 1] = b0, b1
-    lf = log_f.view(2, R, 1, 1)
-    psi1 = torch.tensor([log_eps, 0.0], dtype=F64, device=dev).view(2, 1, 1, 1)
-    cav0 = (torch.stack(pre0, -1) + torch.stack(post0, -1) - lf).reshape(2, R, Jp)[:, :, :J]
-    cav1 = (torch.stack(pre1, -1) + torch.stack(post1, -1) + psi1 - lf).reshape(2, R, Jp)[:, :, :J]
-    return log_f, torch.stack((cav0, cav1), -1)
+
+@dataclass
+class _BlockedChain:
+    """The chains of :func:`chain_messages`, cut into ``K`` blocks of ``B`` units (``Jp = K * B`` with padding)."""
+
+    R: int
+    J: int
+    B: int
+    K: int
+    lsw: float  # log P(switch)
+    lst: float  # log P(stay)
+    log_eps: float
+    u1: Tensor  # unary of state 1 per hub state (state 0's is 0 for both t): [2, R, K, B]
+    first: Tensor  # transition into the first unit of each block, from the previous unit (state a): [K, 2(a), 2(s)]
+
+    @classmethod
+    def of(cls, lam: Tensor, p_stay: float, p_start: float, eps: float) -> _BlockedChain:
+        R, J = lam.shape
+        dev = lam.device
+        B = max(1, math.isqrt(J - 1) + 1) if J > 1 else 1
+        K = -(-J // B)
+        lsw, lst = _log_probs(p_stay)
+        l0, l1 = _log_probs(p_start)
+        log_eps = math.log(eps)
+        u1 = torch.zeros((2, R, K * B), dtype=F64, device=dev)
+        u1[0, :, :J] = lam + log_eps
+        u1[1, :, :J] = lam
+        first = torch.tensor([[lst, lsw], [lsw, lst]], dtype=F64, device=dev).expand(K, 2, 2).clone()
+        first[0] = torch.tensor([[l0, l1], [l0, l1]], dtype=F64, device=dev)  # chain start: P(s_0), whatever a
+        return cls(R, J, B, K, lsw, lst, log_eps, u1.view(2, R, K, B), first)
+
+    def block_transfer(self) -> tuple[Tensor, Tensor]:
+        """Phase 1: every block's transfer matrix M_k[a, s] (a: the state before the block, s: its last
+        unit's), as (M[a, 0], M[a, 1]), each [2, R, K, 2(a)]."""
+        lst, lsw, u1 = self.lst, self.lsw, self.u1
+        m0 = self.first[:, :, 0].expand(2, self.R, self.K, 2).clone()
+        m1 = self.first[:, :, 1] + u1[..., 0].unsqueeze(-1)
+        for i in range(1, self.B):
+            n0 = torch.logaddexp(m0 + lst, m1 + lsw)
+            n1 = torch.logaddexp(m0 + lsw, m1 + lst) + u1[..., i].unsqueeze(-1)
+            m0, m1 = n0, n1
+        return m0, m1
+
+    def boundary_messages(self, m0: Tensor, m1: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Phase 2: ``log_f`` [2, R], the forward messages into every block and the backward ones into
+        every block's last unit (each a pair over the state, [2, R, K])."""
+        dev = m0.device
+        # forward: v_k(a) = log-message into block k (state of the unit before it); v_0 = (0, -inf): a dummy start
+        v0 = torch.zeros((2, self.R), dtype=F64, device=dev)
+        v1 = torch.tensor(-math.inf, dtype=F64, device=dev).expand(2, self.R)
+        ins0, ins1 = [], []
+        for k in range(self.K):
+            ins0.append(v0)
+            ins1.append(v1)
+            v0, v1 = (
+                torch.logaddexp(v0 + m0[:, :, k, 0], v1 + m0[:, :, k, 1]),
+                torch.logaddexp(v0 + m1[:, :, k, 0], v1 + m1[:, :, k, 1]),
+            )
+        log_f = torch.logaddexp(v0, v1)
+        # backward: w_k(s) = log-message into the last unit of block k from everything after it
+        w0 = torch.zeros((2, self.R), dtype=F64, device=dev)
+        w1 = torch.zeros((2, self.R), dtype=F64, device=dev)
+        outs0, outs1 = [w0] * self.K, [w1] * self.K
+        for k in range(self.K - 1, 0, -1):
+            w0, w1 = (
+                torch.logaddexp(m0[:, :, k, 0] + w0, m1[:, :, k, 0] + w1),
+                torch.logaddexp(m0[:, :, k, 1] + w0, m1[:, :, k, 1] + w1),
+            )
+            outs0[k - 1], outs1[k - 1] = w0, w1
+        into = (torch.stack(ins0, -1), torch.stack(ins1, -1))
+        return log_f, into, (torch.stack(outs0, -1), torch.stack(outs1, -1))
+
+    def cavities(self, log_f: Tensor, into: tuple[Tensor, Tensor], out_of: tuple[Tensor, Tensor]) -> Tensor:
+        """Phase 3: the messages inside the blocks (vectorised over blocks), combined into ``cav`` [2, R, J, 2]."""
+        lst, lsw, u1, first = self.lst, self.lsw, self.u1, self.first
+        pre0, pre1 = [], []  # forward message into unit i, before its unary
+        a0, a1 = into
+        for i in range(self.B):
+            if i == 0:
+                p0 = torch.logaddexp(a0 + first[:, 0, 0], a1 + first[:, 1, 0])
+                p1 = torch.logaddexp(a0 + first[:, 0, 1], a1 + first[:, 1, 1])
+            else:
+                p0 = torch.logaddexp(a0 + lst, a1 + lsw)
+                p1 = torch.logaddexp(a0 + lsw, a1 + lst)
+            pre0.append(p0)
+            pre1.append(p1)
+            a0, a1 = p0, p1 + u1[..., i]
+        post0, post1 = [None] * self.B, [None] * self.B  # backward message into unit i from the units after it
+        b0, b1 = out_of
+        post0[self.B - 1], post1[self.B - 1] = b0, b1
+        for i in range(self.B - 1, 0, -1):
+            c1 = u1[..., i] + b1
+            b0, b1 = torch.logaddexp(lst + b0, lsw + c1), torch.logaddexp(lsw + b0, lst + c1)
+            post0[i - 1], post1[i - 1] = b0, b1
+        R, J, Jp = self.R, self.J, self.K * self.B
+        lf = log_f.view(2, R, 1, 1)
+        psi1 = torch.tensor([self.log_eps, 0.0], dtype=F64, device=log_f.device).view(2, 1, 1, 1)
+        cav0 = (torch.stack(pre0, -1) + torch.stack(post0, -1) - lf).reshape(2, R, Jp)[:, :, :J]
+        cav1 = (torch.stack(pre1, -1) + torch.stack(post1, -1) + psi1 - lf).reshape(2, R, Jp)[:, :, :J]
+        return torch.stack((cav0, cav1), -1)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -362,12 +398,7 @@ def bind_batchnorms(wrapped) -> int:
     (:func:`find_batchnorms`), so that its prior acts on the folded weights; the gates are
     re-attached (their state restarts from the current weights). Returns the producers bound."""
     norms = find_batchnorms(wrapped)
-    bound = 0
-    for gate in wrapped.gates.values():
-        if isinstance(gate, TurboVBIGate) and gate.attached and gate.fold_norms:
-            count = gate.bind_norms([norms.get(id(w)) for w in gate._weights])
-            bound += count
-    return bound
+    return sum(gate.bind_found_norms(norms) for gate in wrapped.gates.values() if isinstance(gate, TurboVBIGate))
 
 
 # ---------------------------------------------------------------------------
@@ -380,12 +411,42 @@ _STRUCT = ("rows", "positions", "hyper")  # per producer
 _SCALES = ("attach", "he", "empirical")
 
 
-class TurboVBIGate(nn.Module):
+def _check_precisions(*, a: float, a_bar: float, b: float | None, b_bar: float | None, active_precision: float | str,
+                      inactive_precision: float, min_precision_ratio: float) -> None:
+    """Refuse precision-prior options out of range (see :class:`TurboVBIGate`)."""
+    for name, v in (("a", a), ("a_bar", a_bar), ("inactive_precision", inactive_precision),
+                    ("min_precision_ratio", min_precision_ratio)):
+        if not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+    for name, v in (("b", b), ("b_bar", b_bar)):
+        if v is not None and not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+    if isinstance(active_precision, str):
+        if active_precision not in _SCALES:
+            raise ValueError(f"active_precision must be a number or one of {_SCALES}, got {active_precision!r}")
+    elif not float(active_precision) > 0:
+        raise ValueError(f"active_precision must be > 0, got {active_precision}")
+
+
+def _check_support_prior(*, p_channel: float, p_stay: float, p_start: float, eps: float) -> None:
+    """Refuse support-MRF options out of range (see :class:`TurboVBIGate`)."""
+    if not 0.0 < p_channel <= 1.0:
+        raise ValueError(f"p_channel must lie in (0, 1], got {p_channel}")
+    if not 0.0 < p_stay < 1.0:
+        raise ValueError(f"p_stay must lie in (0, 1), got {p_stay}")
+    if not 0.0 < p_start < 1.0:
+        raise ValueError(f"p_start must lie in (0, 1), got {p_start}")
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"eps must lie in (0, 1], got {eps}")
+
+
+class TurboVBIGate(ChannelGate):
     """Per-channel Turbo-VBI gate: a support posterior over the kernels of every channel.
 
     Construct with ``num_channels``; the wrapper then calls :meth:`attach` with the
-    producers' weights, :meth:`after_step` after every optimizer step (the A <-> B
-    updates run every ``update_every`` steps) and :meth:`begin_epoch` (a no-op).
+    producers' weights and :meth:`after_wrap` (binds the BatchNorms, :func:`bind_batchnorms`),
+    ``fit`` :meth:`after_step` after every optimizer step (the A <-> B updates run every
+    ``update_every`` steps) and :meth:`begin_epoch` (no schedule: it records the epoch).
     Without producers the gate keeps every channel and its :meth:`kl` is zero.
 
     Hyper-parameters (derivations and the experiments behind the defaults:
@@ -409,7 +470,7 @@ class TurboVBIGate(nn.Module):
     * ``mask_in_training`` (True): :meth:`sample` returns the current 0/1 decision, so that
       training sees the network evaluation and export will see; False: all ones;
     * ``prior_weight`` (1.0): multiplies the regulariser returned by :meth:`kl`;
-    * ``fold_norms`` (True): :func:`bind_batchnorms` gives this gate the BatchNorm after each
+    * ``fold_norms`` (True): :meth:`after_wrap` gives this gate the BatchNorm after each
       producer (prior on the folded weights); False keeps the prior on the raw weights.
     """
 
@@ -441,31 +502,16 @@ class TurboVBIGate(nn.Module):
         if int(num_channels) != num_channels or num_channels < 1:
             raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
         a_bar = a if a_bar is None else a_bar
-        for name, v in (("a", a), ("a_bar", a_bar), ("inactive_precision", inactive_precision), ("min_precision_ratio", min_precision_ratio)):
-            if not v > 0:
-                raise ValueError(f"{name} must be > 0, got {v}")
-        for name, v in (("b", b), ("b_bar", b_bar)):
-            if v is not None and not v > 0:
-                raise ValueError(f"{name} must be > 0, got {v}")
-        if active_precision is None:
-            active_precision = "empirical"
-        if isinstance(active_precision, str):
-            if active_precision not in _SCALES:
-                raise ValueError(f"active_precision must be a number or one of {_SCALES}, got {active_precision!r}")
-        elif not float(active_precision) > 0:
-            raise ValueError(f"active_precision must be > 0, got {active_precision}")
-        if not 0.0 < p_channel <= 1.0:
-            raise ValueError(f"p_channel must lie in (0, 1], got {p_channel}")
-        if not 0.0 < p_stay < 1.0:
-            raise ValueError(f"p_stay must lie in (0, 1), got {p_stay}")
-        if not 0.0 < p_start < 1.0:
-            raise ValueError(f"p_start must lie in (0, 1), got {p_start}")
-        if not 0.0 < eps <= 1.0:
-            raise ValueError(f"eps must lie in (0, 1], got {eps}")
+        active_precision = "empirical" if active_precision is None else active_precision
+        _check_precisions(a=a, a_bar=a_bar, b=b, b_bar=b_bar, active_precision=active_precision,
+                          inactive_precision=inactive_precision, min_precision_ratio=min_precision_ratio)
+        _check_support_prior(p_channel=p_channel, p_stay=p_stay, p_start=p_start, eps=eps)
         if evidence not in ("collapsed", "mean_field"):
             raise ValueError(f"evidence must be 'collapsed' or 'mean_field', got {evidence!r}")
         if int(update_every) < 1 or int(turbo_iterations) < 1 or int(attach_iterations) < 1:
             raise ValueError("update_every, turbo_iterations and attach_iterations must be >= 1")
+        if not prior_weight >= 0:
+            raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
         self.num_channels = int(num_channels)
         self.a, self.a_bar = float(a), float(a_bar)
         self.b = None if b is None else float(b)
@@ -480,8 +526,6 @@ class TurboVBIGate(nn.Module):
         self.attach_iterations = int(attach_iterations)
         self.tol = float(tol)
         self.mask_in_training = bool(mask_in_training)
-        if not prior_weight >= 0:
-            raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
         self.prior_weight = float(prior_weight)
         self.fold_norms = bool(fold_norms)
         self.register_buffer("active_prob", torch.ones(self.num_channels, dtype=F64))
@@ -555,7 +599,43 @@ class TurboVBIGate(nn.Module):
         self._norms = []
         self._erho_cache = {}
 
-    def attach(self, producers) -> "TurboVBIGate":
+    def _producer(self, item: tuple) -> tuple[Tensor, Tensor, Tensor, nn.Module | None]:
+        """One producer of :meth:`attach`, checked: (weight, rows, positions, norm or None)."""
+        if len(item) not in (3, 4):
+            raise ValueError(f"a producer is (weight, rows, positions[, norm]), got {len(item)} items")
+        weight, rows, positions = item[:3]
+        norm = item[3] if len(item) == 4 else None
+        if norm is not None:
+            _check_norm(norm, weight)
+        rows = torch.as_tensor(rows).to(device=weight.device, dtype=torch.long).reshape(-1)
+        positions = torch.as_tensor(positions).to(device=weight.device, dtype=torch.long).reshape(-1)
+        if rows.shape != positions.shape:
+            raise ValueError(f"rows and positions differ in length: {rows.numel()} vs {positions.numel()}")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= weight.shape[0]):
+            raise ValueError(f"rows out of range for a weight with {weight.shape[0]} rows")
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.num_channels):
+            raise ValueError(f"positions out of range for a gate of {self.num_channels} channels")
+        return weight, rows, positions, norm
+
+    def _register_producer(self, l: int, weight: Tensor, rows: Tensor, positions: Tensor, norm: nn.Module | None,
+                           old: dict[str, Tensor]) -> None:
+        """Producer ``l``'s buffers: its rows and positions, its hyper-parameters and per-unit state
+        (taken from ``old`` where a restored state holds them, else fresh)."""
+        J, _ = self._units(weight)
+        dev = weight.device
+        self.register_buffer(f"rows_{l}", rows.clone())
+        self.register_buffer(f"positions_{l}", positions.clone())
+        hyper = old.get(f"hyper_{l}")
+        if hyper is None:
+            hyper = torch.tensor(self._hyper(weight, rows, norm), dtype=F64, device=dev)
+        self.register_buffer(f"hyper_{l}", hyper.to(dev))
+        for name in _STATE:
+            value = old.get(f"{name}_{l}")
+            if value is None:
+                value = torch.zeros((rows.numel(), J), dtype=F64, device=dev)
+            self.register_buffer(f"{name}_{l}", value.to(dev))
+
+    def attach(self, producers) -> TurboVBIGate:
         """Bind the producers: ``[(weight Parameter, rows LongTensor, positions LongTensor[, norm]), ...]``.
 
         ``norm`` (optional): the BatchNorm that normalises the producer's output (its only
@@ -570,25 +650,9 @@ class TurboVBIGate(nn.Module):
         a_bar, b_bar)) and runs the first update with the current weights, unless a state
         of the same shapes was loaded before (then that state is kept). Returns self.
         """
-        specs = []
-        norms = []
-        for item in list(producers):
-            if len(item) not in (3, 4):
-                raise ValueError(f"a producer is (weight, rows, positions[, norm]), got {len(item)} items")
-            weight, rows, positions = item[:3]
-            norm = item[3] if len(item) == 4 else None
-            if norm is not None:
-                _check_norm(norm, weight)
-            norms.append(norm)
-            rows = torch.as_tensor(rows).to(device=weight.device, dtype=torch.long).reshape(-1)
-            positions = torch.as_tensor(positions).to(device=weight.device, dtype=torch.long).reshape(-1)
-            if rows.shape != positions.shape:
-                raise ValueError(f"rows and positions differ in length: {rows.numel()} vs {positions.numel()}")
-            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= weight.shape[0]):
-                raise ValueError(f"rows out of range for a weight with {weight.shape[0]} rows")
-            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.num_channels):
-                raise ValueError(f"positions out of range for a gate of {self.num_channels} channels")
-            specs.append((weight, rows, positions))
+        checked = [self._producer(item) for item in list(producers)]
+        specs = [(weight, rows, positions) for weight, rows, positions, _ in checked]
+        norms = [norm for *_, norm in checked]
         restored = self._restored and self._num_producers == len(specs) and all(
             tuple(self._buf("pi", l).shape) == (rows.numel(), self._units(weight)[0]) for l, (weight, rows, _) in enumerate(specs)
         )
@@ -596,15 +660,7 @@ class TurboVBIGate(nn.Module):
         self._drop_structure()
         self._restored = False
         for l, (weight, rows, positions) in enumerate(specs):
-            J, _ = self._units(weight)
-            dev = weight.device
-            self.register_buffer(f"rows_{l}", rows.clone())
-            self.register_buffer(f"positions_{l}", positions.clone())
-            hyper = old.get(f"hyper_{l}")
-            self.register_buffer(f"hyper_{l}", hyper.to(dev) if hyper is not None else torch.tensor(self._hyper(weight, rows, norms[l]), dtype=F64, device=dev))
-            for name in _STATE:
-                value = old.get(f"{name}_{l}")
-                self.register_buffer(f"{name}_{l}", value.to(dev) if value is not None else torch.zeros((rows.numel(), J), dtype=F64, device=dev))
+            self._register_producer(l, weight, rows, positions, norms[l], old)
         self._weights = [w for w, _, _ in specs]
         self._norms = norms
         self._num_producers = len(specs)
@@ -629,6 +685,18 @@ class TurboVBIGate(nn.Module):
         self._restored = False
         self.attach(producers)
         return sum(n is not None for n in norms)
+
+    def bind_found_norms(self, norms: dict[int, nn.Module]) -> int:
+        """:meth:`bind_norms` with the BatchNorm ``norms`` maps each producer's weight (by id) to, if any
+        (:func:`find_batchnorms`); nothing when unattached or ``fold_norms`` is off. Returns the norms bound."""
+        if not (self.attached and self.fold_norms):
+            return 0
+        return self.bind_norms([norms.get(id(w)) for w in self._weights])
+
+    def after_wrap(self, wrapped: nn.Module) -> None:
+        """Bind the BatchNorm after each producer in the wrapped model (see :func:`bind_batchnorms`), so that the
+        prior acts on the folded weights before any checkpoint is loaded or any step is taken."""
+        self.bind_found_norms(find_batchnorms(wrapped))
 
     def folded(self) -> list[bool]:
         """Per producer: whether its prior acts on BatchNorm-folded weights."""
@@ -772,10 +840,6 @@ class TurboVBIGate(nn.Module):
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         """No schedule: the updates run every ``update_every`` steps whatever the epoch."""
         self._epoch = int(epoch)
-
-    def clip_(self) -> "TurboVBIGate":
-        """No parameters to clip."""
-        return self
 
     # -- the regulariser ---------------------------------------------------------
 

@@ -15,6 +15,7 @@ producers whose output only feeds a depthwise conv of the same group or a Mul
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,10 +25,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from onnxprune.bayes.grouping import Grouping, channel_grouping
-from onnxprune.bayes.sbp import SBPGate, kl_together, sample_together
+from onnxprune.bayes.gate import ChannelGate
+from onnxprune.bayes.grouping import Grouping, ModuleChannels, channel_grouping
+from onnxprune.bayes.methods import gate_class
 
-ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.Sigmoid, nn.Mish)
+ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.Sigmoid,
+                      nn.Mish)
 ACTIVATION_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.elu, F.silu, F.gelu, F.hardswish, torch.relu, torch.tanh, torch.sigmoid, F.mish}
 ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
 # Positively homogeneous: act(g * x) == g * act(x) for g >= 0, so a gate after them folds into the layer.
@@ -35,15 +38,7 @@ HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 HOMOGENEOUS_FUNCTIONS = {F.relu, F.leaky_relu, torch.relu}
 NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def gate_factory(method: str) -> Callable[[int], nn.Module]:
-    """The gate class for a method name ("sbp", "rbp", "turbo-vbi")."""
-    from onnxprune.bayes import methods
-
-    if method not in methods.METHODS:
-        raise ValueError(f"unknown method '{method}'; known: {', '.join(methods.METHODS)}")
-    return methods.METHODS[method]
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 NOISE_SHARING = ("example", "batch")
@@ -58,7 +53,7 @@ class GateBank(nn.Module):
     (a [1, G] sample), as the SBP authors' code does. Both estimate the same ELBO.
     """
 
-    def __init__(self, gates: dict[str, nn.Module], noise: str = "example") -> None:
+    def __init__(self, gates: dict[str, ChannelGate], noise: str = "example") -> None:
         super().__init__()
         if noise not in NOISE_SHARING:
             raise ValueError(f"noise must be one of {NOISE_SHARING}, got {noise!r}")
@@ -82,33 +77,35 @@ class GateBank(nn.Module):
         cached = self._samples.get(group)
         if cached is None or cached.shape[0] != batch:
             together = self._drawn_together(group)
-            if len(together) > 1:  # SBP: every such gate's draw in one computation
-                self._samples.update(zip(together, sample_together([self.gates[k] for k in together], batch)))
+            if len(together) > 1:  # every such gate's draw in one computation (SBP)
+                drawn = type(gate).sample_jointly([self.gates[k] for k in together], batch)
+                self._samples.update(zip(together, drawn))
             else:
                 self._samples[group] = gate.sample(batch)
             cached = self._samples[group]
         return cached
 
     def _drawn_together(self, group: str) -> list[str]:
-        """The gates sampled together with ``group``'s: every SBP gate of the bank with the same
-        interval and compile setting (just ``group`` for other methods)."""
+        """The gates sampled together with ``group``'s: every gate of the bank of the same class and
+        joint key (:meth:`ChannelGate.joint_key`; just ``group`` when that is None)."""
         gate = self.gates[group]
-        if not isinstance(gate, SBPGate):
+        key = gate.joint_key()
+        if key is None:
             return [group]
-        key = (gate.a, gate.b, gate.compiled)
-        return [k for k, g in self.gates.items() if isinstance(g, SBPGate) and (g.a, g.b, g.compiled) == key]
+        return [k for k, g in self.gates.items() if type(g) is type(gate) and g.joint_key() == key]
 
     def kl(self) -> torch.Tensor:
-        """Sum of every gate's complexity term (SBP gates' in one computation per interval), each
-        group's multiplied by its ``kl_weights`` entry."""
-        terms, sbp = [], {}
-        for key, g in self.gates.items():
-            weight = self.kl_weights.get(key, 1.0)
-            if isinstance(g, SBPGate):
-                sbp.setdefault((g.a, g.b, g.compiled), []).append((g, weight))
-            else:
+        """Sum of every gate's complexity term (gates with a joint key in one computation per class and
+        key), each group's multiplied by its ``kl_weights`` entry."""
+        terms, joint = [], {}
+        for name, g in self.gates.items():
+            weight = self.kl_weights.get(name, 1.0)
+            key = g.joint_key()
+            if key is None:
                 terms.append(g.kl() * weight if weight != 1.0 else g.kl())
-        terms += [kl_together([g for g, _ in gw], [w for _, w in gw]) for gw in sbp.values()]
+            else:
+                joint.setdefault((type(g), key), []).append((g, weight))
+        terms += [kind.kl_jointly([g for g, _ in gw], [w for _, w in gw]) for (kind, _), gw in joint.items()]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
@@ -170,7 +167,8 @@ class SiteInfo:
 class BayesianModel(nn.Module):
     """A model with Bayesian channel gates (see module docstring)."""
 
-    def __init__(self, traced: fx.GraphModule, bank: GateBank, sites: list[SiteInfo], method: str, group_layers: dict[str, list[str]]) -> None:
+    def __init__(self, traced: fx.GraphModule, bank: GateBank, sites: list[SiteInfo], method: str,
+                 group_layers: dict[str, list[str]]) -> None:
         super().__init__()
         self.model = traced
         self.bank = bank
@@ -198,48 +196,48 @@ class BayesianModel(nn.Module):
         return (p for p in self.parameters() if id(p) not in gate_ids)
 
     def clip_(self) -> None:
+        """Every gate's :meth:`~ChannelGate.clip_` (after an optimizer step)."""
         for g in self.gates.values():
-            if hasattr(g, "clip_"):
-                g.clip_()
+            g.clip_()
 
     def compile_gates(self, enabled: bool = True) -> None:
         """Run the gates' numerics through ``torch.compile`` where a gate supports it (SBP)."""
         for g in self.gates.values():
-            if hasattr(g, "compiled"):
-                g.compiled = bool(enabled)
+            g.compile_numerics(bool(enabled))
 
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         """Let gates with a schedule (recursive, layer-by-layer methods) know where training is."""
         for g in self.gates.values():
-            if hasattr(g, "begin_epoch"):
-                g.begin_epoch(epoch, epochs)
+            g.begin_epoch(epoch, epochs)
 
     def stage_span(self, epoch: int, epochs: int) -> tuple[int, int] | None:
         """The epochs ``[start, end)`` of the current stage when the gates are trained stage by stage
         (recursive RBP), else None."""
         for g in self.gates.values():
-            if getattr(g, "recursive", False) and getattr(g, "stage_count", 1) > 1 and hasattr(g, "stage_span"):
-                return g.stage_span(g.stage_count, epoch, epochs)
+            span = g.stage_epochs(epoch, epochs)
+            if span is not None:
+                return span
         return None
 
     def read_states_as_data(self, flag: bool) -> None:
         """Gates on a schedule (RBP) read their state as data in training (one compiled graph for every stage)."""
         for g in self.gates.values():
-            if hasattr(g, "state_as_data"):
-                g.state_as_data = bool(flag)
+            g.read_state_as_data(bool(flag))
 
     def before_step(self) -> None:
         """Between backward and the optimizer step: gates on a schedule (RBP) drop the gradients their state does
         not train."""
         for g in self.gates.values():
-            if hasattr(g, "before_step"):
-                g.before_step()
+            g.before_step()
 
     def after_step(self) -> None:
         """After each optimizer step: gates with closed-form updates (Turbo-VBI) run them here."""
         for g in self.gates.values():
-            if hasattr(g, "after_step"):
-                g.after_step()
+            g.after_step()
+
+    def leaves_parameters_unused(self) -> bool:
+        """True when some gate leaves some of its parameters out of some training steps (RBP's schedule)."""
+        return any(g.leaves_parameters_unused() for g in self.gates.values())
 
     @torch.no_grad()
     def kept(self) -> dict[str, tuple[int, int]]:
@@ -351,6 +349,10 @@ def wrap(
 ) -> BayesianModel:
     """Insert Bayesian gates into ``model`` (traced with torch.fx); the original is not modified.
 
+    ``method`` names the gate class (:mod:`onnxprune.bayes.methods`: "sbp", "rbp", "turbo-vbi", or
+    one registered with ``register_method``); ``gate_kwargs`` go to its constructor. Every gate is
+    then given its stage (``set_stage``) and producers (``attach``), and ``after_wrap`` the result.
+
     ``gate_inputs`` also gates, feature by feature, the input of every Linear layer that reads a
     graph input through parameter-free ops (an MLP's pixels, as the SBP paper does for
     LeNet-500-300): rejected features become zero, and the pruned model's first layer reads only
@@ -365,16 +367,54 @@ def wrap(
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-    import copy
-
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    factory = gate_factory(method)
+    cls = gate_class(method)
+
+    def make_gate(num_channels: int) -> ChannelGate:
+        return cls(num_channels, **gate_kwargs)
+
     model = copy.deepcopy(model)
     grouping: Grouping = channel_grouping(model, example_inputs)
     gm = fx.symbolic_trace(model)
-    layer_groups = {name: set(mc.groups) for name, mc in grouping.modules.items()}
     excluded = set(exclude)
+    plans, group_layers = _plan_sites(gm, grouping, excluded)
+    names = _group_names(plans, group_layers)
+    bank = GateBank({names[g]: make_gate(grouping.group_sizes[g]) for g in names}, noise)
+    sites = [_insert_site(gm, bank, f"gate_site_{i}", plan, names, placement) for i, plan in enumerate(plans)]
+    layers_by_name = {names[g]: layers for g, layers in group_layers.items() if g in names}
+    if gate_inputs:
+        for layer in _input_layers(gm):
+            sites.append(_insert_input_site(gm, bank, layer, f"gate_site_input_{len(sites)}", make_gate))
+            layers_by_name.setdefault(sites[-1].groups[0], [f"input of {layer.target}"])
+    producers = _producers(gm, grouping, excluded, names)
+    for i, (key, gate) in enumerate(bank.gates.items()):
+        gate.set_stage(i, len(bank.gates))  # topological order, for recursive methods
+        gate.attach(producers.get(key, []))
+    gm.graph.lint()
+    gm.recompile()
+    result = BayesianModel(gm, bank, sites, method, layers_by_name)
+    for gate in bank.gates.values():
+        gate.after_wrap(result)
+    return result
+
+
+@dataclass
+class _SitePlan:
+    """A layer to gate: its fx node, its chain to the site, and its output channels."""
+
+    node: fx.Node
+    chain: list[fx.Node]
+    norm: str | None
+    foldable: bool
+    channels: ModuleChannels
+    axis: int
+    width: int
+
+
+def _plan_sites(gm: fx.GraphModule, grouping: Grouping, excluded: set[str]) -> tuple[list[_SitePlan], dict[int, list[str]]]:
+    """The layers that get a gate site, in graph order, and the layers writing each channel group."""
+    layer_groups = {name: set(mc.groups) for name, mc in grouping.modules.items()}
     group_layers: dict[int, list[str]] = {}
     plans = []
     for node in list(gm.graph.nodes):
@@ -389,48 +429,60 @@ def wrap(
             group_layers.setdefault(g, []).append(node.target)
         if _feeds_only_gated_product(gm, chain[-1], set(mc.groups), layer_groups):
             continue
-        axis = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
-        width = module.out_channels if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else module.out_features
-        plans.append((node, chain, norm, foldable, mc, axis, width))
-    gates: dict[str, nn.Module] = {}
+        conv = isinstance(module, CONV_MODULES)
+        width = module.out_channels if conv else module.out_features
+        plans.append(_SitePlan(node, chain, norm, foldable, mc, 1 if conv else -1, width))
+    return plans, group_layers
+
+
+def _group_names(plans: list[_SitePlan], group_layers: dict[int, list[str]]) -> dict[int, str]:
+    """A gate name per gated channel group: its first layer's name (module names may not contain dots)."""
     names: dict[int, str] = {}
-    for *_, mc, _, _ in plans:
-        for g in mc.groups:
+    for plan in plans:
+        for g in plan.channels.groups:
             if g not in names:
-                key = group_layers[g][0].replace(".", "_")  # module names may not contain dots
-                while key in gates:
+                key = group_layers[g][0].replace(".", "_")
+                while key in names.values():
                     key += "_"
                 names[g] = key
-                gates[key] = factory(grouping.group_sizes[g], **gate_kwargs)
-    bank = GateBank(gates, noise)
-    sites = []
-    for i, (node, chain, norm, foldable, mc, axis, width) in enumerate(plans):
-        site_name = f"gate_site_{i}"
-        parts = [(names[g], torch.as_tensor(ch), torch.as_tensor(pos)) for g, ch, pos in mc.parts]
-        pre_bias = placement == "pre-bias" and norm is None
-        if pre_bias:
-            chain, foldable = chain[:1], True
-        layer_module = gm.get_submodule(node.target) if pre_bias else None
-        gm.add_submodule(site_name, GateSite(bank, parts, width, axis, layer_module))
-        end = chain[-1]
-        with gm.graph.inserting_after(end):
-            new = gm.graph.call_module(site_name, (end,))
-        end.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-        sites.append(SiteInfo(site_name, node.target, [names[g] for g in mc.groups], [n.name for n in chain], norm, foldable, pre_bias))
-    if gate_inputs:
-        for layer in _input_layers(gm):
-            features = gm.get_submodule(layer.target).in_features
-            key = f"input_{layer.target}".replace(".", "_")
-            gates[key] = bank.gates[key] = factory(features, **gate_kwargs)
-            site_name = f"gate_site_input_{len(sites)}"
-            everything = torch.arange(features)
-            gm.add_submodule(site_name, GateSite(bank, [(key, everything, everything)], features, -1))
-            src = layer.args[0]
-            with gm.graph.inserting_before(layer):
-                new = gm.graph.call_module(site_name, (src,))
-            layer.replace_input_with(src, new)
-            sites.append(SiteInfo(site_name, layer.target, [key], [], None, False))
-            group_layers.setdefault(key, [f"input of {layer.target}"])
+    return names
+
+
+def _insert_site(gm: fx.GraphModule, bank: GateBank, site_name: str, plan: _SitePlan, names: dict[int, str],
+                 placement: str) -> SiteInfo:
+    """Insert the gate site of ``plan`` after its chain (pre-bias placement: right after the layer)."""
+    parts = [(names[g], torch.as_tensor(ch), torch.as_tensor(pos)) for g, ch, pos in plan.channels.parts]
+    chain, foldable = plan.chain, plan.foldable
+    pre_bias = placement == "pre-bias" and plan.norm is None
+    if pre_bias:
+        chain, foldable = chain[:1], True
+    layer_module = gm.get_submodule(plan.node.target) if pre_bias else None
+    gm.add_submodule(site_name, GateSite(bank, parts, plan.width, plan.axis, layer_module))
+    end = chain[-1]
+    with gm.graph.inserting_after(end):
+        new = gm.graph.call_module(site_name, (end,))
+    end.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    groups = [names[g] for g in plan.channels.groups]
+    return SiteInfo(site_name, plan.node.target, groups, [n.name for n in chain], plan.norm, foldable, pre_bias)
+
+
+def _insert_input_site(gm: fx.GraphModule, bank: GateBank, layer: fx.Node, site_name: str,
+                       make_gate: Callable[[int], ChannelGate]) -> SiteInfo:
+    """Gate the input features of Linear ``layer`` with a gate of their own, added to ``bank``."""
+    features = gm.get_submodule(layer.target).in_features
+    key = f"input_{layer.target}".replace(".", "_")
+    bank.gates[key] = make_gate(features)
+    everything = torch.arange(features)
+    gm.add_submodule(site_name, GateSite(bank, [(key, everything, everything)], features, -1))
+    src = layer.args[0]
+    with gm.graph.inserting_before(layer):
+        new = gm.graph.call_module(site_name, (src,))
+    layer.replace_input_with(src, new)
+    return SiteInfo(site_name, layer.target, [key], [], None, False)
+
+
+def _producers(gm: fx.GraphModule, grouping: Grouping, excluded: set[str], names: dict[int, str]) -> dict[str, list]:
+    """Per gate name: ``(weight, rows, positions)`` of every layer writing its channels (for ``attach``)."""
     producers: dict[str, list] = {}
     for name, mc in grouping.modules.items():
         if name in excluded or not isinstance(gm.get_submodule(name), LAYER_MODULES):
@@ -439,17 +491,4 @@ def wrap(
             if g in names:
                 weight = gm.get_submodule(name).weight
                 producers.setdefault(names[g], []).append((weight, torch.as_tensor(ch), torch.as_tensor(pos)))
-    for i, (key, gate) in enumerate(gates.items()):
-        gate.stage_index, gate.stage_count = i, len(gates)  # topological order, for recursive methods
-        if hasattr(gate, "attach"):
-            gate.attach(producers.get(key, []))
-    gm.graph.lint()
-    gm.recompile()
-    layers_by_name = {names[g]: layers for g, layers in group_layers.items() if g in names}
-    layers_by_name.update({k: v for k, v in group_layers.items() if isinstance(k, str)})
-    result = BayesianModel(gm, bank, sites, method, layers_by_name)
-    if method == "turbo-vbi":  # its prior acts on the BatchNorm-folded weights (docs/methods.md, Turbo-VBI)
-        from onnxprune.bayes.turbo_vbi import bind_batchnorms
-
-        bind_batchnorms(result)
-    return result
+    return producers
