@@ -10,8 +10,8 @@ become wide (noisy) without being rejected. It reports the test accuracy (2000 r
 of the dense net, of the SBP net evaluated with the statistics training left, and of the same
 net after :func:`onnxprune.bayes.training.recalibrate_norms`.
 
-    python benchmarks/bn_recalibration.py            # about 3 min on 2 cores
-    python benchmarks/bn_recalibration.py --device cuda --width 1 --train 50000 --test 10000 \
+    python -m benchmarks.bn_recalibration            # about 3 min on 2 cores
+    python -m benchmarks.bn_recalibration --device cuda --width 1 --train 50000 --test 10000 \
         --dense-epochs 8 --sbp-epochs 6 --lr 1e-3 --kl-scale 1 --run bn-recalibration-vgg-cuda   # full scale, a GPU
 """
 
@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import machine_info, write_result  # noqa: E402
+from benchmarks.common import machine_info
+from benchmarks.store import add_results_argument, write_result
 
 
 def main() -> None:
@@ -40,8 +38,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4, help="SBP weights' learning rate (gates: --gate-lr)")
     ap.add_argument("--gate-lr", type=float, default=3e-2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--run", default="bn-recalibration", help="results folder name")
-    ap.add_argument("--results", type=Path)
+    ap.add_argument("--run", default="bn-recalibration", help="the run's name in the results store")
+    add_results_argument(ap, "bn-recalibration")
     args = ap.parse_args()
     import numpy as np
     import torch
@@ -90,7 +88,7 @@ def main() -> None:
                    "device": args.device, "seed": 0},
         "result": row,
     }
-    print("wrote", write_result(args.run, result, args.results))
+    print("wrote", write_result(args.results, args.run, result))
 
 
 if __name__ == "__main__":

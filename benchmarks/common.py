@@ -1,9 +1,8 @@
-"""Shared pieces of the benchmark scripts: machine description, timing, memory, results files."""
+"""Shared pieces of the benchmark scripts: machine description, timing, memory (results files: store.py)."""
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import re
@@ -16,7 +15,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def machine_info() -> dict:
@@ -67,13 +65,14 @@ def median(xs: Sequence[float]) -> float:
 
 
 def run_measured(args: list[str], *, env: dict | None = None) -> tuple[float, int, subprocess.CompletedProcess]:
-    """Run ``python ARGS`` (e.g. ``["-m", "onnxprune", ...]`` or ``["script.py", ...]``).
+    """Run ``python ARGS`` (e.g. ``["-m", "onnxprune", ...]`` or ``["script.py", ...]``), the repository importable.
 
     Returns (wall seconds, peak RSS in bytes of that interpreter, completed process).
     The peak is read inside the child after exec (see benchmarks/peak_rss.py).
     """
+    env = python_env(env)
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
-        cmd = [sys.executable, str(Path(__file__).with_name("peak_rss.py")), rss.name, *args]
+        cmd = [sys.executable, "-m", "benchmarks.peak_rss", rss.name, *args]
         t = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         wall = time.perf_counter() - t
@@ -81,6 +80,13 @@ def run_measured(args: list[str], *, env: dict | None = None) -> tuple[float, in
             raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         peak = int(rss.read().strip() or 0)
     return wall, peak, done
+
+
+def python_env(env: dict | None = None) -> dict:
+    """``env`` (default: this process's) with the repository on PYTHONPATH, for ``python -m benchmarks.NAME``."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
 
 
 def python_peak_rss(code: str) -> int:
@@ -112,16 +118,3 @@ def ort_runner(path_or_bytes, feed: dict, *, threads: int = 2, providers=("CPUEx
         use_global_ort_threads(threads)
     session = make_session(path_or_bytes, providers=providers, threads=threads)
     return lambda: session.run(None, feed)
-
-
-def write_result(run: str, result: dict, root: Path | None = None) -> Path:
-    """Write <root or benchmarks/results>/<run>/result.json (pretty, stable key order)."""
-    out = (root or RESULTS) / run
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "result.json"
-    path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
-    return path
-
-
-def fmt_ms(x: float) -> str:
-    return f"{x:.2f} ms" if x < 100 else f"{x:.0f} ms"

@@ -1,13 +1,13 @@
 """ORT CPU latency of a paper-table run's dense and shipped models, rebuilt here from their shapes.
 
 The CIFAR models are too large to come back from the GPU machine, so their CPU latencies in
-`result.json` were taken on that machine's CPU. Latency does not depend on the weights' values
+the run's JSON file were taken on that machine's CPU. Latency does not depend on the weights' values
 (ORT runs dense kernels), only on the graph and its shapes: this script rebuilds both models
 through the same pipeline (the net with random weights and BatchNorm statistics, SBP gates
 that reject each layer's channels beyond the shipped width, export, `onnxprune prune
 --target none`), checks that every layer has the shipped width, and times dense against
 pruned side by side on this machine (2 threads, batch 1 and 64, medians of interleaved
-runs). The timings go into the run's result.json as `latency_cpu_shapes`.
+runs). The timings go into the run's JSON file (RUN.json in the results store) as `latency_cpu_shapes`.
 
 The shipped widths were planned on the GPU host's CPU (`onnxprune prune --target ort-cpu` keeps
 dead channels where a wider layer runs faster there). With `--plan-here` the script also does
@@ -16,7 +16,7 @@ rejected gone (the run's `pruned_all` widths), lets `onnxprune prune --target or
 plan the widths here, once for batch 1 and once for batch 64 (`--batch 64`), and times each
 against the dense model at its batch size: `latency_cpu_planned_here`.
 
-    python benchmarks/cpu_latency_shapes.py cifar-vgg15-sbp cifar-vgg-sbp [--rounds 30] [--plan-here]
+    python -m benchmarks.cpu_latency_shapes cifar-vgg15-sbp cifar-vgg-sbp [--rounds 30] [--plan-here]
 
 VGG-like runs only (one gate per layer, in layer order); the weights are random, so no
 error is measured here.
@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import RESULTS, interleaved_latency, machine_info, ort_runner, use_global_ort_threads  # noqa: E402
+from benchmarks.common import interleaved_latency, machine_info, ort_runner, use_global_ort_threads
+from benchmarks.store import RESULTS, locate
 
 
 def rebuild(result: dict, widths_key: str = "pruned", target: str = "none", batch: int = 1):
@@ -97,15 +95,17 @@ def plan_here(result: dict, rounds: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="result folders under benchmarks/results (e.g. cifar-vgg15-sbp)")
+    ap.add_argument("runs", nargs="+", help="runs in the results store (e.g. cifar-vgg15-sbp)")
     ap.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds per batch size")
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="the results store (default: %(default)s)")
     ap.add_argument("--plan-here", action="store_true",
                     help="also plan the shipped widths on this machine from the posterior's (latency_cpu_planned_here)")
     args = ap.parse_args()
     use_global_ort_threads(2)
     for run in args.runs:
-        path = args.results / run / "result.json"
+        path = locate(run, args.results)
+        if path is None:
+            raise SystemExit(f"no run {run} in {args.results}")
         result = json.loads(path.read_text())
         if args.plan_here:
             result["latency_cpu_planned_here"] = plan_here(result, args.rounds)

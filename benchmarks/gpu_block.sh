@@ -5,17 +5,20 @@
 #   benchmarks/gpu_block.sh launch           # four training queues, one per GPU, in the background
 #   benchmarks/gpu_block.sh launch-mnist GPUS EPOCHS  # MNIST/Fashion-MNIST SBP runs, one queue per listed GPU
 #   benchmarks/gpu_block.sh launch-dense RUN..   # the dense nets of these runs, the n-th on GPU n, in the background
-#   benchmarks/gpu_block.sh launch-plan FILE  # the queues a plan file lists (e.g. benchmarks/plans/sbp-200.txt)
+#   benchmarks/gpu_block.sh launch-plan FILE  # the queues a plan file lists (e.g. benchmarks/plans/sbp-variants.txt)
 #   benchmarks/gpu_block.sh launch-plan-measure FILE  # launch-plan, then launch-measure of every spec it lists
 #   benchmarks/gpu_block.sh launch-measure Q@G SPEC [Q@G SPEC]..  # measure each run once queue Q is done (CUDA on GPU G)
-#   benchmarks/gpu_block.sh launch-zoo GPU [ARGS..]  # benchmarks/methods_zoo.py on CUDA in the background (results packed)
+#   benchmarks/gpu_block.sh launch-zoo GPU [ARGS..]  # python -m benchmarks.methods_zoo on CUDA in the background (packed)
 #   benchmarks/gpu_block.sh wait SECONDS     # keep the machine busy until the queues and measurers end; progress
 #   benchmarks/gpu_block.sh measure [SPEC..] # errors, MACs, units, ORT CPU (2 threads) and CUDA latency
 #   benchmarks/gpu_block.sh measure-cuda     # only the CUDA latency, added to the results of measure
 #   benchmarks/gpu_block.sh measure-cuda-dir DIR  # CUDA latency of runs trained elsewhere (their models carried in DIR)
-#   benchmarks/gpu_block.sh latency [MODELS] [BATCHES]  # the --target ort-cuda table (benchmarks/latency_targets.py)
+#   benchmarks/gpu_block.sh latency [MODELS] [BATCHES]  # the --target ort-cuda table (python -m benchmarks.latency_targets)
 #   benchmarks/gpu_block.sh pack             # result files to $OUT
 #
+# docs/experiments.md says which plan reruns which experiment, and how a lease goes from the first call to `pack`.
+# Results land flat in $RESULTS (RUN.json, as `--results` names an experiment's folder): move each into its
+# experiment's folder under benchmarks/results/ when they come back.
 # A path carried in one call and not named in a later call's carry is removed on the machine, so
 # setup copies the data out of the tree (to /tmp/gpu-data): later calls may carry other things (the
 # staged parts of onnxruntime-gpu). torch.compile of a whole SBP step takes minutes when several runs
@@ -32,7 +35,7 @@ export PYTHONPATH=/tmp/site:$PWD${EXTRA_PYTHONPATH:+:$EXTRA_PYTHONPATH}
 export ONNXPRUNE_DATA=/tmp/gpu-data
 export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 LOG=/tmp/gpu_runs
-RUN="python3 benchmarks/paper_table.py"
+RUN="python3 -m benchmarks.paper_table"
 # Results go outside the repository copy: each device call syncs the tree to the local checkout,
 # which would delete result folders the checkout does not have yet.
 RESULTS=${PAPER_RESULTS:-/tmp/paper-results}
@@ -143,11 +146,11 @@ PY
     sleep 1; echo "measurers waiting: $(ls "$LOG"/m*.log | wc -l)"
     ;;
   launch-zoo)
-    # launch-zoo GPU [ARGS..]: every MNIST/CIFAR-10 architecture through RBP and Turbo-VBI (methods_zoo.py ARGS);
-    # ZOO=NAME (default methods-zoo) runs another zoo beside it: results in $RESULTS/NAME, log $LOG/NAME.log
-    g=$2; shift 2; z=${ZOO:-methods-zoo}; tag=${z#methods-}; mkdir -p "$LOG" "$RESULTS/$z"
-    CUDA_VISIBLE_DEVICES=$g setsid nohup bash -c "python3 benchmarks/methods_zoo.py --device cuda \
-      --work benchmarks/work/$z --results $RESULTS/$z/result.json $* 2>&1 | grep -v Warning; touch $LOG/$tag.done" \
+    # launch-zoo GPU [ARGS..]: every MNIST/CIFAR-10 architecture through RBP and Turbo-VBI (methods_zoo ARGS);
+    # ZOO=NAME (default methods-zoo) runs another zoo beside it: results in $RESULTS/NAME.json, log $LOG/NAME.log
+    g=$2; shift 2; z=${ZOO:-methods-zoo}; tag=${z#methods-}; mkdir -p "$LOG" "$RESULTS"
+    CUDA_VISIBLE_DEVICES=$g setsid nohup bash -c "python3 -m benchmarks.methods_zoo --device cuda \
+      --work benchmarks/work/$z --results $RESULTS --run $z $* 2>&1 | grep -v Warning; touch $LOG/$tag.done" \
       > "$LOG/$tag.log" 2>&1 &
     sleep 1; echo "methods zoo $z launched on GPU $g"
     ;;
@@ -201,11 +204,11 @@ PY
     ;;
   measure-cuda-dir)
     # measure-cuda-dir DIR: adds CUDA latency to results of runs trained elsewhere (e.g. on a CPU):
-    # DIR/results/LABEL/result.json and DIR/work/LABEL/ holding dense.onnx, tp.onnx if any, and pruned.onnx
+    # DIR/results/LABEL.json and DIR/work/LABEL/ holding dense.onnx, tp.onnx if any, and pruned.onnx
     # (in a subfolder named after the method for rbp and turbo-vbi, as paper_table lays out its work folders)
     mkdir -p "$RESULTS"
-    for res in "$2"/results/*/result.json; do
-      label=$(basename "$(dirname "$res")"); mkdir -p "$RESULTS/$label"; cp "$res" "$RESULTS/$label/"
+    for res in "$2"/results/*.json; do
+      label=$(basename "$res" .json); cp "$res" "$RESULTS/"
       read -r run method tag < <(python3 - "$res" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -221,8 +224,8 @@ PY
     done
     ;;
   latency)
-    python3 benchmarks/latency_targets.py --target ort-cuda --batch ${3:-1 64} --models ${2:-mobilenetv2 mnasnet resnet50} \
-      --skip-cli --rounds 20 --budget 30 2>&1 | grep -v Warning | tail -12
+    python3 -m benchmarks.latency_targets --target ort-cuda --batch ${3:-1 64} --models ${2:-mobilenetv2 mnasnet resnet50} \
+      --skip-cli --rounds 20 --budget 30 --results "$RESULTS" 2>&1 | grep -v Warning | tail -12
     ;;
   pack)
     mkdir -p "$OUT"
@@ -242,5 +245,5 @@ PY
     ls -la "$OUT"
     ;;
   *)
-    sed -n 2,12p "$0"; exit 2 ;;
+    sed -n 2,17p "$0"; exit 2 ;;
 esac

@@ -11,9 +11,9 @@ with three times the rounds, and that larger sample decides (both are kept).
 Also measured: cold calibration time per model, and the wall time --target adds
 to `onnxprune prune` with a warm cache (ResNet-50, separate processes).
 
-    python benchmarks/latency_targets.py                     # ORT CPU, 2 threads, batch 1
-    python benchmarks/latency_targets.py --models mnasnet mobilenetv2
-    python benchmarks/latency_targets.py --target ort-cuda --batch 1 64   # on the GPU machine
+    python -m benchmarks.latency_targets                     # ORT CPU, 2 threads, batch 1
+    python -m benchmarks.latency_targets --models mnasnet mobilenetv2
+    python -m benchmarks.latency_targets --target ort-cuda --batch 1 64   # on the GPU machine
 """
 
 from __future__ import annotations
@@ -22,16 +22,14 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import interleaved_latency, machine_info, median, run_measured, use_global_ort_threads, write_result  # noqa: E402
+from benchmarks.common import interleaved_latency, machine_info, median, run_measured, use_global_ort_threads
+from benchmarks.store import add_results_argument, write_result
 
 DEAD_FRACTION = 0.4
 
@@ -87,7 +85,7 @@ def run_model(name: str, args, target_name: str, cache_dir: Path, out: dict, on_
         x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
         feed = {"input": x}
 
-        def runner(model):
+        def runner(model, providers=providers, feed=feed):
             session = make_session(model.SerializeToString(), providers=providers, threads=args.threads)
             return lambda: session.run(None, feed)
 
@@ -184,8 +182,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="CLI runs for the extra-time measurement")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-cli", action="store_true", help="skip the extra-time measurement")
-    ap.add_argument("--results", type=Path)
-    ap.add_argument("--merge-into", type=Path, help="an earlier result.json whose rows for these models and batches "
+    add_results_argument(ap, "latency-targets")
+    ap.add_argument("--merge-into", type=Path, help="an earlier result file whose rows for these models and batches "
                     "this run replaces (the earlier entries are kept in it, under 'replaced')")
     args = ap.parse_args()
     if args.target == "ort-cpu":
@@ -202,8 +200,8 @@ def main() -> None:
     rows, cli = [], None
 
     def save(complete: bool) -> Path:  # after every batch: a run cut short by a time limit keeps what it measured
-        return write_result(run, {"benchmark": "latency-targets", "machine": machine_info(), "config": config,
-                                  "complete": complete, "models": rows, "cli_extra_time_resnet50": cli}, args.results)
+        return write_result(args.results, run, {"benchmark": "latency-targets", "machine": machine_info(), "config": config,
+                                                "complete": complete, "models": rows, "cli_extra_time_resnet50": cli})
 
     try:
         for name in names:

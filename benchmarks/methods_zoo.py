@@ -9,24 +9,20 @@ fixed random subset of the training set (`--train-limit`), a few dense and Bayes
 then export, `onnxprune prune --target none` and the whole test set on ONNX Runtime against the
 wrapped net's predictions in PyTorch. It checks the pipeline, not the methods' accuracy.
 
-    python benchmarks/methods_zoo.py [--methods rbp turbo-vbi] [--models vgg_cifar resnet20] [--device cuda]
+    python -m benchmarks.methods_zoo [--methods rbp turbo-vbi] [--models vgg_cifar resnet20] [--device cuda]
 
-Results: benchmarks/results/methods-zoo/result.json (one row per model and method), shown in
+Results: benchmarks/results/methods-zoo/RUN.json (one row per model and method; --run), shown in
 BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import RESULTS, machine_info, use_global_ort_threads  # noqa: E402
+from benchmarks.common import ROOT, machine_info, use_global_ort_threads
+from benchmarks.store import add_results_argument, write_result
 
 ZOO_DATASETS = ("mnist", "cifar10")
 
@@ -115,7 +111,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "methods-zoo")
-    ap.add_argument("--results", type=Path, default=RESULTS / "methods-zoo" / "result.json")
+    add_results_argument(ap, "methods-zoo")
+    ap.add_argument("--run", default="methods-zoo", help="the zoo's name in the results store (RESULTS/RUN.json)")
     args = ap.parse_args()
     args.gate_options = parse_gate_options(ap, args.gate_option)
     args.gate_lr = parse_gate_lrs(ap, args.gate_lr)
@@ -128,19 +125,16 @@ def main() -> None:
                          "gate_lr": args.gate_lr, "compile": not args.no_compile,
                          "torch_eval_precision": "ieee float32", "models": args.models, "methods": args.methods},
               "rows": []}
-    args.results.parent.mkdir(parents=True, exist_ok=True)
     for model in args.models:
         for method in args.methods:
             row = run_one(model, datasets[model], method, args)
             result["rows"].append(row)
             # written after every row: a run cut short (a GPU lease ending) keeps the rows it finished
-            tmp = args.results.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(result, indent=1) + "\n")
-            tmp.replace(args.results)
+            write_result(args.results, args.run, result)
             print(f"{model} / {method}: wrapped {100 * row['wrapped_error_torch']:.2f} % error, pruned ONNX "
                   f"{100 * row['pruned_error_onnx']:.2f} %, agreement {100 * row['agreement_with_wrapped']:.2f} %, "
                   f"{row['channels_kept']}/{row['channels_gated']} channels kept ({row['seconds']:.0f} s)", flush=True)
-    print(f"wrote {args.results}")
+    print(f"wrote {args.results / args.run}.json")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Run a Python module or script in this process and record its peak RSS (VmHWM).
 
-    python benchmarks/peak_rss.py OUT.txt -m onnxprune prune in.onnx -o out.onnx
-    python benchmarks/peak_rss.py OUT.txt some_script.py --flag
+    python -m benchmarks.peak_rss OUT.txt -m onnxprune prune in.onnx -o out.onnx
+    python -m benchmarks.peak_rss OUT.txt some_script.py --flag
 
 The parent's ``ru_maxrss`` of a child counts the forked parent image before
 ``exec``; reading VmHWM here, after exec, measures only this program.

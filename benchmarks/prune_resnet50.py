@@ -9,35 +9,33 @@ Measures, in one run on this machine:
     onnxprune result and the Torch-Pruning result, interleaved, medians;
   * MACs of each, and speed-up relative to the MAC reduction.
 
-    python benchmarks/prune_resnet50.py            # ~2 minutes on 2 cores
-    python benchmarks/prune_resnet50.py --quick    # resnet50_small at 64x64, for a smoke test
+    python -m benchmarks.prune_resnet50            # ~2 minutes on 2 cores
+    python -m benchmarks.prune_resnet50 --quick    # resnet50_small at 64x64, for a smoke test
 
-Writes benchmarks/results/prune-resnet50/result.json (or prune-resnet50-quick).
+Writes benchmarks/results/prune-resnet50/prune-resnet50.json (or prune-resnet50-quick.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     interleaved_latency,
-    use_global_ort_threads,
     machine_info,
     median,
     ort_runner,
     python_peak_rss,
     run_measured,
-    write_result,
+    use_global_ort_threads,
 )
+from benchmarks.store import add_results_argument, write_result
 
 ONNXPRUNE_IMPORTS = "import onnxprune.cli, onnxprune.api, passes, onnx, onnxruntime, onnx_graphsurgeon, numpy"
 TP_IMPORTS = "import torch, torch_pruning, models, onnx, numpy"
@@ -122,29 +120,33 @@ def torch_pruning_worker(args) -> None:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="resnet50_small at 64x64 (smoke test)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs of each pruning tool (medians reported)")
-    ap.add_argument("--latency-runs", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--results", type=Path, help="results folder (default benchmarks/results)")
-    ap.add_argument("--worker-spec", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker_spec:
-        torch_pruning_worker(args)
-        return
+@dataclass
+class Setup:
+    """The dense model with half of each prunable group dead, as onnxprune and Torch-Pruning each receive it."""
 
-    use_global_ort_threads(2)  # before any ONNX Runtime session exists in this process
+    name: str
+    size: int
+    work: Path
+    dead_path: Path  # the ONNX model, its dead channels zeroed
+    model_bytes: int
+    killed: dict  # dead channel indices per group
+    by_module: dict  # the same channels per PyTorch module
+    state: Path  # the PyTorch model's state dict, the same channels zeroed
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Export the dense model, kill half of each group in ONNX, zero the same channels in PyTorch."""
     import onnx
     import torch
 
+    import models
+    from onnxprune.api import inspect_model
     from onnxprune.kill import kill_channels
+    from onnxprune.runtime import make_session
     from onnxprune.torch_export import export_onnx
     from tests.prune_helpers import layer_widths
 
     name, size = ("resnet50_small", 64) if args.quick else ("resnet50", 224)
-    run_name = "prune-resnet50-quick" if args.quick else "prune-resnet50"
     work = Path(tempfile.mkdtemp(prefix="onnxprune-bench-"))
     print(f"[setup] {name} at {size}x{size}; work folder {work}")
     model, example = build_dense(name, size, args.seed)
@@ -152,13 +154,9 @@ def main() -> None:
     dead, killed = kill_channels(dense, 0.5, seed=args.seed)
     dead_path = work / "dense_half_dead.onnx"
     onnx.save(dead, dead_path)
-    model_bytes = dead_path.stat().st_size
 
     # The same channels, zeroed in PyTorch, for Torch-Pruning. ONNX layers map to modules by call order;
     # each killed group is named by its first producer and zeroed in all of them.
-    import models
-    from onnxprune.api import inspect_model
-
     node_to_module = dict(zip(layer_widths(dense), models.layer_call_order(model, example), strict=True))
     by_module = {node_to_module[group]: idx for group, idx in killed.items()}
     analysis = inspect_model(dead)[0]
@@ -166,77 +164,81 @@ def main() -> None:
     zero_in_torch(model, by_module, producers)
     with torch.no_grad():
         torch_out = model(example).numpy()
-    from onnxprune.runtime import make_session
-
     onnx_out = make_session(dead).run(None, {"input": example.numpy()})[0]
     agree = float(np.abs(torch_out - onnx_out).max() / np.abs(torch_out).max())
     print(f"[setup] {sum(len(v) for v in killed.values())} channels killed in {len(killed)} groups; "
           f"PyTorch and ONNX dense models agree to {agree:.1e}")
     state = work / "state.pt"
     torch.save(model.state_dict(), state)
+    return Setup(name, size, work, dead_path, dead_path.stat().st_size, killed, by_module, state)
 
-    # -- onnxprune, as the user runs it ------------------------------------------
-    baseline_op = python_peak_rss(ONNXPRUNE_IMPORTS)
-    op_runs = []
-    pruned_path = work / "pruned_onnxprune.onnx"
-    for r in range(args.repeats):
-        report = work / f"report{r}.json"
+
+def time_onnxprune(setup: Setup, repeats: int) -> tuple[list[dict], dict, Path]:
+    """``onnxprune prune`` as the user runs it, ``repeats`` times: (runs, the first run's report, the pruned model)."""
+    runs = []
+    pruned_path = setup.work / "pruned_onnxprune.onnx"
+    for r in range(repeats):
+        report = setup.work / f"report{r}.json"
         wall, peak, _ = run_measured(
-            ["-m", "onnxprune", "prune", str(dead_path), "-o", str(pruned_path), "--target", "none", "--report", str(report), "-q"]
+            ["-m", "onnxprune", "prune", str(setup.dead_path), "-o", str(pruned_path), "--target", "none", "--report", str(report), "-q"]
         )
         timings = json.loads(report.read_text())["timings_s"]
-        op_runs.append({"wall": wall, "peak_rss": peak, **timings})
+        runs.append({"wall": wall, "peak_rss": peak, **timings})
         print(f"[onnxprune] run {r + 1}: {wall:.2f} s, peak {peak / 1e6:.0f} MB, {timings}")
-    op_report = json.loads((work / "report0.json").read_text())
+    return runs, json.loads((setup.work / "report0.json").read_text()), pruned_path
 
-    # -- Torch-Pruning, same channels --------------------------------------------
-    baseline_tp = python_peak_rss(TP_IMPORTS)
-    tp_runs = []
-    tp_path = work / "pruned_torch_pruning.onnx"
-    for r in range(args.repeats):
-        spec = work / "tp_spec.json"
-        res = work / f"tp_result{r}.json"
-        spec.write_text(json.dumps({"model": name, "state": str(state), "size": size, "prune": by_module,
-                                    "out": str(tp_path), "result": str(res)}))
-        wall, peak, _ = run_measured([__file__, "--worker-spec", str(spec)])
+
+def time_torch_pruning(setup: Setup, repeats: int) -> tuple[list[dict], Path]:
+    """Torch-Pruning deleting the same channels, each run in its own process: (runs, its exported model)."""
+    runs = []
+    tp_path = setup.work / "pruned_torch_pruning.onnx"
+    for r in range(repeats):
+        spec = setup.work / "tp_spec.json"
+        res = setup.work / f"tp_result{r}.json"
+        spec.write_text(json.dumps({"model": setup.name, "state": str(setup.state), "size": setup.size,
+                                    "prune": setup.by_module, "out": str(tp_path), "result": str(res)}))
+        wall, peak, _ = run_measured(["-m", "benchmarks.prune_resnet50", "--worker-spec", str(spec)])
         timings = json.loads(res.read_text())
-        tp_runs.append({"wall": wall, "peak_rss": peak, **timings})
+        runs.append({"wall": wall, "peak_rss": peak, **timings})
         print(f"[torch-pruning] run {r + 1}: {wall:.2f} s, peak {peak / 1e6:.0f} MB, {timings}")
+    return runs, tp_path
 
-    # -- sizes ----------------------------------------------------------------------
-    op_pruned = onnx.load(pruned_path)
-    tp_pruned = onnx.load(tp_path)
-    widths_op = layer_widths(op_pruned)
-    widths_tp = layer_widths(tp_pruned)
-    same_widths = sorted(w[1] for w in widths_op.values()) == sorted(w[1] for w in widths_tp.values())
-    macs = {"dense": op_report["before"]["macs"], "onnxprune": op_report["after"]["macs"], "torch_pruning": _macs(tp_pruned)}
-    params = {"dense": op_report["before"]["params"], "onnxprune": op_report["after"]["params"], "torch_pruning": _params(tp_pruned)}
 
-    # -- ORT CPU latency, side by side ----------------------------------------------
+def side_by_side_latency(setup: Setup, pruned_path: Path, tp_path: Path, runs: int) -> dict:
+    """ORT CPU latency of the three models, batch 1 and 8, interleaved."""
     latency = {}
     for batch in (1, 8):
-        feed = {"input": np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)}
+        feed = {"input": np.random.default_rng(0).random((batch, 3, setup.size, setup.size), dtype=np.float32)}
         runners = {
-            "dense": ort_runner(str(dead_path), feed),
+            "dense": ort_runner(str(setup.dead_path), feed),
             "onnxprune": ort_runner(str(pruned_path), feed),
             "torch_pruning": ort_runner(str(tp_path), feed),
         }
-        latency[f"batch{batch}"] = interleaved_latency(runners, repeats=args.latency_runs, budget_s=120)
+        latency[f"batch{batch}"] = interleaved_latency(runners, repeats=runs, budget_s=120)
         print(f"[latency] batch {batch}: " + ", ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in latency[f'batch{batch}'].items()))
+    return latency
 
-    def summary(runs):
-        keys = ["wall", "peak_rss", "load", "analysis+rewrite", "verify", "save"]
-        return {k: median([r[k] for r in runs]) for k in keys if k in runs[0]}
 
+def summary(runs: list[dict]) -> dict:
+    """Medians over the runs of one tool."""
+    keys = ["wall", "peak_rss", "load", "analysis+rewrite", "verify", "save"]
+    return {k: median([r[k] for r in runs]) for k in keys if k in runs[0]}
+
+
+def assemble(args: argparse.Namespace, setup: Setup, op: tuple[list[dict], int], tp: tuple[list[dict], int],
+             macs: dict, params: dict, latency: dict, same_widths: bool) -> dict:
+    """The result file's content; ``op`` and ``tp``: each tool's runs and its interpreter's baseline RSS."""
+    (op_runs, baseline_op), (tp_runs, baseline_tp) = op, tp
     op_sum, tp_sum = summary(op_runs), summary(tp_runs)
+    model_bytes = setup.model_bytes
     mac_ratio = macs["dense"] / macs["onnxprune"]
     speedup = {b: v["dense"]["median_ms"] / v["onnxprune"]["median_ms"] for b, v in latency.items()}
-    result = {
+    return {
         "benchmark": "prune-resnet50",
         "machine": machine_info(),
-        "config": {"model": name, "input": [1, 3, size, size], "dead_fraction_per_group": 0.5, "groups_killed": len(killed),
-                   "channels_killed": sum(len(v) for v in killed.values()), "repeats": args.repeats,
-                   "ort_threads": 2, "model_file_bytes": model_bytes},
+        "config": {"model": setup.name, "input": [1, 3, setup.size, setup.size], "dead_fraction_per_group": 0.5,
+                   "groups_killed": len(setup.killed), "channels_killed": sum(len(v) for v in setup.killed.values()),
+                   "repeats": args.repeats, "ort_threads": 2, "model_file_bytes": model_bytes},
         "onnxprune": {"runs": op_runs, "median": op_sum, "baseline_rss": baseline_op,
                       "peak_over_baseline_vs_model": (op_sum["peak_rss"] - baseline_op) / model_bytes,
                       "peak_vs_model": op_sum["peak_rss"] / model_bytes},
@@ -256,7 +258,43 @@ def main() -> None:
             "speed-up >= 0.9x MAC reduction (batch 1)": speedup["batch1"] >= 0.9 * mac_ratio,
         },
     }
-    path = write_result(run_name, result, args.results)
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="resnet50_small at 64x64 (smoke test)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each pruning tool (medians reported)")
+    ap.add_argument("--latency-runs", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    add_results_argument(ap, "prune-resnet50")
+    ap.add_argument("--worker-spec", help=argparse.SUPPRESS)
+    return ap.parse_args()
+
+
+def main() -> None:
+    """Prune with both tools, time them and their models, write the result."""
+    args = parse_args()
+    if args.worker_spec:
+        torch_pruning_worker(args)
+        return
+    use_global_ort_threads(2)  # before any ONNX Runtime session exists in this process
+    import onnx
+
+    from tests.prune_helpers import layer_widths
+
+    setup = prepare(args)
+    baseline_op = python_peak_rss(ONNXPRUNE_IMPORTS)
+    op_runs, op_report, pruned_path = time_onnxprune(setup, args.repeats)
+    baseline_tp = python_peak_rss(TP_IMPORTS)
+    tp_runs, tp_path = time_torch_pruning(setup, args.repeats)
+    op_pruned, tp_pruned = onnx.load(pruned_path), onnx.load(tp_path)
+    same_widths = sorted(w[1] for w in layer_widths(op_pruned).values()) == sorted(w[1] for w in layer_widths(tp_pruned).values())
+    macs = {"dense": op_report["before"]["macs"], "onnxprune": op_report["after"]["macs"], "torch_pruning": _macs(tp_pruned)}
+    params = {"dense": op_report["before"]["params"], "onnxprune": op_report["after"]["params"], "torch_pruning": _params(tp_pruned)}
+    latency = side_by_side_latency(setup, pruned_path, tp_path, args.latency_runs)
+    result = assemble(args, setup, (op_runs, baseline_op), (tp_runs, baseline_tp), macs, params, latency, same_widths)
+    path = write_result(args.results, "prune-resnet50-quick" if args.quick else "prune-resnet50", result)
     print(json.dumps(result["targets"], indent=2))
     print(f"wrote {path}")
 

@@ -8,9 +8,9 @@ recompiled every epoch. Since 2026-11-22 `fit` has the gates read their state fr
 in a fresh process with Inductor's caches off, and records every epoch's seconds and the graphs
 compiled.
 
-    python benchmarks/rbp_compile.py [--model lenet5] [--epochs 6] [--train-limit 1024] [--device cpu]
+    python -m benchmarks.rbp_compile [--model lenet5] [--epochs 6] [--train-limit 1024] [--device cpu]
 
-Results: benchmarks/results/rbp-compile-MODEL-DEVICE/result.json, shown in BENCHMARKS.md.
+Results: benchmarks/results/rbp-compile/rbp-compile-MODEL-DEVICE.json, shown in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import RESULTS, machine_info  # noqa: E402
+from benchmarks.common import machine_info, python_env
+from benchmarks.store import add_results_argument, write_result
 
 MODES = {"state as data": "data", "branches on the state": "branches"}
 
@@ -66,17 +63,16 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=1024, help="training images (default 1024)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-dir")
-    ap.add_argument("--results", type=Path, help="default: benchmarks/results/rbp-compile-MODEL-DEVICE/result.json")
+    add_results_argument(ap, "rbp-compile", "; the run: rbp-compile-MODEL-DEVICE")
     ap.add_argument("--one", choices=sorted(MODES.values()), help=argparse.SUPPRESS)  # a child process's mode
     args = ap.parse_args()
-    args.results = args.results or RESULTS / f"rbp-compile-{args.model}-{args.device.split(':')[0]}" / "result.json"
     if args.one:
         print(json.dumps(train_once(args, args.one)))
         return
-    env = {**os.environ, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+    env = python_env({**os.environ, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"})
     rows = []
     for label, mode in MODES.items():
-        cmd = [sys.executable, __file__, "--model", args.model, "--epochs", str(args.epochs), "--train-limit",
+        cmd = [sys.executable, "-m", "benchmarks.rbp_compile", "--model", args.model, "--epochs", str(args.epochs), "--train-limit",
                str(args.train_limit), "--device", args.device, "--one", mode]
         if args.data_dir:
             cmd += ["--data-dir", args.data_dir]
@@ -90,11 +86,8 @@ def main() -> None:
     result = {"benchmark": "rbp-compile", "machine": machine_info(),
               "config": {"model": args.model, "epochs": args.epochs, "train_limit": args.train_limit,
                          "device": args.device, "inductor_caches": "off"}, "rows": rows}
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.results.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(args.results)
-    print(f"wrote {args.results}")
+    run = f"rbp-compile-{args.model}-{args.device.split(':')[0]}"
+    print(f"wrote {write_result(args.results, run, result)}")
 
 
 if __name__ == "__main__":

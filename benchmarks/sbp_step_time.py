@@ -12,21 +12,18 @@ and compiled), of the SBP net with eager gates, compiled gates and the compiled
 step, batch 128, random data on the device, after warm-up; plus the one-off
 compile times.
 
-    python benchmarks/sbp_step_time.py --device cuda          # on the GPU machine
-    python benchmarks/sbp_step_time.py --device cpu --models lenet5
+    python -m benchmarks.sbp_step_time --device cuda          # on the GPU machine
+    python -m benchmarks.sbp_step_time --device cpu --models lenet5
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import machine_info, write_result  # noqa: E402
+from benchmarks.common import machine_info
+from benchmarks.store import add_results_argument, write_result
 
 
 def step_times(model, x, y, steps: int, bayesian: bool, sync, compile_step: bool = False) -> list[float]:
@@ -69,7 +66,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--variants", nargs="+", default=["eager", "gates", "step"], choices=["eager", "gates", "step"],
                     help="eager gates, gates compiled alone, or the whole forward pass and loss compiled")
-    ap.add_argument("--results", type=Path)
+    add_results_argument(ap, "sbp-step-time")
     args = ap.parse_args()
     import torch
 
@@ -114,7 +111,7 @@ def main() -> None:
                        "variants": args.variants},
             "models": rows,
         }
-        path = write_result(f"sbp-step-time-{device.type}", result, args.results)
+        path = write_result(args.results, f"sbp-step-time-{device.type}", result)
     print("wrote", path)
 
 

@@ -12,23 +12,21 @@ fine-tuned as long at 1e-3. With --finetune-epochs K the last K of SBP's epochs 
 the gate-folded network noise-free, its rejected channels held at zero (``bayes.finetune_pruned``).
 Test accuracy on 2000 random test images.
 
-    python benchmarks/sbp_weight_lr.py              # about 5 min on 2 cores
+    python -m benchmarks.sbp_weight_lr              # about 5 min on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine_info
+from benchmarks.store import add_results_argument, write_result
 
-from benchmarks.common import machine_info, write_result  # noqa: E402
 
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, help="folder holding the CIFAR-10 JPEG archive (default: ../shared/data)")
     ap.add_argument("--train", type=int, default=8000)
@@ -42,9 +40,13 @@ def main() -> None:
     ap.add_argument("--gate-lr", type=float, default=3e-2)
     ap.add_argument("--kl-scale", type=float, default=5.0)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--run", default="sbp-weight-lr", help="results folder name")
-    ap.add_argument("--results", type=Path)
-    args = ap.parse_args()
+    ap.add_argument("--run", default="sbp-weight-lr", help="the run's name in the results store")
+    add_results_argument(ap, "sbp-weight-lr")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     import numpy as np
     import torch
 
@@ -111,7 +113,7 @@ def main() -> None:
         "rows": rows,
         "seconds": time.perf_counter() - t0,
     }
-    print("wrote", write_result(args.run, result, args.results))
+    print("wrote", write_result(args.results, args.run, result))
 
 
 def _with_state(models, width: float, state: dict):

@@ -1,24 +1,21 @@
 """What subnormal weights cost on ONNX Runtime CPU, and what `flush-subnormals` gives back.
 
-For every committed pruned model under benchmarks/results/*/pruned.onnx: the
+For every committed pruned model in the results store (benchmarks/results/*/RUN.pruned.onnx): the
 number of subnormal weights, then the model as committed and the same model
 after the flush-subnormals pass (verified on ONNX Runtime), timed side by side
 (2 threads, batch 1 and 64, interleaved, medians).
 
-    python benchmarks/subnormals.py
+    python -m benchmarks.subnormals
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import RESULTS, interleaved_latency, machine_info, ort_runner, use_global_ort_threads, write_result  # noqa: E402
+from benchmarks.common import interleaved_latency, machine_info, ort_runner, use_global_ort_threads
+from benchmarks.store import RESULTS, add_results_argument, write_result
 
 
 def count_subnormals(model) -> tuple[int, int]:
@@ -39,7 +36,7 @@ def count_subnormals(model) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=50)
-    ap.add_argument("--results", type=Path)
+    add_results_argument(ap, "subnormals")
     args = ap.parse_args()
     use_global_ort_threads(2)
     import onnx
@@ -48,12 +45,12 @@ def main() -> None:
     from passes.flush_subnormals import FlushSubnormalsPass
 
     rows = []
-    for path in sorted(RESULTS.glob("*/pruned.onnx")):
+    for path in sorted(RESULTS.glob("*/*.pruned.onnx")):
         model = onnx.load(path)
         sub, total = count_subnormals(model)
         flushed = run_passes(model, [FlushSubnormalsPass()]).model
         shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
-        row = {"model": path.parent.name, "subnormal_weights": sub, "float_weights": total}
+        row = {"model": path.name.removesuffix(".pruned.onnx"), "subnormal_weights": sub, "float_weights": total}
         for batch in (1, 64):
             feed = {model.graph.input[0].name: np.random.default_rng(0).random((batch, *shape), dtype=np.float32)}
             runners = {"committed": ort_runner(model.SerializeToString(), feed), "flushed": ort_runner(flushed.SerializeToString(), feed)}
@@ -63,7 +60,7 @@ def main() -> None:
               f"b64 {ms['batch64']['committed']:.4f} -> {ms['batch64']['flushed']:.4f} ms", flush=True)
         rows.append(row)
     result = {"benchmark": "subnormals", "machine": machine_info(), "config": {"threads": 2, "rounds": args.rounds}, "models": rows}
-    print(f"wrote {write_result('subnormals', result, args.results)}")
+    print(f"wrote {write_result(args.results, 'subnormals', result)}")
 
 
 if __name__ == "__main__":

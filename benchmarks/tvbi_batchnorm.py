@@ -11,19 +11,17 @@ cosine) once with each choice, and reports the training accuracy of the last epo
 channels kept, the smallest mean row norm of a gated conv relative to its start, and the test
 accuracy (2000 random test images, after ``fit``'s BatchNorm re-estimation).
 
-    python benchmarks/tvbi_batchnorm.py        # about 2 min on 2 cores
+    python -m benchmarks.tvbi_batchnorm        # about 2 min on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import machine_info, write_result  # noqa: E402
+from benchmarks.common import machine_info
+from benchmarks.store import add_results_argument, write_result
 
 
 def main() -> None:
@@ -33,7 +31,7 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--results", type=Path)
+    add_results_argument(ap, "tvbi-batchnorm")
     args = ap.parse_args()
     import copy
 
@@ -77,7 +75,7 @@ def main() -> None:
                    "turbo_vbi": f"{args.epochs} epochs, Adam {args.lr:g}, cosine, default gate options", "seed": 0},
         "rows": rows,
     }
-    print("wrote", write_result("tvbi-batchnorm", result, args.results))
+    print("wrote", write_result(args.results, "tvbi-batchnorm", result))
 
 
 if __name__ == "__main__":

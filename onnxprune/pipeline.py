@@ -4,6 +4,11 @@ dense model (pre-trained, or trained here) -> Bayesian wrapper -> fit on the
 negative ELBO -> ONNX with gates folded in -> ``onnxprune prune`` -> measured
 on ONNX Runtime: test error, parameters, MACs and latency, dense vs pruned.
 
+Each stage is a function of its own (``load_data``, ``build_model``, ``train_dense``,
+``wrap_model``, ``train_bayesian``, ``finetune``, ``export_models``, ``onnx_predictions``);
+``run`` chains them, and benchmarks/paper_table.py chains the same ones with its own
+schedules, checkpoints and baselines.
+
 Outputs (in the output folder): dense.onnx, gated.onnx (gates folded, nothing
 deleted yet), pruned.onnx, report.json, channels.png; checkpoints/ holds the
 training checkpoints (a rerun with the same folder resumes). The final files
@@ -18,14 +23,24 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from onnxprune.errors import InputError
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from onnxprune.bayes.wrapper import BayesianModel
+
 DEFAULT_EPOCHS = {"digits": (20, 40), "mnist": (10, 30), "fashion-mnist": (10, 30), "cifar10": (60, 60)}
+OUTPUTS = ("dense.onnx", "gated.onnx", "pruned.onnx", "report.json", "channels.png")
 
 
 @dataclass
@@ -63,6 +78,17 @@ class TrainConfig:
         pre, bayes = DEFAULT_EPOCHS.get(self.data, (10, 30))
         return (self.pretrain_epochs if self.pretrain_epochs is not None else pre,
                 self.epochs if self.epochs is not None else bayes)
+
+
+@dataclass
+class Dataset:
+    """The images and labels a run trains and tests on (CIFAR-10 as uint8: batches become float on the fly)."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
 
 
 def _check(cfg: TrainConfig):
@@ -129,13 +155,250 @@ def load_checkpoint(model, path: str) -> None:
     model.load_state_dict(state)
 
 
-def onnx_predictions(model_path: Path, x: np.ndarray, batch: int = 256) -> np.ndarray:
+# -- the stages ------------------------------------------------------------------------------------------------
+
+
+def load_data(name: str, data_dir: str | None = None, *, train_limit: int | None = None, seed: int = 0) -> Dataset:
+    """Both splits of a dataset (CIFAR-10 kept as uint8); ``train_limit``: a fixed random subset of the training set."""
+    from onnxprune.data import load_dataset
+
+    raw = name == "cifar10"  # 50000 color images as uint8; batches become float on the fly
+    x_train, y_train = load_dataset(name, data_dir, "train", as_uint8=raw)
+    x_test, y_test = load_dataset(name, data_dir, "test", as_uint8=raw)
+    if train_limit is not None and train_limit < len(x_train):
+        keep = np.sort(np.random.default_rng(seed).permutation(len(x_train))[:train_limit])
+        x_train, y_train = x_train[keep], y_train[keep]
+    return Dataset(name, x_train, y_train, x_test, y_test)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``name``; under torchrun, "cuda" is this rank's GPU."""
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def augmentation(data_name: str) -> Callable | None:
+    """The training-time augmentation of a dataset: random crops and flips for CIFAR-10, none otherwise."""
+    from onnxprune.data import augment_batch
+
+    return augment_batch if data_name == "cifar10" else None
+
+
+def build_model(name: str, seed: int, **model_kwargs) -> nn.Module:
+    """A registry model, initialised from ``seed`` (the Bayesian stages draw from the same generator after it)."""
+    import torch
+
+    import models
+
+    torch.manual_seed(seed)
+    return models.build(name, **model_kwargs)
+
+
+def train_dense(dense: nn.Module, data: Dataset, *, epochs: int, pretrained: str | None = None,
+                checkpoint: Path | None = None, **fit_options) -> None:
+    """The dense stage: load ``pretrained`` (if any), then train ``epochs`` epochs (fine-tuning it, if loaded)."""
+    from onnxprune.bayes.training import fit
+
+    if pretrained:
+        load_checkpoint(dense, pretrained)
+    if epochs:
+        fit(dense, data.x_train, data.y_train, epochs=epochs, checkpoint=checkpoint, desc="dense", **fit_options)
+
+
+def example_input(data: Dataset, device: torch.device) -> torch.Tensor:
+    """The first test image as a float batch of one in [0, 1], on ``device`` (what the exports trace)."""
+    import torch
+
+    example = torch.as_tensor(data.x_test[:1]).float().to(device)
+    return example / 255.0 if example.max() > 1.0 else example
+
+
+def wrap_model(dense: nn.Module, example: torch.Tensor, *, method: str, gate_inputs: bool = False,
+               kl_weighting: str = "none", **gate_options) -> tuple[BayesianModel, dict[str, float] | None]:
+    """The Bayesian wrapper around ``dense`` on ``example``'s device, with each group's KL weighted by its MACs per
+    channel where ``kl_weighting`` is "macs"; returns it and those weights (None when not weighted)."""
+    from onnxprune.bayes.costs import weight_kl_by_macs
+    from onnxprune.bayes.wrapper import wrap
+
+    wrapped = wrap(dense, (example,), method=method, gate_inputs=gate_inputs, **gate_options).to(example.device)
+    weights = weight_kl_by_macs(wrapped, (example,)) if kl_weighting == "macs" else None
+    return wrapped, weights
+
+
+def train_bayesian(wrapped: BayesianModel, data: Dataset, *, epochs: int, checkpoint: Path | None = None,
+                   **fit_options) -> None:
+    """The Bayesian stage: ``epochs`` epochs on the negative ELBO (``fit_options``: fit's keywords)."""
+    from onnxprune.bayes.training import fit
+
+    fit(wrapped, data.x_train, data.y_train, epochs=epochs, checkpoint=checkpoint, desc=wrapped.method, **fit_options)
+
+
+def finetune(wrapped: BayesianModel, data: Dataset, *, epochs: int, lr: float, checkpoint: Path | None = None,
+             **fit_options) -> nn.Module:
+    """The gate-folded net trained ``epochs`` more, noise-free, its rejected channels held at zero (cosine decay)."""
+    from onnxprune.bayes.finetune import finetune_pruned
+
+    return finetune_pruned(wrapped, data.x_train, data.y_train, epochs=epochs, lr=lr, lr_schedule="cosine",
+                           checkpoint=checkpoint, desc="fine-tune", **fit_options)
+
+
+def export_models(dense: nn.Module, wrapped: BayesianModel, example: torch.Tensor, folder: Path, *,
+                  finetuned: nn.Module | None = None) -> None:
+    """FOLDER/dense.onnx (the dense net) and FOLDER/gated.onnx (gates folded in, or the fine-tuned net); both nets
+    end on the CPU."""
+    from onnxprune.bayes.exporting import export
+    from onnxprune.modelio import save_model
+    from onnxprune.torch_export import export_onnx
+
+    example = example.cpu()
+    save_model(export_onnx(dense.cpu(), example), folder / "dense.onnx")
+    export(wrapped.cpu(), example, folder / "gated.onnx", finetuned=finetuned)
+
+
+def onnx_predictions(model_path: Path, x: np.ndarray, batch: int = 256,
+                     providers: Sequence[str] = ("CPUExecutionProvider",)) -> np.ndarray:
+    """Class predictions of an ONNX model on ONNX Runtime for images ``x`` (uint8 scaled to [0, 1])."""
     from onnxprune.runtime import make_session
 
-    session = make_session(model_path)
+    session = make_session(str(model_path), providers=providers)
     name = session.get_inputs()[0].name
-    out = [session.run(None, {name: x[i : i + batch].astype(np.float32)})[0].argmax(1) for i in range(0, len(x), batch)]
+    out = []
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch]
+        xb = xb.astype(np.float32) / 255.0 if xb.dtype == np.uint8 else xb.astype(np.float32)
+        out.append(session.run(None, {name: xb})[0].argmax(1))
     return np.concatenate(out)
+
+
+@contextmanager
+def timed(times: dict[str, float], key: str, after: Callable[[dict[str, float]], None] | None = None) -> Iterator[None]:
+    """Adds the wall time of the block to ``times[key]`` when it succeeds, then calls ``after(times)``."""
+    start = time.perf_counter()
+    yield
+    times[key] = times.get(key, 0.0) + time.perf_counter() - start
+    if after is not None:
+        after(times)
+
+
+# -- onnxprune train ---------------------------------------------------------------------------------------------
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Run the pipeline; returns the report (also written to report.json)."""
+    from onnxprune.bayes.training import finish_distributed, predict
+
+    _check(cfg)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    data = load_data(cfg.data, cfg.data_dir, train_limit=cfg.train_limit, seed=cfg.seed)
+    device = resolve_device(cfg.device)
+    dense = _train_dense(cfg, data, device, timings)
+    dense_acc_torch = float((predict(dense, data.x_test, device=device) == data.y_test).mean())
+    example = example_input(data, device)
+    wrapped, tuned = _train_bayesian(cfg, data, dense, example, device, timings)
+    if (rank := finish_distributed()) != 0:  # under torchrun, rank 0 alone exports, prunes, verifies and writes
+        return {"rank": rank}
+    wrapped_pred = predict(tuned if tuned is not None else wrapped, data.x_test, device=device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out))
+    try:
+        with timed(timings, "export_prune_s"):
+            export_models(dense, wrapped, example, stage, finetuned=tuned)
+            result = _prune(cfg, stage)
+        report = _report(cfg, data, stage, result, wrapped, wrapped_pred, dense_acc_torch)
+        report["timings_s"] = {**timings, "total": time.perf_counter() - t_start}
+        _write_outputs(cfg, report, stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return report
+
+
+def _fit_options(cfg: TrainConfig, device: torch.device) -> dict:
+    """fit's keywords shared by every training stage of ``onnxprune train``."""
+    return dict(batch_size=cfg.batch_size, seed=cfg.seed, device=device, augment=augmentation(cfg.data),
+                progress=cfg.progress)
+
+
+def _train_dense(cfg: TrainConfig, data: Dataset, device: torch.device, timings: dict[str, float]) -> nn.Module:
+    """The dense net of ``onnxprune train``: the pretrained checkpoint, else trained here; on ``device``, in eval mode."""
+    dense = build_model(cfg.model, cfg.seed)
+    with timed(timings, "dense_training_s"):
+        train_dense(dense, data, epochs=0 if cfg.pretrained else cfg.resolved_epochs()[0], pretrained=cfg.pretrained,
+                    checkpoint=Path(cfg.out) / "checkpoints" / "dense.pt", lr=cfg.lr, **_fit_options(cfg, device))
+    return dense.to(device).eval()
+
+
+def _train_bayesian(cfg: TrainConfig, data: Dataset, dense: nn.Module, example: torch.Tensor, device: torch.device,
+                    timings: dict[str, float]) -> tuple[BayesianModel, nn.Module | None]:
+    """The Bayesian and fine-tuning stages of ``onnxprune train``: (wrapped, fine-tuned net or None)."""
+    ckpt = Path(cfg.out) / "checkpoints"
+    fit_options = _fit_options(cfg, device)
+    with timed(timings, "bayesian_training_s"):
+        wrapped, _ = wrap_model(dense, example, method=cfg.method, gate_inputs=cfg.gate_inputs,
+                                kl_weighting=cfg.kl_weighting, **cfg.gate_options)
+        train_bayesian(wrapped, data, epochs=cfg.resolved_epochs()[1] - cfg.finetune_epochs, checkpoint=ckpt / f"{cfg.method}.pt",
+                       lr=cfg.lr, gate_lr=cfg.gate_lr, kl_warmup_epochs=cfg.kl_warmup_epochs, kl_scale=cfg.kl_scale,
+                       compile_step=cfg.compile, compile_gates=cfg.compile, **fit_options)
+    tuned = None
+    if cfg.finetune_epochs:
+        with timed(timings, "finetune_s"):
+            tuned = finetune(wrapped, data, epochs=cfg.finetune_epochs, lr=cfg.lr, checkpoint=ckpt / "finetune.pt",
+                             **fit_options)
+    return wrapped, tuned
+
+
+def _prune(cfg: TrainConfig, stage: Path):
+    """``onnxprune prune`` of the staged gated.onnx into pruned.onnx, for the run's target."""
+    from onnxprune.api import prune_model
+
+    return prune_model(stage / "gated.onnx", output=stage / "pruned.onnx", target=cfg.target, threads=cfg.threads)
+
+
+def _report(cfg: TrainConfig, data: Dataset, stage: Path, result, wrapped: BayesianModel, wrapped_pred: np.ndarray,
+            dense_acc_torch: float) -> dict:
+    """report.json's content but the timings: errors on ONNX Runtime, costs, latency, the posterior's groups."""
+    from onnxprune.api import inspect_model
+    from onnxprune.bayes.exporting import gate_summary
+    from onnxprune.latency.guarantee import time_side_by_side
+    from onnxprune.latency.target import make_target
+
+    dense_pred = onnx_predictions(stage / "dense.onnx", data.x_test)
+    pruned_pred = onnx_predictions(stage / "pruned.onnx", data.x_test)
+    dense_cost, pruned_cost = (inspect_model(stage / name)[2] for name in ("dense.onnx", "pruned.onnx"))
+    target = make_target("ort-cpu", threads=cfg.threads)
+    ms = time_side_by_side(target, stage / "dense.onnx", {"pruned": result.model}, budget_s=3.0)
+    groups = [{"name": k, "channels": v["channels"], "kept": v["kept"], "layers": v["layers"]}
+              for k, v in gate_summary(wrapped).items()]
+    pre_epochs, epochs = cfg.resolved_epochs()
+    return {
+        "config": {**asdict(cfg), "pretrain_epochs": pre_epochs, "epochs": epochs},
+        "data": {"name": cfg.data, "train": int(len(data.x_train)), "test": int(len(data.x_test))},
+        "dense": {"error_torch": 1 - dense_acc_torch, "error_onnx": float((dense_pred != data.y_test).mean()),
+                  "params": dense_cost.params, "macs": dense_cost.macs, "latency_ms": ms["input"]},
+        "wrapped": {"error_torch_eval": 1 - float((wrapped_pred == data.y_test).mean()),
+                    "kept_fraction": wrapped.kept_fraction()},
+        "pruned": {"error_onnx": float((pruned_pred != data.y_test).mean()), "params": pruned_cost.params,
+                   "macs": pruned_cost.macs, "latency_ms": ms["pruned"],
+                   "agreement_with_wrapped": float((pruned_pred == wrapped_pred).mean())},
+        "latency": {"target": "ort-cpu", "threads": target.threads, "batch": 1},
+        "groups": groups,
+        "prune_report": result.report.to_dict(),
+    }
+
+
+def _write_outputs(cfg: TrainConfig, report: dict, stage: Path, out: Path) -> None:
+    """report.json and channels.png into the staging folder, then every output moved into ``out``."""
+    from onnxprune.modelio import atomic_write_text
+
+    atomic_write_text(stage / "report.json", json.dumps(report, indent=2) + "\n")
+    plot_channels(report["groups"], stage / "channels.png", f"{cfg.model} on {cfg.data} ({cfg.method}): channels kept")
+    for name in OUTPUTS:
+        os.replace(stage / name, out / name)
 
 
 def plot_channels(groups: list[dict], path: Path, title: str) -> None:
@@ -164,118 +427,6 @@ def plot_channels(groups: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Run the pipeline; returns the report (also written to report.json)."""
-    import torch
-
-    import models
-    from onnxprune.api import inspect_model, prune_model
-    from onnxprune.bayes.costs import weight_kl_by_macs
-    from onnxprune.bayes.exporting import export, gate_summary
-    from onnxprune.bayes.finetune import finetune_pruned
-    from onnxprune.bayes.training import finish_distributed, fit, predict
-    from onnxprune.bayes.wrapper import wrap
-    from onnxprune.data import augment_batch, load_dataset
-    from onnxprune.latency.guarantee import time_side_by_side
-    from onnxprune.latency.target import make_target
-    from onnxprune.modelio import atomic_write_text, save_model
-    from onnxprune.torch_export import export_onnx
-
-    spec, data_spec = _check(cfg)
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    out = Path(cfg.out)
-    ckpt = out / "checkpoints"
-    pre_epochs, epochs = cfg.resolved_epochs()
-    raw = cfg.data == "cifar10"  # keep 50000 color images as uint8; batches become float on the fly
-    x_train, y_train = load_dataset(cfg.data, cfg.data_dir, "train", as_uint8=raw)
-    x_test, y_test = load_dataset(cfg.data, cfg.data_dir, "test", as_uint8=raw)
-    if cfg.train_limit is not None and cfg.train_limit < len(x_train):
-        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(x_train))[: cfg.train_limit])
-        x_train, y_train = x_train[keep], y_train[keep]
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    augment = augment_batch if cfg.data == "cifar10" else None
-    torch.manual_seed(cfg.seed)
-    dense = models.build(cfg.model)
-    t = time.perf_counter()
-    if cfg.pretrained:
-        load_checkpoint(dense, cfg.pretrained)
-    elif pre_epochs:
-        fit(dense, x_train, y_train, epochs=pre_epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-            device=device, augment=augment, checkpoint=ckpt / "dense.pt", progress=cfg.progress, desc="dense")
-    timings["dense_training_s"] = time.perf_counter() - t
-    dense = dense.to(device).eval()
-    example = torch.as_tensor(x_test[:1]).float().to(device)
-    if example.max() > 1.0:
-        example = example / 255.0
-    dense_acc_torch = float((predict(dense, x_test, device=device) == y_test).mean())
-
-    t = time.perf_counter()
-    wrapped = wrap(dense, (example,), method=cfg.method, gate_inputs=cfg.gate_inputs, **cfg.gate_options).to(device)
-    if cfg.kl_weighting == "macs":
-        weight_kl_by_macs(wrapped, (example,))
-    fit(wrapped, x_train, y_train, epochs=epochs - cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, gate_lr=cfg.gate_lr,
-        kl_warmup_epochs=cfg.kl_warmup_epochs, kl_scale=cfg.kl_scale, seed=cfg.seed, device=device, augment=augment,
-        checkpoint=ckpt / f"{cfg.method}.pt", progress=cfg.progress, desc=cfg.method,
-        compile_step=cfg.compile, compile_gates=cfg.compile)
-    timings["bayesian_training_s"] = time.perf_counter() - t
-    tuned = None
-    if cfg.finetune_epochs:
-        t = time.perf_counter()
-        tuned = finetune_pruned(wrapped, x_train, y_train, epochs=cfg.finetune_epochs, lr=cfg.lr, lr_schedule="cosine",
-                                batch_size=cfg.batch_size, seed=cfg.seed, device=device, augment=augment,
-                                checkpoint=ckpt / "finetune.pt", progress=cfg.progress, desc="fine-tune")
-        timings["finetune_s"] = time.perf_counter() - t
-    rank = finish_distributed()
-    if rank != 0:  # under torchrun, rank 0 alone exports, prunes, verifies and writes
-        return {"rank": rank}
-    wrapped_pred = predict(tuned if tuned is not None else wrapped, x_test, device=device)
-    wrapped_acc = float((wrapped_pred == y_test).mean())
-
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out))
-    try:
-        t = time.perf_counter()
-        save_model(export_onnx(dense.cpu(), example.cpu()), stage / "dense.onnx")
-        export(wrapped.cpu(), example.cpu(), stage / "gated.onnx", finetuned=tuned)
-        result = prune_model(stage / "gated.onnx", output=stage / "pruned.onnx", target=cfg.target, threads=cfg.threads)
-        timings["export_prune_s"] = time.perf_counter() - t
-
-        x_eval = x_test.astype(np.float32) / (255.0 if x_test.dtype == np.uint8 else 1.0)
-        dense_pred = onnx_predictions(stage / "dense.onnx", x_eval)
-        pruned_pred = onnx_predictions(stage / "pruned.onnx", x_eval)
-        agreement = float((pruned_pred == wrapped_pred).mean())
-        dense_cost = inspect_model(stage / "dense.onnx")[2]
-        pruned_cost = inspect_model(stage / "pruned.onnx")[2]
-        target = make_target("ort-cpu", threads=cfg.threads)
-        ms = time_side_by_side(target, stage / "dense.onnx", {"pruned": result.model}, budget_s=3.0)
-        summary = gate_summary(wrapped)
-        groups = [{"name": k, "channels": v["channels"], "kept": v["kept"], "layers": v["layers"]} for k, v in summary.items()]
-        report = {
-            "config": {**asdict(cfg), "pretrain_epochs": pre_epochs, "epochs": epochs},
-            "data": {"name": cfg.data, "train": int(len(x_train)), "test": int(len(x_test))},
-            "dense": {"error_torch": 1 - dense_acc_torch, "error_onnx": float((dense_pred != y_test).mean()),
-                      "params": dense_cost.params, "macs": dense_cost.macs, "latency_ms": ms["input"]},
-            "wrapped": {"error_torch_eval": 1 - wrapped_acc, "kept_fraction": wrapped.kept_fraction()},
-            "pruned": {"error_onnx": float((pruned_pred != y_test).mean()), "params": pruned_cost.params,
-                       "macs": pruned_cost.macs, "latency_ms": ms["pruned"],
-                       "agreement_with_wrapped": agreement},
-            "latency": {"target": "ort-cpu", "threads": target.threads, "batch": 1},
-            "groups": groups,
-            "prune_report": result.report.to_dict(),
-            "timings_s": {**timings, "total": time.perf_counter() - t_start},
-        }
-        atomic_write_text(stage / "report.json", json.dumps(report, indent=2) + "\n")
-        plot_channels(groups, stage / "channels.png", f"{cfg.model} on {cfg.data} ({cfg.method}): channels kept")
-        for name in ("dense.onnx", "gated.onnx", "pruned.onnx", "report.json", "channels.png"):
-            os.replace(stage / name, out / name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return report
-
-
 def results_table(report: dict) -> str:
     """The before/after table the CLI prints."""
     from onnxprune.table import format_table, human
@@ -285,6 +436,7 @@ def results_table(report: dict) -> str:
         ["test error", f"{d['error_onnx']:.2%}", f"{p['error_onnx']:.2%}", f"(wrapped, PyTorch eval: {w['error_torch_eval']:.2%})"],
         ["parameters", human(d["params"]), human(p["params"]), f"{d['params'] / max(p['params'], 1):.2f}x fewer"],
         ["MACs", human(d["macs"]), human(p["macs"]), f"{d['macs'] / max(p['macs'], 1):.2f}x fewer"],
-        ["ORT CPU latency (batch 1)", f"{d['latency_ms']:.3g} ms", f"{p['latency_ms']:.3g} ms", f"{d['latency_ms'] / p['latency_ms']:.2f}x faster"],
+        ["ORT CPU latency (batch 1)", f"{d['latency_ms']:.3g} ms", f"{p['latency_ms']:.3g} ms",
+         f"{d['latency_ms'] / p['latency_ms']:.2f}x faster"],
     ]
     return format_table(["", "dense", "pruned", ""], rows, "lrrl")

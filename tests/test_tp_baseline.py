@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.tp_baseline import prune_to_macs  # noqa: E402
-from models import build  # noqa: E402
-from onnxprune.api import inspect_model  # noqa: E402
-from onnxprune.torch_export import export_onnx  # noqa: E402
+from benchmarks.tp_baseline import prune_to_macs
+from models import build
+from onnxprune.api import inspect_model
+from onnxprune.torch_export import export_onnx
 
 RESNET_IGNORE = ("conv1", r"layer\d+\.\d+\.conv2")
 

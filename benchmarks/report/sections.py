@@ -1,0 +1,193 @@
+"""The single-purpose benchmarks' values for the report's template: one dict per run of each experiment.
+
+Each function takes (run, result) and returns what the template's sentences and tables need; the
+sentences themselves are in template.md.
+"""
+
+from __future__ import annotations
+
+from benchmarks.report.markdown import machine_line, md_table, ms, seconds
+from onnxprune.table import human
+
+STEP_VARIANTS = {"eager": "SBP, eager gates", "gates": "SBP, gates compiled", "step": "SBP, whole step compiled"}
+
+
+def _engine_tools_table(r: dict) -> str:
+    """Each tool's time per phase and peak memory."""
+    size = r["config"]["model_file_bytes"]
+    rows = []
+    for tool, label in (("onnxprune", "onnxprune prune (ONNX)"), ("torch_pruning", "Torch-Pruning 1.6 (PyTorch)")):
+        m = r[tool]["median"]
+        over = m["peak_rss"] - r[tool]["baseline_rss"]
+        rows.append([label, seconds(m["load"]), seconds(m["analysis+rewrite"]), seconds(m["verify"]), seconds(m["save"]),
+                     seconds(m["wall"]), f"{m['peak_rss'] / 1e6:.0f} MB ({over / 1e6:.0f} MB = {over / size:.2f}x model above imports)"])
+    return md_table(["tool", "load", "analysis+rewrite", "verify", "save / export", "whole command", "peak RSS"], rows)
+
+
+def _engine_models_table(r: dict) -> str:
+    """The dense and both pruned models: costs and ORT CPU latency."""
+    rows = []
+    for key, label in (("dense", "dense (dead channels still in)"), ("onnxprune", "pruned by onnxprune"),
+                       ("torch_pruning", "pruned by Torch-Pruning")):
+        lat = [r["latency"][b][key]["median_ms"] for b in ("batch1", "batch8")]
+        base = [r["latency"][b]["dense"]["median_ms"] for b in ("batch1", "batch8")]
+        rows.append([label, human(r["macs"][key]), human(r["params"][key]), f"{lat[0]:.1f} ms", f"{lat[1]:.1f} ms",
+                     f"{base[0] / lat[0]:.2f}x / {base[1] / lat[1]:.2f}x", f"{r['macs']['dense'] / r['macs'][key]:.2f}x"])
+    return md_table(["model", "MACs", "params", "ORT CPU batch 1", "ORT CPU batch 8", "speed-up (b1 / b8)", "MAC reduction"], rows)
+
+
+def prune_resnet50(run: str, r: dict) -> dict:
+    """`onnxprune prune` against Torch-Pruning on ResNet-50 with half of every group dead."""
+    cfg, sb = r["config"], r["speedup_over_mac_reduction"]
+    return {"run": run, "machine": machine_line(r["machine"]), "model": cfg["model"], "height": cfg["input"][2],
+            "width": cfg["input"][3], "channels": cfg["channels_killed"], "groups": cfg["groups_killed"],
+            "size_mb": f"{cfg['model_file_bytes'] / 1e6:.0f}", "repeats": cfg["repeats"], "threads": cfg["ort_threads"],
+            "tools_table": _engine_tools_table(r), "models_table": _engine_models_table(r),
+            "b1": f"{sb['batch1']:.2f}", "b8": f"{sb['batch8']:.2f}", "mac_reduction": f"{r['mac_reduction']:.2f}",
+            "targets": "; ".join(f"{k}: {'met' if v else '**not met**'}" for k, v in r["targets"].items())}
+
+
+def _latency_row(m: dict, b: dict) -> list:
+    """One model's latencies at one batch size, and whether --target won."""
+    lat = {k: v["median_ms"] for k, v in b["latency"].items()}
+
+    def cell(k: str) -> str:
+        return f"{lat[k]:.3g} ms ({lat['input'] / lat[k]:.2f}x)"
+
+    notes = (["re-timed"] if b.get("first_timing") else []) + \
+        ([f"re-measured {b['remeasured_on']['date'][:10]}"] if b.get("remeasured_on") else [])
+    checks = b["checks"]
+    return [m["model"] + (f" ({', '.join(notes)})" if notes else ""), f"{lat['input']:.3g} ms", f"{b['noise_floor']:.1%}",
+            cell("none"), cell("round16"), "**" + cell("target") + "**",
+            b["attempts"] and next(a["attempt"] for a in b["attempts"] if a["accepted"]), f"{b['calibration_s']:.1f} s",
+            "yes" if all(checks.values()) else "no: " + ", ".join(k for k, v in checks.items() if not v)]
+
+
+def _latency_batch(r: dict, batch: int) -> dict:
+    """One batch size of a latency-targets run: its table and how many models passed each check."""
+    rows, passed = [], {"target <= input": 0, "target <= none": 0, "target <= round16": 0}
+    for m in r["models"]:
+        b = m.get(f"batch{batch}")
+        if not b:
+            continue
+        for k in passed:
+            passed[k] += bool(b["checks"][k])
+        rows.append(_latency_row(m, b))
+    tgt = r["config"]["target"]
+    table = md_table(["model", "input", "noise", "--target none", "--round-to 16", f"--target {tgt}", "plan kept",
+                      "calibration (cold)", "target <= all (within noise)"], rows)
+    return {"batch": batch, "table": table, "passed": "; ".join(f"{k}: {v}/{len(rows)}" for k, v in passed.items())}
+
+
+def latency_targets(run: str, r: dict) -> dict:
+    """Is the pruned model faster on the runtime: --target against --target none and --round-to 16."""
+    cfg, cli = r["config"], r.get("cli_extra_time_resnet50")
+    return {"run": run, "target": cfg["target"], "machine": machine_line(r["machine"]),
+            "cuda": cfg["target"] == "ort-cuda", "dead_pct": int(cfg["dead_fraction"] * 100), "threads": cfg["threads"],
+            "rounds": cfg["rounds"], "incomplete": r.get("complete") is False, "source": r.get("source", ""),
+            "batches": [_latency_batch(r, batch) for batch in cfg["batch"]],
+            "cli": {} if not cli else {"none": f"{cli['prune_none_s']:.2f}", "with_target": f"{cli['prune_target_s']:.2f}",
+                                       "extra": f"{cli['extra_s']:.2f}", "cold": f"{cli['calibrate_cold_s']:.1f}"}}
+
+
+def rbp_compile(run: str, r: dict) -> dict:
+    """RBP's compiled step: one graph for every stage against one per stage."""
+    c = r["config"]
+    rows = [[x["label"], x["stages"], x["graphs_compiled"], " / ".join(f"{s:.1f}" for s in x["epoch_seconds"]),
+             f"{sum(x['epoch_seconds']):.1f} s"] for x in r["rows"]]
+    return {"run": run, "machine": machine_line(r["machine"]), "model": c["model"], "epochs": c["epochs"],
+            "train_limit": c["train_limit"], "device": c["device"],
+            "table": md_table(["gates", "stages", "graphs compiled", "seconds per epoch", "total"], rows)}
+
+
+def _compile_cell(m: dict) -> str:
+    """The compile times of the gates alone and of the whole step."""
+    compile_s = [m.get(f"{v}_compile_s") for v in ("gates", "step")]
+    return " / ".join("—" if c is None else f"{c:.0f} s" if c >= 10 else f"{c:.2g} s" for c in compile_s)
+
+
+def _step_row(m: dict) -> list[str]:
+    """A model's dense and SBP steps; in brackets the speed-up over eager gates, the fastest SBP step in bold."""
+    sbp = {v: m.get(f"sbp_{v}_ms") for v in STEP_VARIANTS}
+    measured = {v: t for v, t in sbp.items() if t is not None}
+    best = min(measured, key=measured.get) if measured else None
+    cells = [m["model"], ms(m.get("dense_ms")), ms(m.get("dense_step_compiled_ms"))]
+    for v, t in sbp.items():
+        cell = ms(t)
+        if t is not None and v != "eager" and sbp["eager"] is not None:
+            cell += f" ({sbp['eager'] / t:.1f}x)"
+        cells.append(f"**{cell}**" if v == best and len(measured) > 1 else cell)
+    return cells + [_compile_cell(m)]
+
+
+def sbp_step_time(run: str, r: dict) -> dict:
+    """One SBP training step: eager gates, gates compiled, whole step compiled (a variant not run: "not measured")."""
+    cfg = r["config"]
+    table = md_table(["model", "dense step (eager)", "dense step (compiled)", *STEP_VARIANTS.values(),
+                      "compile time (gates / step)"], [_step_row(m) for m in r["models"]])
+    return {"run": run, "machine": machine_line(r["machine"]), "device": cfg["device"], "steps": cfg["steps"],
+            "batch": cfg["batch"], "step": cfg["step"], "note": cfg.get("note", ""), "table": table}
+
+
+def subnormals(run: str, r: dict) -> dict:
+    """What subnormal weights cost on ORT CPU, committed against flushed."""
+    rows = []
+    for m in r["models"]:
+        cells = [m["model"], f"{m['subnormal_weights']} of {m['float_weights']}"]
+        for b in ("batch1", "batch64"):
+            c, f = m[b]["committed"]["median_ms"], m[b]["flushed"]["median_ms"]
+            cells.append(f"{c:.4g} -> {f:.4g} ms ({c / f:.2f}x)")
+        rows.append(cells)
+    return {"run": run, "machine": machine_line(r["machine"]), "threads": r["config"]["threads"], "rounds": r["config"]["rounds"],
+            "table": md_table(["pruned model", "subnormal weights", "batch 1: committed -> flushed", "batch 64"], rows)}
+
+
+def _small_cifar(cfg: dict) -> dict:
+    """The setting the small CIFAR benchmarks share: the net, its width and the images."""
+    return {"model": cfg["model"], "width": cfg["width"], "train_images": cfg["train_images"], "test_images": cfg["test_images"],
+            "dense": cfg["dense"]}
+
+
+def bn_recalibration(run: str, r: dict) -> dict:
+    """BatchNorm statistics after Bayesian training, as trained and re-estimated."""
+    cfg, res = r["config"], r["result"]
+    table = md_table(["dense", "SBP, training's statistics", "SBP, statistics re-estimated", "channels kept", "BatchNorms"],
+                     [[f"{res['dense_accuracy']:.1%}", f"{res['sbp_accuracy_training_statistics']:.1%}",
+                       f"**{res['sbp_accuracy_recalibrated']:.1%}**", f"{res['kept_fraction']:.1%}",
+                       res["batchnorms_recalibrated"]]])
+    return {"run": run, "machine": machine_line(r["machine"]), **_small_cifar(cfg), "sbp": cfg["sbp"],
+            "kl_scale": f"{cfg['kl_scale']:g}", "device": cfg.get("device", "cpu"), "table": table}
+
+
+def sbp_weight_lr(run: str, r: dict) -> dict:
+    """SBP's weight learning rate against Torch-Pruning at the same MACs."""
+    cfg = r["config"]
+    rows = [[f"{row['sbp_weight_lr']:g}", str(row.get("finetune_epochs", 0)), f"{row['kept_fraction']:.1%}",
+             f"{row['macs_reduction']:.2f}x", f"**{row['sbp_accuracy']:.1%}**",
+             f"{row['torch_pruning_accuracy']:.1%} ({row['torch_pruning_macs_reduction']:.2f}x)"] for row in r["rows"]]
+    table = md_table(["SBP weights' lr", "of which fine-tuned (K)", "channels kept", "MACs reduction", "SBP test accuracy",
+                      "Torch-Pruning (its MACs reduction)"], rows)
+    return {"run": run, "machine": machine_line(r["machine"]), **_small_cifar(cfg), "sbp": cfg["sbp"],
+            "dense_accuracy": f"{r['dense_accuracy']:.1%}", "kl_scale": f"{cfg['kl_scale']:g}",
+            "finetune": cfg.get("finetune", ""), "torch_pruning": cfg["torch_pruning"], "table": table}
+
+
+def tvbi_batchnorm(run: str, r: dict) -> dict:
+    """Turbo-VBI's prior on a layer followed by BatchNorm: raw weights against BatchNorm-folded ones."""
+    rows = []
+    for row in r["rows"]:
+        if row["variant"] == "dense":
+            rows.append(["dense", "-", "-", "-", f"{row['test_accuracy']:.1%}"])
+            continue
+        rows.append([row["variant"], f"{row['train_accuracy_last_epoch']:.1%}", f"{row['kept_fraction']:.1%}",
+                     f"{row['smallest_row_norm_ratio']:.3g}", f"**{row['test_accuracy']:.1%}**"])
+    table = md_table(["Turbo-VBI", "training accuracy, last epoch", "channels kept", "row norm after / before",
+                      "test accuracy"], rows)
+    return {"run": run, "machine": machine_line(r["machine"]), **_small_cifar(r["config"]),
+            "turbo_vbi": r["config"]["turbo_vbi"], "table": table}
+
+
+# The experiments' folders in the store and the function giving each run's values
+SECTIONS = {"prune-resnet50": prune_resnet50, "latency-targets": latency_targets, "rbp-compile": rbp_compile,
+            "sbp-step-time": sbp_step_time, "subnormals": subnormals, "bn-recalibration": bn_recalibration,
+            "sbp-weight-lr": sbp_weight_lr, "tvbi-batchnorm": tvbi_batchnorm}
