@@ -6,9 +6,10 @@ Relu/Clip) with ``torch.onnx.export(..., dynamo=False, opset_version=17)``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # The same numbers are used for ImageNet and CIFAR models (the pretrained CIFAR
@@ -149,3 +150,37 @@ def layer_call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
         for h in hooks:
             h.remove()
     return order
+
+
+class ThreeStageCifarNet(nn.Module):
+    """A CIFAR net: 3x3 stem, three stages of ``blocks_per_stage`` blocks (the 2nd and 3rd start with stride 2),
+    global average pool, linear. ``make_block(stage, in_channels, out_channels, stride)`` builds each block."""
+
+    def __init__(
+        self,
+        stem_width: int,
+        widths: Sequence[int],
+        blocks_per_stage: int,
+        make_block: Callable[[int, int, int, int], nn.Module],
+        num_classes: int = 10,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.normalize = make_normalize(normalize, IMAGENET_MEAN, IMAGENET_STD)
+        self.conv1 = nn.Conv2d(3, stem_width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        in_ch = stem_width
+        stages = []
+        for i, out_ch in enumerate(widths):
+            blocks = []
+            for j in range(blocks_per_stage):
+                blocks.append(make_block(i, in_ch, out_ch, 2 if (i > 0 and j == 0) else 1))
+                in_ch = out_ch
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.linear = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import IMAGENET_MEAN, IMAGENET_STD, make_normalize
+from .common import ThreeStageCifarNet
 
 
 class ResNeXtBlock(nn.Module):
@@ -38,7 +38,7 @@ class ResNeXtBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNeXtCifar(nn.Module):
+class ResNeXtCifar(ThreeStageCifarNet):
     """3x3 stem (32), three stages (out 64/128/256, group width doubling), GAP, linear."""
 
     def __init__(
@@ -49,28 +49,13 @@ class ResNeXtCifar(nn.Module):
         group_width: int = 8,
         normalize: bool = True,
     ) -> None:
-        super().__init__()
         if group_width < 2:
             raise ValueError("group_width must be >= 2 (group_width 1 would be a depthwise conv)")
-        self.normalize = make_normalize(normalize, IMAGENET_MEAN, IMAGENET_STD)
-        self.conv1 = nn.Conv2d(3, 32, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(32)
-        in_ch = 32
-        stages = []
-        for i, out_ch in enumerate((64, 128, 256)):
-            blocks = []
-            for j in range(blocks_per_stage):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(ResNeXtBlock(in_ch, out_ch, stride, cardinality, group_width * 2**i))
-                in_ch = out_ch
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.linear = nn.Linear(in_ch, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(self.normalize(x))))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        def block(stage: int, in_ch: int, out_ch: int, stride: int) -> nn.Module:
+            return ResNeXtBlock(in_ch, out_ch, stride, cardinality, group_width * 2**stage)
+
+        super().__init__(32, (64, 128, 256), blocks_per_stage, block, num_classes, normalize)
 
 
 def resnext_cifar(

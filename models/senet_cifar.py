@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import IMAGENET_MEAN, IMAGENET_STD, make_normalize
+from .common import ThreeStageCifarNet
 
 
 class SqueezeExcite(nn.Module):
@@ -62,7 +62,7 @@ class SEBasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class SENetCifar(nn.Module):
+class SENetCifar(ThreeStageCifarNet):
     """3x3 stem (16), three stages of SE basic blocks (16/32/64), GAP, linear."""
 
     def __init__(
@@ -73,26 +73,10 @@ class SENetCifar(nn.Module):
         se_linear: bool = False,
         normalize: bool = True,
     ) -> None:
-        super().__init__()
-        self.normalize = make_normalize(normalize, IMAGENET_MEAN, IMAGENET_STD)
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        in_ch = 16
-        stages = []
-        for i, out_ch in enumerate((16, 32, 64)):
-            blocks = []
-            for j in range(blocks_per_stage):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(SEBasicBlock(in_ch, out_ch, stride, se_linear, reduction))
-                in_ch = out_ch
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.linear = nn.Linear(in_ch, num_classes)
+        def block(stage: int, in_ch: int, out_ch: int, stride: int) -> nn.Module:
+            return SEBasicBlock(in_ch, out_ch, stride, se_linear, reduction)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(self.normalize(x))))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        super().__init__(16, (16, 32, 64), blocks_per_stage, block, num_classes, normalize)
 
 
 def senet_cifar(
