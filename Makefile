@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)  ## the main job on the embedded default: train LeNet5 with SBP on digits, export, prune, measure
-	$(VENV)/bin/onnxprune train
+	$(VENV)/bin/onnxprune demo
 
-test: $(STAMP)  ## the default test suite (pytest exits 5 when no test ran: a failure)
+test: $(STAMP)  ## the linter, then the default test suite (pytest exits 5 when no test ran: a failure)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)  ## also the slow, benchmark-style tests
