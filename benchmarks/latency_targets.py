@@ -8,11 +8,19 @@ one process, interleaved, medians. The noise floor is the same input file timed
 in two sessions against each other. A model whose checks fail is timed once more
 with three times the rounds, and that larger sample decides (both are kept).
 
+With --target ort-cpu-int8 every model is timed as that target runs it: int8-quantized
+(onnxprune.quantization's QDQ settings, calibrated on random inputs: values do not change an
+int8 kernel's speed), so the quantized input, quantized --target none, quantized --round-to 16
+and the quantized --target ort-cpu-int8 choice are compared; the float32 input is timed beside
+them for reference. Its default is one thread (the edge case int8 targets).
+
 Also measured: cold calibration time per model, and the wall time --target adds
 to `onnxprune prune` with a warm cache (ResNet-50, separate processes).
 
     python -m benchmarks.latency_targets                     # ORT CPU, 2 threads, batch 1
     python -m benchmarks.latency_targets --models mnasnet mobilenetv2
+    python -m benchmarks.latency_targets --target ort-cpu-int8             # 1 thread, batch 1
+    python -m benchmarks.latency_targets --target ort-cpu-int8 --quick     # 3 small models, a check that it runs
     python -m benchmarks.latency_targets --target ort-cuda --batch 1 64   # on the GPU machine
 """
 
@@ -32,6 +40,11 @@ from benchmarks.common import interleaved_latency, machine_info, median, run_mea
 from benchmarks.store import add_results_argument, write_result
 
 DEAD_FRACTION = 0.4
+TARGET_CHOICES = ("ort-cpu", "ort-cpu-int8", "ort-cuda")
+DEFAULT_THREADS = {"ort-cpu-int8": 1}  # else 2
+QUICK_MODELS = ("lenet5", "resnet20", "mobilenetv2_cifar")
+QUICK = {"rounds": 10, "budget": 10.0}
+QUICK_SOURCE = "a quick check that the script runs (--quick: three small models, 10 rounds), not the benchmark"
 
 
 def build(name: str, seed: int):
@@ -62,7 +75,6 @@ def run_model(name: str, args, target_name: str, cache_dir: Path, out: dict, on_
     from onnxprune.latency.cache import LatencyCache
     from onnxprune.latency.search import choose_widths
     from onnxprune.latency.target import make_target
-    from onnxprune.runtime import make_session
 
     dead, shape, killed = build(name, args.seed)
     out.update({"model": name, "channels_killed": killed})
@@ -81,16 +93,18 @@ def run_model(name: str, args, target_name: str, cache_dir: Path, out: dict, on_
         }
         result = prune_model(dead, target=target_name, threads=args.threads, batch=batch)
         variants["target"] = result.model
-        providers = target.providers
         x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
         feed = {"input": x}
 
-        def runner(model, providers=providers, feed=feed):
-            session = make_session(model.SerializeToString(), providers=providers, threads=args.threads)
+        def runner(model, target=target, feed=feed):
+            session = target.session(model.SerializeToString())  # the shared pool, else its own without spinning
             return lambda: session.run(None, feed)
 
-        runners = {"input": runner(dead), "input_again": runner(dead)}
-        runners.update({k: runner(v) for k, v in variants.items()})
+        timed_input = target.prepare(dead)  # as the target runs it: quantized for ort-cpu-int8
+        runners = {"input": runner(timed_input), "input_again": runner(timed_input)}
+        runners.update({k: runner(target.prepare(v)) for k, v in variants.items()})
+        if target.precision != "float32":
+            runners["input_float32"] = runner(dead)
         lat, noise, checks = timed_checks(runners, args.rounds, args.budget)
         first = None
         if not all(checks.values()):
@@ -171,12 +185,33 @@ def extra_time(args, target_name: str, cache_dir: Path, work: Path) -> dict:
     return res
 
 
+def resolve_defaults(args) -> None:
+    """Per-target thread default; --quick's models, rounds and budget (explicit --models win)."""
+    if args.threads is None:
+        args.threads = DEFAULT_THREADS.get(args.target, 2)
+    if args.quick:
+        args.models = args.models or list(QUICK_MODELS)
+        args.rounds, args.budget, args.skip_cli = QUICK["rounds"], QUICK["budget"], True
+
+
+def timed_as(target_name: str, threads: int) -> dict:
+    """How the target runs the models timed (precision, quantization settings), for the run's config."""
+    from onnxprune.latency.target import make_target
+
+    if target_name == "ort-cuda":
+        return {"precision": "float32"}
+    return make_target(target_name, threads=threads).precision_info()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default="ort-cpu", choices=("ort-cpu", "ort-cuda"))
+    ap.add_argument("--target", default="ort-cpu", choices=TARGET_CHOICES)
     ap.add_argument("--models", nargs="*", help="registry names (default: every architecture in models/)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"a check that the script runs: {', '.join(QUICK_MODELS)} (unless --models), "
+                         f"{QUICK['rounds']} rounds, no CLI timing")
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, help="threads (default: 1 for ort-cpu-int8, else 2)")
     ap.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds per model")
     ap.add_argument("--budget", type=float, default=60.0, help="seconds of timing per model at most")
     ap.add_argument("--repeats", type=int, default=3, help="CLI runs for the extra-time measurement")
@@ -186,13 +221,14 @@ def main() -> None:
     ap.add_argument("--merge-into", type=Path, help="an earlier result file whose rows for these models and batches "
                     "this run replaces (the earlier entries are kept in it, under 'replaced')")
     args = ap.parse_args()
-    if args.target == "ort-cpu":
+    resolve_defaults(args)
+    if args.target == "ort-cpu":  # not for int8: onnxruntime.quantization's sessions cannot use a shared pool
         use_global_ort_threads(args.threads)
     import models
 
     names = args.models or models.names()
     config = {"target": args.target, "threads": args.threads, "batch": args.batch, "dead_fraction": DEAD_FRACTION,
-              "rounds": args.rounds, "seed": args.seed}
+              "rounds": args.rounds, "seed": args.seed, "quick": args.quick, **timed_as(args.target, args.threads)}
     run = f"latency-{args.target}" + ("" if args.models is None else "-" + "-".join(args.models))
     work = Path(tempfile.mkdtemp(prefix="onnxprune-latency-"))
     cache_dir = work / "cache"
@@ -200,8 +236,9 @@ def main() -> None:
     rows, cli = [], None
 
     def save(complete: bool) -> Path:  # after every batch: a run cut short by a time limit keeps what it measured
+        quick = {"source": QUICK_SOURCE} if args.quick else {}
         return write_result(args.results, run, {"benchmark": "latency-targets", "machine": machine_info(), "config": config,
-                                                "complete": complete, "models": rows, "cli_extra_time_resnet50": cli})
+                                                "complete": complete, **quick, "models": rows, "cli_extra_time_resnet50": cli})
 
     try:
         for name in names:

@@ -270,19 +270,57 @@ def _exit_after_distributed(code: int) -> int:
     os._exit(code)
 
 
+def _keep_float_choice(spec: str):
+    """--keep-float: 'auto' (the runtime's default), 'none' (quantize every layer) or comma-separated node names."""
+    from onnxprune.deploy.keep_float import KeepFloat
+
+    if spec == "auto":
+        return None
+    if spec == "none":
+        return KeepFloat()
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from onnxprune.deploy.api import deploy
+    from onnxprune.deploy.report import deploy_notes
+
+    result = deploy(
+        args.input, args.output, runtime=args.runtime, precision=args.precision, calibration=args.calibration,
+        data_dir=args.data_dir, min_agreement=args.min_agreement, threads=args.threads, int8_mode=args.int8_mode,
+        keep_float=_keep_float_choice(args.keep_float), calibration_samples=args.calibration_samples,
+        check_samples=args.check_samples, timing_budget_s=args.timing_budget, report_path=args.report,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        report = result.report
+        print(result.table())
+        print()
+        for note in deploy_notes(report):
+            print(f"note: {note}")
+        print(f"wrote {result.out_dir}/: {', '.join(f.name for f in result.files)}")
+    return 0
+
+
 def cmd_engine_demo(args: argparse.Namespace) -> int:
     from onnxprune.demo import run_demo
 
     return run_demo(model=args.model, fraction=args.fraction, out_dir=args.out, seed=args.seed)
 
 
-def _target_args(p: argparse.ArgumentParser, default: str = "ort-cpu", choices=("ort-cpu", "ort-cuda", "none")) -> None:
-    p.add_argument("--target", default=default, choices=choices,
+def _target_args(p: argparse.ArgumentParser, default: str = "ort-cpu", choices: Sequence[str] | None = None) -> None:
+    p.add_argument("--target", default=default, choices=_targets() if choices is None else choices,
                    help="runtime to be fast on: keep dead channels where the resulting width runs faster there, and "
                         "never write a model measured slower than the input ('none': delete every dead channel; "
                         f"default {default})")
     p.add_argument("--threads", type=int, metavar="N", help="threads the target runs with (default: all cores)")
     p.add_argument("--batch", type=int, default=1, metavar="N", help="batch size to be fast at (default 1)")
+
+
+def _targets() -> tuple[str, ...]:
+    from onnxprune.latency.target import TARGETS
+
+    return TARGETS
 
 
 def _add_prune(sub) -> None:
@@ -308,7 +346,7 @@ def _add_calibrate(sub) -> None:
                                    "($ONNXPRUNE_CACHE_DIR or ~/.cache/onnxprune). `prune` measures what is missing by "
                                    "itself; calibrating first makes it fast.")
     p.add_argument("models", nargs="+", help=".onnx files whose layers to measure")
-    _target_args(p, default="ort-cpu", choices=("ort-cpu", "ort-cuda"))
+    _target_args(p, default="ort-cpu", choices=[name for name in _targets() if name != "none"])
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -395,6 +433,47 @@ def _train_gate_args(p: argparse.ArgumentParser) -> None:
                    help="draw the gates once per example (default) or once per minibatch (the SBP authors')")
 
 
+DEPLOY_DESCRIPTION = (
+    "Convert a float32 model for an edge runtime and check it before writing anything: int8 (static post-training "
+    "quantization, QDQ, per-channel int8 weights, calibrated on DATA), fp16 or fp32; for ONNX Runtime model.onnx, "
+    "model.ort (ORT format for ORT Mobile) and required_operators.config (for a reduced-size build), for OpenVINO its "
+    "IR (model.xml, model.bin). Every artifact is run on held-out data against the float32 input (top-1 agreement, "
+    "test error with labels); below --min-agreement nothing is written and the exit code is 2. Then each is timed "
+    "at batch 1 with 1 thread and with --threads, side by side, and DIR/deploy.json records it all.")
+
+
+def _add_deploy(sub) -> None:
+    from onnxprune.deploy import options
+
+    p = sub.add_parser("deploy", help="quantize/convert for ONNX Runtime (ORT format) or OpenVINO, checked on data, timed",
+                       description=DEPLOY_DESCRIPTION)
+    p.add_argument("input", help="float32 .onnx file (never modified)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (created, or its files replaced)")
+    p.add_argument("--runtime", choices=options.RUNTIME_NAMES, default="ort", help="ort (default) or openvino")
+    p.add_argument("--precision", choices=options.PRECISIONS, default="int8", help="default int8 (needs --calibration)")
+    p.add_argument("--calibration", metavar="DATA",
+                   help="mnist, fashion-mnist, cifar10 or digits (training split calibrates, test split checks), or an "
+                        ".npz of inputs (key x or inputs; labels y or labels, optional; one fifth held out for the "
+                        "check). Without it fp16/fp32 are checked on random inputs")
+    p.add_argument("--data-dir", help="folder holding the datasets (default $ONNXPRUNE_DATA or ../shared/data)")
+    p.add_argument("--min-agreement", type=float, default=options.MIN_AGREEMENT, metavar="F",
+                   help=f"least top-1 agreement with the float32 input on held-out data (default {options.MIN_AGREEMENT})")
+    p.add_argument("--threads", type=int, default=options.THREADS, metavar="N",
+                   help=f"thread count of the second latency column, beside 1 thread (default {options.THREADS})")
+    p.add_argument("--int8-mode", choices=options.INT8_MODES, default="auto", help=options.DYNAMIC_RULE)
+    p.add_argument("--keep-float", default="auto", metavar="auto|none|NAMES",
+                   help="layers int8 leaves in float32: auto (on ort: those measured slower in int8, where this onnxprune "
+                        "measures it), none, or comma-separated node names")
+    p.add_argument("--calibration-samples", type=int, default=options.CALIBRATION_SAMPLES, metavar="N",
+                   help=f"samples that calibrate int8 (default {options.CALIBRATION_SAMPLES})")
+    p.add_argument("--check-samples", type=int, metavar="N", help="held-out samples to check on (default: all)")
+    p.add_argument("--timing-budget", type=float, default=options.TIMING_BUDGET_S, metavar="S",
+                   help=f"seconds of timing per thread count (default {options.TIMING_BUDGET_S})")
+    p.add_argument("--report", metavar="R.json", help="also write the JSON report here (it is always in DIR/deploy.json)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(func=cmd_deploy)
+
+
 def _add_engine_demo(sub) -> None:
     p = sub.add_parser("engine-demo",
                        help="the pruning engine alone: a reference model with some channels zeroed, pruned (needs torch)")
@@ -412,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"onnxprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_prune, _add_calibrate, _add_inspect_passes_run, _add_train, _add_engine_demo):
+    for add in (_add_prune, _add_calibrate, _add_inspect_passes_run, _add_train, _add_deploy, _add_engine_demo):
         add(sub)
     return parser
 

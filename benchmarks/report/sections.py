@@ -57,8 +57,10 @@ def _latency_row(m: dict, b: dict) -> list:
     notes = (["re-timed"] if b.get("first_timing") else []) + \
         ([f"re-measured {b['remeasured_on']['date'][:10]}"] if b.get("remeasured_on") else [])
     checks = b["checks"]
-    return [m["model"] + (f" ({', '.join(notes)})" if notes else ""), f"{lat['input']:.3g} ms", f"{b['noise_floor']:.1%}",
-            cell("none"), cell("round16"), "**" + cell("target") + "**",
+    f32 = lat.get("input_float32")
+    reference = [] if f32 is None else [f"{f32:.3g} ms ({f32 / lat['input']:.2f}x)"]
+    return [m["model"] + (f" ({', '.join(notes)})" if notes else ""), *reference, f"{lat['input']:.3g} ms",
+            f"{b['noise_floor']:.1%}", cell("none"), cell("round16"), "**" + cell("target") + "**",
             b["attempts"] and next(a["attempt"] for a in b["attempts"] if a["accepted"]), f"{b['calibration_s']:.1f} s",
             "yes" if all(checks.values()) else "no: " + ", ".join(k for k, v in checks.items() if not v)]
 
@@ -73,16 +75,40 @@ def _latency_batch(r: dict, batch: int) -> dict:
         for k in passed:
             passed[k] += bool(b["checks"][k])
         rows.append(_latency_row(m, b))
-    tgt = r["config"]["target"]
-    table = md_table(["model", "input", "noise", "--target none", "--round-to 16", f"--target {tgt}", "plan kept",
-                      "calibration (cold)", "target <= all (within noise)"], rows)
+    tgt, int8 = r["config"]["target"], _is_int8(r["config"])
+    timed = ["float32 input (int8 input's speed-up over it)"] if int8 else []
+    table = md_table(["model", *timed, "input" + (" (int8)" if int8 else ""), "noise", "--target none", "--round-to 16",
+                      f"--target {tgt}", "plan kept", "calibration (cold)", "target <= all (within noise)"], rows)
     return {"batch": batch, "table": table, "passed": "; ".join(f"{k}: {v}/{len(rows)}" for k, v in passed.items())}
+
+
+def _is_int8(cfg: dict) -> bool:
+    return cfg.get("precision") == "int8"
+
+
+def _script_args(cfg: dict) -> str:
+    """The options that rerun a latency-targets run (besides its models)."""
+    if cfg["target"] == "ort-cuda":
+        return " --target ort-cuda"
+    if _is_int8(cfg):
+        return f" --target {cfg['target']} --threads {cfg['threads']}"
+    return ""
+
+
+def _quantization_line(cfg: dict) -> str:
+    """How an int8 run quantized the models it timed (empty for a float32 run)."""
+    q = cfg.get("quantization")
+    if not _is_int8(cfg) or not q:
+        return ""
+    per_channel = "per-channel" if q["per_channel"] else "per-tensor"
+    return f"{q['format']}, {q['weights']} {per_channel} weights, {q['activations']} activations, {q['calibration']} ranges"
 
 
 def latency_targets(run: str, r: dict) -> dict:
     """Is the pruned model faster on the runtime: --target against --target none and --round-to 16."""
     cfg, cli = r["config"], r.get("cli_extra_time_resnet50")
-    return {"run": run, "target": cfg["target"], "machine": machine_line(r["machine"]),
+    return {"run": run, "target": cfg["target"], "machine": machine_line(r["machine"]), "script_args": _script_args(cfg),
+            "int8": _quantization_line(cfg),
             "cuda": cfg["target"] == "ort-cuda", "dead_pct": int(cfg["dead_fraction"] * 100), "threads": cfg["threads"],
             "rounds": cfg["rounds"], "incomplete": r.get("complete") is False, "source": r.get("source", ""),
             "batches": [_latency_batch(r, batch) for batch in cfg["batch"]],

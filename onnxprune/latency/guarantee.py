@@ -5,6 +5,10 @@ the target (interleaved runs, medians); the fastest one that beats the input
 is verified and kept. If none does, the fall-back rungs of
 :data:`~onnxprune.latency.planner.ATTEMPTS` are tried; the last prunes nothing.
 The report records every attempt.
+
+Models are timed as they run on the target (``Target.prepare``): on an int8
+target the quantized input against each quantized candidate. The model
+returned and written is the float32 candidate.
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ def time_side_by_side(
     *,
     budget_s: float = CHECK_BUDGET_S,
 ) -> dict[str, float]:
-    """Median latency (ms) of the input ("input") and each candidate on ``target``, interleaved."""
+    """Median latency (ms) of the input ("input") and each candidate on ``target``, interleaved, each as it runs
+    there (``target.prepare``: quantized on an int8 target; a model already prepared is timed as given)."""
+    reference = target.prepare(reference)
     ref = target.session(reference.SerializeToString() if isinstance(reference, onnx.ModelProto) else os.fspath(reference))
-    sessions = {"input": ref, **{k: target.session(m.SerializeToString()) for k, m in candidates.items()}}
+    sessions = {"input": ref, **{k: target.session(target.prepare(m).SerializeToString()) for k, m in candidates.items()}}
     feed = random_feed(input_specs(ref, symbolic_dim=target.batch), np.random.default_rng(0))
     runners = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
     timings = interleaved(runners, repeats=CHECK_ROUNDS, warmup=2, budget_s=budget_s, min_repeats=CHECK_MIN_ROUNDS,
@@ -94,6 +100,7 @@ class Ladder:
     cache: LatencyCache
     reference: onnx.ModelProto | Path
     attempts: list[dict] = dataclasses.field(default_factory=list)
+    timed_reference: onnx.ModelProto | Path | None = None  # the input as it runs on the target, prepared once
 
     def build(self, rung: Rung) -> Candidate:
         """The candidate ``rung`` plans (a fresh planner: its latency choice is not the report's)."""
@@ -101,8 +108,11 @@ class Ladder:
         return Candidate(rung, self.pruner.build(plan))
 
     def time(self, candidates: list[Candidate]) -> dict[str, float]:
-        """Median milliseconds of the input ("input") and of each candidate (by label), timed side by side."""
-        return time_side_by_side(self.target, self.reference, {c.label: c.result.model for c in candidates})
+        """Median milliseconds of the input ("input") and of each candidate (by label), timed side by side as
+        they run on the target."""
+        if self.timed_reference is None:
+            self.timed_reference = self.target.prepare(self.reference)
+        return time_side_by_side(self.target, self.timed_reference, {c.label: c.result.model for c in candidates})
 
     def record_unchanged(self, candidate: Candidate) -> Candidate:
         """Record ``candidate`` as accepted without timing: it is the input's own graph."""
@@ -176,6 +186,7 @@ def latency_report(ladder: Ladder, choice: LatencyChoice | None, *, search_s: fl
         "target": target.name,
         "threads": target.threads,
         "batch": target.batch,
+        **target.precision_info(),
         "cache": str(ladder.cache.path),
         "attempts": ladder.attempts,
         "accepted": accepted["attempt"],

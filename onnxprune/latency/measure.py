@@ -12,13 +12,18 @@ CUDA: the profiler sees kernel launches, not GPU time, so each layer gets its
 own micro-model holding ``CUDA_REPLICAS`` copies of it; inputs and outputs stay
 on the device (I/O binding) and a run's wall time over the copies is the
 layer's latency.
+
+int8 (an :class:`~onnxprune.latency.target.Int8Target`): the CPU micro-models are
+quantized as the target quantizes models, each layer reading its own input, and
+kernel times are attributed to layers through the runtime's optimized graph
+(onnxprune.latency.int8).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import shutil
 import statistics
 from collections.abc import Callable, Iterable
 
@@ -40,26 +45,29 @@ CUDA_TIMED_RUNS = 10
 Request = tuple[LayerSpec, int, int]  # layer, input width, output width
 
 
-def _micro_model(batch: list[tuple[str, Request]], target: Target) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def micro_model(
+    batch: list[tuple[str, Request]], target: Target, *, share_inputs: bool = True
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """One model holding every layer of ``batch`` (layer i writes o{i}), and its feeds. Layers share an input
+    where shapes agree, unless ``share_inputs`` is False (then each layer reads an input of its own)."""
     rng = np.random.default_rng(0)
-    inputs: dict[tuple, str] = {}
+    input_of: dict[tuple, str] = {}  # (shape) or (layer, shape) -> input name
     feeds: dict[str, np.ndarray] = {}
     nodes, inits, outputs = [], [], []
     for i, (_, (spec, in_w, out_w)) in enumerate(batch):
-        real_in, _ = spec.widths(in_w, out_w)
-        shape = tuple(spec.input_shape(real_in, target.batch))
-        if shape not in inputs:
-            name = f"x{len(inputs)}"
-            inputs[shape] = name
-            feeds[name] = rng.standard_normal(shape).astype(np.float32)
-        node, node_inits = spec.micro_node(i, inputs[shape], in_w, out_w, rng)
+        shape = tuple(spec.input_shape(spec.widths(in_w, out_w)[0], target.batch))
+        key = (shape,) if share_inputs else (i, shape)
+        if key not in input_of:
+            input_of[key] = f"x{len(input_of)}"
+            feeds[input_of[key]] = rng.standard_normal(shape).astype(np.float32)
+        node, node_inits = spec.micro_node(i, input_of[key], in_w, out_w, rng)
         nodes.append(node)
         inits += node_inits
         outputs.append(helper.make_tensor_value_info(f"o{i}", onnx.TensorProto.FLOAT, None))
     graph = helper.make_graph(
         nodes,
         "micro",
-        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, list(s)) for s, n in inputs.items()],
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, list(feeds[n].shape)) for n in feeds],
         outputs,
         inits,
     )
@@ -68,24 +76,33 @@ def _micro_model(batch: list[tuple[str, Request]], target: Target) -> tuple[onnx
     return model, feeds
 
 
-def _profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], target: Target) -> list[dict]:
-    session = target.session(model.SerializeToString(), profile=True)
-    for _ in range(WARMUP_RUNS + TIMED_RUNS):
-        session.run(None, feeds)
-    path = session.end_profiling()
+def profile_nodes(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], target: Target, *, keep_optimized: bool = False
+) -> tuple[list[dict], onnx.ModelProto | None]:
+    """The runtime's per-node kernel-time events over WARMUP_RUNS + TIMED_RUNS runs of ``model``, and (if
+    ``keep_optimized``) the graph the runtime optimized it into, whose node names the events carry."""
+    from onnxprune.runtime import make_session
+
+    options = target.session_options(profile=True)
+    folder = os.path.dirname(options.profile_file_prefix)  # the session's private profile folder
     try:
-        with open(path) as f:
+        if keep_optimized:
+            options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+        session = make_session(model.SerializeToString(), providers=target.providers, options=options)
+        optimized = onnx.load(options.optimized_model_filepath) if keep_optimized else None
+        for _ in range(WARMUP_RUNS + TIMED_RUNS):
+            session.run(None, feeds)
+        with open(session.end_profiling()) as f:
             events = json.load(f)
     finally:
-        os.remove(path)
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(path))  # the session's private profile folder
-    return [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+        shutil.rmtree(folder, ignore_errors=True)
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    return nodes, optimized
 
 
 def _measure_batch(batch: list[tuple[str, Request]], target: Target, cache: LatencyCache) -> None:
-    model, feeds = _micro_model(batch, target)
-    events = _profile(model, feeds, target)
+    model, feeds = micro_model(batch, target)
+    events, _ = profile_nodes(model, feeds, target)
     per_node: dict[str, list[float]] = {}
     reorder_ns_per_byte: list[float] = []
     for e in events:
@@ -105,9 +122,14 @@ def _measure_batch(batch: list[tuple[str, Request]], target: Target, cache: Late
             continue  # the runtime fused or dropped it: leave unmeasured (predicted as unknown)
         timed = samples[WARMUP_RUNS:] or samples
         cache.put(key, {"us": statistics.median(timed), "layout": "nchwc" if blocked else "plain"})
-    if reorder_ns_per_byte:
+    record_reorder_cost(cache, reorder_ns_per_byte)
+
+
+def record_reorder_cost(cache: LatencyCache, ns_per_byte: list[float]) -> None:
+    """Fold this micro-model's layout-conversion costs per byte into the cache's running estimate."""
+    if ns_per_byte:
         old = cache.constants.get("reorder_ns_per_byte")
-        new = statistics.median(reorder_ns_per_byte)
+        new = statistics.median(ns_per_byte)
         cache.constants["reorder_ns_per_byte"] = new if old is None else (old + new) / 2
 
 
@@ -116,7 +138,7 @@ def _measure_cuda(key: str, request: Request, target: Target, cache: LatencyCach
 
     import onnxruntime
 
-    model, feeds = _micro_model([(key, request)] * CUDA_REPLICAS, target)
+    model, feeds = micro_model([(key, request)] * CUDA_REPLICAS, target)
     session = target.session(model.SerializeToString())
     binding = session.io_binding()
     for name, value in feeds.items():
@@ -130,6 +152,30 @@ def _measure_cuda(key: str, request: Request, target: Target, cache: LatencyCach
         if i >= WARMUP_RUNS:
             times.append((time.perf_counter() - t) * 1e6 / CUDA_REPLICAS)
     cache.put(key, {"us": statistics.median(times), "layout": "plain"})
+
+
+def _next_batch(items: list[tuple[str, Request]], start: int, target: Target, *, share_inputs: bool) -> list:
+    """The layers from ``items[start]`` on that one micro-model holds (MAX_LAYERS_PER_MODEL, MAX_INPUT_BYTES)."""
+    batch, input_bytes, shapes = [], 0, set()
+    while start + len(batch) < len(items) and len(batch) < MAX_LAYERS_PER_MODEL:
+        key, (spec, in_w, out_w) = items[start + len(batch)]
+        shape = tuple(spec.input_shape(spec.widths(in_w, out_w)[0], target.batch))
+        extra = 0 if share_inputs and shape in shapes else 4 * int(np.prod(shape))
+        if batch and input_bytes + extra > MAX_INPUT_BYTES:
+            break
+        shapes.add(shape)
+        input_bytes += extra
+        batch.append((key, (spec, in_w, out_w)))
+    return batch
+
+
+def _batch_measurer(target: Target) -> tuple[Callable[[list, Target, LatencyCache], None], bool]:
+    """How the target's CPU micro-models are measured, and whether their layers share inputs."""
+    if target.precision == "int8":
+        from onnxprune.latency.int8 import measure_quantized_batch  # int8 builds on this module's micro-models
+
+        return measure_quantized_batch, False
+    return _measure_batch, True
 
 
 def measure(
@@ -154,18 +200,10 @@ def measure(
             if progress:
                 progress(done, len(items))
         return len(items)
+    measure_batch, share_inputs = _batch_measurer(target)
     while done < len(items):
-        batch, input_bytes, shapes = [], 0, set()
-        while done + len(batch) < len(items) and len(batch) < MAX_LAYERS_PER_MODEL:
-            key, (spec, in_w, out_w) = items[done + len(batch)]
-            shape = tuple(spec.input_shape(spec.widths(in_w, out_w)[0], target.batch))
-            extra = 0 if shape in shapes else 4 * int(np.prod(shape))
-            if batch and input_bytes + extra > MAX_INPUT_BYTES:
-                break
-            shapes.add(shape)
-            input_bytes += extra
-            batch.append((key, (spec, in_w, out_w)))
-        _measure_batch(batch, target, cache)
+        batch = _next_batch(items, done, target, share_inputs=share_inputs)
+        measure_batch(batch, target, cache)
         done += len(batch)
         if progress:
             progress(done, len(items))

@@ -145,7 +145,8 @@ class WidthModel:
                 lc = layout.get(c) or (self.entry(c, assign) or {}).get("layout")
                 if lp and lc and lp != lc:
                     spec = self.specs[p]
-                    total += per_byte * 4 * spec.output_elements(self.width(spec.out_tensor, assign, spec.out_width), self.target.batch)
+                    elements = spec.output_elements(self.width(spec.out_tensor, assign, spec.out_width), self.target.batch)
+                    total += per_byte * self.target.activation_bytes * elements
         return total
 
     def total(self, assign: dict[int, int]) -> float:

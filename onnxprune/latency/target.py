@@ -1,4 +1,10 @@
-"""Where a model will run: the runtime, execution provider, threads and batch size to measure on."""
+"""Where a model will run: the runtime, execution provider, threads, batch size and precision to measure on.
+
+A target's precision is how the model runs there: float32 as written (:class:`Target`) or
+int8-quantized (:class:`Int8Target`). ``prepare`` turns a float32 model into what the target
+runs; every timing on the target (layer tables, the guarantee) times prepared models, while
+the model onnxprune writes stays float32.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,20 @@ import platform
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
+from typing import ClassVar
+
+import onnx
 
 from onnxprune.errors import InputError
+from onnxprune.quantization import Int8Settings, quantize_static_int8, quantized_ops, random_feeds
 
-TARGETS = ("ort-cpu", "ort-cuda", "none")
+TARGETS = ("ort-cpu", "ort-cpu-int8", "ort-cuda", "none")
+INT8_CALIBRATION_BATCHES = 2  # random batches: values do not change an int8 kernel's speed
+
+ModelRef = onnx.ModelProto | str | os.PathLike[str]
 
 
 def _cpu_name() -> str:
@@ -35,6 +49,20 @@ class Target:
     name: str
     threads: int
     batch: int = 1
+    precision: ClassVar[str] = "float32"
+    activation_bytes: ClassVar[int] = 4  # bytes per activation element between layers
+
+    def prepare(self, model: ModelRef) -> ModelRef:
+        """``model`` as it runs on this target (a float32 target runs it as given)."""
+        return model
+
+    def precision_info(self) -> dict:
+        """How models are prepared for this target (recorded in reports)."""
+        return {"precision": self.precision}
+
+    def float_counterpart(self) -> Target:
+        """The float32 target on the same runtime, threads and batch (this one, for a float32 target)."""
+        return self
 
     @property
     def providers(self) -> tuple[str, ...]:
@@ -54,6 +82,8 @@ class Target:
         }
         if self.name == "ort-cuda":
             info["gpu"] = _gpu_name()
+        if self.precision != Target.precision:  # float32 fingerprints stay as they were: existing caches stay valid
+            info.update(self.precision_info())
         return info
 
     @property
@@ -89,6 +119,29 @@ class Target:
         return make_session(model, providers=self.providers, options=self.session_options(profile=profile))
 
 
+@dataclass(frozen=True)
+class Int8Target(Target):
+    """ONNX Runtime CPU running the model int8-quantized with ``settings`` (onnxprune.quantization's QDQ)."""
+
+    settings: Int8Settings = field(default_factory=Int8Settings)
+    precision: ClassVar[str] = "int8"
+    activation_bytes: ClassVar[int] = 1
+
+    def prepare(self, model: ModelRef) -> onnx.ModelProto:
+        """``model`` quantized, calibrated on random inputs at the target's batch (a quantized model as given)."""
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.load(Path(model))
+        if quantized_ops(proto):
+            return proto
+        feeds = random_feeds(proto, self.batch, INT8_CALIBRATION_BATCHES)
+        return quantize_static_int8(proto, feeds, settings=self.settings)
+
+    def precision_info(self) -> dict:
+        return {"precision": self.precision, "quantization": self.settings.to_dict()}
+
+    def float_counterpart(self) -> Target:
+        return Target("ort-cpu", self.threads, self.batch)
+
+
 def _gpu_name() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=False)
@@ -113,4 +166,6 @@ def make_target(name: str, *, threads: int | None = None, batch: int = 1) -> Tar
                 "--target ort-cuda needs onnxruntime-gpu with CUDAExecutionProvider; this onnxruntime has "
                 + ", ".join(onnxruntime.get_available_providers())
             )
+    if name == "ort-cpu-int8":
+        return Int8Target(name, threads or os.cpu_count() or 1, batch)
     return Target(name, threads or os.cpu_count() or 1, batch)
