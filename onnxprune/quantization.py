@@ -14,7 +14,9 @@ outputs. Quantization is lossy: callers check the result on data (onnxprune.depl
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -77,6 +79,27 @@ def refuse_quantized(model: onnx.ModelProto, what: str = "the model") -> None:
         raise InputError(f"{what} is already quantized (it holds {', '.join(ops)}); give the float32 model")
 
 
+class _QuantizerRecords(logging.Filter):
+    """Takes onnxruntime.quantization's records off the root logger (it logs there, e.g. "Axis 1 is out-of-range for
+    weight 'norm.weight'") and passes them to this module's logger at DEBUG: a library keeps quiet by default."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f"onnxruntime{os.sep}quantization" not in record.pathname:
+            return True
+        logger.debug("onnxruntime.quantization: %s", record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _quantizer_logs_to_debug() -> Iterator[None]:
+    records = _QuantizerRecords()
+    logging.root.addFilter(records)
+    try:
+        yield
+    finally:
+        logging.root.removeFilter(records)
+
+
 class _Batches:
     """onnxruntime's CalibrationDataReader protocol over an iterable of input feeds."""
 
@@ -118,7 +141,7 @@ def quantize_static_int8(
     activation = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[settings.activations]
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[settings.calibration]
-    with tempfile.TemporaryDirectory(prefix="onnxprune-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="onnxprune-int8-") as tmp, _quantizer_logs_to_debug():
         folder = Path(tmp)
         prepared = _preprocessed(model, folder)
         out = folder / "int8.onnx"
@@ -134,7 +157,7 @@ def quantize_dynamic_int8(model: onnx.ModelProto, *, exclude: Sequence[str] = ()
     """``model`` with int8 weights in its MatMul/Gemm layers and activations quantized at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(prefix="onnxprune-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="onnxprune-int8-") as tmp, _quantizer_logs_to_debug():
         folder = Path(tmp)
         prepared = _preprocessed(model, folder)
         out = folder / "int8.onnx"

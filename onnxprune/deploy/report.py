@@ -121,6 +121,25 @@ def _row_notes(row: dict) -> list[str]:
     return notes
 
 
+def _slower_notes(report: dict) -> list[str]:
+    """A line for each artifact measured slower than the float32 input on its runtime at some thread count."""
+    rows = report["rows"]
+    inputs = {row["runtime"]: row for row in rows if row["label"].startswith(INPUT_LABEL)}  # "input", "input on OpenVINO"
+    notes = []
+    for row in rows:
+        reference = inputs.get(row["runtime"]) or next((r for r in rows if r["label"] == INPUT_LABEL), None)
+        if reference is None or row["label"].startswith(INPUT_LABEL):
+            continue
+        slower = [(t, row["latency_ms"][t]["median_ms"], reference["latency_ms"][t]["median_ms"])
+                  for t in row["latency_ms"] if t in reference["latency_ms"]
+                  and row["latency_ms"][t]["median_ms"] > reference["latency_ms"][t]["median_ms"]]
+        for threads, ms, ref_ms in slower:
+            notes.append(f"{row['label']} ({row['precision']}) is slower than the float32 input at {threads} thread(s): "
+                         f"{ms:.3g} against {ref_ms:.3g} ms (it is {report['settings']['precision']} for its size, "
+                         "not its speed, on this machine)")
+    return notes
+
+
 def deploy_notes(report: dict) -> list[str]:
     """What the table does not show: data, conversion, runtime precisions, the machine."""
     notes = []
@@ -132,6 +151,7 @@ def deploy_notes(report: dict) -> list[str]:
         notes.append(conversion)
     for row in report["rows"]:
         notes.extend(_row_notes(row))
+    notes.extend(_slower_notes(report))
     openvino = report["runtime_details"].get("openvino")
     if openvino and report["settings"]["precision"] == "fp16" and not openvino["f16_compute"]:
         notes.append("fp16 on OpenVINO: this CPU has no f16 compute (capabilities "
