@@ -233,9 +233,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         import torch  # noqa: F401
     except ImportError:  # pragma: no cover - torch is a declared extra
         raise OnnxPruneError("`onnxprune train` needs PyTorch: pip install -e '.[torch]'") from None
-    from onnxprune.pipeline import TrainConfig, results_table, run
+    from onnxprune.pipeline import TrainConfig, deploy_folder, deploy_summary, results_table, run
 
-    _use_target_threads(args)
+    if not args.deploy:  # ORT's quantizer opens sessions of its own, which a process-wide pool refuses
+        _use_target_threads(args)
     device = args.device
     if device == "auto":
         import torch
@@ -248,7 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         kl_weighting=args.kl_weighting, finetune_epochs=args.finetune_epochs, seed=args.seed,
         device=device, target=args.target, threads=args.threads, progress=not args.quiet, gate_inputs=args.gate_inputs,
         gate_options={"placement": args.placement, "noise": args.noise},
-        train_limit=args.train_limit, compile=False if args.no_compile else None,
+        train_limit=args.train_limit, compile=False if args.no_compile else None, deploy=args.deploy,
     )
     report = run(cfg)
     if "rank" in report:  # a torchrun worker: rank 0 reports and writes
@@ -257,7 +258,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{cfg.model} on {cfg.data}, {cfg.method}: {report['wrapped']['kept_fraction']:.1%} of the gated channels kept; "
           f"pruned model agrees with the wrapped model on {report['pruned']['agreement_with_wrapped']:.2%} of the test set")
     print(results_table(report))
-    print(f"\nwrote {cfg.out}/: dense.onnx, gated.onnx, pruned.onnx, report.json, channels.png "
+    deployed = deploy_summary(report)
+    if deployed:
+        print(f"\n{deployed}")
+    extra = f", {deploy_folder(cfg)}/" if cfg.deploy else ""
+    print(f"\nwrote {cfg.out}/: dense.onnx, gated.onnx, pruned.onnx, report.json, channels.png{extra} "
           f"({report['timings_s']['total']:.0f} s)")
     return _exit_after_distributed(0) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
@@ -391,6 +396,10 @@ def _add_train(sub) -> None:
                        help="train eagerly: no torch.compile of the step (on CUDA it is on by default; compiling takes a "
                             "minute or two, which a short run does not win back)")
         p.add_argument("-o", "--output", metavar="DIR", help="output folder (default out/MODEL-DATA-METHOD)")
+        p.add_argument("--deploy", choices=("int8", "fp16", "fp32"), default="int8" if name == "demo" else None,
+                       help="also deploy pruned.onnx for ONNX Runtime in this precision (`onnxprune deploy`, calibrated "
+                            "and checked on the dataset) into OUT/deploy-PRECISION/"
+                            + (" (default int8)" if name == "demo" else ""))
         _target_args(p)
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         p.set_defaults(func=cmd_train)

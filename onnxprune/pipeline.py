@@ -73,6 +73,7 @@ class TrainConfig:
     gate_options: dict = field(default_factory=dict)
     train_limit: int | None = None  # train on this many training images (a fixed random subset), for quick trials
     compile: bool | None = None  # torch.compile the Bayesian training step (None: fit's default, on CUDA with Triton)
+    deploy: str | None = None  # "int8", "fp16" or "fp32": also `onnxprune deploy` pruned.onnx for ORT into deploy-PRECISION/
 
     def resolved_epochs(self) -> tuple[int, int]:
         pre, bayes = DEFAULT_EPOCHS.get(self.data, (10, 30))
@@ -113,6 +114,8 @@ def _check(cfg: TrainConfig):
         raise InputError(
             f"model '{cfg.model}' takes inputs {tuple(spec.input_shape)} but dataset '{cfg.data}' has {tuple(data.input_shape)}"
         )
+    if cfg.deploy not in (None, "int8", "fp16", "fp32"):
+        raise InputError(f"unknown deploy precision '{cfg.deploy}'; known: int8, fp16, fp32")
     if cfg.train_limit is not None and cfg.train_limit < 1:
         raise InputError(f"--train-limit must be a positive number of images, got {cfg.train_limit}")
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
@@ -311,6 +314,9 @@ def run(cfg: TrainConfig) -> dict:
             export_models(dense, wrapped, example, stage, finetuned=tuned)
             result = _prune(cfg, stage)
         report = _report(cfg, data, stage, result, wrapped, wrapped_pred, dense_acc_torch)
+        if cfg.deploy:
+            with timed(timings, "deploy_s"):
+                report["deploy"] = deploy_pruned(cfg, stage)
         report["timings_s"] = {**timings, "total": time.perf_counter() - t_start}
         _write_outputs(cfg, report, stage, out)
     finally:
@@ -391,6 +397,21 @@ def _report(cfg: TrainConfig, data: Dataset, stage: Path, result, wrapped: Bayes
     }
 
 
+def deploy_folder(cfg: TrainConfig) -> str:
+    """The folder, beside pruned.onnx, that ``TrainConfig.deploy`` writes the deployable artifacts into."""
+    return f"deploy-{cfg.deploy}"
+
+
+def deploy_pruned(cfg: TrainConfig, stage: Path) -> dict:
+    """``onnxprune deploy`` of the staged pruned.onnx for ONNX Runtime in ``cfg.deploy``'s precision, calibrated and
+    checked on the run's dataset (training split, test split); returns deploy's report."""
+    from onnxprune.deploy import deploy
+
+    result = deploy(stage / "pruned.onnx", stage / deploy_folder(cfg), runtime="ort", precision=cfg.deploy,
+                    calibration=cfg.data, data_dir=cfg.data_dir, threads=cfg.threads or 2, progress=cfg.progress)
+    return result.report
+
+
 def _write_outputs(cfg: TrainConfig, report: dict, stage: Path, out: Path) -> None:
     """report.json and channels.png into the staging folder, then every output moved into ``out``."""
     from onnxprune.modelio import atomic_write_text
@@ -399,6 +420,11 @@ def _write_outputs(cfg: TrainConfig, report: dict, stage: Path, out: Path) -> No
     plot_channels(report["groups"], stage / "channels.png", f"{cfg.model} on {cfg.data} ({cfg.method}): channels kept")
     for name in OUTPUTS:
         os.replace(stage / name, out / name)
+    if cfg.deploy:  # a folder: the previous run's is replaced whole
+        target = out / deploy_folder(cfg)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(stage / deploy_folder(cfg), target)
 
 
 def plot_channels(groups: list[dict], path: Path, title: str) -> None:
@@ -440,3 +466,13 @@ def results_table(report: dict) -> str:
          f"{d['latency_ms'] / p['latency_ms']:.2f}x faster"],
     ]
     return format_table(["", "dense", "pruned", ""], rows, "lrrl")
+
+
+def deploy_summary(report: dict) -> str | None:
+    """The deployed artifacts' table (size, latency at 1 and N threads, agreement, error), when the run deployed."""
+    if "deploy" not in report:
+        return None
+    from onnxprune.deploy.report import deploy_table
+
+    deployed = report["deploy"]
+    return f"pruned.onnx deployed ({deployed['settings']['precision']}, ORT CPU, batch 1):\n" + deploy_table(deployed)

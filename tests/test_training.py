@@ -295,13 +295,17 @@ def test_train_command_runs_the_whole_pipeline_and_pruned_predictions_match(tmp_
     assert not any(p.name.startswith(".stage-") for p in out.iterdir())
 
 
-def test_train_command_with_the_authors_gate_placement_and_noise_prunes_to_the_same_predictions(tmp_path, capsys):
+def test_train_command_with_the_authors_gate_placement_and_noise_prunes_and_deploys_int8(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "--epochs", "12", "--pretrain-epochs", "4", "--placement", "pre-bias", "--noise", "batch",
-                 "-o", str(out), "-q", "--target", "none"])
+                 "-o", str(out), "-q", "--target", "none", "--deploy", "int8"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["pruned"]["agreement_with_wrapped"] >= 0.999
+    deployed = out / "deploy-int8"
+    assert {"model.onnx", "model.ort", "required_operators.config", "deploy.json"} <= {p.name for p in deployed.iterdir()}
+    assert report["deploy"]["settings"]["precision"] == "int8" and report["deploy"]["data"]["source"] == "digits"
+    assert "pruned.onnx deployed (int8" in capsys.readouterr().out
 
 
 def test_train_command_with_mac_weighted_kl_and_fine_tuning_prunes_the_fine_tuned_net(tmp_path, capsys):
