@@ -318,3 +318,19 @@ def test_store_finds_a_run_in_whichever_experiment_holds_it(tmp_path):
     assert locate("cifar-vgg-sbp", tmp_path) is None
     assert [run for run, _ in read_all(tmp_path)] == ["mnist-lenet5-sbp", "mnist-lenet5-sbp-kl5"]
     assert read_runs(tmp_path / "sbp-variants") == [("mnist-lenet5-sbp-kl5", {"benchmark": "paper-table", "tag": "kl5"})]
+
+
+@pytest.mark.data
+def test_deploy_table_deploys_a_committed_lenet_to_int8_and_the_report_renders_its_goals(tmp_path, shared):
+    from benchmarks.report.sections import deploy
+
+    shared("mnist", "t10k-images-idx3-ubyte.gz")
+    done = script("deploy_table", "--nets", "lenet5", "--quick", "--results", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "deploy-table-quick.json").read_text())
+    net = result["nets"]["lenet5"]
+    assert set(net["sizes"]) == {"dense fp32", "dense int8", "pruned fp32", "pruned int8"}
+    assert net["sizes"]["pruned int8"] < net["sizes"]["pruned fp32"] < net["sizes"]["dense fp32"]
+    assert abs(net["errors"]["ort"]["pruned int8"] - net["errors"]["ort"]["pruned fp32"]) < 0.01
+    section = deploy("deploy-table-quick", result)
+    assert "LeNet5-Caffe / mnist | pruned int8" in section["table"] and "error" in section["checks"]

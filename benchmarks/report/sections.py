@@ -213,7 +213,54 @@ def tvbi_batchnorm(run: str, r: dict) -> dict:
             "turbo_vbi": r["config"]["turbo_vbi"], "table": table}
 
 
+DEPLOY_VARIANTS = ("dense fp32", "dense int8", "pruned fp32", "pruned int8")
+
+
+def _deploy_row(label: str, variant: str, net: dict) -> list[str]:
+    """One variant of a net: size, latency per setting and batch (speed-up over dense fp32), errors, realisation."""
+    cells = [label, variant, f"{net['sizes'][variant] / 1e3:.0f} kB"]
+    for timings in net["latency_ms"].values():
+        for batch in ("1", "64"):
+            t = timings[batch]
+            ms_here, dense = t[variant]["median_ms"], t["dense fp32"]["median_ms"]
+            cells.append(f"{ms_here:.3g} ({dense / ms_here:.2f}x)")
+    cells += [f"{100 * net['errors']['ort'][variant]:.2f}", f"{100 * net['errors']['openvino'][variant]:.2f}"]
+    first = next(iter(net["latency_ms"].values()))["64"]
+    macs = net["macs"]["pruned" if variant.startswith("pruned") else "dense"]
+    speedup = first["dense fp32"]["median_ms"] / first[variant]["median_ms"]
+    cells.append(f"{speedup / (net['macs']['dense'] / macs):.2f}")
+    return cells
+
+
+def _deploy_checks(label: str, net: dict) -> str:
+    """The issue's goals for one net, each with its numbers."""
+    err, size = net["errors"]["ort"], net["sizes"]
+    first = next(iter(net["latency_ms"].values()))
+    b64, b1 = first["64"], first["1"]
+    gap = 100 * (err["pruned int8"] - err["pruned fp32"])
+    faster = {b: t["pruned int8"]["median_ms"] < min(t["pruned fp32"]["median_ms"], t["dense int8"]["median_ms"])
+              for b, t in (("64", b64), ("1", b1))}
+    kept = net["deploy"]["pruned int8 ort"]["layers_kept_float"]
+    return (f"{label}: pruned int8 minus pruned fp32 error {gap:+.2f} points; file {size['dense int8'] / size['pruned int8']:.2f}x "
+            f"smaller than dense int8 (parameters, fp32 files: {size['dense fp32'] / size['pruned fp32']:.2f}x); "
+            f"pruned int8 faster than both pruned fp32 and dense int8 at 1 thread: batch 64 "
+            f"{'yes' if faster['64'] else 'no'}, batch 1 {'yes' if faster['1'] else 'no'}; layers ORT keeps in float32: "
+            + (", ".join(f"`{k}`" for k in kept) if kept else "none"))
+
+
+def deploy(run: str, r: dict) -> dict:
+    """Dense and pruned, float32 and int8, on ORT CPU and OpenVINO CPU, side by side per net."""
+    settings = next(iter(r["nets"].values()))["latency_ms"]
+    head = ["net", "model", "file"] + [f"{s}, b{b}: ms (x dense fp32)" for s in settings for b in (1, 64)]
+    head += ["error % (ORT)", "error % (OpenVINO)", "realisation (ORT 1 thread b64)"]
+    rows = [_deploy_row(n["label"], v, n) for n in r["nets"].values() for v in DEPLOY_VARIANTS]
+    checks = [_deploy_checks(n["label"], n) for n in r["nets"].values()]
+    return {"run": run, "machine": machine_line(r["machine"]), "table": md_table(head, rows),
+            "checks": "\n".join(f"- {c}" for c in checks), "min_agreement": f"{r['config']['min_agreement']:g}",
+            "rounds": r["config"]["rounds"], "calibration_samples": r["config"]["calibration_samples"]}
+
+
 # The experiments' folders in the store and the function giving each run's values
 SECTIONS = {"prune-resnet50": prune_resnet50, "latency-targets": latency_targets, "rbp-compile": rbp_compile,
             "sbp-step-time": sbp_step_time, "subnormals": subnormals, "bn-recalibration": bn_recalibration,
-            "sbp-weight-lr": sbp_weight_lr, "tvbi-batchnorm": tvbi_batchnorm}
+            "sbp-weight-lr": sbp_weight_lr, "tvbi-batchnorm": tvbi_batchnorm, "deploy": deploy}
