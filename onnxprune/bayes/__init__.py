@@ -29,6 +29,7 @@ _HOMES = {
     "finetune_pruned": "onnxprune.bayes.finetune",
     "METHODS": "onnxprune.bayes.methods",
     "register_method": "onnxprune.bayes.methods",
+    "step_hooks": "onnxprune.bayes.loop",
 }
 
 
