@@ -330,7 +330,11 @@ def test_deploy_table_deploys_a_committed_lenet_to_int8_and_the_report_renders_i
     result = json.loads((tmp_path / "deploy-table-quick.json").read_text())
     net = result["nets"]["lenet5"]
     assert set(net["sizes"]) == {"dense fp32", "dense int8", "pruned fp32", "pruned int8"}
-    assert net["sizes"]["pruned int8"] < net["sizes"]["pruned fp32"] < net["sizes"]["dense fp32"]
+    sizes = net["sizes"]
+    assert sizes["pruned int8"] < sizes["dense int8"] < sizes["dense fp32"] and sizes["pruned fp32"] < sizes["dense fp32"]
+    # int8 leaves layers measured slower in int8 in float32 (on a loaded machine it may be all of them): then the
+    # file is the float one plus a few quantize nodes, never materially larger
+    assert sizes["pruned int8"] < 1.01 * sizes["pruned fp32"]
     assert abs(net["errors"]["ort"]["pruned int8"] - net["errors"]["ort"]["pruned fp32"]) < 0.01
     section = deploy("deploy-table-quick", result)
     assert "LeNet5-Caffe / mnist | pruned int8" in section["table"] and "error" in section["checks"]
