@@ -329,7 +329,9 @@ class ArrayLoader:
     permutation (``perm[rank::world_size]`` after dropping the last ``len % world_size``),
     as DistributedSampler does, but without padding by repetition. ``augment(x, generator)``
     (e.g. :func:`augment_batch`) runs on the float batch with a generator seeded from
-    (seed, epoch, rank). ``len()`` is the number of batches this rank yields.
+    (seed, epoch, rank). ``len()`` is the number of batches this rank yields. ``y`` becomes int64
+    class labels; with ``class_labels=False`` only integer ``y`` does, other dtypes (regression
+    targets) are kept.
     """
 
     def __init__(
@@ -345,6 +347,7 @@ class ArrayLoader:
         *,
         rank: int = 0,
         world_size: int = 1,
+        class_labels: bool = True,
     ) -> None:
         if len(x) != len(y):
             raise InputError(f"ArrayLoader: {len(x)} images but {len(y)} labels")
@@ -355,6 +358,7 @@ class ArrayLoader:
         self.device = torch.device(device)
         self.augment, self.drop_last = augment, drop_last
         self.rank, self.world_size = rank, world_size
+        self.class_labels = class_labels
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -390,4 +394,11 @@ class ArrayLoader:
             xb = xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float()
             if generator is not None:
                 xb = self.augment(xb, generator)  # type: ignore[misc]
-            yield xb, torch.from_numpy(self.y[sel].astype(np.int64, copy=False)).to(self.device, non_blocking=True)
+            yield xb, torch.from_numpy(self._targets(sel)).to(self.device, non_blocking=True)
+
+    def _targets(self, sel: np.ndarray) -> np.ndarray:
+        """The batch's targets: int64 labels, or (``class_labels=False``) non-integer targets as they are."""
+        yb = self.y[sel]
+        if self.class_labels or np.issubdtype(yb.dtype, np.integer):
+            return yb.astype(np.int64, copy=False)
+        return yb

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ class FitConfig:
     """
 
     epochs: int
-    batch_size: int = 128
+    batch_size: int = 128  # arrays' batches (and their BatchNorm re-estimation); a DataLoader keeps its own
     lr: float = 1e-3
     gate_lr: float | None = None  # None: lr
     weight_decay: float = 0.0
@@ -34,9 +34,9 @@ class FitConfig:
     kl_scale: float = 1.0
     seed: int = 0
     device: str | torch.device = "cpu"
-    augment: Callable | None = None
+    augment: Callable | None = None  # arrays only: augment(x_batch, generator) on the device
     checkpoint: str | os.PathLike[str] | None = None
-    eval_data: tuple[np.ndarray, np.ndarray] | None = None
+    eval_data: tuple[np.ndarray, np.ndarray] | Iterable[Any] | None = None  # (x, y) arrays, or batches of (inputs, targets)
     progress: bool = True
     lr_schedule: str = "constant"
     desc: str = "train"
@@ -47,6 +47,10 @@ class FitConfig:
     decay_start: float = 0.5
     recalibrate: bool = True
     restart_per_stage: bool = True
+    # loss_fn(outputs, targets) -> a 0-dim tensor (the mean over the batch); None: cross-entropy on class labels
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+    # N of the ELBO (a Bayesian model's loss is loss_fn + kl_weight * KL / N); None: len(x), or len(loader.dataset)
+    n_train: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay_start < 1.0:
@@ -55,6 +59,8 @@ class FitConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not self.kl_scale > 0:
             raise ValueError(f"kl_scale must be positive, got {self.kl_scale}")
+        if self.n_train is not None and not self.n_train >= 1:
+            raise ValueError(f"n_train must be a positive number of training examples, got {self.n_train}")
 
     @property
     def gate_learning_rate(self) -> float:

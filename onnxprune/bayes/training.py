@@ -1,13 +1,16 @@
 """Training with the negative ELBO: ``elbo`` and ``fit`` (one process, or several under torchrun).
 
 ``fit`` trains a wrapped model (loss: the negative ELBO) or a plain one (loss:
-cross-entropy, for dense pre-training), with optimizer groups (gate parameters
-may take their own learning rate), a linear warm-up of the KL weight, a
-progress bar, checkpoints after every epoch and resume, and a fixed seed. Under
-``torchrun`` it trains with DistributedDataParallel (gloo on CPU, NCCL on GPU):
-each rank sees its own slice of every epoch's permutation. Its options are
-:class:`~onnxprune.bayes.fit_config.FitConfig`'s fields; each epoch's summary line
-goes to this module's logger (INFO).
+cross-entropy, for dense pre-training, or the caller's ``loss_fn``), with optimizer
+groups (gate parameters may take their own learning rate), a linear warm-up of the
+KL weight, a progress bar, checkpoints after every epoch and resume, and a fixed
+seed. Its data are arrays (x, y) or any iterable of ``(inputs, targets)`` batches
+(a DataLoader), each behind a batch source (:class:`ArrayBatches`,
+:class:`IterableBatches`). Under ``torchrun`` it trains with
+DistributedDataParallel (gloo on CPU, NCCL on GPU): each rank sees its own slice of
+every epoch (arrays: of the epoch's permutation; a DataLoader: through a
+DistributedSampler). Its options are :class:`~onnxprune.bayes.fit_config.FitConfig`'s
+fields; each epoch's summary line goes to this module's logger (INFO).
 """
 
 from __future__ import annotations
@@ -28,14 +31,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from onnxprune.bayes.batches import BatchSource, batch_length, batch_source, training_set_size
 from onnxprune.bayes.checkpoint import load_training_state, save_training_state
-from onnxprune.bayes.evaluation import evaluate, ieee_float32, predict, recalibrate_norms
+from onnxprune.bayes.evaluation import (
+    call_model,
+    evaluate,
+    evaluate_batches,
+    ieee_float32,
+    is_classification,
+    predict,
+    recalibrate_norms,
+)
 from onnxprune.bayes.fit_config import FitConfig
 from onnxprune.bayes.schedule import LR_SCHEDULES, kl_warmup_factor, lr_factor, reach_warning, step_lr_factor
 from onnxprune.bayes.wrapper import BayesianModel
+from onnxprune.errors import InputError
 
 if TYPE_CHECKING:
-    from onnxprune.data import ArrayLoader
+    pass
 
 __all__ = [
     "elbo", "fit", "FitConfig", "EpochStats", "History", "finish_distributed",
@@ -46,7 +59,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LossFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+LossFunction = Callable[[Any, Any, torch.Tensor], tuple[torch.Tensor, Any]]  # (inputs, targets, kl_weight) -> (loss, outputs)
 
 
 def elbo(logits: torch.Tensor, targets: torch.Tensor, model: BayesianModel, n_train: int, kl_weight: float = 1.0) -> torch.Tensor:
@@ -56,12 +69,13 @@ def elbo(logits: torch.Tensor, targets: torch.Tensor, model: BayesianModel, n_tr
 
 @dataclass
 class EpochStats:
-    """One epoch's summary: mean loss and accuracy over the training batches, the KL weight at its
-    last step, the share of channels kept, its duration, and the test accuracy when evaluated."""
+    """One epoch's summary: mean loss and accuracy over the training batches (None: the outputs are not class
+    logits for integer labels), the KL weight at its last step, the share of channels kept, its duration, and the
+    test accuracy when evaluated."""
 
     epoch: int
     loss: float
-    accuracy: float
+    accuracy: float | None
     kl_weight: float
     kept_fraction: float
     seconds: float
@@ -141,20 +155,32 @@ def _parallel(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
 
 
+def _checked_loss(loss: Any) -> torch.Tensor:
+    """``loss`` when it is one number (a 0-dim tensor); an InputError otherwise."""
+    if isinstance(loss, torch.Tensor) and loss.dim() == 0:
+        return loss
+    what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}"
+    raise InputError(f"loss_fn returned {what}: it must return one number (a 0-dim tensor); reduce it over the batch, "
+                     f"e.g. with .mean()")
+
+
 def _loss_function(train_model: nn.Module, model: nn.Module, cfg: FitConfig, device: torch.device,
-                   n_train: int) -> LossFunction:
-    """``(inputs, targets, kl_weight) -> (loss, logits)``: the negative ELBO over ``n_train`` for a wrapped model,
-    cross-entropy otherwise."""
+                   n_train: int | None) -> LossFunction:
+    """``(inputs, targets, kl_weight) -> (loss, outputs)``: for a wrapped model the negative ELBO over ``n_train``,
+    ``(N * loss_fn + kl_weight * KL) / N``, else ``loss_fn`` (default: cross-entropy)."""
     bayesian = isinstance(model, BayesianModel)
     autocast = cfg.amp and device.type == "cuda"
+    data_loss = cfg.loss_fn or F.cross_entropy
 
-    def forward_loss(xb: torch.Tensor, yb: torch.Tensor, kl_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_loss(inputs: Any, targets: Any, kl_w: torch.Tensor) -> tuple[torch.Tensor, Any]:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = train_model(xb)
-        logits = logits.float()
-        if bayesian:
-            return elbo(logits, yb, model, n_train, kl_w) / n_train, logits
-        return F.cross_entropy(logits, yb), logits
+            outputs = call_model(train_model, inputs)
+        if isinstance(outputs, torch.Tensor) and outputs.is_floating_point():
+            outputs = outputs.float()
+        loss = _checked_loss(data_loss(outputs, targets))
+        if bayesian:  # the same operations as elbo(...) / n_train
+            return (n_train * loss + kl_w * model.kl()) / n_train, outputs
+        return loss, outputs
 
     return forward_loss
 
@@ -179,7 +205,7 @@ class _TrainingRun:
     model: nn.Module  # the model being trained (not the DDP wrapper)
     train_model: nn.Module  # the module the forward pass runs (DDP under torchrun)
     optimizer: torch.optim.Optimizer
-    loader: ArrayLoader
+    source: BatchSource
     forward_loss: LossFunction
     kl_weight: torch.Tensor  # on the device: a compiled step reads it as data
     device: torch.device
@@ -191,8 +217,41 @@ class _TrainingRun:
         return isinstance(self.model, BayesianModel)
 
     @property
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.loader))
+    def steps_per_epoch(self) -> int | None:
+        steps = self.source.steps
+        return None if steps is None else max(1, steps)
+
+
+@dataclass
+class _Sums:
+    """An epoch's running sums; the tensors stay on the device (reading them every step would wait for the GPU)."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+    scored: int = 0  # examples of batches with class labels (the accuracy's)
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> _Sums:
+        return cls(torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.int64, device=device))
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, outputs: Any, targets: Any) -> None:
+        n = batch_length(targets) or batch_length(outputs) or 1
+        if is_classification(outputs, targets):
+            self.correct += (outputs.argmax(1) == targets).sum()
+            self.scored += n
+        self.seen += n
+        self.loss += loss.detach().double() * n
+
+    def reduced(self, world: int) -> tuple[float, float | None]:
+        """(mean loss, accuracy or None), over every rank."""
+        device = self.loss.device
+        counts = torch.tensor([float(self.seen), float(self.scored)], dtype=torch.float64, device=device)
+        stats = torch.cat([torch.stack([self.loss, self.correct.double()]), counts])
+        if world > 1:
+            dist.all_reduce(stats)
+        return float(stats[0] / stats[2]), (float(stats[1] / stats[3]) if stats[3] > 0 else None)
 
 
 def _apply_schedule(run: _TrainingRun, epoch: int, step: int, span: tuple[int, int] | None) -> float:
@@ -209,9 +268,17 @@ def _apply_schedule(run: _TrainingRun, epoch: int, step: int, span: tuple[int, i
     return kl_w
 
 
-def _train_step(run: _TrainingRun, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a batch, with the gates' hooks around it; returns (loss, logits)."""
-    loss, logits = run.forward_loss(xb, yb, run.kl_weight)
+def _check_schedule(run: _TrainingRun) -> None:
+    """A ValueError when the schedules need the number of batches per epoch and the data does not tell it."""
+    warmup = run.bayesian and run.cfg.kl_warmup_epochs > 0
+    if run.steps_per_epoch is None and (run.cfg.lr_schedule != "constant" or warmup):
+        raise ValueError("lr_schedule and kl_warmup_epochs need the number of batches per epoch: give data with a len() "
+                         "(e.g. a DataLoader over a Dataset that has one)")
+
+
+def _train_step(run: _TrainingRun, inputs: Any, targets: Any) -> tuple[torch.Tensor, Any]:
+    """One optimizer step on a batch, with the gates' hooks around it; returns (loss, outputs)."""
+    loss, outputs = run.forward_loss(inputs, targets, run.kl_weight)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if run.bayesian:
@@ -220,7 +287,7 @@ def _train_step(run: _TrainingRun, xb: torch.Tensor, yb: torch.Tensor) -> tuple[
     if run.bayesian:
         run.model.after_step()
         run.model.clip_()
-    return loss, logits
+    return loss, outputs
 
 
 def _progress_bar(run: _TrainingRun, epoch: int):
@@ -232,11 +299,13 @@ def _progress_bar(run: _TrainingRun, epoch: int):
     return tqdm(total=run.steps_per_epoch, desc=f"{run.cfg.desc} {epoch + 1}/{run.cfg.epochs}", leave=False, dynamic_ncols=True)
 
 
-def _show_progress(run: _TrainingRun, bar, step: int, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
+def _show_progress(run: _TrainingRun, bar, step: int, sums: _Sums) -> None:
     """Advance the bar; every 10th step, show the running loss, accuracy (and share of channels kept)."""
     bar.update(1)
     if step % 10 == 0:
-        post = {"loss": f"{float(loss_sum) / seen:.4f}", "acc": f"{int(correct) / seen:.3f}"}
+        post = {"loss": f"{float(sums.loss) / sums.seen:.4f}"}
+        if sums.scored:
+            post["acc"] = f"{int(sums.correct) / sums.scored:.3f}"
         if run.bayesian:
             post["kept"] = f"{run.model.kept_fraction():.2f}"
         bar.set_postfix(post)
@@ -244,7 +313,7 @@ def _show_progress(run: _TrainingRun, bar, step: int, loss_sum: torch.Tensor, co
 
 def _train_epoch(run: _TrainingRun, epoch: int) -> EpochStats:
     """Train one epoch; its statistics, summed over the ranks (without the test accuracy)."""
-    run.loader.set_epoch(epoch)
+    run.source.set_epoch(epoch)
     run.train_model.train()
     span = None
     if run.bayesian:
@@ -252,37 +321,40 @@ def _train_epoch(run: _TrainingRun, epoch: int) -> EpochStats:
         span = run.model.stage_span(epoch, run.cfg.epochs) if run.cfg.restart_per_stage else None
     t0 = time.perf_counter()
     bar = _progress_bar(run, epoch)
-    # running sums stay on the device: reading them every step would wait for the GPU each time
-    seen = 0
-    correct = torch.zeros((), dtype=torch.int64, device=run.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    sums = _Sums.zeros(run.device)
     kl_w = 1.0
-    for step, (xb, yb) in enumerate(run.loader):
+    for step, (inputs, targets) in enumerate(run.source):
         kl_w = _apply_schedule(run, epoch, step, span)
-        loss, logits = _train_step(run, xb, yb)
-        with torch.no_grad():
-            correct += (logits.argmax(1) == yb).sum()
-            seen += len(yb)
-            loss_sum += loss.detach().double() * len(yb)
+        loss, outputs = _train_step(run, inputs, targets)
+        sums.add(loss, outputs, targets)
         if bar is not None:
-            _show_progress(run, bar, step, loss_sum, correct, seen)
+            _show_progress(run, bar, step, sums)
     if bar is not None:
         bar.close()
-    stats = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=run.device)])
-    if run.world > 1:
-        dist.all_reduce(stats)
+    loss, accuracy = sums.reduced(run.world)
     kept = run.model.kept_fraction() if run.bayesian else 1.0
-    return EpochStats(epoch + 1, float(stats[0] / stats[2]), float(stats[1] / stats[2]), kl_w, kept, time.perf_counter() - t0)
+    return EpochStats(epoch + 1, loss, accuracy, kl_w, kept, time.perf_counter() - t0)
 
 
 def epoch_line(desc: str, epochs: int, record: EpochStats, bayesian: bool) -> str:
-    """The epoch's summary: ``"sbp 3/20: loss 0.1234, train acc 0.9876, test acc 0.9812, channels kept 41.0% (2.5 s)"``."""
-    line = f"{desc} {record.epoch}/{epochs}: loss {record.loss:.4f}, train acc {record.accuracy:.4f}"
+    """The epoch's summary: ``"sbp 3/20: loss 0.1234, train acc 0.9876, test acc 0.9812, channels kept 41.0% (2.5 s)"``
+    (no accuracy where there is none: outputs that are not class logits)."""
+    line = f"{desc} {record.epoch}/{epochs}: loss {record.loss:.4f}"
+    if record.accuracy is not None:
+        line += f", train acc {record.accuracy:.4f}"
     if record.eval_accuracy is not None:
         line += f", test acc {record.eval_accuracy:.4f}"
     if bayesian:
         line += f", channels kept {record.kept_fraction:.1%}"
     return line + f" ({record.seconds:.1f} s)"
+
+
+def _eval_accuracy(model: nn.Module, eval_data: Any, device: torch.device) -> float | None:
+    """Test accuracy on ``eval_data``: (x, y) arrays, or batches of (inputs, targets) (None: not classification)."""
+    arrays = isinstance(eval_data, (tuple, list)) and len(eval_data) == 2
+    if arrays and all(isinstance(a, (np.ndarray, torch.Tensor)) for a in eval_data):
+        return evaluate(model, *eval_data, device=device)
+    return evaluate_batches(model, eval_data, device=device)
 
 
 # -- fit ---------------------------------------------------------------------------
@@ -296,13 +368,13 @@ def _warn_if_too_short(model: BayesianModel, cfg: FitConfig, steps_per_epoch: in
         warnings.warn(short, RuntimeWarning, stacklevel=3)  # at fit's caller
 
 
-def _start(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: FitConfig) -> tuple[_TrainingRun, int, History]:
-    """Seed, place the model, build the optimizer, resume from the checkpoint, and make the loss and the
-    loader: (the run, the first epoch to train, the history so far)."""
-    from onnxprune.data import ArrayLoader
-
+def _start(model: nn.Module, data: Any, y: Any, cfg: FitConfig) -> tuple[_TrainingRun, int, History]:
+    """Check the data, seed, place the model, build the optimizer, resume from the checkpoint, and make the loss:
+    (the run, the first epoch to train, the history so far)."""
     device = torch.device(cfg.device)
     rank, world = _distributed(device)
+    source = batch_source(data, y, cfg, device, rank, world)
+    n_train = training_set_size(data, y, cfg, isinstance(model, BayesianModel))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = model.to(device)
@@ -311,49 +383,52 @@ def _start(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: FitConfig) -> tu
     optimizer = make_optimizer(model, cfg, device)
     start_epoch, history = _resume(cfg.checkpoint_path, model, optimizer, device)
     train_model = _parallel(model, device, world)
-    forward_loss = _loss_function(train_model, model, cfg, device, len(x))
+    forward_loss = _loss_function(train_model, model, cfg, device, n_train)
     compile_step = (_compile_by_default(device) and world == 1) if cfg.compile_step is None else cfg.compile_step
     if compile_step:
         forward_loss = _compiled(forward_loss, model)
     kl_weight = torch.full((), float(cfg.kl_scale), device=device)
-    loader = ArrayLoader(x, y, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device, augment=cfg.augment,
-                         drop_last=True, rank=rank, world_size=world)
-    return _TrainingRun(cfg, model, train_model, optimizer, loader, forward_loss, kl_weight, device, rank, world), start_epoch, history
+    run = _TrainingRun(cfg, model, train_model, optimizer, source, forward_loss, kl_weight, device, rank, world)
+    _check_schedule(run)
+    return run, start_epoch, history
 
 
-def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, config: FitConfig | None = None, **options: Any) -> History:
-    """Train ``model`` on (x, y) for ``epochs`` epochs; see the module docstring.
+def fit(model: nn.Module, data: Any, y: Any = None, config: FitConfig | None = None, **options: Any) -> History:
+    """Train ``model`` for ``epochs`` epochs on ``data``; see the module docstring.
+
+    ``data`` is either an array of inputs ``x`` with its labels ``y`` (``fit(model, x, y, epochs=5)``: batches
+    of ``batch_size``, shuffled every epoch, ``augment`` on the device) or, without ``y``, any iterable of
+    ``(inputs, targets)`` batches, e.g. a ``torch.utils.data.DataLoader``, iterated afresh every epoch: ``inputs``
+    a tensor (``model(inputs)``), a tuple (``model(*inputs)``) or a dict (``model(**inputs)``), moved to ``device``
+    with the targets. Under torchrun a DataLoader without a DistributedSampler is given one (each rank its share).
 
     Options (:class:`~onnxprune.bayes.fit_config.FitConfig`'s fields, given by name or as ``config``):
-    a :class:`BayesianModel` is trained on the negative ELBO (N = len(x), the whole training set across
-    ranks), anything else on cross-entropy. With ``checkpoint``, the state after every epoch is written
-    there (atomically) and a later call with the same path resumes after the last finished epoch (a file
-    holding anything but tensors and plain data is refused: :class:`~onnxprune.errors.InputError`).
-    ``lr_schedule`` is "constant", "cosine" or "step-linear" (constant for the first half, then linear
-    decay to zero: the SBP authors' schedule; ``decay_start`` moves the bend). ``betas`` are Adam's.
-    ``amp`` runs the forward pass in bfloat16 autocast on CUDA (the gates' statistics stay in float64).
-    ``compile_gates`` compiles the gates' numerics with ``torch.compile`` (default: on CUDA when Triton
-    is installed, where it makes an SBP step several times faster). ``kl_scale`` multiplies the KL term
-    (1: the ELBO; above 1 a tempered one, which trades accuracy for sparsity, as if the data set were
-    ``kl_scale`` times smaller). ``recalibrate``: after the last epoch, a Bayesian model's BatchNorm
-    statistics are re-estimated for its deterministic gates (:func:`recalibrate_norms`), so that the
-    model evaluated and exported is the one whose statistics were measured. ``compile_step`` compiles
-    the whole forward pass and loss (and so their backward) into one graph, fusing the gates' many
-    small ops into the layers' kernels (default: on CUDA with Triton, one process). The first steps
-    then take the compile time (a minute or two). ``restart_per_stage``: when the gates are trained
-    stage by stage (recursive RBP), the learning-rate schedule runs once within each stage instead of
-    once over all epochs, so that the last stages are not trained at a decayed rate. With ``progress``,
-    rank 0 shows a progress bar and logs each epoch's summary line (:func:`epoch_line`) at INFO.
+    ``loss_fn(outputs, targets)`` returns the batch's mean loss (default: cross-entropy). A
+    :class:`BayesianModel` is trained on the negative ELBO over N, ``loss_fn + kl_weight * KL / N``, with N =
+    ``n_train``, else len(x) or len(loader.dataset) (the whole training set across ranks); an iterable with
+    neither is a TypeError. Training accuracy is reported only for 2-D logits and 1-D integer labels.
+    With ``checkpoint``, the state after every epoch is written there (atomically) and a later call with the
+    same path resumes after the last finished epoch (a file holding anything but tensors and plain data is
+    refused: :class:`~onnxprune.errors.InputError`). A batch that is not ``(inputs, targets)`` or a loss that
+    is not one number is an InputError before any step. ``lr_schedule`` is "constant", "cosine" or
+    "step-linear" (constant, then linear decay to zero from ``decay_start``). ``amp``: bfloat16 autocast on
+    CUDA. ``compile_gates`` / ``compile_step``: ``torch.compile`` the gates' numerics / the whole forward pass
+    and loss (default: on CUDA with Triton; the step in one process only). ``kl_scale`` multiplies the KL term
+    (above 1: a tempered ELBO, more sparsity). ``recalibrate``: after the last epoch, a Bayesian model's
+    BatchNorm statistics are re-estimated for its deterministic gates (:func:`recalibrate_norms`), over x or
+    the iterable's inputs. ``restart_per_stage``: with gates trained stage by stage (recursive RBP), the
+    learning-rate schedule restarts within each stage. With ``progress``, rank 0 shows a progress bar and logs
+    each epoch's summary line (:func:`epoch_line`) at INFO.
     """
     cfg = FitConfig.from_options(config, options)
-    run, start_epoch, history = _start(model, x, y, cfg)
+    run, start_epoch, history = _start(model, data, y, cfg)
     checkpoint = cfg.checkpoint_path
-    if run.bayesian and run.rank == 0:
+    if run.bayesian and run.rank == 0 and run.steps_per_epoch is not None:
         _warn_if_too_short(run.model, cfg, run.steps_per_epoch)
     for epoch in range(start_epoch, cfg.epochs):
         record = _train_epoch(run, epoch)
         if cfg.eval_data is not None and run.rank == 0:
-            record.eval_accuracy = evaluate(run.model, *cfg.eval_data, device=run.device)
+            record.eval_accuracy = _eval_accuracy(run.model, cfg.eval_data, run.device)
         history.epochs.append(record)
         if run.rank == 0 and cfg.progress:
             logger.info(epoch_line(cfg.desc, cfg.epochs, record, run.bayesian))
@@ -364,5 +439,5 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, config: FitConfig | None
     if run.bayesian:
         run.model.read_states_as_data(False)
         if cfg.recalibrate:
-            recalibrate_norms(run.model, x, batch_size=max(cfg.batch_size, 256), device=run.device)
+            run.source.recalibrate(run.model, cfg, run.device)
     return history
