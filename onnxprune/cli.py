@@ -243,13 +243,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = TrainConfig(
-        model=args.model, data=args.data, data_dir=args.data_dir, out=args.output or f"out/{args.model}-{args.data}-{args.method}",
+        model=args.model, data=args.data, data_dir=args.data_dir, out=args.output or _default_train_folder(args),
         method=args.method, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, pretrained=args.pretrained,
         batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr, kl_warmup_epochs=args.kl_warmup, kl_scale=args.kl_scale,
         kl_weighting=args.kl_weighting, finetune_epochs=args.finetune_epochs, seed=args.seed,
         device=device, target=args.target, threads=args.threads, progress=not args.quiet, gate_inputs=args.gate_inputs,
         gate_options={"placement": args.placement, "noise": args.noise},
         train_limit=args.train_limit, compile=False if args.no_compile else None, deploy=args.deploy,
+        input_size=args.input_size, exporter=args.exporter,
     )
     report = run(cfg)
     if "rank" in report:  # a torchrun worker: rank 0 reports and writes
@@ -265,6 +266,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"\nwrote {cfg.out}/: dense.onnx, gated.onnx, pruned.onnx, report.json, channels.png{extra} "
           f"({report['timings_s']['total']:.0f} s)")
     return _exit_after_distributed(0) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def _default_train_folder(args: argparse.Namespace) -> str:
+    """out/MODEL-DATA-METHOD, with a torchvision:NAME or timm:NAME model written torchvision-NAME (no ":" in paths)."""
+    model = args.model.replace(":", "-").replace("/", "-")
+    return f"out/{model}-{args.data}-{args.method}"
 
 
 def _exit_after_distributed(code: int) -> int:
@@ -396,6 +403,9 @@ def _add_train(sub) -> None:
                        help="train eagerly: no torch.compile of the step (on CUDA it is on by default; compiling takes a "
                             "minute or two, which a short run does not win back)")
         p.add_argument("-o", "--output", metavar="DIR", help="output folder (default out/MODEL-DATA-METHOD)")
+        p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                       help="PyTorch's ONNX exporter for dense.onnx and gated.onnx: dynamo (torch.export, default) or "
+                            "torchscript (the deprecated tracer, for models torch.export cannot capture)")
         p.add_argument("--deploy", choices=("int8", "fp16", "fp32"), default="int8" if name == "demo" else None,
                        help="also deploy pruned.onnx for ONNX Runtime in this precision (`onnxprune deploy`, calibrated "
                             "and checked on the dataset) into OUT/deploy-PRECISION/"
@@ -406,13 +416,21 @@ def _add_train(sub) -> None:
 
 
 def _train_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="lenet5", help="an architecture from models/ (default lenet5)")
+    p.add_argument("--model", default="lenet5", metavar="MODEL",
+                   help="the architecture: a name from models/ (default lenet5), torchvision:NAME (e.g. "
+                        "torchvision:resnet18) or timm:NAME (e.g. timm:resnet10t); random weights, never downloaded "
+                        "(torchvision and timm: pip install 'onnxprune[vision]')")
+    p.add_argument("--input-size", type=int, metavar="N",
+                   help="resize every image to N x N (bilinear) before training, evaluation and export, for "
+                        "architectures that need larger images than the dataset's (e.g. 224 for a ViT)")
     p.add_argument("--data", default="digits", help="mnist, fashion-mnist, cifar10 or digits (default digits, offline)")
     p.add_argument("--data-dir", help="folder holding the datasets (default $ONNXPRUNE_DATA or ../shared/data)")
     p.add_argument("--method", default="sbp", choices=("sbp", "rbp", "turbo-vbi"), help="posterior over channels (default sbp)")
     p.add_argument("--epochs", type=int, help="epochs of Bayesian training (default by dataset)")
     p.add_argument("--pretrain-epochs", type=int, help="epochs of dense training first (default by dataset; 0 with --pretrained)")
-    p.add_argument("--pretrained", metavar="CKPT", help="start from this PyTorch checkpoint instead of training the dense model")
+    p.add_argument("--pretrained", metavar="CKPT",
+                   help="start from this PyTorch state dict instead of training the dense model (torchvision/timm: "
+                        "a classifier head for another number of classes is skipped and trained here)")
     p.add_argument("--train-limit", type=int, metavar="N",
                    help="train on N training images only (a fixed random subset; for a quick trial of a setting)")
 

@@ -19,6 +19,7 @@ checkpoints, never half of the results.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from onnxprune.bayes.wrapper import BayesianModel
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EPOCHS = {"digits": (20, 40), "mnist": (10, 30), "fashion-mnist": (10, 30), "cifar10": (60, 60)}
 OUTPUTS = ("dense.onnx", "gated.onnx", "pruned.onnx", "report.json", "channels.png")
@@ -74,9 +77,12 @@ class TrainConfig:
     train_limit: int | None = None  # train on this many training images (a fixed random subset), for quick trials
     compile: bool | None = None  # torch.compile the Bayesian training step (None: fit's default, on CUDA with Triton)
     deploy: str | None = None  # "int8", "fp16" or "fp32": also `onnxprune deploy` pruned.onnx for ORT into deploy-PRECISION/
+    input_size: int | None = None  # images resized to N x N (bilinear) after loading, for architectures that need it
+    exporter: str = "dynamo"  # the ONNX exporter of dense.onnx and gated.onnx: "dynamo" or "torchscript" (torch_export)
 
     def resolved_epochs(self) -> tuple[int, int]:
         pre, bayes = DEFAULT_EPOCHS.get(self.data, (10, 30))
+        pre = 0 if self.pretrained else pre  # a loaded checkpoint is fine-tuned only with an explicit --pretrain-epochs
         return (self.pretrain_epochs if self.pretrain_epochs is not None else pre,
                 self.epochs if self.epochs is not None else bayes)
 
@@ -95,11 +101,11 @@ class Dataset:
 def _check(cfg: TrainConfig):
     """Fail fast, with one clear sentence, before any work."""
     import models
+    from onnxprune.architectures import check_spec
     from onnxprune.bayes.methods import METHODS
     from onnxprune.data import DATASETS
 
-    if cfg.model not in models.REGISTRY:
-        raise InputError(f"unknown model '{cfg.model}'; known: {', '.join(models.names())}")
+    check_spec(cfg.model)  # a models/ name, or torchvision:NAME / timm:NAME (importable, known)
     if cfg.data not in DATASETS:
         raise InputError(f"unknown dataset '{cfg.data}'; known: {', '.join(DATASETS)}")
     if cfg.method not in METHODS:
@@ -109,11 +115,17 @@ def _check(cfg: TrainConfig):
     if not 0 <= cfg.finetune_epochs < cfg.resolved_epochs()[1]:
         raise InputError(f"--finetune-epochs must be at least 0 and below the {cfg.resolved_epochs()[1]} epochs, "
                          f"got {cfg.finetune_epochs}")
-    spec, data = models.REGISTRY[cfg.model], DATASETS[cfg.data]
-    if tuple(spec.input_shape) != tuple(data.input_shape):
-        raise InputError(
-            f"model '{cfg.model}' takes inputs {tuple(spec.input_shape)} but dataset '{cfg.data}' has {tuple(data.input_shape)}"
-        )
+    if cfg.input_size is not None and cfg.input_size < 1:
+        raise InputError(f"--input-size must be a positive number of pixels, got {cfg.input_size}")
+    spec, data = models.REGISTRY.get(cfg.model), DATASETS[cfg.data]
+    if spec is not None and tuple(spec.input_shape) != input_shape(cfg):
+        raise InputError(f"model '{cfg.model}' takes inputs {tuple(spec.input_shape)} but dataset '{cfg.data}' has "
+                         f"{input_shape(cfg)}")
+    if cfg.deploy and cfg.input_size is not None:
+        raise InputError("--deploy does not take --input-size yet: run `onnxprune deploy` on pruned.onnx with an .npz "
+                         "of resized inputs")
+    if cfg.exporter not in ("dynamo", "torchscript"):
+        raise InputError(f"unknown exporter '{cfg.exporter}'; known: dynamo, torchscript")
     if cfg.deploy not in (None, "int8", "fp16", "fp32"):
         raise InputError(f"unknown deploy precision '{cfg.deploy}'; known: int8, fp16, fp32")
     if cfg.train_limit is not None and cfg.train_limit < 1:
@@ -129,49 +141,56 @@ def _check(cfg: TrainConfig):
 
 
 def load_checkpoint(model, path: str) -> None:
-    """Load a state dict (plain, or {'state_dict': ...} as the CIFAR ResNet checkpoints); InputError if it does not fit."""
-    import torch
+    """Load a state dict (plain, or under "state_dict" or "model"); InputError if it does not fit exactly."""
+    from onnxprune.architectures import load_state
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, ...
-        raise InputError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise InputError(f"{path} holds no state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    for k, v in own.items():
-        if k.endswith("num_batches_tracked") and k not in state:
-            state[k] = v
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        detail = "; ".join(
-            f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if keys
-        )
-        raise InputError(f"checkpoint {path} does not fit the model ({detail})")
-    model.load_state_dict(state)
+    load_state(model, path)
 
 
 # -- the stages ------------------------------------------------------------------------------------------------
 
 
-def load_data(name: str, data_dir: str | None = None, *, train_limit: int | None = None, seed: int = 0) -> Dataset:
-    """Both splits of a dataset (CIFAR-10 kept as uint8); ``train_limit``: a fixed random subset of the training set."""
+def load_data(name: str, data_dir: str | None = None, *, train_limit: int | None = None, seed: int = 0,
+              input_size: int | None = None) -> Dataset:
+    """Both splits of a dataset (CIFAR-10 kept as uint8); ``train_limit``: a fixed random subset of the training set;
+    ``input_size``: every image resized to N x N (kept as uint8, a quarter of float32's memory at large sizes)."""
     from onnxprune.data import load_dataset
 
-    raw = name == "cifar10"  # 50000 color images as uint8; batches become float on the fly
+    raw = name == "cifar10" or input_size is not None  # uint8; batches become float on the fly
     x_train, y_train = load_dataset(name, data_dir, "train", as_uint8=raw)
     x_test, y_test = load_dataset(name, data_dir, "test", as_uint8=raw)
     if train_limit is not None and train_limit < len(x_train):
         keep = np.sort(np.random.default_rng(seed).permutation(len(x_train))[:train_limit])
         x_train, y_train = x_train[keep], y_train[keep]
+    if input_size is not None and x_test.shape[-2:] != (input_size, input_size):
+        log.info("images resized from %dx%d to %dx%d (bilinear)", *x_test.shape[-2:], input_size, input_size)
+        x_train, x_test = (resize_images(x, input_size) for x in (x_train, x_test))
     return Dataset(name, x_train, y_train, x_test, y_test)
+
+
+def resize_images(x: np.ndarray, size: int, *, chunk: int = 1024) -> np.ndarray:
+    """NCHW images resized to ``size`` x ``size`` (bilinear; antialiased when shrinking), chunk by chunk; the dtype
+    is kept (uint8 rounded)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = np.empty((*x.shape[:2], size, size), dtype=x.dtype)
+    shrink = size < max(x.shape[-2:])
+    for i in range(0, len(x), chunk):
+        batch = F.interpolate(torch.from_numpy(x[i : i + chunk]).float(), size=(size, size), mode="bilinear",
+                              align_corners=False, antialias=shrink)
+        if x.dtype == np.uint8:
+            batch = batch.round_().clamp_(0, 255)
+        out[i : i + chunk] = batch.numpy().astype(x.dtype)
+    return out
+
+
+def input_shape(cfg: TrainConfig) -> tuple[int, ...]:
+    """The (C, H, W) of one image as the run's model sees it: the dataset's, resized by ``cfg.input_size``."""
+    from onnxprune.data import DATASETS
+
+    shape = tuple(DATASETS[cfg.data].input_shape)
+    return shape if cfg.input_size is None else (shape[0], cfg.input_size, cfg.input_size)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -250,16 +269,16 @@ def finetune(wrapped: BayesianModel, data: Dataset, *, epochs: int, lr: float, c
 
 
 def export_models(dense: nn.Module, wrapped: BayesianModel, example: torch.Tensor, folder: Path, *,
-                  finetuned: nn.Module | None = None) -> None:
-    """FOLDER/dense.onnx (the dense net) and FOLDER/gated.onnx (gates folded in, or the fine-tuned net); both nets
-    end on the CPU."""
+                  finetuned: nn.Module | None = None, exporter: str = "dynamo") -> None:
+    """FOLDER/dense.onnx (the dense net) and FOLDER/gated.onnx (gates folded in, or the fine-tuned net), exported
+    with ``exporter`` ("dynamo" or "torchscript"); both nets end on the CPU."""
     from onnxprune.bayes.exporting import export
     from onnxprune.modelio import save_model
     from onnxprune.torch_export import export_onnx
 
     example = example.cpu()
-    save_model(export_onnx(dense.cpu(), example), folder / "dense.onnx")
-    export(wrapped.cpu(), example, folder / "gated.onnx", finetuned=finetuned)
+    save_model(export_onnx(dense.cpu(), example, exporter=exporter), folder / "dense.onnx")
+    export(wrapped.cpu(), example, folder / "gated.onnx", finetuned=finetuned, exporter=exporter)
 
 
 def onnx_predictions(model_path: Path, x: np.ndarray, batch: int = 256,
@@ -297,7 +316,7 @@ def run(cfg: TrainConfig) -> dict:
     _check(cfg)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    data = load_data(cfg.data, cfg.data_dir, train_limit=cfg.train_limit, seed=cfg.seed)
+    data = load_data(cfg.data, cfg.data_dir, train_limit=cfg.train_limit, seed=cfg.seed, input_size=cfg.input_size)
     device = resolve_device(cfg.device)
     dense = _train_dense(cfg, data, device, timings)
     dense_acc_torch = float((predict(dense, data.x_test, device=device) == data.y_test).mean())
@@ -311,7 +330,7 @@ def run(cfg: TrainConfig) -> dict:
     stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out))
     try:
         with timed(timings, "export_prune_s"):
-            export_models(dense, wrapped, example, stage, finetuned=tuned)
+            export_models(dense, wrapped, example, stage, finetuned=tuned, exporter=cfg.exporter)
             result = _prune(cfg, stage)
         report = _report(cfg, data, stage, result, wrapped, wrapped_pred, dense_acc_torch)
         if cfg.deploy:
@@ -331,11 +350,18 @@ def _fit_options(cfg: TrainConfig, device: torch.device) -> dict:
 
 
 def _train_dense(cfg: TrainConfig, data: Dataset, device: torch.device, timings: dict[str, float]) -> nn.Module:
-    """The dense net of ``onnxprune train``: the pretrained checkpoint, else trained here; on ``device``, in eval mode."""
-    dense = build_model(cfg.model, cfg.seed)
+    """The dense net of ``onnxprune train``: the pretrained checkpoint (fine-tuned with an explicit --pretrain-epochs),
+    else trained here; on ``device``, in eval mode."""
+    from onnxprune.architectures import build_architecture, probe_input
+    from onnxprune.data import DATASETS
+
+    spec = DATASETS[cfg.data]
+    dense = build_architecture(cfg.model, num_classes=spec.num_classes, in_channels=spec.input_shape[0], seed=cfg.seed,
+                               pretrained=cfg.pretrained)
+    probe_input(dense, cfg.model, data.x_test.shape[1:])
     with timed(timings, "dense_training_s"):
-        train_dense(dense, data, epochs=0 if cfg.pretrained else cfg.resolved_epochs()[0], pretrained=cfg.pretrained,
-                    checkpoint=Path(cfg.out) / "checkpoints" / "dense.pt", lr=cfg.lr, **_fit_options(cfg, device))
+        train_dense(dense, data, epochs=cfg.resolved_epochs()[0], checkpoint=Path(cfg.out) / "checkpoints" / "dense.pt",
+                    lr=cfg.lr, **_fit_options(cfg, device))
     return dense.to(device).eval()
 
 
@@ -383,7 +409,8 @@ def _report(cfg: TrainConfig, data: Dataset, stage: Path, result, wrapped: Bayes
     pre_epochs, epochs = cfg.resolved_epochs()
     return {
         "config": {**asdict(cfg), "pretrain_epochs": pre_epochs, "epochs": epochs},
-        "data": {"name": cfg.data, "train": int(len(data.x_train)), "test": int(len(data.x_test))},
+        "data": {"name": cfg.data, "train": int(len(data.x_train)), "test": int(len(data.x_test)),
+                 "input_shape": [int(d) for d in data.x_test.shape[1:]]},
         "dense": {"error_torch": 1 - dense_acc_torch, "error_onnx": float((dense_pred != data.y_test).mean()),
                   "params": dense_cost.params, "macs": dense_cost.macs, "latency_ms": ms["input"]},
         "wrapped": {"error_torch_eval": 1 - float((wrapped_pred == data.y_test).mean()),

@@ -12,6 +12,26 @@ NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike
 MAX_FOLDED_BYTES = 64 << 20  # never materialise a folded tensor larger than this
 
 
+def _value_inputs(node: gs.Node) -> list[gs.Tensor]:
+    """The inputs whose values ``node`` reads: all of them, but CastLike reads only the element type of its
+    second (the dynamo exporter makes a Conv's zero bias as ``CastLike(0, x)``), so that one is left out
+    when its type is known."""
+    if node.op == "CastLike" and len(node.inputs) == 2 and node.inputs[1] is not None and node.inputs[1].dtype is not None:
+        return node.inputs[:1]
+    return list(node.inputs)
+
+
+def cast_like_to_cast(node: gs.Node) -> None:
+    """Rewrite a foldable ``CastLike(x, y)`` as ``Cast(x, to=element type of y)``, which needs no ``y`` to run."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
+
+    attrs = {"to": int(dtype_to_onnx(node.inputs[1].dtype))}
+    if "saturate" in node.attrs:
+        attrs["saturate"] = node.attrs["saturate"]
+    node.op, node.attrs = "Cast", attrs
+    del node.inputs[1]
+
+
 def foldable_nodes(graph: gs.Graph) -> list[gs.Node]:
     """Nodes (in order) whose every input is a constant or the output of another foldable node."""
     outputs = {t.name for t in graph.outputs}
@@ -30,7 +50,7 @@ def foldable_nodes(graph: gs.Graph) -> list[gs.Node]:
             or (not isinstance(t, gs.Constant) and not t.name)
             or isinstance(t, gs.Constant)
             or t.name in constant
-            for t in node.inputs
+            for t in _value_inputs(node)
         )
         if ok and (node.inputs or node.op == "Constant"):
             nodes.append(node)
@@ -64,6 +84,9 @@ class FoldConstantsPass(GraphPass):
         nodes = foldable_nodes(graph)
         if not nodes:
             return PassResult(modified=False)
+        for node in nodes:
+            if node.op == "CastLike":
+                cast_like_to_cast(node)
         inside = {id(n) for n in nodes}
         # Outputs read outside the foldable set become constants.
         wanted = []

@@ -10,12 +10,18 @@ torch = pytest.importorskip("torch")
 import models  # noqa: E402
 from onnxprune import bayes  # noqa: E402
 from onnxprune.api import prune_model  # noqa: E402
-from onnxprune.bayes.exporting import export  # noqa: E402
+from onnxprune.bayes import exporting  # noqa: E402
 from onnxprune.runtime import make_session  # noqa: E402
 from tests.prune_helpers import layer_widths  # noqa: E402
 
 SMALL = ["lenet300", "lenet5", "vgg_cifar", "resnet20", "mobilenetv2_cifar", "densenet_cifar", "resnext_cifar",
          "senet_cifar", "transformer_block"]
+
+
+def export(wrapped, example_inputs, path=None):
+    """``onnxprune.export`` through the TorchScript exporter: these tests are about the gates (it is several times
+    faster, and names layers by module); tests/test_exporters.py exports wrapped models with both exporters."""
+    return exporting.export(wrapped, example_inputs, path, exporter="torchscript")
 
 
 def build(name: str, seed: int = 0):

@@ -27,13 +27,14 @@ def test_finetuned_network_trains_and_prunes_to_the_same_widths(placement):
     model, x = build("vgg_cifar")
     wrapped = bayes.wrap(model, (x[:1],), method="sbp", placement=placement)
     reject_some(wrapped, 0.4)
-    widths = layer_widths(prune_model(export(wrapped, (x[:1],)), target="none").model)
+    # TorchScript exports (several times faster than dynamo; tests/test_exporters.py covers both exporters).
+    widths = layer_widths(prune_model(export(wrapped, (x[:1],), exporter="torchscript"), target="none").model)
     before = {k: v.detach().clone() for k, v in wrapped.state_dict().items()}
     xs, ys = data()
     plain = bayes.finetune_pruned(wrapped, xs, ys, epochs=1, lr=1e-2, batch_size=16, progress=False, compile_step=False)
     assert {k: v for k, v in wrapped.state_dict().items()}.keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in wrapped.state_dict().items()), "the wrapped model was modified"
-    gated = export_onnx(plain, x[:1])
+    gated = export_onnx(plain, x[:1], exporter="torchscript")
     pruned = prune_model(gated, target="none").model
     assert layer_widths(pruned) == widths
     got = make_session(pruned).run(None, {"input": x.numpy()})[0]

@@ -192,7 +192,7 @@ def test_reference_model_prunes_exactly_the_killed_channels(case):
     expected = {**before, **expected_changes}
     example = torch.rand(2, *spec.input_shape)
     order = models.layer_call_order(model, example)
-    dense = export_onnx(model, example)
+    dense = export_onnx(model, example, exporter="torchscript")  # the engine on the zoo; tests/test_exporters.py: dynamo
 
     result = prune_checked(dense)
     pruned = result.model

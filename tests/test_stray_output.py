@@ -62,7 +62,7 @@ def _transformer_block_export() -> onnx.ModelProto:
     with torch.no_grad():
         block.up.weight[::3] = 0.0
         block.up.bias[::3] = 0.0
-    return export_onnx(block, torch.randint(0, 50, (1, SEQUENCE)))
+    return export_onnx(block, torch.randint(0, 50, (1, SEQUENCE)), exporter="torchscript")  # names layers by module
 
 
 def _model_with_a_bfloat16_constant() -> onnx.ModelProto:

@@ -79,17 +79,18 @@ def gate_summary(wrapped: BayesianModel) -> dict:
 
 
 def export(wrapped: BayesianModel, example_inputs, path: str | os.PathLike[str] | None = None, *,
-           finetuned: nn.Module | None = None) -> onnx.ModelProto:
+           finetuned: nn.Module | None = None, exporter: str = "dynamo") -> onnx.ModelProto:
     """ONNX of ``wrapped`` in evaluation mode, gates folded in; per-gate E[theta] and SNR in metadata_props.
     ``finetuned``: the gate-folded net trained further (``finetune_pruned``), exported in its place with
-    ``wrapped``'s record of the gates."""
+    ``wrapped``'s record of the gates. ``exporter``: "dynamo" or "torchscript" (``torch_export.export_onnx``)."""
     from onnxprune.modelio import save_model
     from onnxprune.torch_export import export_onnx
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     plain = (finetuned if finetuned is not None else fold_gates(wrapped)).cpu().eval()
-    model = export_onnx(plain, example_inputs[0].cpu() if len(example_inputs) == 1 else tuple(t.cpu() for t in example_inputs))
+    example = example_inputs[0].cpu() if len(example_inputs) == 1 else tuple(t.cpu() for t in example_inputs)
+    model = export_onnx(plain, example, exporter=exporter)
     model.metadata_props.add(key="onnxprune.method", value=wrapped.method)
     model.metadata_props.add(key="onnxprune.gates", value=json.dumps(gate_summary(wrapped), separators=(",", ":")))
     if path is not None:
@@ -97,8 +98,10 @@ def export(wrapped: BayesianModel, example_inputs, path: str | os.PathLike[str] 
     return model
 
 
-def compress(wrapped: BayesianModel, example_inputs, path: str | os.PathLike[str] | None = None, **prune_options) -> onnx.ModelProto:
-    """Export with gates folded in, then delete the rejected channels (``onnxprune.prune`` options apply)."""
+def compress(wrapped: BayesianModel, example_inputs, path: str | os.PathLike[str] | None = None, *,
+             exporter: str = "dynamo", **prune_options) -> onnx.ModelProto:
+    """Export with gates folded in (``exporter`` as in :func:`export`), then delete the rejected channels
+    (``onnxprune.prune`` options apply)."""
     from onnxprune.api import prune
 
-    return prune(export(wrapped, example_inputs), output=path, **prune_options)
+    return prune(export(wrapped, example_inputs, exporter=exporter), output=path, **prune_options)

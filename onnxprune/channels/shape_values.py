@@ -1,7 +1,8 @@
 """Symbolic values of small shape tensors (the targets of Reshape).
 
 Exporters often compute a Reshape target at run time, e.g. ``x.view(x.size(0), -1, 1, 1)``
-becomes ``Concat(Unsqueeze(Gather(Shape(x), 0)), [-1], [1], [1])``. Each entry of
+becomes ``Concat(Unsqueeze(Gather(Shape(x), 0)), [-1], [1], [1])`` (TorchScript) or
+``Concat(Reshape(Squeeze(Shape(x, end=1)), [-1]), [-1, 1, 1])`` (dynamo, unoptimised). Each entry of
 such a tensor is either a literal (and where it is stored, so a rewrite can
 change it) or "dimension j of tensor t" read at run time.
 """
@@ -65,6 +66,9 @@ def shape_entries(t: gs.Tensor, graph: gs.Graph, depth: int = 0) -> list[Entry] 
         return out
     if op in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
         return shape_entries(node.inputs[0], graph, depth + 1)
+    if op == "Reshape":  # to one axis: the elements in order (dynamo's ``Reshape(Squeeze(Shape(x, end=1)), [-1])``)
+        target = _ints(node.inputs[1])
+        return shape_entries(node.inputs[0], graph, depth + 1) if target is not None and len(target) <= 1 else None
     if op == "Shape":
         x = node.inputs[0]
         if x.shape is None:
@@ -74,6 +78,8 @@ def shape_entries(t: gs.Tensor, graph: gs.Graph, depth: int = 0) -> list[Entry] 
         end = node.attrs.get("end")
         end = rank if end is None else min(normalize_axis(int(end), rank), rank)
         return [Dim(x.name, j) for j in range(start, end)]
+    if op in ("Gather", "Slice") and not _one_axis(node.inputs[0]):
+        return None  # rows of a 2-D shape value, not entries
     if op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
         data, idx = shape_entries(node.inputs[0], graph, depth + 1), _ints(node.inputs[1])
         if data is None or idx is None:
@@ -94,6 +100,11 @@ def shape_entries(t: gs.Tensor, graph: gs.Graph, depth: int = 0) -> list[Entry] 
             return None
         return [_strip(e) for e in data[slice(starts[0], ends[0], steps[0])]]
     return None
+
+
+def _one_axis(t: gs.Tensor) -> bool:
+    """False when ``t`` is known to have another rank than 1."""
+    return t.shape is None or len(t.shape) == 1
 
 
 def _strip(e: Entry) -> Entry:
