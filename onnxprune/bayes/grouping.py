@@ -10,6 +10,7 @@ they get one gate and a rejected channel is deletable everywhere.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from onnxprune.channels.analysis import ChannelAnalysis
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +63,43 @@ def _layer_nodes(model, graph) -> list:
     return [n for n in nodes if n is not None and len(n.inputs) > 1 and constant_value(n.inputs[1]) is not None]
 
 
+def _rows(weight: np.ndarray) -> np.ndarray:
+    """A weight as [output channels, rest], each row scaled to unit length and sign-free (a BatchNorm folded
+    into a Conv by the exporter scales its rows)."""
+    rows = np.abs(weight.reshape(weight.shape[0], -1).astype(np.float64))
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
+
+
+def _onnx_rows(node) -> np.ndarray | None:
+    """The ONNX layer's weight as [output channels, rest] (Gemm with transB, MatMul [in, out] transposed)."""
+    from onnxprune.graphutil import constant_value
+
+    weight = constant_value(node.inputs[1])
+    if weight is None or weight.ndim < 2:
+        return None
+    if node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0)):
+        weight = weight.reshape(-1, weight.shape[-1]).T
+    return _rows(weight)
+
+
+def match_by_weights(model: nn.Module, order: list[str], nodes: list) -> tuple[list[str], list]:
+    """The (module, ONNX layer) pairs whose weights agree row by row, in call order; modules without a match
+    and ONNX layers without a module (weights used outside a module call) are left out, so never gated."""
+    onnx_rows = [_onnx_rows(n) for n in nodes]
+    matched_modules, matched_nodes, used = [], [], set()
+    for name in order:
+        rows = _rows(model.get_submodule(name).weight.detach().cpu().numpy())
+        for i, candidate in enumerate(onnx_rows):
+            if i in used or candidate is None or candidate.shape != rows.shape:
+                continue
+            if np.allclose(candidate, rows, rtol=1e-4, atol=1e-6):
+                used.add(i)
+                matched_modules.append(name)
+                matched_nodes.append(nodes[i])
+                break
+    return matched_modules, matched_nodes
+
+
 def module_call_order(model: nn.Module, example_inputs: tuple) -> list[str]:
     order: list[str] = []
     hooks = [
@@ -76,27 +116,37 @@ def module_call_order(model: nn.Module, example_inputs: tuple) -> list[str]:
     return order
 
 
+def _export_for_analysis(model: nn.Module, example_inputs: tuple):
+    """The model in ONNX for the channel analysis: the TorchScript exporter (several times faster), or the
+    dynamo one where TorchScript cannot export the model."""
+    from onnxprune.torch_export import export_onnx
+
+    example = example_inputs[0] if len(example_inputs) == 1 else example_inputs
+    try:
+        return export_onnx(model, example, exporter="torchscript")
+    except Exception as exc:  # noqa: BLE001 - any TorchScript failure: the dynamo exporter may still export it
+        logger.info("TorchScript exporter failed on %s (%s); analysing the dynamo export", type(model).__name__,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return export_onnx(model, example, exporter="dynamo")
+
+
 def channel_grouping(model: nn.Module, example_inputs: tuple) -> Grouping:
     """Export ``model`` (eval mode), analyse it, and map each Conv/Linear to its channel group."""
     from onnxprune.api import inspect_model
-    from onnxprune.torch_export import export_onnx
 
     was_training = model.training
     model.eval()
     try:
-        dense = export_onnx(model, example_inputs[0] if len(example_inputs) == 1 else example_inputs)
+        dense = _export_for_analysis(model, example_inputs)
         order = module_call_order(model, example_inputs)
     finally:
         model.train(was_training)
     analysis = inspect_model(dense)[0]
     nodes = _layer_nodes(dense, analysis.graph)
-    if len(nodes) != len(order):
-        raise ValueError(
-            f"cannot match modules to ONNX layers: {len(order)} Conv/Linear calls but {len(nodes)} ONNX layers "
-            "(is a module called twice, or a functional conv used?)"
-        )
     if len(set(order)) != len(order):
         raise ValueError("a Conv/Linear module is called more than once; shared layers cannot be gated per call")
+    if len(nodes) != len(order):  # layers used as plain weights (attention's packed projections): match by value
+        order, nodes = match_by_weights(model, order, nodes)
     # Per group, the gated components (not pinned by a graph input/output or an uncovered op), in group order.
     gate_position: dict[int, dict[int, int]] = {}
     for group in analysis.groups:

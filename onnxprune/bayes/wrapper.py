@@ -1,7 +1,8 @@
-"""Wrapping any (torch.fx-traceable) model with Bayesian channel gates.
+"""Wrapping any model with Bayesian channel gates.
 
 ``wrap(model, example_inputs, method="sbp")`` returns a :class:`BayesianModel`:
-the model traced with torch.fx, with a :class:`GateSite` inserted after every
+the model's graph (torch.fx, or torch.export where fx cannot trace it: see
+:mod:`onnxprune.bayes.capture`), with a :class:`GateSite` inserted after every
 Conv/Linear whose channels can be pruned, at the end of its conv -> [BN] ->
 [activation] chain (or right after the layer when nothing follows). Sites whose
 channels are coupled (one engine group, see :mod:`onnxprune.bayes.grouping`)
@@ -25,17 +26,23 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from onnxprune.bayes.capture import capture as capture_graph
 from onnxprune.bayes.gate import ChannelGate
 from onnxprune.bayes.grouping import Grouping, ModuleChannels, channel_grouping
 from onnxprune.bayes.methods import gate_class
 
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.Sigmoid,
                       nn.Mish)
-ACTIVATION_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.elu, F.silu, F.gelu, F.hardswish, torch.relu, torch.tanh, torch.sigmoid, F.mish}
+_aten = torch.ops.aten
+ACTIVATION_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.elu, F.silu, F.gelu, F.hardswish, torch.relu, torch.tanh, torch.sigmoid, F.mish,
+                        # as torch.export writes them
+                        _aten.relu.default, _aten.relu_.default, _aten.relu6.default, _aten.leaky_relu.default,
+                        _aten.elu.default, _aten.silu.default, _aten.gelu.default, _aten.hardswish.default,
+                        _aten.tanh.default, _aten.sigmoid.default, _aten.mish.default}
 ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
 # Positively homogeneous: act(g * x) == g * act(x) for g >= 0, so a gate after them folds into the layer.
 HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
-HOMOGENEOUS_FUNCTIONS = {F.relu, F.leaky_relu, torch.relu}
+HOMOGENEOUS_FUNCTIONS = {F.relu, F.leaky_relu, torch.relu, _aten.relu.default, _aten.relu_.default, _aten.leaky_relu.default}
 NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -175,6 +182,8 @@ class BayesianModel(nn.Module):
         self.sites = sites
         self.method = method
         self.group_layers = group_layers
+        #: how the model's graph was read: "fx" or "export" (:func:`onnxprune.bayes.capture.capture`)
+        self.captured_by = "fx"
 
     def forward(self, *args, **kwargs):
         self.bank.clear()
@@ -291,7 +300,9 @@ def _chain(gm: fx.GraphModule, layer: fx.Node) -> tuple[list[fx.Node], str | Non
     return chain, norm, foldable
 
 
-_PASS_THROUGH_FUNCS = {torch.flatten, torch.reshape, operator.getitem}
+_PASS_THROUGH_FUNCS = {torch.flatten, torch.reshape, operator.getitem, _aten.flatten.using_ints, _aten.view.default,
+                       _aten.reshape.default, _aten.unsqueeze.default, _aten.squeeze.dim, _aten.squeeze.dims}
+_PRODUCTS = {operator.mul, torch.mul, _aten.mul.Tensor}
 _PASS_THROUGH_METHODS = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "expand_as"}
 
 
@@ -301,7 +312,7 @@ def _feeds_only_gated_product(gm: fx.GraphModule, node: fx.Node, groups: set[int
     if not users:
         return False
     for u in users:
-        if u.op == "call_function" and u.target in (operator.mul, torch.mul):
+        if u.op == "call_function" and u.target in _PRODUCTS:
             continue
         if u.op == "call_module":
             m = gm.get_submodule(u.target)
@@ -345,9 +356,14 @@ def wrap(
     gate_inputs: bool = False,
     noise: str = "example",
     placement: str = "output",
+    capture: str = "auto",
     **gate_kwargs,
 ) -> BayesianModel:
-    """Insert Bayesian gates into ``model`` (traced with torch.fx); the original is not modified.
+    """Insert Bayesian gates into ``model``; the original is not modified.
+
+    ``capture`` says how its graph is read: "fx" (torch.fx symbolic tracing), "export" (torch.export,
+    non-strict) or "auto" (fx, and torch.export where fx cannot trace the model); when none works,
+    :class:`~onnxprune.bayes.capture.CaptureError` names the model and what each capture met.
 
     ``method`` names the gate class (:mod:`onnxprune.bayes.methods`: "sbp", "rbp", "turbo-vbi", or
     one registered with ``register_method``); ``gate_kwargs`` go to its constructor. Every gate is
@@ -375,8 +391,8 @@ def wrap(
         return cls(num_channels, **gate_kwargs)
 
     model = copy.deepcopy(model)
+    gm, captured_by = capture_graph(model, example_inputs, capture)
     grouping: Grouping = channel_grouping(model, example_inputs)
-    gm = fx.symbolic_trace(model)
     excluded = set(exclude)
     plans, group_layers = _plan_sites(gm, grouping, excluded)
     names = _group_names(plans, group_layers)
@@ -394,6 +410,7 @@ def wrap(
     gm.graph.lint()
     gm.recompile()
     result = BayesianModel(gm, bank, sites, method, layers_by_name)
+    result.captured_by = captured_by
     for gate in bank.gates.values():
         gate.after_wrap(result)
     return result

@@ -1,0 +1,78 @@
+"""Architectures nobody here wrote (torchvision, timm, Hugging Face) through wrap, training steps and compress.
+
+The cases live in benchmarks/user_architectures.py (whose run writes the table in BENCHMARKS.md):
+random weights, small configurations. Each is wrapped (torch.fx or, where fx cannot trace it,
+torch.export), trained for two steps, has 40 % of every gate's channels rejected, and is compressed
+with each torch exporter: the pruned model must match the wrapped model in evaluation mode on
+ONNX Runtime and hold fewer parameters.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import user_architectures as ua
+from tests.vision import import_transformers
+
+# (family, name, exporters in the default suite); the rest of the product runs under -m slow.
+DEFAULT = {
+    ("torchvision", "resnet18"): ("dynamo", "torchscript"),
+    ("torchvision", "vit (2 layers)"): ("dynamo", "torchscript"),
+    ("torchvision", "maxvit (1 stage)"): ("dynamo",),
+    ("timm", "vit_tiny_patch16 (32 px, patch 8)"): ("dynamo",),
+    ("timm", "convnext_atto"): ("dynamo",),
+    ("transformers", "bert (2 layers)"): ("dynamo", "torchscript"),
+    ("transformers", "vit (2 layers)"): ("dynamo",),
+}
+NOT_GATED = {"gpt2 (2 layers)"}  # its layers are transformers' Conv1D, not nn.Linear: nothing to gate yet
+
+
+def _cases() -> list[ua.Case]:
+    import_transformers()  # skips when the libraries are absent
+    return [c for c in ua.cases() if c.name not in NOT_GATED]
+
+
+def _params():
+    out = []
+    for family, name in [(c.family, c.name) for c in _cases_lazy()]:
+        for exporter in ("dynamo", "torchscript"):
+            slow = exporter not in DEFAULT.get((family, name), ())
+            marks = [pytest.mark.slow] if slow else []
+            out.append(pytest.param(family, name, exporter, marks=marks, id=f"{family}-{name.split()[0]}-{exporter}"))
+    return out
+
+
+def _cases_lazy() -> list[tuple[str, str]]:
+    """(family, name) of every case, without importing the libraries at collection time."""
+    return [
+        ("torchvision", "resnet18"), ("torchvision", "mobilenet_v3_small"), ("torchvision", "efficientnet_b0"),
+        ("torchvision", "vit (2 layers)"), ("torchvision", "swin (2 stages)"), ("torchvision", "maxvit (1 stage)"),
+        ("timm", "resnet10t"), ("timm", "convnext_atto"), ("timm", "vit_tiny_patch16 (32 px, patch 8)"),
+        ("timm", "coatnet_nano_rw (64 px)"), ("transformers", "bert (2 layers)"), ("transformers", "vit (2 layers)"),
+    ]
+
+
+def test_case_list_matches_the_benchmark() -> None:
+    assert [(c.family, c.name) for c in _cases()] == _cases_lazy()
+
+
+def test_the_product_spans_ten_architectures_three_transformers_and_a_hybrid() -> None:
+    kinds = [c.kind for c in _cases()]
+    assert len(kinds) >= 10 and kinds.count("transformer") >= 3 and "hybrid" in kinds
+    assert {c.family for c in _cases()} == {"torchvision", "timm", "transformers"}
+
+
+@pytest.mark.parametrize(("family", "name", "exporter"), _params())
+def test_pruned_model_matches_the_wrapped_model_and_is_smaller(family: str, name: str, exporter: str) -> None:
+    case = next(c for c in _cases() if (c.family, c.name) == (family, name))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        row = ua.run_case(case, exporter)
+    finally:
+        torch.set_num_threads(threads)
+    assert "error" not in row, row.get("traceback", row.get("error"))
+    assert row["gates"] > 0
+    assert row["max_abs_diff"] <= 1e-4 * max(1.0, row["scale"]), row
+    assert row["params_pruned"] < row["params_gated"], row
