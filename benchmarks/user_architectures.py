@@ -114,6 +114,13 @@ def cases() -> list[Case]:
     ]
 
 
+def wrap_case(case: Case) -> nn.Module:
+    """``case``'s model wrapped with SBP gates on its example input."""
+    from onnxprune.bayes import wrap
+
+    return wrap(case.build(), (case.example(),), method="sbp")
+
+
 def _train_a_little(wrapped: nn.Module, example: torch.Tensor, steps: int = 2) -> None:
     """A few Adam steps on a random batch of four (shape of ``example``), loss = mean output + KL."""
     optimizer = torch.optim.Adam(wrapped.parameters(), lr=1e-3)

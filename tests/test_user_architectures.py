@@ -18,13 +18,20 @@ from tests.vision import import_transformers
 # (family, name, exporters in the default suite); the rest of the product runs under -m slow.
 DEFAULT = {
     ("torchvision", "resnet18"): ("dynamo", "torchscript"),
-    ("torchvision", "vit (2 layers)"): ("dynamo", "torchscript"),
+    ("torchvision", "vit (2 layers)"): ("dynamo",),
+    ("torchvision", "swin (2 stages)"): ("dynamo", "torchscript"),
     ("torchvision", "maxvit (1 stage)"): ("dynamo",),
     ("timm", "vit_tiny_patch16 (32 px, patch 8)"): ("dynamo",),
     ("timm", "convnext_atto"): ("dynamo",),
-    ("transformers", "bert (2 layers)"): ("dynamo", "torchscript"),
+    ("timm", "coatnet_nano_rw (64 px)"): ("dynamo",),
+    ("transformers", "bert (2 layers)"): ("dynamo",),
     ("transformers", "vit (2 layers)"): ("dynamo",),
 }
+# What the TorchScript exporter cannot export (BENCHMARKS.md's table has each error): torchvision's ViT
+# (its fused attention op), timm's ViT (a tensor where its attention wants a bool), and models captured
+# with torch.export (refused: the tracer would fix their sizes).
+NO_TORCHSCRIPT = {("torchvision", "vit (2 layers)"), ("timm", "vit_tiny_patch16 (32 px, patch 8)"),
+                  ("transformers", "bert (2 layers)"), ("transformers", "vit (2 layers)")}
 NOT_GATED = {"gpt2 (2 layers)"}  # its layers are transformers' Conv1D, not nn.Linear: nothing to gate yet
 
 
@@ -35,8 +42,8 @@ def _cases() -> list[ua.Case]:
 
 def _params():
     out = []
-    for family, name in [(c.family, c.name) for c in _cases_lazy()]:
-        for exporter in ("dynamo", "torchscript"):
+    for family, name in _cases_lazy():
+        for exporter in ("dynamo",) if (family, name) in NO_TORCHSCRIPT else ("dynamo", "torchscript"):
             slow = exporter not in DEFAULT.get((family, name), ())
             marks = [pytest.mark.slow] if slow else []
             out.append(pytest.param(family, name, exporter, marks=marks, id=f"{family}-{name.split()[0]}-{exporter}"))
@@ -51,6 +58,17 @@ def _cases_lazy() -> list[tuple[str, str]]:
         ("timm", "resnet10t"), ("timm", "convnext_atto"), ("timm", "vit_tiny_patch16 (32 px, patch 8)"),
         ("timm", "coatnet_nano_rw (64 px)"), ("transformers", "bert (2 layers)"), ("transformers", "vit (2 layers)"),
     ]
+
+
+def test_torchscript_export_of_a_torch_export_capture_is_refused_with_one_line() -> None:
+    from onnxprune.bayes.exporting import export
+    from onnxprune.errors import InputError
+
+    case = next(c for c in _cases() if (c.family, c.name) == ("transformers", "bert (2 layers)"))
+    torch.manual_seed(0)
+    wrapped = ua.wrap_case(case)
+    with pytest.raises(InputError, match="exporter=.dynamo"):
+        export(wrapped, (case.example(),), exporter="torchscript")
 
 
 def test_case_list_matches_the_benchmark() -> None:

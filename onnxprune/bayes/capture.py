@@ -40,6 +40,9 @@ ROLLED_MODULES = (
 )
 
 
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
 class CaptureError(InputError):
     """No capture could trace the model: names the model and what each capture stumbled on."""
 
@@ -73,9 +76,10 @@ class _Tracer(fx.Tracer):
 
 
 def reads_training_flag(module: nn.Module) -> bool:
-    """True for a parameter-free leaf module whose ``forward`` reads ``self.training`` (stochastic depth, a custom
-    dropout): traced through, its training-mode branch would be baked into the graph for evaluation too."""
-    if next(module.parameters(recurse=False), None) is not None or next(module.children(), None) is not None:
+    """True for a module without Conv/Linear layers inside whose own ``forward`` reads ``self.training``
+    (stochastic depth, a custom dropout, a BatchNorm fused with its activation): traced through, one mode's
+    branch would be baked into the graph for both."""
+    if any(isinstance(m, _LAYERS) for m in module.modules()):
         return False
     try:
         source = inspect.getsource(type(module).forward)
@@ -85,8 +89,17 @@ def reads_training_flag(module: nn.Module) -> bool:
 
 
 def symbolic_trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with mode-dependent modules kept as ``call_module`` nodes (run live)."""
-    return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+    """``torch.fx.symbolic_trace`` in evaluation mode, mode-dependent modules kept as ``call_module`` nodes (run
+    live); a ``self.training`` branch elsewhere is taken as in evaluation, as torch.export's capture does."""
+    was_training = model.training
+    model.eval()
+    try:
+        graph = _Tracer().trace(model)
+    finally:
+        model.train(was_training)
+    gm = fx.GraphModule(model, graph, type(model).__name__)
+    gm.train(was_training)
+    return gm
 
 
 def _describe(exc: BaseException) -> str:

@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from onnxprune.bayes.wrapper import BayesianModel, GateSite
+from onnxprune.errors import InputError
 
 
 class ChannelScale(nn.Module):
@@ -88,6 +89,9 @@ def export(wrapped: BayesianModel, example_inputs, path: str | os.PathLike[str] 
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if exporter == "torchscript" and wrapped.captured_by == "export":
+        raise InputError(f"{type(wrapped.model).__name__} was captured with torch.export, whose graph reads its sizes "
+                         "from the input: the TorchScript tracer would fix them; export it with exporter=\"dynamo\"")
     plain = (finetuned if finetuned is not None else fold_gates(wrapped)).cpu().eval()
     example = example_inputs[0].cpu() if len(example_inputs) == 1 else tuple(t.cpu() for t in example_inputs)
     model = export_onnx(plain, example, exporter=exporter)

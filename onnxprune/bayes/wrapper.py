@@ -290,6 +290,8 @@ def _chain(gm: fx.GraphModule, layer: fx.Node) -> tuple[list[fx.Node], str | Non
             break
         if _is_norm(gm, nxt) and norm is None and len(chain) == 1:
             norm = nxt.target
+            # a BatchNorm subclass with its own forward (timm's BatchNormAct2d): gated after it, not folded into it
+            foldable &= type(gm.get_submodule(nxt.target)).forward is nn.modules.batchnorm._BatchNorm.forward
         else:
             is_act, homogeneous = _activation(gm, nxt)
             if not is_act:
