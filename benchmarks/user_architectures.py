@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 import traceback
@@ -200,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             status = row.get("error") or f"params {row['params_gated']} -> {row['params_pruned']}, diff {row['max_abs_diff']:.1e}"
             print(f"{case.family}:{case.name} [{exporter}] {row.get('capture', '-')}: {status} ({row['seconds']} s)", flush=True)
-    record = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}", "torch": torch.__version__,
-              "rejected_share": REJECTED_SHARE, "rows": rows}
+    from benchmarks.common import machine_info
+
+    record = {"machine": machine_info(), "torch": torch.__version__,
+              "rejected_share": REJECTED_SHARE, "rows": [{k: v for k, v in row.items() if k != "traceback"} for row in rows]}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=1) + "\n")
     return 0

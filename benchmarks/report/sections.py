@@ -6,6 +6,8 @@ sentences themselves are in template.md.
 
 from __future__ import annotations
 
+from benchmarks.report.architectures import user_architectures
+from benchmarks.report.dataloader import resnet18_dataloader
 from benchmarks.report.markdown import machine_line, md_table, ms, seconds
 from onnxprune.table import human
 
@@ -263,4 +265,5 @@ def deploy(run: str, r: dict) -> dict:
 # The experiments' folders in the store and the function giving each run's values
 SECTIONS = {"prune-resnet50": prune_resnet50, "latency-targets": latency_targets, "rbp-compile": rbp_compile,
             "sbp-step-time": sbp_step_time, "subnormals": subnormals, "bn-recalibration": bn_recalibration,
-            "sbp-weight-lr": sbp_weight_lr, "tvbi-batchnorm": tvbi_batchnorm, "deploy": deploy}
+            "sbp-weight-lr": sbp_weight_lr, "tvbi-batchnorm": tvbi_batchnorm, "deploy": deploy,
+            "resnet18-dataloader": resnet18_dataloader, "user-architectures": user_architectures}
