@@ -18,6 +18,7 @@ from tests.vision import import_transformers
 # (family, name, exporters in the default suite); the rest of the product runs under -m slow.
 DEFAULT = {
     ("torchvision", "resnet18"): ("dynamo", "torchscript"),
+    ("torchvision", "mobilenet_v3_small"): ("dynamo",),
     ("torchvision", "vit (2 layers)"): ("dynamo",),
     ("torchvision", "swin (2 stages)"): ("dynamo", "torchscript"),
     ("torchvision", "maxvit (1 stage)"): ("dynamo",),
@@ -78,6 +79,7 @@ def test_case_list_matches_the_benchmark() -> None:
 def test_the_product_spans_ten_architectures_three_transformers_and_a_hybrid() -> None:
     kinds = [c.kind for c in _cases()]
     assert len(kinds) >= 10 and kinds.count("transformer") >= 3 and "hybrid" in kinds
+    assert len(DEFAULT) >= 10  # ten of them in the default suite, the rest under -m slow
     assert {c.family for c in _cases()} == {"torchvision", "timm", "transformers"}
 
 
