@@ -165,6 +165,7 @@ def test_methods_zoo_rejects_a_malformed_gate_option_or_gate_lr(args, expected):
     assert proc.returncode == 2 and expected in proc.stderr
 
 
+@pytest.mark.slow  # about 75 s of torch.compile on 2 cores: a benchmark's smoke test, opt-in (make test-all)
 def test_rbp_compile_compiles_fewer_graphs_when_the_gates_read_their_stage_as_data(tmp_path):
     """benchmarks/rbp_compile.py on LeNet5 (3 stages over 3 epochs): the gates that read their stage as data compile
     fewer graphs than gates branching on it, which compile one per stage; the report renders both rows."""
