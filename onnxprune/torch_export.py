@@ -73,6 +73,15 @@ def export_onnx(
     return proto
 
 
+def batch_of_two(value):
+    """A tensor with a batch of one repeated to two (torch.export specialises an axis of size 1), others as they are."""
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1:
+        return value.expand(2, *value.shape[1:]).clone()
+    return value
+
+
 def _export_torchscript(model, args: tuple, inputs: list[str], outputs: list[str], opset: int,
                         dynamic_batch: bool) -> onnx.ModelProto:
     """The TorchScript exporter's model (constant-folded, BatchNorm folded into Conv by torch)."""
@@ -98,8 +107,7 @@ def _export_dynamo(model, args: tuple, inputs: list[str], outputs: list[str], op
         batch = torch.export.Dim("batch")
         shapes = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
         # torch.export specialises an axis of size 1: trace a batch of one as two equal examples
-        args = tuple(a.expand(2, *a.shape[1:]).clone() if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1
-                     else a for a in args)
+        args = tuple(batch_of_two(a) for a in args)
     captured: list[str] = []
     try:
         with _quiet(captured), torch.no_grad():

@@ -34,3 +34,15 @@ def _latency_cache(tmp_path_factory):
         os.environ.pop("ONNXPRUNE_CACHE_DIR", None)
     else:
         os.environ["ONNXPRUNE_CACHE_DIR"] = old
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: on a shared, busy CPU, threads wait on each other (tiny nets run
+    several times slower with two)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,14 +24,7 @@ from onnxprune.bayes.training import finish_distributed, fit  # noqa: E402
 from onnxprune.data import load_dataset  # noqa: E402
 from onnxprune.errors import InputError  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these nets are tiny, and on a busy machine two spinning threads make a step 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -99,13 +99,7 @@ def naive_chain(lam, t, p_stay, p_start, eps):
 MRF = dict(p_channel=0.35, p_stay=0.8, p_start=0.4, eps=0.05)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation (seconds on a busy 2-core machine).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------

@@ -84,14 +84,9 @@ def test_the_product_spans_ten_architectures_three_transformers_and_a_hybrid() -
 
 
 @pytest.mark.parametrize(("family", "name", "exporter"), _params())
-def test_pruned_model_matches_the_wrapped_model_and_is_smaller(family: str, name: str, exporter: str) -> None:
+def test_pruned_model_matches_the_wrapped_model_and_is_smaller(family: str, name: str, exporter: str, one_thread) -> None:
     case = next(c for c in _cases() if (c.family, c.name) == (family, name))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        row = ua.run_case(case, exporter)
-    finally:
-        torch.set_num_threads(threads)
+    row = ua.run_case(case, exporter)
     assert "error" not in row, row.get("traceback", row.get("error"))
     assert row["gates"] > 0
     assert row["max_abs_diff"] <= 1e-4 * max(1.0, row["scale"]), row

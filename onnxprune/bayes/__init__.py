@@ -10,7 +10,7 @@ A gate of one's own subclasses :class:`ChannelGate` and is registered with
 
 from __future__ import annotations
 
-import importlib
+from onnxprune.lazy import lazy_getattr
 
 __all__ = ["SBPGate", "ChannelGate", "BayesianModel", "wrap", "elbo", "fit", "FitConfig", "export", "compress",
            "finetune_pruned", "METHODS", "register_method"]
@@ -33,8 +33,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str):
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'onnxprune.bayes' has no attribute {name!r}")
-    return getattr(importlib.import_module(home), name)
+__getattr__ = lazy_getattr(__name__, _HOMES)

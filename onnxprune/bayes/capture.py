@@ -28,6 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from onnxprune.errors import InputError
+from onnxprune.torch_export import batch_of_two
 
 logger = logging.getLogger(__name__)
 
@@ -110,17 +111,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}{where}"
 
 
-def _example_batch_of_two(value):
-    """A tensor with a batch of one repeated to two (export specialises a size-1 axis), others as they are."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1:
-        return value.expand(2, *value.shape[1:]).clone()
-    return value
-
-
 def export_capture(model: nn.Module, example_inputs: Sequence) -> fx.GraphModule:
     """``model`` through ``torch.export.export(strict=False)`` (in evaluation mode, the batch axis dynamic), its
     shape guards dropped and its single-input leaf modules rolled back into ``call_module`` nodes."""
-    args = tuple(_example_batch_of_two(v) for v in example_inputs)
+    args = tuple(batch_of_two(v) for v in example_inputs)
     dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
     was_training = model.training
     model.eval()

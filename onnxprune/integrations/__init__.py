@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import importlib
+from onnxprune.lazy import lazy_getattr
 
 __all__ = ["BayesianPruningCallback", "elbo_loss"]
 
@@ -17,8 +17,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str):
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'onnxprune.integrations' has no attribute {name!r}")
-    return getattr(importlib.import_module(home), name)
+__getattr__ = lazy_getattr(__name__, _HOMES)
