@@ -142,25 +142,39 @@ def test_layernorm_over_the_feature_axis_is_a_barrier_in_a_transformer_mlp():
     _assert_barrier(result, "ln", "normalises across the channel axis 2")
 
 
-def test_channel_shuffle_reshape_splitting_the_channel_axis_is_a_barrier():
+def _shuffle(groups_shape: list[int]):
     def shuffle(g, h):
-        h = g.node("Reshape", [h, g.ints("split_shape", [1, 2, 3, 6, 6])], name="shuffle_split")
+        h = g.node("Reshape", [h, g.ints("split_shape", groups_shape)], name="shuffle_split")
         h = g.node("Transpose", [h], perm=[0, 2, 1, 3, 4])
         return g.node("Reshape", [h, g.ints("merge_shape", [1, 6, 6, 6])], name="shuffle_merge")
 
-    result = prune_ok(_conv_op_conv(shuffle).build())
+    return shuffle
+
+
+def test_channel_shuffle_is_followed_and_its_dead_channels_go():
+    # 6 channels as 2 groups of 3; dead 1 and 4 are channel 1 of both groups: a product, so both go
+    result = prune_ok(_conv_op_conv(_shuffle([1, 2, 3, 6, 6])).build())
+    assert layer_widths(result.model) == {"conv1": (3, 4), "conv2": (4, 5)}
+
+
+def test_channel_shuffle_keeps_dead_channels_that_would_leave_groups_unequal():
+    # 3 groups of 2: dead 1 and 4 are channel 1 of group 0 and channel 0 of group 2, no product of
+    # (groups, channels per group) without the live ones: both stay, and --explain says why
+    result = prune_ok(_conv_op_conv(_shuffle([1, 3, 2, 6, 6])).build())
     _assert_nothing_removed(result, {"conv1": (3, 6), "conv2": (6, 5)})
-    _assert_barrier(result, "shuffle_split", "splits the channel axis")
+    plan = result.report.plan
+    assert "attention heads go whole" in {plan.reasons[r] for r in plan.keep_reason if r >= 0}
 
 
 def test_reshape_with_a_shape_computed_in_a_way_not_followed_is_a_barrier():
-    # target = [Shape(x)[0] * 1, 64]: the Mul is not something the shape follower understands.
+    # target = [Shape(x)[0], Shape(x)[2] + 60]: the feature count is an Add the shape follower does not read
     g = GraphBuilder()
     x = g.input("x", [2, 3, 4, 4])
     h = g.relu(g.conv(x, 3, 4, dead=[1], name="conv1"))
     batch = g.node("Gather", [g.node("Shape", [x]), g.ints("zero", [0])], axis=0)
-    batch = g.node("Mul", [batch, g.ints("one", [1])])
-    shape = g.node("Concat", [batch, g.ints("features", [64])], axis=0)
+    width = g.node("Gather", [g.node("Shape", [x]), g.ints("two", [2])], axis=0)
+    features = g.node("Add", [width, g.ints("sixty", [60])])
+    shape = g.node("Concat", [batch, features], axis=0)
     h = g.node("Reshape", [h, shape], name="flatten")
     g.output(g.gemm(h, 64, 5, name="fc"))
     result = prune_ok(g.build())
@@ -177,8 +191,9 @@ def test_layer_whose_weights_are_a_graph_input_is_a_barrier(weights_as):
         w = g.input("w", [5, 6, 3, 3])
         y = g.node("Conv", [h, w], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="layer2")
     elif weights_as == "matmul":
-        w = g.input("w", [4, 5])
-        y = g.node("MatMul", [h, w], name="layer2")  # (1, 6, 4, 4) @ (4, 5): channels are not on the last axis
+        w = g.input("w", [6, 5])
+        channels_last = g.node("Transpose", [h], perm=[0, 2, 3, 1])
+        y = g.node("MatMul", [channels_last, w], name="layer2")  # (1, 4, 4, 6) @ (6, 5): sums channels against data
     else:
         flat = g.node("Flatten", [h], axis=1)
         w = g.input("w", [5, 96])

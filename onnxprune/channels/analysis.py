@@ -54,6 +54,9 @@ class ChannelAnalysis:
     group_of_component: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     layer_tensors: set[str] = field(default_factory=set)  # tracked inputs/outputs of Conv/Gemm/MatMul
     needed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # read by a barrier / graph output
+    # Outputs of Conv/Gemm/MatMul layers whose channels reach an attention contraction (queries, keys): a head is
+    # dead when its values are, so gates for head groups go on the value projection, not on these.
+    contracted_outputs: dict[str, np.ndarray] = field(default_factory=dict)  # layer output -> channels (mask)
 
     @property
     def num_components(self) -> int:
@@ -100,13 +103,25 @@ def _barrier_with_subgraphs(graph: gs.Graph, node: gs.Node, ctx: AnalysisContext
             ctx.read(t, node, ReadKind.BARRIER, f"read inside a subgraph of {node.op} '{node.name}'")
 
 
+# ONNX Runtime's fused attention ops (its transformer optimizer writes them): heads inside cannot be deleted.
+FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                   "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention")
+
+
 def _analyze_node(node: gs.Node, ctx: AnalysisContext) -> None:
     """Run ``node``'s rule; an op without one is a barrier to the channels reaching it."""
     rule = RULES.get(node.op) if is_default_domain(node) else None
+    if rule is None and node.domain == "com.microsoft" and node.op in FUSED_ATTENTION:
+        ctx.barrier(node, f"com.microsoft.{node.op} is a fused attention op: onnxprune cannot delete heads inside it "
+                          "(prune the model before ONNX Runtime's transformer optimizer fuses it)")
+        return
     if rule is None:
         if any(ctx.tracked(t) is not None for t in node.inputs):
             domain = f"{node.domain}." if node.domain not in (None, "", "ai.onnx") else ""
             ctx.barrier(node, f"no channel rule for {domain}{node.op}")
+        return
+    if not rule.handles_layouts and any((t := ctx.tracked(i)) is not None and t.layout is not None for i in node.inputs):
+        ctx.barrier(node, "attention heads (channels spread over several axes) reach it, and its rule does not follow them")
         return
     try:
         rule.analyze(node, ctx)
@@ -175,8 +190,32 @@ def analyze(graph: gs.Graph) -> ChannelAnalysis:
         for t in (node.inputs[0], node.outputs[0])
         if ctx.tracked(t) is not None
     }
+    analysis.contracted_outputs = _contracted_outputs(graph, ctx)
     _build_groups(analysis)
     return analysis
+
+
+def _contracted_outputs(graph: gs.Graph, ctx: AnalysisContext) -> dict[str, np.ndarray]:
+    """Channels of each layer's output that flow (through ties, backwards from the product) into an
+    operand whose channels an attention product sums over: queries and keys, not values."""
+    if not ctx.contracted:
+        return {}
+    reached = np.zeros(ctx.slots.size, dtype=bool)
+    for name in ctx.contracted:
+        reached[ctx.slots.ids(name)] = True
+    src, dst = ctx.slots.ties()
+    while True:
+        fresh = reached[dst] & ~reached[src]
+        if not fresh.any():
+            break
+        reached[src[fresh]] = True
+    out = {}
+    for node in graph.nodes:
+        if node.op in CHANNEL_SOURCES and ctx.tracked(node.outputs[0]) is not None:
+            mask = reached[ctx.slots.ids(node.outputs[0].name)]
+            if mask.any():
+                out[node.outputs[0].name] = mask
+    return out
 
 
 def _build_groups(analysis: ChannelAnalysis) -> None:

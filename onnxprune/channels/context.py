@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.channels.layout import Part, is_standard, normalize
 from onnxprune.channels.slots import SlotSpace, TrackedAxis
 from onnxprune.graphutil import constant_value, producer
 
@@ -70,6 +71,8 @@ class AnalysisContext:
         self.barrier_nodes: dict[str, str] = {}
         self.constraint_nodes: list[gs.Node] = []
         self.tracked_by: dict[str, str] = {}  # tensor -> name of the node that declared its channels
+        self.fixed: dict[str, dict[int, str]] = {}  # tensor -> parts that keep every value -> why
+        self.contracted: set[str] = set()  # tensors whose channels an attention product sums over (queries, keys)
         self.graph_inputs = {t.name for t in graph.inputs}
         self.graph_outputs = {t.name for t in graph.outputs}
 
@@ -113,9 +116,17 @@ class AnalysisContext:
         name = t if isinstance(t, str) else t.name
         return self.slots.get(name) if name else None
 
-    def track(self, t: gs.Tensor, axis: int, size: int, node: gs.Node, values: np.ndarray | None = None) -> TrackedAxis:
-        """Declare that output ``t`` of ``node`` carries ``size`` channels on ``axis``."""
-        tracked = self.slots.add(t.name, axis, size)
+    def track(
+        self, t: gs.Tensor, axis: int, size: int, node: gs.Node, values: np.ndarray | None = None,
+        layout: tuple[Part, ...] | None = None,
+    ) -> TrackedAxis:
+        """Declare that output ``t`` of ``node`` carries ``size`` channels on ``axis`` (or spread as ``layout``)."""
+        if layout is not None:
+            layout = normalize(layout)
+            axis = layout[0].axis
+            if is_standard(layout):
+                layout = None
+        tracked = self.slots.add(t.name, axis, size, layout)
         self.tracked_by[t.name] = node.name
         v = np.full(size, UNKNOWN) if values is None else np.asarray(values, dtype=np.float64)
         if v.shape != (size,):
@@ -173,6 +184,16 @@ class AnalysisContext:
         for t in node.inputs:
             if self.tracked(t) is not None:
                 self.read(t, node, ReadKind.BARRIER, f"{node.op} '{node.name}': {reason}")
+
+    def track_parts(self, t: gs.Tensor, parts: tuple[Part, ...], node: gs.Node, values: np.ndarray | None = None) -> TrackedAxis:
+        """Declare that output ``t`` of ``node`` carries channels laid out as ``parts``."""
+        size = int(np.prod([p.dim for p in parts], dtype=np.int64))
+        return self.track(t, parts[0].axis, size, node, values, layout=tuple(parts))
+
+    def fix(self, t: gs.Tensor | str, part: int, reason: str) -> None:
+        """Part ``part`` of ``t``'s layout keeps all its values (an op reads its size), for ``reason``."""
+        name = t if isinstance(t, str) else t.name
+        self.fixed.setdefault(name, {}).setdefault(part, reason)
 
     def add_constraint(self, node: gs.Node) -> None:
         """The node's rule has a ``constrain`` hook the planner must honour (e.g. grouped Conv)."""

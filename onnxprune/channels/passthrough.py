@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,8 +25,15 @@ class PassThroughRule(TrackedInputRule):
 
     def analyze_tracked(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis) -> None:
         x, y = node.inputs[0], node.outputs[0]
-        axis = self.output_axis(node, ctx, tracked_input)
-        ctx.track(y, axis, tracked_input.size, node, self.output_values(node, ctx, ctx.value(x)))
+        if tracked_input.layout is not None:  # heads: every part's axis moves as a channel axis would
+            moved = tuple(
+                replace(p, axis=self.output_axis(node, ctx, replace(tracked_input, axis=p.axis, layout=None)))
+                for p in tracked_input.layout
+            )
+            ctx.track_parts(y, moved, node, self.output_values(node, ctx, ctx.value(x)))
+        else:
+            axis = self.output_axis(node, ctx, tracked_input)
+            ctx.track(y, axis, tracked_input.size, node, self.output_values(node, ctx, ctx.value(x)))
         ctx.tie(x, y)
 
     def output_axis(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis) -> int:

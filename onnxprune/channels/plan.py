@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.channels.analysis import ChannelAnalysis, ChannelGroup
 from onnxprune.channels.context import ReadKind
+from onnxprune.channels.layout import dims, product_closure
 from onnxprune.channels.rules import RULES
 from onnxprune.graphutil import constant_value
 
@@ -182,13 +183,29 @@ class _PlanDraft:
         tensors = [(t.tensor, self.analysis.components_of(t.tensor)) for t in self.analysis.ctx.slots.tracked]
         changed = True
         while changed:
-            changed = False
+            changed = self.keep_products()
             for node in self.analysis.ctx.constraint_nodes:
                 veto = RULES[node.op].constrain(node, view)
                 if veto is not None:
                     changed |= self.keep_back(*veto)
             for name, comps in tensors:
                 changed |= self.widen(name, comps)
+
+    def keep_products(self) -> bool:
+        """Channels spread over several axes (heads x per-head channels) can only lose a product of values
+        per part, and fixed parts none: keep back what a pruned tensor of that layout could not hold."""
+        ctx, changed = self.analysis.ctx, False
+        for tracked in ctx.slots.tracked:
+            fixed = ctx.fixed.get(tracked.tensor, {})
+            if tracked.layout is None and not fixed:
+                continue
+            comps = self.analysis.components_of(tracked.tensor)
+            closure = product_closure(~self.remove[comps], dims(tracked.parts), set(fixed))
+            back = comps[closure & self.remove[comps]]
+            if back.size:
+                text = next(iter(fixed.values())) if fixed else "attention heads go whole"
+                changed |= self.keep_back(np.unique(back), text)
+        return changed
 
     def group_decisions(self) -> list[GroupDecision]:
         """What happens to each channel group under the current decision."""

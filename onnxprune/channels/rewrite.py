@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.channels.layout import dims, kept_per_part
 from onnxprune.channels.plan import PrunePlan
 from onnxprune.channels.rules import RULES
 from onnxprune.graphutil import NameSource, constant_value, set_const_input, set_or_add_const_input
@@ -70,6 +71,17 @@ class Rewriter:
     def axis(self, t: gs.Tensor) -> int:
         return self._slots.get(t.name).axis
 
+    def kept_per_axis(self, t: gs.Tensor) -> dict[int, tuple[int, int]]:
+        """For each axis of a tracked tensor that carries channels: (channel values before, kept)."""
+        tracked = self._slots.get(t.name)
+        keep = self.keep(t)
+        per_part = kept_per_part(keep, dims(tracked.parts))
+        out: dict[int, tuple[int, int]] = {}
+        for part, mask in zip(tracked.parts, per_part):
+            before, kept = out.get(part.axis, (1, 1))
+            out[part.axis] = (before * part.dim, kept * int(mask.sum()))
+        return out
+
     @staticmethod
     def const(t: gs.Tensor | None) -> np.ndarray | None:
         return None if t is None else constant_value(t)
@@ -116,8 +128,18 @@ def apply_plan(graph: gs.Graph, plan: PrunePlan) -> Rewriter:
     for name, mask in rw.changed_tensors.items():
         t = tensors.get(name)
         if isinstance(t, gs.Variable) and t.shape is not None:
-            shape = list(t.shape)
-            shape[rw.axis(t)] = int(mask.sum())
-            t.shape = shape
+            t.shape = _pruned_shape(rw, t, mask)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return rw
+
+
+def _pruned_shape(rw: Rewriter, t: gs.Variable, mask: np.ndarray) -> list:
+    """``t``'s shape once its channels are pruned (an axis that also holds a symbolic factor becomes unknown)."""
+    shape = list(t.shape)
+    if rw._slots.get(t.name).layout is None:
+        shape[rw.axis(t)] = int(mask.sum())
+        return shape
+    for axis, (before, kept) in rw.kept_per_axis(t).items():
+        d = shape[axis]
+        shape[axis] = d // before * kept if isinstance(d, (int, np.integer)) and d >= 0 else None
+    return shape

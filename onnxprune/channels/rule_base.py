@@ -91,6 +91,9 @@ class ChannelRule:
     """
 
     ops: ClassVar[tuple[str, ...]] = ()
+    # True for rules that follow channels spread over several axes (attention heads); any other rule is a
+    # barrier to such a tensor.
+    handles_layouts: ClassVar[bool] = False
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         """Declare what ``node`` does to channels (every rule overrides this)."""

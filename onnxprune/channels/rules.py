@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from onnxprune.channels.rule_base import ChannelRule
 from onnxprune.channels.rules_axes import AXES_RULES
+from onnxprune.channels.rules_heads import HEAD_RULES
 from onnxprune.channels.rules_layout import LAYOUT_RULES
 from onnxprune.channels.rules_linear import LINEAR_RULES
 from onnxprune.channels.rules_pointwise import POINTWISE_RULES
+from onnxprune.channels.rules_products import PRODUCT_RULES
 from onnxprune.channels.rules_reshape import RESHAPE_RULES
 
 
@@ -25,4 +27,6 @@ def _table(rules: list[ChannelRule]) -> dict[str, ChannelRule]:
     return table
 
 
-RULES: dict[str, ChannelRule] = _table(POINTWISE_RULES + LINEAR_RULES + LAYOUT_RULES + AXES_RULES + RESHAPE_RULES)
+RULES: dict[str, ChannelRule] = _table(
+    POINTWISE_RULES + LINEAR_RULES + LAYOUT_RULES + AXES_RULES + RESHAPE_RULES + HEAD_RULES + PRODUCT_RULES
+)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.channels.context import AnalysisContext
 from onnxprune.channels.passthrough import PassThroughRule, axis_after_removing, constant_axes
 from onnxprune.channels.rule_base import Barrier, ChannelRule, TrackedInputRule, known_rank, normalize_axis
+from onnxprune.channels.rules_heads import analyze_select, axes_read_for_computation
 from onnxprune.channels.slots import TrackedAxis
 
 
@@ -15,6 +15,7 @@ class TransposeRule(PassThroughRule):
     """Transpose moves the channel axis to ``perm.index(axis)``."""
 
     ops = ("Transpose",)
+    handles_layouts = True
 
     def output_axis(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis) -> int:
         rank = known_rank(ctx, node.inputs[0])
@@ -26,6 +27,7 @@ class SqueezeRule(PassThroughRule):
     """Squeeze of axes other than the channel axis shifts the channel axis down."""
 
     ops = ("Squeeze",)
+    handles_layouts = True
 
     def output_axis(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis) -> int:
         axes, rank = constant_axes(node, ctx)
@@ -41,6 +43,7 @@ class UnsqueezeRule(PassThroughRule):
     """Unsqueeze shifts the channel axis past the inserted axes."""
 
     ops = ("Unsqueeze",)
+    handles_layouts = True
 
     def output_axis(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis) -> int:
         axes, rank = constant_axes(node, ctx)
@@ -54,10 +57,18 @@ class GatherRule(PassThroughRule):
     """Gather along a non-channel axis keeps every channel."""
 
     ops = ("Gather",)
+    handles_layouts = True
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         if ctx.tracked(node.inputs[1]) is not None:
             raise Barrier("its indices come from channel data")
+        tracked = ctx.tracked(node.inputs[0])
+        rank = ctx.rank(node.inputs[0])
+        if tracked is not None and tracked.layout is not None and rank is not None:
+            axis = normalize_axis(int(node.attrs.get("axis", 0)), rank)
+            if any(p.axis == axis for p in tracked.parts):
+                analyze_select(node, ctx, tracked, axis)
+                return
         super().analyze(node, ctx)
 
     def output_axis(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis) -> int:
@@ -74,6 +85,7 @@ class ShapeRule(TrackedInputRule):
     """Shape is harmless when only non-channel dimensions of its result are used."""
 
     ops = ("Shape",)
+    handles_layouts = True
 
     def analyze_tracked(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis) -> None:
         y = node.outputs[0]
@@ -81,21 +93,16 @@ class ShapeRule(TrackedInputRule):
         start = normalize_axis(int(node.attrs.get("start", 0)), rank)
         end = node.attrs.get("end")
         end = rank if end is None else min(normalize_axis(int(end), rank), rank)
+        if tracked_input.layout is not None:
+            read = axes_read_for_computation(ctx, y, list(range(start, end)))
+            for i, part in enumerate(tracked_input.parts):
+                if part.axis in read:
+                    ctx.fix(tracked_input.tensor, i, f"Shape '{node.name}' reads the head count for a computation")
+            return
         if not start <= tracked_input.axis < end:
             return
-        position = tracked_input.axis - start
-        if any(self._reads_entry(user, ctx, position, end - start) for user in y.outputs):
+        if tracked_input.axis in axes_read_for_computation(ctx, y, list(range(start, end))):
             raise Barrier("the channel count is read and used in a computation onnxprune does not follow")
-        if y.name in ctx.graph_outputs:
-            raise Barrier("the shape is a graph output")
-
-    @staticmethod
-    def _reads_entry(user: gs.Node, ctx: AnalysisContext, position: int, length: int) -> bool:
-        """Whether ``user`` may read entry ``position`` of the shape (all but a Gather of other entries may)."""
-        indices = ctx.const(user.inputs[1]) if user.op == "Gather" and len(user.inputs) > 1 else None
-        if indices is None or int(user.attrs.get("axis", 0)) != 0:
-            return True
-        return position in {normalize_axis(int(i), length) for i in np.asarray(indices).reshape(-1)}
 
 
 AXES_RULES: list[ChannelRule] = [TransposeRule(), SqueezeRule(), UnsqueezeRule(), GatherRule(), ShapeRule()]

@@ -44,10 +44,17 @@ class ConcatRule(ChannelRule):
     """Concat: along the channel axis, offsets; along another axis, every input carries the same channels."""
 
     ops = ("Concat",)
+    handles_layouts = True
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         tracked = [ctx.tracked(t) for t in node.inputs if ctx.tracked(t) is not None]
         if not tracked:
+            return
+        if any(t.layout is not None for t in tracked):
+            if len(node.inputs) != 1:  # one input (a key/value cache appended to nothing) is the identity
+                raise Barrier("it concatenates tensors that carry attention heads")
+            ctx.track_parts(node.outputs[0], tracked[0].parts, node, ctx.value(node.inputs[0]))
+            ctx.tie(node.inputs[0], node.outputs[0])
             return
         rank = ctx.rank(node.outputs[0])
         channel_axes = {t.axis for t in tracked}

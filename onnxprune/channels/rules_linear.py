@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.channels.context import AnalysisContext, ReadKind
 from onnxprune.channels.rule_base import Barrier, ChannelRule, PlanView, RewriteContext, keep_or_all
+from onnxprune.channels.rules_products import analyze_activation_matmul
 from onnxprune.channels.values import linear_values
 from onnxprune.graphutil import optional_input, set_or_add_const_input, weight_and_bias
 
@@ -231,18 +232,27 @@ def _row_constant(c: np.ndarray, n: int) -> np.ndarray:
 
 
 class MatMulRule(ChannelRule):
-    """MatMul by a constant 2-D matrix: the last axis is the channel axis (2-D and 3-D inputs alike)."""
+    """MatMul by a constant 2-D matrix: the last axis is the channel axis (2-D and 3-D inputs alike).
+
+    A MatMul of two activations (attention) is :func:`~onnxprune.channels.rules_products.analyze_activation_matmul`.
+    """
 
     ops = ("MatMul",)
+    handles_layouts = True
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         a, y = node.inputs[0], node.outputs[0]
         bmat = ctx.const(node.inputs[1])
         rank = ctx.rank(a)
+        if bmat is None and ctx.const(a) is None:
+            analyze_activation_matmul(node, ctx)
+            return
         if bmat is None or bmat.ndim != 2 or rank is None or rank < 2:
             if ctx.tracked(a) is not None or ctx.tracked(node.inputs[1]) is not None:
-                raise Barrier("only activation @ constant 2-D matrix is covered")
+                raise Barrier("only activation @ constant 2-D matrix and activation @ activation are covered")
             return
+        if ctx.tracked(a) is not None and ctx.tracked(a).layout is not None:
+            raise Barrier("it multiplies attention heads by a constant matrix")
         k, n = bmat.shape
         _demand_input(node, ctx, rank - 1, k, "its input's channels are not on the last axis")
         ctx.read(a, node, ReadKind.FOLD, f"read by MatMul '{node.name}'")
@@ -254,6 +264,8 @@ class MatMulRule(ChannelRule):
         if not (rw.changed_read(node, a) or rw.changed(y)):
             return
         bmat = rw.const(node.inputs[1])
+        if bmat is None:  # two activations: their shapes follow the operands
+            return
         k, n = bmat.shape
         kin, kout = keep_or_all(rw.keep_read(node, a), k), keep_or_all(rw.keep(y), n)
         delta = _folded_delta(rw.values(a), np.flatnonzero(~kin), lambda idx: bmat[idx].T.astype(np.float64))

@@ -18,6 +18,7 @@ from onnx import TensorProto
 from onnxprune.channels.context import AnalysisContext
 from onnxprune.channels.passthrough import PassThroughRule, axis_after_removing, constant_axes, reject_used_extra_outputs
 from onnxprune.channels.rule_base import Barrier, ChannelRule, RewriteContext, known_rank, normalize_axis
+from onnxprune.channels.rules_heads import declare_elementwise
 from onnxprune.channels.slots import TrackedAxis
 from onnxprune.channels.values import UNARY_OPS, channel_constant, divide, multiply, unary_function
 from onnxprune.graphutil import opset_version, optional_input
@@ -62,6 +63,7 @@ class UnaryRule(PassThroughRule):
     """Elementwise unary ops: y[k] = f(x[k])."""
 
     ops = tuple(op for op in UNARY_OPS if op != "Dropout")
+    handles_layouts = True
 
     def output_values(self, node: gs.Node, ctx: AnalysisContext, input_values: np.ndarray) -> np.ndarray:
         reject_used_extra_outputs(node, ctx, "its extra outputs (e.g. a dropout mask) are used")
@@ -120,8 +122,28 @@ class CastRule(UnaryRule):
         return _CAST_VALUES.get(int(node.attrs.get("to", TensorProto.FLOAT)), np.trunc)
 
 
+class PowRule(UnaryRule):
+    """Pow by a constant scalar exponent (GELU's tanh approximation cubes its input)."""
+
+    ops = ("Pow",)
+
+    def function(self, node: gs.Node, ctx: AnalysisContext) -> ValueFunction:
+        exponent = ctx.const(node.inputs[1])
+        if exponent is None or np.asarray(exponent).size != 1:
+            raise Barrier("its exponent is not a constant scalar")
+        e = float(np.asarray(exponent).reshape(-1)[0])
+        return lambda v: np.power(v, e)
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        if ctx.tracked(node.inputs[1]) is not None:
+            raise Barrier("its exponent carries channels")
+        super().analyze(node, ctx)
+
+
 class PReluRule(UnaryRule):
     """PRelu with a constant slope that broadcasts along the channels."""
+
+    handles_layouts = False
 
     ops = ("PRelu",)
 
@@ -185,11 +207,15 @@ class ElementwiseRule(ChannelRule):
     """Broadcasting elementwise ops: every operand carrying channels is tied to the output."""
 
     ops = tuple(_BINARY)
+    handles_layouts = True
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         y = node.outputs[0]
         out_rank = ctx.rank(y)
         tracked = [(t, ctx.tracked(t)) for t in node.inputs if ctx.tracked(t) is not None]
+        if any(ta.layout is not None for _, ta in tracked):
+            declare_elementwise(node, ctx, list(node.inputs), _BINARY[node.op])
+            return
         if not tracked:
             tracked = self._track_from_constant(node, ctx, out_rank)
             if not tracked:
@@ -329,6 +355,7 @@ class AxisLocalRule(PassThroughRule):
     """Ops that mix values along one axis only (LayerNormalization from an axis on, Softmax)."""
 
     ops = ("LayerNormalization", "Softmax", "LogSoftmax", "Hardmax")
+    handles_layouts = True
 
     def output_axis(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis) -> int:
         rank = known_rank(ctx, node.inputs[0])
@@ -449,7 +476,7 @@ POINTWISE_RULES: list[ChannelRule] = [
     DropoutRule(),
     ClipRule(),
     CastRule(),
-    PReluRule(),
+    PReluRule(), PowRule(),
     ElementwiseRule(),
     BatchNormRule(),
     InstanceNormRule(),

@@ -7,7 +7,8 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.channels.context import AnalysisContext
 from onnxprune.channels.rule_base import Barrier, ChannelRule, RewriteContext, TrackedInputRule, normalize_axis
-from onnxprune.channels.shape_values import Dim, Literal, resolve_target, shape_entries
+from onnxprune.channels.rules_heads import analyze_layout_reshape, fix_heads_read_by_untracked, rewrite_target
+from onnxprune.channels.shape_values import Computed, Dim, Literal, resolve_target, shape_entries
 from onnxprune.channels.slots import TrackedAxis
 from onnxprune.graphutil import constant_value
 
@@ -76,6 +77,11 @@ class ReshapeRule(TrackedInputRule):
     """
 
     ops = ("Reshape",)
+    handles_layouts = True
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        fix_heads_read_by_untracked(node, ctx)
+        super().analyze(node, ctx)
 
     def analyze_tracked(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -84,13 +90,17 @@ class ReshapeRule(TrackedInputRule):
         if entries is None:
             raise Barrier("its target shape is computed in a way onnxprune does not follow")
         allowzero = bool(int(node.attrs.get("allowzero", 0)))
+        if tracked_input.layout is not None:
+            analyze_layout_reshape(node, ctx, tracked_input, entries, allowzero)
+            return
         if in_shape is not None:  # exact where it resolves; inference may leave -1 entries unknown
             out_shape = resolve_target(in_shape, entries, ctx.graph, allowzero) or out_shape
-        if in_shape is None or out_shape is None or len(entries) != len(out_shape):
-            raise Barrier("shapes unknown")
-        found = _reshape_block(in_shape, out_shape, tracked_input.axis, tracked_input.size)
-        if found is None:
-            raise Barrier("it splits the channel axis or merges it with an outer axis")
+        found = None
+        if in_shape is not None and out_shape is not None and len(entries) == len(out_shape):
+            found = _reshape_block(in_shape, out_shape, tracked_input.axis, tracked_input.size)
+        if found is None:  # heads: the channel axis split, or merged with an outer axis
+            analyze_layout_reshape(node, ctx, tracked_input, entries, allowzero)
+            return
         out_axis, per_channel = found
         for position, entry in enumerate(entries):
             self._check_entry(node, ctx, tracked_input, entry, position, found, allowzero)
@@ -101,20 +111,22 @@ class ReshapeRule(TrackedInputRule):
         node: gs.Node,
         ctx: AnalysisContext,
         tracked_input: TrackedAxis,
-        entry: Dim | Literal,
+        entry: Dim | Literal | Computed,
         position: int,
         block: tuple[int, int],
         allowzero: bool,
     ) -> None:
         """A :class:`Barrier` if target-shape ``entry`` pins the channel count where it cannot follow the pruning."""
         out_axis, per_channel = block
-        if isinstance(entry, Dim):
+        if isinstance(entry, Computed):
+            if position == out_axis:
+                raise Barrier("its target shape is computed in a way onnxprune does not follow")
+        elif isinstance(entry, Dim):
             source = ctx.tracked(entry.tensor)
-            follows = (
-                position == out_axis
-                and per_channel == 1
-                and entry.tensor == node.inputs[0].name
-                and entry.axis == tracked_input.axis
+            tensor = ctx.graph.tensors().get(entry.tensor)
+            follows = position == out_axis and (
+                (per_channel == 1 and entry.scale == 1 and entry.tensor == node.inputs[0].name and entry.axis == tracked_input.axis)
+                or (entry.source is not None and tensor is not None and ctx.dim(tensor, entry.axis) is not None)
             )
             if source is not None and source.axis == entry.axis and not follows:
                 raise Barrier("its target shape reads a channel count")
@@ -127,24 +139,7 @@ class ReshapeRule(TrackedInputRule):
             raise Barrier("its target shape copies the channel dimension")
 
     def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
-        y = node.outputs[0]
-        if not rw.changed(y):
-            return
-        out_axis = rw.axis(y)
-        new_size = int(rw.keep(y).sum())
-        target = rw.const(node.inputs[1])
-        if target is not None:
-            target = np.asarray(target).reshape(-1).copy()
-            if target[out_axis] > 0:
-                target[out_axis] = new_size
-                rw.set_const(node, 1, target)
-            return
-        entry = shape_entries(node.inputs[1], rw.graph)[out_axis]
-        if isinstance(entry, Literal) and entry.value > 0:
-            holder, index, position = entry.source
-            part = np.asarray(rw.const(holder.inputs[index])).copy()
-            part.reshape(-1)[position] = new_size
-            rw.set_const(holder, index, part)
+        rewrite_target(node, rw)
 
 
 RESHAPE_RULES: list[ChannelRule] = [FlattenRule(), ReshapeRule()]

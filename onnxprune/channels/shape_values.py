@@ -28,13 +28,22 @@ class Literal:
 
 @dataclass(frozen=True)
 class Dim:
-    """Dimension ``axis`` of tensor ``tensor``, read at run time."""
+    """Dimension ``axis`` of tensor ``tensor`` (times ``scale``), read at run time; ``source`` = (Concat node,
+    input index) when that input holds this entry alone (a rewrite may replace it by a constant)."""
 
     tensor: str
     axis: int
+    source: tuple[gs.Node, int] | None = None
+    scale: int = 1
 
 
-Entry = Literal | Dim
+@dataclass(frozen=True)
+class Computed:
+    """An entry computed by ops the follower does not read (e.g. ``C // num_heads``): its value is whatever
+    the graph computes, so a rewrite cannot change it (an axis that carries channels there stays whole)."""
+
+
+Entry = Literal | Dim | Computed
 
 
 def _ints(t: gs.Tensor) -> list[int] | None:
@@ -59,13 +68,34 @@ def shape_entries(t: gs.Tensor, graph: gs.Graph, depth: int = 0) -> list[Entry] 
         for i, part in enumerate(node.inputs):
             entries = shape_entries(part, graph, depth + 1)
             if entries is None:
-                return None
+                length = part.shape[0] if part.shape is not None and len(part.shape) == 1 else None
+                if not isinstance(length, (int, np.integer)) or length < 0:
+                    return None
+                entries = [Computed()] * int(length)
             if constant_value(part) is not None:
                 entries = [Literal(e.value, (node, i, k)) for k, e in enumerate(entries)]
+            elif len(entries) == 1 and isinstance(entries[0], Dim):
+                entries = [Dim(entries[0].tensor, entries[0].axis, (node, i), entries[0].scale)]
             out += entries
         return out
     if op in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
         return shape_entries(node.inputs[0], graph, depth + 1)
+    if op == "Mul":  # a size times a constant (TorchScript's ``num_key_value_heads * n_rep``)
+        factors = [constant_value(t) for t in node.inputs]
+        for k in (0, 1):
+            c = factors[1 - k]
+            if c is not None and np.asarray(c).size == 1:
+                entries = shape_entries(node.inputs[k], graph, depth + 1)
+                if entries is not None and len(entries) == 1 and isinstance(entries[0], Dim):
+                    e, c = entries[0], int(np.asarray(c).reshape(-1)[0])
+                    return [Dim(e.tensor, e.axis, scale=e.scale * c)]
+        return None
+    if op == "Where":  # TorchScript's Expand: Where(Equal(s, -1), 1, s), which is s when no entry of s is -1
+        test = producer(node.inputs[0])
+        entries = shape_entries(node.inputs[2], graph, depth + 1)
+        if test is None or test.op != "Equal" or node.inputs[2] not in test.inputs or entries is None:
+            return None
+        return None if any(isinstance(e, Literal) and e.value == -1 for e in entries) else entries
     if op == "Reshape":  # to one axis: the elements in order (dynamo's ``Reshape(Squeeze(Shape(x, end=1)), [-1])``)
         target = _ints(node.inputs[1])
         return shape_entries(node.inputs[0], graph, depth + 1) if target is not None and len(target) <= 1 else None
@@ -108,7 +138,9 @@ def _one_axis(t: gs.Tensor) -> bool:
 
 
 def _strip(e: Entry) -> Entry:
-    """An entry moved by Gather/Slice no longer sits where its constant is stored."""
+    """An entry moved by Gather/Slice no longer sits where it is stored."""
+    if isinstance(e, Dim):
+        return Dim(e.tensor, e.axis, scale=e.scale)
     return Literal(e.value) if isinstance(e, Literal) else e
 
 
@@ -122,11 +154,14 @@ def resolve_target(in_shape: list, entries: list[Entry], graph: gs.Graph, allowz
     out: list = []
     infer_at = None
     for i, e in enumerate(entries):
-        if isinstance(e, Dim):
+        if isinstance(e, Computed):
+            out.append(None)
+        elif isinstance(e, Dim):
             t = tensors.get(e.tensor)
             if t is None or t.shape is None or e.axis >= len(t.shape):
                 return None
-            out.append(t.shape[e.axis])
+            d = t.shape[e.axis]
+            out.append(d * e.scale if isinstance(d, (int, np.integer)) else d if e.scale == 1 else None)
         elif e.value == -1:
             if infer_at is not None:
                 return None

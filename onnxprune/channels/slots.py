@@ -17,15 +17,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxprune.channels.layout import Part
+
 
 @dataclass(frozen=True)
 class TrackedAxis:
-    """The channel axis of one tensor and the range of slot ids it owns."""
+    """The channel axis of one tensor and the range of slot ids it owns.
+
+    ``layout`` is set when the channels are spread over several axes (attention heads, see
+    :mod:`onnxprune.channels.layout`); ``axis`` is then its first part's axis, and only rules
+    that declare ``handles_layouts`` see such a tensor.
+    """
 
     tensor: str
     axis: int
     size: int
     start: int
+    layout: tuple[Part, ...] | None = None
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        """The layout, also for channels on one axis of their own."""
+        return self.layout if self.layout is not None else (Part(self.axis, self.size),)
 
     @property
     def ids(self) -> np.ndarray:
@@ -45,11 +58,11 @@ class SlotSpace:
         self._labels: np.ndarray | None = None
 
     # -- allocation ---------------------------------------------------------
-    def add(self, tensor: str, axis: int, size: int) -> TrackedAxis:
-        """Allocate slots for ``size`` channels of ``tensor`` on ``axis``."""
+    def add(self, tensor: str, axis: int, size: int, layout: tuple[Part, ...] | None = None) -> TrackedAxis:
+        """Allocate slots for ``size`` channels of ``tensor`` on ``axis`` (or spread as ``layout`` says)."""
         if tensor in self._axes:
             raise ValueError(f"tensor '{tensor}' is already tracked")
-        tracked = TrackedAxis(tensor, axis, int(size), self._n)
+        tracked = TrackedAxis(tensor, axis, int(size), self._n, layout)
         self._axes[tensor] = tracked
         self._order.append(tracked)
         self._n += int(size)
@@ -87,6 +100,12 @@ class SlotSpace:
         self._tie_a.append(ia)
         self._tie_b.append(ib)
         self._labels = None
+
+    def ties(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every tie as two slot arrays (mostly from an op's input to its output)."""
+        if not self._tie_a:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(self._tie_a), np.concatenate(self._tie_b)
 
     # -- components ---------------------------------------------------------
     def components(self) -> np.ndarray:

@@ -96,13 +96,17 @@ def unary_function(op: str, attrs: dict) -> Callable[[np.ndarray], np.ndarray] |
     if op == "Shrink":
         bias, lambd = float(attrs.get("bias", 0.0)), float(attrs.get("lambd", 0.5))
         return lambda v: np.where(v < -lambd, v + bias, np.where(v > lambd, v - bias, np.where(np.isnan(v), np.nan, 0.0)))
+    if op in ("IsNaN", "IsInf"):  # a known channel value is finite: the flag is 0 there
+        return lambda v: np.where(np.isfinite(v), 0.0, np.nan)
+    if op == "Not":
+        return lambda v: np.where(np.isnan(v), np.nan, (v == 0).astype(np.float64))
     return None
 
 
 UNARY_OPS = (
     "Identity", "Dropout", "Relu", "LeakyRelu", "Elu", "Celu", "Selu", "Sigmoid", "HardSigmoid",
     "HardSwish", "Tanh", "Erf", "Gelu", "Softplus", "Softsign", "Mish", "Neg", "Abs", "Exp",
-    "Floor", "Ceil", "ThresholdedRelu", "Shrink",
+    "Floor", "Ceil", "ThresholdedRelu", "Shrink", "IsNaN", "IsInf", "Not",
 )  # fmt: skip
 
 

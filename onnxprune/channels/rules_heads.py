@@ -1,0 +1,438 @@
+"""Rules that follow attention heads: channels spread over several axes (see :mod:`onnxprune.channels.layout`).
+
+* Reshape that splits the channel axis into heads, merges heads with the batch or back
+  into one axis (:func:`analyze_layout_reshape`, used by the Reshape rule);
+* (products of two activations are in :mod:`onnxprune.channels.rules_products`: a head is one
+  component, dead when its output is zero everywhere it is read, which is when its V slice is:
+  ``P @ 0 = 0`` whatever Q and K are);
+* Where (masking), Expand (grouped-query attention's repeated K/V heads), and Gather of
+  one of Q, K, V from a packed projection.
+
+A layout tensor can only lose a product of values per part (whole heads): the planner
+keeps back whatever else (:meth:`onnxprune.channels.plan._PlanDraft.keep_products`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.channels.context import AnalysisContext
+from onnxprune.channels.layout import (
+    Chan,
+    Factor,
+    Part,
+    Size,
+    axis_factors,
+    coordinates,
+    dims,
+    match_reshape,
+    move_axes,
+    parts_from_factors,
+)
+from onnxprune.channels.rule_base import Barrier, ChannelRule, RewriteContext
+from onnxprune.channels.shape_values import Computed, Dim, Literal, shape_entries
+from onnxprune.channels.slots import TrackedAxis
+from onnxprune.channels.values import channel_constant, combine_same
+from onnxprune.graphutil import constant_value
+
+
+def _shape_size(d) -> Size:
+    if isinstance(d, (int, np.integer)) and d >= 0:
+        return int(d)
+    return d if isinstance(d, str) and d else None
+
+
+def _axis_size(ctx: AnalysisContext, t: gs.Tensor, axis: int) -> Size:
+    """Size of ``t``'s axis: from its channel parts where it carries some, else its shape."""
+    tracked = ctx.tracked(t)
+    shape = ctx.shape(t)
+    if shape is None or not 0 <= axis < len(shape):
+        return None
+    if tracked is not None and any(p.axis == axis for p in tracked.parts):
+        total = 1
+        for f in axis_factors(tracked.parts, shape, axis):
+            s = f.dim if isinstance(f, Chan) else f.size
+            if not isinstance(s, int):
+                return None
+            total *= s
+        return total
+    return _shape_size(shape[axis])
+
+
+# -- Reshape ---------------------------------------------------------------------------------------
+
+
+def analyze_layout_reshape(node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis, entries: list,
+                           allowzero: bool) -> None:
+    """A Reshape that splits channels into heads, merges heads with another axis, or merges them back."""
+    x, y = node.inputs[0], node.outputs[0]
+    in_shape = ctx.shape(x)
+    if in_shape is None:
+        raise Barrier("input shape unknown")
+    parts = tracked_input.parts
+    in_factors = [axis_factors(parts, in_shape, a) for a in range(len(in_shape))]
+    out_sizes: list = []
+    out_shape = ctx.shape(y) or [None] * len(entries)
+    for position, entry in enumerate(entries):
+        if isinstance(entry, Computed):
+            out_sizes.append(_shape_size(out_shape[position]) if position < len(out_shape) else None)
+        elif isinstance(entry, Dim):
+            t = ctx.graph.tensors().get(entry.tensor)
+            size = None if t is None else _axis_size(ctx, t, entry.axis)
+            out_sizes.append(size * entry.scale if isinstance(size, int) else size if entry.scale == 1 else None)
+        elif entry.value == -1:
+            out_sizes.append("-1")
+        elif entry.value == 0 and not allowzero:
+            out_sizes.append(_axis_size(ctx, x, position))
+        else:
+            out_sizes.append(entry.value)
+    matched = match_reshape(in_factors, out_sizes)
+    out_parts = None if matched is None else parts_from_factors(matched, len(parts))
+    if out_parts is None:
+        raise Barrier("it splits or merges the channel axis in a way onnxprune does not follow")
+    on_channel_axes = {p.axis for p in out_parts}
+    if tracked_input.layout is None and any(isinstance(entries[p], Computed) for p in on_channel_axes):
+        raise Barrier("its target shape is computed in a way onnxprune does not follow")
+    if len(out_parts) == 1 and out_parts[0].above == 1 and out_parts[0].inner > 1:  # channel blocks (a flatten)
+        part = out_parts[0]
+        ctx.track(y, part.axis, part.dim * part.inner, node, np.repeat(ctx.value(x), part.inner))
+        ctx.tie(x, y, np.repeat(np.arange(part.dim), part.inner), np.arange(part.dim * part.inner))
+        return
+    order = _memory_order(out_parts, matched)
+    if order is not None:  # all channels back on one axis, in another order (a channel shuffle)
+        values = np.empty(order.size)
+        values[order] = ctx.value(x)
+        ctx.track(y, out_parts[0].axis, order.size, node, values)
+        ctx.tie(x, y, np.arange(order.size), order)
+        return
+    ctx.track_parts(y, out_parts, node, ctx.value(x))
+    ctx.tie(x, y)
+    tracked_output = ctx.tracked(y)
+    for position, entry in enumerate(entries):
+        _check_layout_entry(node, ctx, tracked_output, position, entry, allowzero)
+
+
+def _memory_order(parts: tuple[Part, ...], matched: list[list[Factor]]) -> np.ndarray | None:
+    """Where each channel lands when several parts fill one axis alone in another order (None otherwise)."""
+    axis = parts[0].axis
+    if len(parts) < 2 or any(p.axis != axis or p.above != 1 for p in parts):
+        return None
+    if not all(isinstance(f, Chan) for f in matched[axis]):
+        return None
+    coords = coordinates(dims(parts))
+    return coords @ np.asarray([p.inner for p in parts], dtype=np.int64)
+
+
+def _check_layout_entry(node: gs.Node, ctx: AnalysisContext, out: TrackedAxis, position: int, entry,
+                        allowzero: bool) -> None:
+    """Target entry ``position`` must follow the pruning of the channel parts on that axis, or they stay whole."""
+    on_axis = [i for i, p in enumerate(out.parts) if p.axis == position]
+    if not on_axis:
+        return
+    if isinstance(entry, Computed):
+        for i in on_axis:
+            ctx.fix(out.tensor, i, f"the target shape of Reshape '{node.name}' computes this size in a way onnxprune "
+                                   "does not follow")
+        return
+    if isinstance(entry, Literal):
+        if entry.value == -1:
+            return
+        if entry.value == 0 and not allowzero:
+            entry = Dim(node.inputs[0].name, position)
+        elif entry.value > 0 and (constant_value(node.inputs[1]) is not None or entry.source is not None):
+            return
+        else:
+            for i in on_axis:
+                ctx.fix(out.tensor, i, f"the target shape of Reshape '{node.name}' names the head count where "
+                                       "onnxprune cannot change it")
+            return
+    _follow_dim(node, ctx, out, on_axis, entry)
+
+
+def _follow_dim(node: gs.Node, ctx: AnalysisContext, out: TrackedAxis, on_axis: list[int], entry: Dim) -> None:
+    """A target entry read at run time from ``entry.tensor``. Where that size is static and the entry has
+    a place of its own, the rewrite writes the new size there; otherwise the source tensor must lose the
+    same heads: the outermost part (the heads) is tied value by value to the source's, inner parts stay whole."""
+    tensor = ctx.graph.tensors().get(entry.tensor)
+    size = None if tensor is None else _axis_size(ctx, tensor, entry.axis)
+    if entry.source is not None and isinstance(size, int):
+        if ctx.dim(tensor, entry.axis) is None:  # known from its channel parts: recorded for the rewrite
+            shape = list(tensor.shape)
+            shape[entry.axis] = size
+            tensor.shape = shape
+        return
+    source = ctx.tracked(entry.tensor) if entry.scale == 1 else None
+    reason = f"the target shape of Reshape '{node.name}' reads a channel count at run time"
+    src_parts = [] if source is None else [i for i, p in enumerate(source.parts) if p.axis == entry.axis]
+    if [source.parts[i].dim for i in src_parts] != [out.parts[i].dim for i in on_axis] if source else True:
+        for i in on_axis:
+            ctx.fix(out.tensor, i, reason)
+        return
+    for k, (i_src, i_out) in enumerate(zip(src_parts, on_axis)):
+        if k == 0 and i_src == 0 and i_out == 0:
+            _tie_by_coordinate(ctx, source, 0, out, 0)
+        else:
+            ctx.fix(source.tensor, i_src, reason)
+            ctx.fix(out.tensor, i_out, reason)
+
+
+def _tie_by_coordinate(ctx: AnalysisContext, a: TrackedAxis, part_a: int, b: TrackedAxis, part_b: int) -> None:
+    """Tie every channel of ``a`` and ``b`` that has the same value on the given parts (the same head)."""
+    ca, cb = coordinates(dims(a.parts))[:, part_a], coordinates(dims(b.parts))[:, part_b]
+    first_b = np.full(b.parts[part_b].dim, -1)
+    for slot, c in enumerate(cb):
+        if first_b[c] < 0:
+            first_b[c] = slot
+    ctx.tie(a.tensor, b.tensor, np.arange(ca.size), first_b[ca])
+    ctx.tie(b.tensor, b.tensor, np.arange(cb.size), first_b[cb])
+
+
+def rewrite_target(node: gs.Node, rw: RewriteContext, index: int = 1) -> None:
+    """Scale every literal of a shape input (Reshape's or Expand's) on an axis whose channels change."""
+    y = node.outputs[0]
+    if not rw.changed(y):
+        return
+    per_axis = rw.kept_per_axis(y)
+    target = rw.const(node.inputs[index])
+    if target is not None:
+        target = np.asarray(target).reshape(-1).copy()
+        for axis, (before, kept) in per_axis.items():
+            if target[axis] > 0 and target[axis] % before == 0:
+                target[axis] = target[axis] // before * kept
+        rw.set_const(node, index, target)
+        return
+    entries = shape_entries(node.inputs[index], rw.graph)
+    tensors = rw.graph.tensors()
+    for axis, (before, kept) in per_axis.items():
+        entry = entries[axis]
+        if isinstance(entry, Literal) and entry.value > 0 and entry.value % before == 0 and entry.source is not None:
+            holder, slot, position = entry.source
+            part = np.asarray(rw.const(holder.inputs[slot])).copy()
+            part.reshape(-1)[position] = entry.value // before * kept
+            rw.set_const(holder, slot, part)
+        elif isinstance(entry, Dim) and entry.source is not None:
+            size = tensors[entry.tensor].shape[entry.axis]
+            size = size * entry.scale if isinstance(size, (int, np.integer)) else None
+            if size is not None and size % before == 0:
+                holder, slot = entry.source
+                rw.set_const(holder, slot, np.asarray([size // before * kept], dtype=np.int64))
+
+
+# -- MatMul of two activations -----------------------------------------------------------------------
+
+
+# -- elementwise ops, Where, Expand, Gather and Shape on heads -----------------------------------------
+
+
+def layout_operands(node: gs.Node, ctx: AnalysisContext, inputs: list[gs.Tensor]) -> tuple[tuple[Part, ...], list, list]:
+    """The common layout of ``inputs`` (aligned to the output's rank), each one's values, and those to tie.
+
+    Operands that carry channels must share the layout; the others must not vary along any axis
+    that carries channels (they broadcast there)."""
+    out_rank = ctx.rank(node.outputs[0])
+    if out_rank is None or any(ctx.rank(t) is None for t in inputs):
+        raise Barrier("operand ranks are unknown")
+    layouts = {
+        move_axes(ctx.tracked(t).parts, lambda axis, t=t: axis + out_rank - ctx.rank(t))
+        for t in inputs if ctx.tracked(t) is not None
+    }
+    if len(layouts) != 1:
+        raise Barrier("operands carry heads laid out differently")
+    parts = layouts.pop()
+    size = int(np.prod(dims(parts)))
+    values, ties = [], []
+    for t in inputs:
+        if ctx.tracked(t) is not None:
+            values.append(ctx.value(t))
+            ties.append(t)
+            continue
+        shift = out_rank - ctx.rank(t)
+        if any(p.axis - shift >= 0 and ctx.dim(t, p.axis - shift) != 1 for p in parts):
+            raise Barrier("an operand varies along the heads without carrying them")
+        c = ctx.const(t)
+        values.append(channel_constant(c, None, size) if c is not None else np.full(size, np.nan))
+    return parts, values, ties
+
+
+def declare_elementwise(node: gs.Node, ctx: AnalysisContext, inputs: list[gs.Tensor], combine) -> None:
+    """An elementwise op over heads: the output has the operands' layout, values from ``combine``."""
+    parts, values, ties = layout_operands(node, ctx, inputs)
+    with np.errstate(all="ignore"):
+        out = combine(values)
+    out = np.where(np.isfinite(out), out, np.nan)
+    ctx.track_parts(node.outputs[0], parts, node, out)
+    for t in ties:
+        ctx.tie(t, node.outputs[0])
+
+
+class WhereRule(ChannelRule):
+    """Where(condition, x, y) (attention masks): operands that carry channels are tied to the output, the
+    others broadcast along them; a channel is known where x and y agree."""
+
+    ops = ("Where",)
+    handles_layouts = True
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        if not any(ctx.tracked(t) is not None for t in node.inputs):
+            return
+        parts, values, ties = layout_operands(node, ctx, list(node.inputs))
+        with np.errstate(all="ignore"):
+            out = combine_same(values[1:])
+        ctx.track_parts(node.outputs[0], parts, node, np.where(np.isfinite(out), out, np.nan))
+        for t in ties:
+            ctx.tie(t, node.outputs[0])
+
+
+class ExpandRule(ChannelRule):
+    """Expand of axes that carry no channels (grouped-query attention repeats each K/V head for its queries)."""
+
+    ops = ("Expand",)
+    handles_layouts = True
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        tracked = ctx.tracked(x)
+        if tracked is None:
+            if ctx.tracked(node.inputs[1]) is not None:
+                raise Barrier("its shape comes from channel data")
+            fix_heads_read_by_untracked(node, ctx)
+            return
+        entries = shape_entries(node.inputs[1], ctx.graph)
+        rank = ctx.rank(x)
+        if entries is None or rank is None or len(entries) < rank:
+            raise Barrier("its target shape is computed in a way onnxprune does not follow")
+        shift = len(entries) - rank
+        _refine_expand_shape(ctx, node, entries, shift)
+        parts = move_axes(tracked.parts, lambda axis: axis + shift)
+        ctx.track_parts(y, parts, node, ctx.value(x))
+        ctx.tie(x, y)
+        out = ctx.tracked(y)
+        for position, entry in enumerate(entries):
+            if not (isinstance(entry, Literal) and entry.value in (0, 1)):
+                _check_layout_entry(node, ctx, out, position, entry, allowzero=True)
+
+    def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
+        rewrite_target(node, rw)
+
+
+def _refine_expand_shape(ctx: AnalysisContext, node: gs.Node, entries: list, shift: int) -> None:
+    """Fill in the output sizes shape inference left unknown where the target's entries give them."""
+    x, y = node.inputs[0], node.outputs[0]
+    known = list(ctx.shape(y) or [None] * len(entries))
+    if len(known) != len(entries):
+        return
+    tensors = ctx.graph.tensors()
+    for axis, entry in enumerate(entries):
+        if isinstance(known[axis], (int, np.integer)):
+            continue
+        size = entry.value if isinstance(entry, Literal) else None
+        if isinstance(entry, Computed):
+            continue
+        if isinstance(entry, Dim) and entry.tensor in tensors:
+            base = _axis_size(ctx, tensors[entry.tensor], entry.axis)
+            size = base * entry.scale if isinstance(base, int) else base if entry.scale == 1 else None
+        if size == 1 and axis - shift >= 0:
+            size = _axis_size(ctx, x, axis - shift)
+        if size is not None and size != -1:
+            known[axis] = size
+    y.shape = known
+
+
+def analyze_select(node: gs.Node, ctx: AnalysisContext, tracked: TrackedAxis, axis: int) -> None:
+    """Gather of one index on an axis holding a whole part (Q, K or V out of a packed projection)."""
+    index = ctx.const(node.inputs[1])
+    on_axis = [i for i, p in enumerate(tracked.parts) if p.axis == axis]
+    if index is None or np.asarray(index).ndim != 0 or len(on_axis) != 1 or len(tracked.parts) < 2:
+        raise Barrier("it gathers along the channel axis")
+    i = on_axis[0]
+    part = tracked.parts[i]
+    if part.inner != 1 or part.above != 1:
+        raise Barrier("it gathers along an axis that mixes channels with other data")
+    chosen = int(index) % part.dim
+    rest = tuple(replace(p, axis=p.axis - (p.axis > axis)) for j, p in enumerate(tracked.parts) if j != i)
+    picked = np.flatnonzero(coordinates(dims(tracked.parts))[:, i] == chosen)
+    ctx.fix(tracked.tensor, i, f"Gather '{node.name}' picks a fixed position along the channel parts")
+    ctx.track_parts(node.outputs[0], rest, node, ctx.value(node.inputs[0])[picked])
+    ctx.tie(node.inputs[0], node.outputs[0], picked, np.arange(picked.size))
+
+
+def axes_read_for_computation(ctx: AnalysisContext, t: gs.Tensor, positions: list[int], depth: int = 0) -> set[int]:
+    """Axes (``positions`` holds the axis each entry of shape value ``t`` reports, -1 for others) whose
+    size feeds something other than the target of a Reshape or Expand (whose rules check what they
+    read), following ops that only move shape entries: Slice, Gather, Concat, Unsqueeze, Squeeze, Cast."""
+    every = {p for p in positions if p >= 0}
+    if depth > 12 or t.name in ctx.graph_outputs:
+        return every
+    read: set[int] = set()
+    for user in t.outputs:
+        if user.op in ("Reshape", "Expand") and len(user.inputs) > 1 and user.inputs[1] is t and user.inputs[0] is not t:
+            continue
+        if user.op == "Shape" or (user.op == "Equal" and _only_guards_where(user, t)):
+            continue  # the length of the shape value, or TorchScript's Where(Equal(s, -1), 1, s) guard
+        moved = _moved_positions(ctx, user, t, positions)
+        if moved is None:
+            read |= every
+            continue
+        for out in user.outputs:
+            read |= axes_read_for_computation(ctx, out, moved, depth + 1)
+    return read
+
+
+def _only_guards_where(equal: gs.Node, t: gs.Tensor) -> bool:
+    """True if ``equal``'s result only chooses, in Where nodes, between ``t`` and something else."""
+    users = equal.outputs[0].outputs
+    return bool(users) and all(u.op == "Where" and u.inputs[0] is equal.outputs[0] and u.inputs[2] is t for u in users)
+
+
+def _moved_positions(ctx: AnalysisContext, user: gs.Node, t: gs.Tensor, positions: list[int]) -> list[int] | None:
+    """Where the entries of ``t`` land in ``user``'s output (None: the op computes with them)."""
+    if user.op in ("Unsqueeze", "Squeeze", "Cast", "Identity") and user.inputs[0] is t:
+        return positions
+    if user.op == "Reshape" and user.inputs[0] is t and ctx.const(user.inputs[1]) is not None \
+            and np.asarray(ctx.const(user.inputs[1])).size <= 1:  # the shape value kept as one axis
+        return positions
+    if user.op == "Where" and user.inputs[2] is t and user.inputs[0] is not t and user.inputs[1] is not t:
+        return positions
+    if user.op == "Mul" and len(positions) == 1 and any(  # a size times a constant, followed as a scaled Dim
+            other is not t and ctx.const(other) is not None and np.asarray(ctx.const(other)).size == 1 for other in user.inputs):
+        return positions
+    if user.op == "Gather" and user.inputs[0] is t and int(user.attrs.get("axis", 0)) == 0:
+        idx = ctx.const(user.inputs[1])
+        return None if idx is None else [positions[int(i)] for i in np.asarray(idx).reshape(-1)]
+    if user.op == "Slice" and user.inputs[0] is t and len(user.inputs) >= 3:
+        starts, ends = ctx.const(user.inputs[1]), ctx.const(user.inputs[2])
+        steps = ctx.const(user.inputs[4]) if len(user.inputs) > 4 else np.ones(1, dtype=np.int64)
+        if starts is None or ends is None or steps is None or np.asarray(starts).size != 1:
+            return None
+        return positions[slice(int(np.asarray(starts).reshape(-1)[0]), int(np.asarray(ends).reshape(-1)[0]),
+                               int(np.asarray(steps).reshape(-1)[0]))]
+    if user.op == "Concat":
+        out: list[int] = []
+        for part in user.inputs:
+            if part is t:
+                out += positions
+            else:
+                length = ctx.dim(part, 0) if ctx.rank(part) == 1 else None
+                if length is None:
+                    return None
+                out += [-1] * length
+        return out
+    return None
+
+
+def fix_heads_read_by_untracked(node: gs.Node, ctx: AnalysisContext) -> None:
+    """A Reshape or Expand of data that carries no channels, whose target reads a head count: those heads stay."""
+    if len(node.inputs) < 2 or ctx.tracked(node.inputs[0]) is not None:
+        return
+    for entry in shape_entries(node.inputs[1], ctx.graph) or []:
+        source = ctx.tracked(entry.tensor) if isinstance(entry, Dim) else None
+        if source is not None and source.layout is not None:
+            for i, part in enumerate(source.parts):
+                if part.axis == entry.axis:
+                    ctx.fix(source.tensor, i, f"{node.op} '{node.name}' reads the head count to shape other data")
+
+
+HEAD_RULES: list[ChannelRule] = [WhereRule(), ExpandRule()]
