@@ -6,10 +6,10 @@ symbolic tracing gives that directly but cannot trace Python control flow on ten
 need real values (timm's and Hugging Face's attention, hybrid conv/attention nets). torch.export
 (non-strict) traces those. Its graph is made of ATen ops, each tagged with the module call it came
 from; :func:`export_capture` rolls every single-input leaf module the wrapper cares about (Conv,
-Linear, BatchNorm, activations, Dropout) back into a ``call_module`` node of the model's own module
-and keeps the rest as ATen calls reading the model's own parameters, so the result trains the same
-parameters, runs each rolled-up module live (BatchNorm and Dropout follow ``train()``/``eval()``)
-and takes any batch size.
+Linear, transformers' Conv1D, BatchNorm, activations, Dropout) back into a ``call_module`` node of
+the model's own module and keeps the rest as ATen calls reading the model's own parameters, so the
+result trains the same parameters, runs each rolled-up module live (BatchNorm and Dropout follow
+``train()``/``eval()``) and takes any batch size.
 
 What export fixes at capture time: Python branches on ``self.training`` outside those modules
 (e.g. a functional attention dropout) are taken as in evaluation mode; shapes other than the
@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from onnxprune.bayes.grouping import is_hf_conv1d, is_layer
 from onnxprune.errors import InputError
 from onnxprune.torch_export import batch_of_two
 
@@ -38,10 +39,7 @@ ROLLED_MODULES = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.Sigmoid, nn.Mish,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-)
-
-
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+)  # and transformers' Conv1D (is_hf_conv1d)
 
 
 class CaptureError(InputError):
@@ -70,17 +68,18 @@ def capture(model: nn.Module, example_inputs: tuple, method: str = "auto") -> tu
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer that also keeps mode-dependent modules (:func:`reads_training_flag`) as calls."""
+    """torch.fx's tracer that also keeps transformers' Conv1D layers and mode-dependent modules
+    (:func:`reads_training_flag`) as calls."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return super().is_leaf_module(m, module_qualified_name) or reads_training_flag(m)
+        return super().is_leaf_module(m, module_qualified_name) or is_hf_conv1d(m) or reads_training_flag(m)
 
 
 def reads_training_flag(module: nn.Module) -> bool:
     """True for a module without Conv/Linear layers inside whose own ``forward`` reads ``self.training``
     (stochastic depth, a custom dropout, a BatchNorm fused with its activation): traced through, one mode's
     branch would be baked into the graph for both."""
-    if any(isinstance(m, _LAYERS) for m in module.modules()):
+    if any(is_layer(m) for m in module.modules()):
         return False
     try:
         source = inspect.getsource(type(module).forward)
@@ -168,19 +167,23 @@ def _roll_leaf_modules(gm: fx.GraphModule, model: nn.Module) -> int:
             module = model.get_submodule(path)
         except AttributeError:
             continue
-        if isinstance(module, ROLLED_MODULES) and not list(module.children()) and _roll_call(gm, path, module, nodes):
+        rolled_kind = isinstance(module, ROLLED_MODULES) or is_hf_conv1d(module)
+        if rolled_kind and not list(module.children()) and _roll_call(gm, path, module, nodes):
             rolled += 1
     return rolled
 
 
 def _roll_call(gm: fx.GraphModule, path: str, module: nn.Module, nodes: list[fx.Node]) -> bool:
     """Roll one module call (its ATen nodes) into ``call_module(path)``; False (nothing changed) unless the call
-    reads exactly one value from outside besides the module's own parameters and gives exactly one."""
+    reads exactly one value from outside besides the module's own parameters and sizes (the batch size a Conv1D's
+    ``x.view(...)`` reads, which export computes once for the whole graph: the module, run live, reads its own
+    input's) and gives exactly one."""
     region = set(nodes)
     own = f"{path}."
     inputs = {
         n for node in nodes for n in node.all_input_nodes
         if n not in region and not (n.op == "get_attr" and str(n.target).startswith(own))
+        and not isinstance(n.meta.get("val"), torch.SymInt)
     }
     outputs = [n for n in nodes if any(u not in region for u in n.users)]
     if len(inputs) != 1 or len(outputs) != 1:

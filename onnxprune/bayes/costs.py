@@ -6,20 +6,27 @@ that is stronger where a channel costs more steers the posterior to the pruning 
 compute. ``weight_kl_by_macs`` multiplies each channel group's KL by its cost per channel over
 the mean cost of all gated channels (so the weights average 1 over the channels and
 ``kl_scale`` keeps its meaning); this is our choice, not the SBP paper's (docs/methods.md).
+
+An attention head is one gate entry, at its value projection (see :mod:`onnxprune.bayes.grouping`):
+it is charged its value rows, the output-projection columns reading them, its query and key rows
+(layers left ungated, ``BayesianModel.contracted``) and its share of the attention products
+(``Q K^T`` and ``P V``: ``2 S^2 head_dim`` MACs per head and example).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from onnxprune.bayes.grouping import is_layer, layer_width
 from onnxprune.bayes.wrapper import BayesianModel
-
-_PARAMETRIC = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def layer_macs(model: nn.Module, example_inputs: tuple) -> dict[str, int]:
-    """MACs of one example through each Conv/Linear module, by module name (one forward pass)."""
+    """MACs of one example through each Conv/Linear module (and transformers' Conv1D), by module name (one
+    forward pass)."""
     macs: dict[str, int] = {}
     hooks = []
 
@@ -28,14 +35,16 @@ def layer_macs(model: nn.Module, example_inputs: tuple) -> dict[str, int]:
             batch = output.shape[0] if output.dim() > 1 else 1
             if isinstance(module, nn.Linear):
                 per_example = output.numel() // batch * module.in_features
-            else:
+            elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 kernel = module.weight[0].numel()  # in_channels / groups * kernel size
                 per_example = output.numel() // batch * kernel
+            else:  # transformers' Conv1D: weight [in, out]
+                per_example = output.numel() // batch * module.weight.shape[0]
             macs[name] = macs.get(name, 0) + int(per_example)
         return record
 
     for name, module in model.named_modules():
-        if isinstance(module, _PARAMETRIC):
+        if is_layer(module):
             hooks.append(module.register_forward_hook(hook(name)))
     try:
         was_training = model.training
@@ -49,26 +58,82 @@ def layer_macs(model: nn.Module, example_inputs: tuple) -> dict[str, int]:
     return macs
 
 
-def _consumers(graph: fx.Graph, start: fx.Node, modules: dict[str, nn.Module]) -> list[str]:
-    """The Conv/Linear modules that read ``start``'s output through parameter-free ops (and other gates)."""
-    found, seen, todo = [], {start}, list(start.users)
+def _reached(start: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[str], list[fx.Node]]:
+    """The Conv/Linear modules that read ``start``'s output through parameter-free ops (and other gates), and
+    those ops."""
+    found, between, seen, todo = [], [], {start}, list(start.users)
     while todo:
         node = todo.pop()
         if node in seen:
             continue
         seen.add(node)
-        if node.op == "call_module" and isinstance(modules.get(node.target), _PARAMETRIC):
+        if node.op == "call_module" and is_layer(modules.get(node.target)):
             found.append(node.target)
             continue
+        between.append(node)
         todo.extend(node.users)
-    return found
+    return found, between
+
+
+_SDPA = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
+
+
+class _NodeMacs(fx.Interpreter):
+    """Runs a graph, counting the multiply-accumulates (matrix products, convolutions, attention) of ``nodes``."""
+
+    def __init__(self, gm: fx.GraphModule, nodes: set[fx.Node]) -> None:
+        super().__init__(gm)
+        self.nodes = nodes
+        self.macs: dict[fx.Node, int] = {}
+
+    def run_node(self, n: fx.Node):
+        if n not in self.nodes:
+            return super().run_node(n)
+        if n.op == "call_function" and n.target in _SDPA:  # the flop counter counts none of its CPU kernel
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            q, k, v = (list(args) + [kwargs.get(name) for name in ("query", "key", "value")[len(args):]])[:3]
+            self.macs[n] = q.numel() // q.shape[-1] * k.shape[-2] * (q.shape[-1] + v.shape[-1])  # Q K^T and P V
+            return super().run_node(n)
+        with FlopCounterMode(display=False) as counter:
+            out = super().run_node(n)
+        self.macs[n] = counter.get_total_flops() // 2  # a flop counter counts a multiply-add as two
+        return out
+
+
+def _contraction_macs(wrapped: BayesianModel, example_inputs: tuple, nodes: dict[str, fx.Node]) -> dict[str, float]:
+    """Per gate name: the MACs per example of the parameter-free ops between its query / key layers and the next
+    layers (the attention products ``Q K^T`` and ``P V``), per gate entry."""
+    traced = wrapped.model
+    modules = dict(traced.named_modules())
+    between: dict[str, set[fx.Node]] = {}
+    for layer, parts in wrapped.contracted.items():
+        ops = set(_reached(nodes[layer], modules)[1])
+        for key, _, _ in parts:
+            between.setdefault(key, set()).update(ops)
+    if not between:
+        return {}
+    counter = _NodeMacs(traced, set().union(*between.values()))
+    was_training = traced.training
+    traced.eval()
+    try:
+        with torch.no_grad():
+            counter.run(*example_inputs)
+    finally:
+        traced.train(was_training)
+        wrapped.bank.clear()
+    first = example_inputs[0]
+    batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 1 else 1
+    return {key: sum(counter.macs.get(n, 0) for n in ops) / batch / wrapped.gates[key].num_channels
+            for key, ops in between.items()}
 
 
 def channel_costs(wrapped: BayesianModel, example_inputs: tuple | torch.Tensor) -> dict[str, float]:
-    """MACs per example that one channel of each gate group costs: the producing layer's MACs per output
-    channel plus, per channel, the MACs of the Conv/Linear layers that read it (through activations,
-    pooling, flatten, residual adds). An estimate: a channel shared by concatenation is charged its
-    consumers' MACs over the site's width."""
+    """MACs per example that one channel (gate entry) of each gate group costs: the producing layer's MACs per
+    output channel plus, per channel, the MACs of the Conv/Linear layers that read it (through activations,
+    pooling, flatten, residual adds); a gate entry covering several channels of a site (an attention head at its
+    value projection) is charged all of them, and a head also its query and key rows and its share of the
+    attention products. An estimate: a channel shared by concatenation is charged its consumers' MACs over the
+    site's width (less its packed query and key channels, read by the attention product only)."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     traced = wrapped.model
@@ -77,13 +142,24 @@ def channel_costs(wrapped: BayesianModel, example_inputs: tuple | torch.Tensor) 
     nodes = {n.target: n for n in traced.graph.nodes if n.op == "call_module"}
     costs: dict[str, float] = {}
     for site in wrapped.sites:
-        width = modules[site.name].channels
-        consumers = _consumers(traced.graph, nodes[site.name], modules)
-        produced = isinstance(modules.get(site.layer), _PARAMETRIC) and site.layer not in consumers  # not an input gate
+        module = modules[site.name]
+        width = module.channels
+        consumers, _ = _reached(nodes[site.name], modules)
+        produced = is_layer(modules.get(site.layer)) and site.layer not in consumers  # not an input gate
         own = macs.get(site.layer, 0) / width if produced else 0.0
-        downstream = sum(macs.get(c, 0) for c in consumers) / width
-        for group in site.groups:
-            costs[group] = max(costs.get(group, 0.0), own + downstream)
+        downstream = sum(macs.get(c, 0) for c in consumers) / max(1, width - site.contracted_width)
+        for i, group in enumerate(site.groups):
+            positions = getattr(module, f"positions_{i}")
+            per_entry = positions.numel() / max(1, positions.unique().numel())  # channels of the site per entry
+            costs[group] = max(costs.get(group, 0.0), (own + downstream) * per_entry)
+    for layer, parts in wrapped.contracted.items():  # query / key rows of heads gated at their values
+        per_channel = macs.get(layer, 0) / layer_width(modules[layer])
+        for key, channels, _ in parts:
+            if key in costs:
+                costs[key] += per_channel * channels.numel() / wrapped.gates[key].num_channels
+    for key, extra in _contraction_macs(wrapped, example_inputs, nodes).items():
+        if key in costs:
+            costs[key] += extra
     return costs
 
 

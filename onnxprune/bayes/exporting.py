@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from onnxprune.bayes.grouping import is_hf_conv1d
 from onnxprune.bayes.wrapper import BayesianModel, GateSite
 from onnxprune.errors import InputError
 
@@ -34,7 +35,8 @@ def fold_gates(wrapped: BayesianModel) -> fx.GraphModule:
     """A plain module computing ``wrapped``'s evaluation-mode function with every gate folded in.
 
     A gate at the end of layer -> [BatchNorm] -> [ReLU-like activation] multiplies
-    the BatchNorm's scale and shift (or the layer's weight rows and bias) by
+    the BatchNorm's scale and shift (or the layer's weight rows, a transformers
+    Conv1D's columns, and bias) by
     E[theta] * mask; a pre-bias gate multiplies the weight rows only; other gates
     become a constant per-channel multiply.
     """
@@ -48,13 +50,15 @@ def fold_gates(wrapped: BayesianModel) -> fx.GraphModule:
         if site.foldable:
             target = gm.get_submodule(site.norm) if site.norm else gm.get_submodule(site.layer)
             shape = [-1] + [1] * (target.weight.dim() - 1)
+            if is_hf_conv1d(target):  # transformers' Conv1D: weight [in, out], a channel is a column
+                shape = [1, -1]
             target.weight.mul_(g.reshape(shape).to(target.weight.dtype))
             if site.pre_bias:
                 pass  # theta * (W x) + b: the bias stays
             elif target.bias is not None:
                 target.bias.mul_(g.to(target.bias.dtype))
             elif not site.norm:
-                target.bias = nn.Parameter(torch.zeros(target.weight.shape[0], dtype=target.weight.dtype))
+                target.bias = nn.Parameter(torch.zeros(g.shape[-1], dtype=target.weight.dtype))
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             delattr(gm, site.name)

@@ -5,13 +5,20 @@ later deletes the channels, and every Conv/Linear module is matched to its ONNX
 Conv/Gemm/MatMul node by call order (the exporter emits one node per call, in
 order). A module's output channels then map to engine *components*; coupled
 channels (a residual Add, a Concat, a depthwise Conv) are one component, so
-they get one gate and a rejected channel is deletable everywhere.
+they get one gate and a rejected channel is deletable everywhere. Channels that
+reach an attention contraction (queries, keys) are not gated at their layer: the
+head they belong to is gated at its value projection (:class:`ModuleChannels`).
+
+The layers are Conv1d/2d/3d, Linear and Hugging Face transformers' ``Conv1D``
+(GPT-2's layers: a Linear whose weight is stored [in, out]), recognised without
+importing transformers (:func:`is_hf_conv1d`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,6 +28,34 @@ from onnxprune.channels.analysis import ChannelAnalysis
 
 logger = logging.getLogger(__name__)
 
+LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # and transformers' Conv1D: see is_layer
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for Hugging Face transformers' ``Conv1D`` (weight [in, out], ``x @ W + b``). Its class is looked up
+    in ``sys.modules``: a model holding one has imported transformers, and this library never imports it."""
+    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return cls is not None and isinstance(module, cls)
+
+
+def is_layer(module: nn.Module) -> bool:
+    """A layer whose output channels can be gated: Conv1d/2d/3d, Linear or transformers' Conv1D."""
+    return isinstance(module, LAYER_MODULES) or is_hf_conv1d(module)
+
+
+def layer_width(module: nn.Module) -> int:
+    """Output channels of a layer (:func:`is_layer`)."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return int(module.weight.shape[1])  # Conv1D: [in, out]
+
+
+def output_major(module: nn.Module) -> torch.Tensor:
+    """A layer's weight with its output channels first (transformers' Conv1D stores it [in, out])."""
+    return module.weight.t() if is_hf_conv1d(module) else module.weight
+
 
 @dataclass
 class ModuleChannels:
@@ -29,15 +64,31 @@ class ModuleChannels:
     ``parts`` holds, per channel group the layer writes to: (group index, the
     layer's output channels in it, their positions in the group's gate).
     Channels that can never be removed (pinned) are in no part.
+
+    ``contracted`` holds, in the same form, the channels that reach an attention
+    contraction (queries, keys: ``ChannelAnalysis.contracted_outputs``). They are
+    not gated here but where their group's values are produced: a head is dead
+    when its values are, and a gate on queries or keys would scale the attention
+    logits by theta^2 in training. A packed q/k/v projection has both kinds.
+    ``contracted_width`` counts the layer's channels that reach a contraction,
+    gated or pinned.
     """
 
     module: str
     onnx_node: str
     parts: list[tuple[int, np.ndarray, np.ndarray]]
+    contracted: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
+    contracted_width: int = 0
 
     @property
     def groups(self) -> list[int]:
+        """The groups of the channels gated at this layer."""
         return [g for g, _, _ in self.parts]
+
+    @property
+    def all_groups(self) -> list[int]:
+        """Every group the layer writes to (gated here or, for contracted channels, elsewhere)."""
+        return list(dict.fromkeys(g for g, _, _ in self.parts + self.contracted))
 
 
 @dataclass
@@ -88,7 +139,7 @@ def match_by_weights(model: nn.Module, order: list[str], nodes: list) -> tuple[l
     onnx_rows = [_onnx_rows(n) for n in nodes]
     matched_modules, matched_nodes, used = [], [], set()
     for name in order:
-        rows = _rows(model.get_submodule(name).weight.detach().cpu().numpy())
+        rows = _rows(output_major(model.get_submodule(name)).detach().cpu().numpy())
         for i, candidate in enumerate(onnx_rows):
             if i in used or candidate is None or candidate.shape != rows.shape:
                 continue
@@ -105,7 +156,7 @@ def module_call_order(model: nn.Module, example_inputs: tuple) -> list[str]:
     hooks = [
         m.register_forward_hook(lambda mod, inp, out, name=name: order.append(name))
         for name, m in model.named_modules()
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+        if is_layer(m)
     ]
     try:
         with torch.no_grad():
@@ -118,16 +169,36 @@ def module_call_order(model: nn.Module, example_inputs: tuple) -> list[str]:
 
 def _export_for_analysis(model: nn.Module, example_inputs: tuple):
     """The model in ONNX for the channel analysis: the TorchScript exporter (several times faster), or the
-    dynamo one where TorchScript cannot export the model."""
+    dynamo one where TorchScript cannot export the model or the model has a transformers ``Conv1D`` (TorchScript
+    writes its ``x.view(-1, x.size(-1))`` as a Shape read of the channel count, which pins its input channels)."""
     from onnxprune.torch_export import export_onnx
 
     example = example_inputs[0] if len(example_inputs) == 1 else example_inputs
+    if any(is_hf_conv1d(m) for m in model.modules()):
+        return export_onnx(model, example, exporter="dynamo")
     try:
         return export_onnx(model, example, exporter="torchscript")
     except Exception as exc:  # noqa: BLE001 - any TorchScript failure: the dynamo exporter may still export it
         logger.info("TorchScript exporter failed on %s (%s); analysing the dynamo export", type(model).__name__,
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return export_onnx(model, example, exporter="dynamo")
+
+
+def _module_parts(analysis: ChannelAnalysis, out: str, gate_position: dict[int, dict[int, int]]) -> tuple[list, list]:
+    """A layer's output ``out`` as (group, channels, gate positions) parts: those gated at the layer, and those
+    reaching an attention contraction (gated where their group's values are produced)."""
+    comps = analysis.components_of(out)
+    groups = analysis.group_of_component[comps]
+    contracted = analysis.contracted_outputs.get(out, np.zeros(comps.size, dtype=bool))
+    parts, elsewhere = [], []
+    for g in dict.fromkeys(int(v) for v in groups):  # first-seen order
+        channels = np.flatnonzero(groups == g)
+        position = np.array([gate_position[g].get(int(c), -1) for c in comps[channels]], dtype=np.int64)
+        free = position >= 0
+        for found, keep in ((parts, free & ~contracted[channels]), (elsewhere, free & contracted[channels])):
+            if keep.any():
+                found.append((g, channels[keep], position[keep]))
+    return parts, elsewhere
 
 
 def channel_grouping(model: nn.Module, example_inputs: tuple) -> Grouping:
@@ -157,17 +228,10 @@ def channel_grouping(model: nn.Module, example_inputs: tuple) -> Grouping:
         out = node.outputs[0].name
         if analysis.ctx.tracked(out) is None:
             continue
-        comps = analysis.components_of(out)
-        groups = analysis.group_of_component[comps]
-        parts = []
-        for g in dict.fromkeys(int(v) for v in groups):  # first-seen order
-            channels = np.flatnonzero(groups == g)
-            position = np.array([gate_position[g].get(int(c), -1) for c in comps[channels]], dtype=np.int64)
-            keep = position >= 0
-            if keep.any():
-                parts.append((g, channels[keep], position[keep]))
-        if parts:
-            modules[name] = ModuleChannels(name, node.name, parts)
+        parts, contracted = _module_parts(analysis, out, gate_position)
+        if parts or contracted:
+            width = int(analysis.contracted_outputs[out].sum()) if out in analysis.contracted_outputs else 0
+            modules[name] = ModuleChannels(name, node.name, parts, contracted, width)
     sizes = {g: len(p) for g, p in gate_position.items() if p}
     names = {g.index: g.name for g in analysis.groups}
     return Grouping(analysis, modules, sizes, names)

@@ -11,7 +11,10 @@ share one gate and, within a forward pass, one sample of it.
 Not gated: layers whose channels reach the graph output (the classifier) or
 an op the engine cannot prune through, modules named in ``exclude``, and
 producers whose output only feeds a depthwise conv of the same group or a Mul
-(an SE excitation branch): there the channel is gated once, further on.
+(an SE excitation branch): there the channel is gated once, further on. Query
+and key channels (those reaching an attention contraction) are not gated
+either: their head's gate sits at the value projection, the only layer of the
+head group that gets a site.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import nn
 
 from onnxprune.bayes.capture import capture as capture_graph
 from onnxprune.bayes.gate import ChannelGate
-from onnxprune.bayes.grouping import Grouping, ModuleChannels, channel_grouping
+from onnxprune.bayes.grouping import Grouping, ModuleChannels, channel_grouping, is_hf_conv1d, is_layer, layer_width
 from onnxprune.bayes.methods import gate_class
 
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.Sigmoid,
@@ -44,7 +47,6 @@ ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
 HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 HOMOGENEOUS_FUNCTIONS = {F.relu, F.leaky_relu, torch.relu, _aten.relu.default, _aten.relu_.default, _aten.leaky_relu.default}
 NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -169,6 +171,7 @@ class SiteInfo:
     norm: str | None  # BatchNorm module in the chain, if any
     foldable: bool  # all activations in the chain are positively homogeneous (or the site is pre-bias)
     pre_bias: bool = False  # the gate scales the layer's W x, before its bias
+    contracted_width: int = 0  # the layer's channels that only an attention product reads (packed queries, keys)
 
 
 class BayesianModel(nn.Module):
@@ -184,6 +187,9 @@ class BayesianModel(nn.Module):
         self.group_layers = group_layers
         #: how the model's graph was read: "fx" or "export" (:func:`onnxprune.bayes.capture.capture`)
         self.captured_by = "fx"
+        #: per layer with query / key channels of a gated head group: ``(gate name, channels, positions)``
+        #: of those channels, gated at the group's value projection (read by onnxprune.bayes.costs)
+        self.contracted: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
 
     def forward(self, *args, **kwargs):
         self.bank.clear()
@@ -397,7 +403,7 @@ def wrap(
     grouping: Grouping = channel_grouping(model, example_inputs)
     excluded = set(exclude)
     plans, group_layers = _plan_sites(gm, grouping, excluded)
-    names = _group_names(plans, group_layers)
+    names = _group_names(plans, group_layers, grouping)
     bank = GateBank({names[g]: make_gate(grouping.group_sizes[g]) for g in names}, noise)
     sites = [_insert_site(gm, bank, f"gate_site_{i}", plan, names, placement) for i, plan in enumerate(plans)]
     layers_by_name = {names[g]: layers for g, layers in group_layers.items() if g in names}
@@ -413,6 +419,7 @@ def wrap(
     gm.recompile()
     result = BayesianModel(gm, bank, sites, method, layers_by_name)
     result.captured_by = captured_by
+    result.contracted = _contracted_parts(grouping, excluded, names)
     for gate in bank.gates.values():
         gate.after_wrap(result)
     return result
@@ -440,27 +447,30 @@ def _plan_sites(gm: fx.GraphModule, grouping: Grouping, excluded: set[str]) -> t
         if node.op != "call_module" or node.target not in grouping.modules or node.target in excluded:
             continue
         module = gm.get_submodule(node.target)
-        if not isinstance(module, LAYER_MODULES):
+        if not is_layer(module):
             continue
         mc = grouping.modules[node.target]
-        chain, norm, foldable = _chain(gm, node)
-        for g in mc.groups:
+        for g in mc.all_groups:
             group_layers.setdefault(g, []).append(node.target)
+        if not mc.parts:  # only queries / keys: their heads are gated at the value projection
+            continue
+        chain, norm, foldable = _chain(gm, node)
         if _feeds_only_gated_product(gm, chain[-1], set(mc.groups), layer_groups):
             continue
         conv = isinstance(module, CONV_MODULES)
-        width = module.out_channels if conv else module.out_features
-        plans.append(_SitePlan(node, chain, norm, foldable, mc, 1 if conv else -1, width))
+        plans.append(_SitePlan(node, chain, norm, foldable, mc, 1 if conv else -1, layer_width(module)))
     return plans, group_layers
 
 
-def _group_names(plans: list[_SitePlan], group_layers: dict[int, list[str]]) -> dict[int, str]:
-    """A gate name per gated channel group: its first layer's name (module names may not contain dots)."""
+def _group_names(plans: list[_SitePlan], group_layers: dict[int, list[str]], grouping: Grouping) -> dict[int, str]:
+    """A gate name per gated channel group: the name of its first layer that gates some of its channels (not a
+    query or key projection; module names may not contain dots)."""
     names: dict[int, str] = {}
     for plan in plans:
         for g in plan.channels.groups:
             if g not in names:
-                key = group_layers[g][0].replace(".", "_")
+                first = next(n for n in group_layers[g] if g in grouping.modules[n].groups)
+                key = first.replace(".", "_")
                 while key in names.values():
                     key += "_"
                 names[g] = key
@@ -482,7 +492,8 @@ def _insert_site(gm: fx.GraphModule, bank: GateBank, site_name: str, plan: _Site
         new = gm.graph.call_module(site_name, (end,))
     end.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     groups = [names[g] for g in plan.channels.groups]
-    return SiteInfo(site_name, plan.node.target, groups, [n.name for n in chain], plan.norm, foldable, pre_bias)
+    return SiteInfo(site_name, plan.node.target, groups, [n.name for n in chain], plan.norm, foldable, pre_bias,
+                    plan.channels.contracted_width)
 
 
 def _insert_input_site(gm: fx.GraphModule, bank: GateBank, layer: fx.Node, site_name: str,
@@ -501,13 +512,26 @@ def _insert_input_site(gm: fx.GraphModule, bank: GateBank, layer: fx.Node, site_
 
 
 def _producers(gm: fx.GraphModule, grouping: Grouping, excluded: set[str], names: dict[int, str]) -> dict[str, list]:
-    """Per gate name: ``(weight, rows, positions)`` of every layer writing its channels (for ``attach``)."""
+    """Per gate name: ``(weight, rows, positions)`` of every layer writing its channels (for ``attach``): not the
+    query / key channels of a head (gated at its values), and not transformers' Conv1D layers (their weight is
+    [in, out]: its rows are input channels)."""
     producers: dict[str, list] = {}
     for name, mc in grouping.modules.items():
-        if name in excluded or not isinstance(gm.get_submodule(name), LAYER_MODULES):
+        module = gm.get_submodule(name)
+        if name in excluded or not is_layer(module) or is_hf_conv1d(module):
             continue
         for g, ch, pos in mc.parts:
             if g in names:
                 weight = gm.get_submodule(name).weight
                 producers.setdefault(names[g], []).append((weight, torch.as_tensor(ch), torch.as_tensor(pos)))
     return producers
+
+
+def _contracted_parts(grouping: Grouping, excluded: set[str], names: dict[int, str]) -> dict[str, list]:
+    """Per layer: ``(gate name, channels, positions)`` of its query / key channels in gated head groups."""
+    found: dict[str, list] = {}
+    for name, mc in grouping.modules.items():
+        parts = [(names[g], torch.as_tensor(ch), torch.as_tensor(pos)) for g, ch, pos in mc.contracted if g in names]
+        if parts and name not in excluded:
+            found[name] = parts
+    return found
