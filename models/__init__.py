@@ -26,6 +26,7 @@ from .resnext_cifar import resnext_cifar
 from .senet_cifar import senet_cifar
 from .transformer import transformer_block
 from .vgg_cifar import vgg_cifar
+from .vit import vit_cifar
 
 __all__ = ["REGISTRY", "ModelSpec", "Normalize", "build", "layer_call_order", "names", "randomize_batchnorm"]
 
@@ -77,6 +78,10 @@ _SPECS: tuple[ModelSpec, ...] = (
     ModelSpec(
         "senet_cifar", senet_cifar, _CIFAR, 10, "cifar10",
         "ResNet-14-style with squeeze-and-excitation (1x1 convs, or Linear with se_linear=True)",
+    ),
+    ModelSpec(
+        "vit_cifar", vit_cifar, _CIFAR, 10, "cifar10",
+        "ViT for 32x32: patch 4 (64 tokens + class token), dim 192, depth 6, 6 heads of 32, MLP 384 (GELU), pre-norm",
     ),
     ModelSpec(
         "transformer_block", transformer_block, (16, 64), 10, "sequence",
