@@ -131,7 +131,7 @@ def prune_model(
     ``progress`` is called with each pass record; ``measure_progress(done, total)``
     while layer latencies are measured for the target (cold cache only).
     """
-    from passes import preparation
+    from passes import finishing, preparation
     from passes.prune_channels import PruneChannelsPass
 
     if round_to_n is not None and round_to_n < 1:
@@ -140,7 +140,7 @@ def prune_model(
     runtime_target = make_target(target, threads=threads, batch=batch)
     if policy is not None or runtime_target is None:  # --round-to is the manual override of --target
         return run_passes(
-            model_or_path, [*preparation(), PruneChannelsPass(policy)], output=output, verify=verify,
+            model_or_path, [*preparation(), PruneChannelsPass(policy), *finishing()], output=output, verify=verify,
             external_data=external_data, progress=progress,
         )
     return prune_for_target(

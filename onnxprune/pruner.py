@@ -38,6 +38,9 @@ class Pruner:
         graph = self.graph.copy()
         if plan.changes_graph:
             apply_plan(graph, plan)
+            from passes import PROVIDERS, finishing
+
+            PassManager(finishing(), PROVIDERS).run(graph)
         after = model_cost(graph)
         model = to_model(graph, self.loaded.model, removed_metadata(plan))
         report = RunReport.of(

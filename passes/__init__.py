@@ -11,7 +11,7 @@ from passes.flush_subnormals import FlushSubnormalsPass
 from passes.fold_batchnorm import FoldBatchNormPass
 from passes.fold_bias_add import FoldBiasAddPass
 from passes.fold_constants import FoldConstantsPass
-from passes.fold_input_scale import FoldInputScalePass
+from passes.fold_input_scale import FoldChannelScalePass, FoldInputScalePass
 from passes.prune_channels import PruneChannelsPass
 from passes.remove_identity import RemoveIdentityPass
 from passes.structure import CleanupPass, InferShapesPass, ToposortPass
@@ -29,6 +29,7 @@ PASSES: dict[str, type[GraphPass]] = {
         FoldBatchNormPass,
         FoldBiasAddPass,
         FoldInputScalePass,
+        FoldChannelScalePass,
         FlushSubnormalsPass,
         PruneChannelsPass,
     )
@@ -49,6 +50,11 @@ def preparation() -> list[GraphPass]:
     return [FoldConstantsPass(), FlushSubnormalsPass(), InferShapesPass(), FoldInputScalePass(), InferShapesPass()]
 
 
+def finishing() -> list[GraphPass]:
+    """The passes run after the pruning rewrite: per-channel scales left in the graph folded into weights."""
+    return [FoldChannelScalePass()]
+
+
 def make_passes(names: list[str]) -> list[GraphPass]:
     """Instantiate passes by name; an unknown name is a PassError listing the known ones."""
     out = []
@@ -59,4 +65,4 @@ def make_passes(names: list[str]) -> list[GraphPass]:
     return out
 
 
-__all__ = ["PASSES", "PROVIDERS", "make_passes", "preparation"]
+__all__ = ["PASSES", "PROVIDERS", "finishing", "make_passes", "preparation"]

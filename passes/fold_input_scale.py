@@ -100,10 +100,11 @@ def _reader_of(mul_output: gs.Variable, scope: FoldScope) -> tuple[gs.Node, gs.N
 
 
 def _fold_scale(mul: gs.Node, x: gs.Tensor, constant: np.ndarray, reader: gs.Node, gather: gs.Node | None,
-                scope: FoldScope) -> bool:
-    """Fold ``mul`` (``x`` times ``constant``) into ``reader``'s weights, through ``gather`` if any."""
+                scope: FoldScope, inputs_only: bool = True) -> bool:
+    """Fold ``mul`` (``x`` times ``constant``) into ``reader``'s weights, through ``gather`` if any (only scales of
+    graph inputs when ``inputs_only``)."""
     y = mul.outputs[0]
-    if x.shape is None or y.shape is None or not _from_graph_input(x, scope.graph_inputs):
+    if x.shape is None or y.shape is None or (inputs_only and not _from_graph_input(x, scope.graph_inputs)):
         return False
     if list(x.shape) != list(y.shape):  # the constant must not broadcast x to a larger shape
         return False
@@ -135,6 +136,7 @@ class FoldInputScalePass(NodeFoldPass):
                "one Conv/Gemm/MatMul reading it (through a Gather of kept features)")
     requires = frozenset({"shapes"})
     folded_summary = "Mul node(s) folded into the weights that read them"
+    inputs_only = True
 
     def fold(self, node: gs.Node, scope: FoldScope) -> bool:
         if node.op != "Mul" or not is_default_domain(node) or len(node.inputs) != 2:
@@ -147,6 +149,17 @@ class FoldInputScalePass(NodeFoldPass):
             return False
         for i in (0, 1):
             constant = constant_value(node.inputs[1 - i])
-            if constant is not None and _fold_scale(node, node.inputs[i], constant, *readers, scope):
+            if constant is not None and _fold_scale(node, node.inputs[i], constant, *readers, scope, self.inputs_only):
                 return True
         return False
+
+
+class FoldChannelScalePass(FoldInputScalePass):
+    """After pruning: a per-channel Mul anywhere (a gate after a GELU, whose rejected channels are gone) moves
+    into the weights of the layer reading it. Not before the analysis: there a zero scale is what makes a
+    channel dead in its producer too."""
+
+    name = "fold-channel-scale"
+    summary = ("after pruning: fold Mul by a per-feature constant into the weights of the one Conv/Gemm/MatMul "
+               "reading it (a gate left after a GELU)")
+    inputs_only = False

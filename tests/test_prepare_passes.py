@@ -177,3 +177,20 @@ def test_scale_behind_a_layer_or_a_gather_across_the_batch_is_left_alone():
     b.node("Gemm", [rows, b.const("w", b.rng.standard_normal((8, 4)))], name="fc", outputs=["y"])
     b.output("y")
     assert not run_passes(b.build(), [FoldInputScalePass()]).report.passes[-1].result.modified
+
+
+def test_gate_left_after_a_silu_is_deleted_then_folded_into_the_next_layer():
+    # x -> MatMul -> SiLU -> Mul(gate with zeros) -> MatMul: the zero-gated features go, the gate's
+    # other factors move into the second MatMul's rows, and no Mul is left
+    b = GraphBuilder()
+    h = b.node("MatMul", [b.input("x", [2, 5, 8]), b.const("w1", b.rng.standard_normal((8, 6)))], name="fc1")
+    h = b.node("Mul", [h, b.node("Sigmoid", [h])], name="silu")
+    gate = np.asarray([0.0, 1.5, 0.0, 0.7, 1.1, 0.0], dtype=np.float32)
+    h = b.node("Mul", [h, b.const("gate_values", gate)], name="gate")
+    b.node("MatMul", [h, b.const("w2", b.rng.standard_normal((6, 4)))], name="fc2", outputs=["y"])
+    b.output("y")
+    model = b.build()
+    result = prune_checked(model)
+    assert layer_widths(result.model) == {"fc1": (8, 3), "fc2": (3, 4)}
+    assert len(nodes_of(result.model, "Mul")) == 1  # the SiLU's; the gate is folded
+    assert same_outputs(model, result.model)
