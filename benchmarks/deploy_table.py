@@ -140,6 +140,17 @@ def _deploy_summary(report: dict) -> dict:
             "settings": conversion.get("settings"), "agreement": report["rows"][-1]["agreement_with_input"]}
 
 
+def _previous_nets(path: Path, measuring: list[str]) -> dict:
+    """The nets of the result at ``path`` that are not being measured now, each stamped with when it was."""
+    import json
+
+    if not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    when = previous["machine"]["date"]
+    return {name: {"measured": when, **net} for name, net in previous["nets"].items() if name not in measuring}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nets", nargs="+", choices=("lenet5", "lenet500", "vgg", "resnet56"))
@@ -149,18 +160,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", type=float, default=20.0, help="seconds per setting and batch at most")
     ap.add_argument("--calibration-samples", type=int, default=512)
     ap.add_argument("--quick", action="store_true", help="5 rounds, 64 calibration samples: a check that it runs")
+    ap.add_argument("--keep-other-nets", action="store_true",
+                    help="keep the nets of the previous result that this run does not measure (each says when it was)")
     add_results_argument(ap, "deploy")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.budget, args.calibration_samples = 5, 2.0, 64
     chosen = nets(args.cifar_dir)
     names = args.nets or [k for k, n in chosen.items() if n.dense.exists() and n.pruned.exists()]
-    rows = {}
+    rows = _previous_nets(args.results / "deploy-table.json", names) if args.keep_other_nets else {}
+    machine = machine_info()
     for name in names:
         print(f"{name}: deploying and timing", flush=True)
-        rows[name] = {"label": chosen[name].label, **measure_net(chosen[name], args.data_dir, args.rounds, args.budget,
-                                                                  args.calibration_samples)}
-    result = {"benchmark": "deploy-table", "machine": machine_info(), "nets": rows,
+        rows[name] = {"label": chosen[name].label, "measured": machine["date"],
+                      **measure_net(chosen[name], args.data_dir, args.rounds, args.budget, args.calibration_samples)}
+    rows = {name: rows[name] for name in ("lenet5", "lenet500", "vgg", "resnet56") if name in rows}
+    result = {"benchmark": "deploy-table", "machine": machine, "nets": rows,
               "config": {"rounds": args.rounds, "budget_s": args.budget, "calibration_samples": args.calibration_samples,
                          "settings": [list(s) for s in SETTINGS], "batches": list(BATCHES), "quick": args.quick,
                          "min_agreement": 0.95}}

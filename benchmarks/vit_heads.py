@@ -101,7 +101,7 @@ class Settings:
     kl_scale: float = 10.0
     kl_weighting: str = "macs"
     target: str = "none"  # onnxprune prune's target for the SBP model
-    tp_rule: str = "at-most"
+    tp_rule: str = "nearest"
     tp_global: bool = False
     tp_steps: int = 12  # bisection steps of Torch-Pruning's ratio (each exports the candidate to count MACs)
     tp_search_exporter: str = "torchscript"  # counts the same MACs as dynamo, several times faster
@@ -147,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kl-weighting", choices=("none", "macs"), default="macs")
     ap.add_argument("--target", choices=("none", "ort-cpu"), default="none",
                     help="onnxprune prune's target for the SBP model (none: every rejected channel deleted)")
-    ap.add_argument("--tp-rule", choices=("at-most", "nearest"), default="at-most",
+    ap.add_argument("--tp-rule", choices=("at-most", "nearest"), default="nearest",
                     help="Torch-Pruning's MACs: the nearest reachable at or below SBP's (at-most), or either side")
     ap.add_argument("--tp-global", action="store_true",
                     help="Torch-Pruning ranks heads and neurons across layers (default: the same ratio in every layer)")
@@ -398,7 +398,13 @@ def tp_prune(model: nn.Module, example: torch.Tensor, ratio: float, global_pruni
     pruner.step()
     for a in attentions:
         a.num_heads = int(pruner.num_heads[a.q])
+    if any(a.num_heads == 0 for a in attentions):
+        raise EmptyBlock(f"ratio {ratio:.4f} leaves a block without heads")
     return m
+
+
+class EmptyBlock(ValueError):
+    """Torch-Pruning's global ranking removed every head of a block: no network at that ratio."""
 
 
 def count_macs(model: nn.Module, example: torch.Tensor, exporter: str) -> int:
@@ -415,8 +421,12 @@ def tp_to_macs(s: Settings, dense: nn.Module, example: torch.Tensor, target_macs
     dense = copy.deepcopy(dense).cpu().eval()
     tried: list[dict] = []
 
-    def pruned(ratio: float) -> tuple[nn.Module, int]:
-        net = tp_prune(dense, example, ratio, s.tp_global) if ratio > 0 else copy.deepcopy(dense)
+    def pruned(ratio: float) -> tuple[nn.Module | None, int]:
+        try:
+            net = tp_prune(dense, example, ratio, s.tp_global) if ratio > 0 else copy.deepcopy(dense)
+        except EmptyBlock as why:  # counts as too far: the search moves to smaller ratios
+            log.info("[%s] Torch-Pruning %s", EXPERIMENT, why)
+            return None, -1
         macs = count_macs(net, example, s.tp_search_exporter)
         tried.append({"ratio": round(ratio, 6), "macs": macs})
         log.info("[%s] Torch-Pruning ratio %.4f: %d MACs (target %d)", EXPERIMENT, ratio, macs, target_macs)
@@ -431,6 +441,8 @@ def tp_to_macs(s: Settings, dense: nn.Module, example: torch.Tensor, target_macs
             net, macs = pruned(mid)
             if macs > target_macs:
                 lo = mid
+            elif net is None:
+                hi = mid
             else:
                 hi, below, below_macs, below_ratio = mid, net, macs, mid
         if below is None:

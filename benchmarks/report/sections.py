@@ -9,6 +9,7 @@ from __future__ import annotations
 from benchmarks.report.architectures import user_architectures
 from benchmarks.report.dataloader import resnet18_dataloader
 from benchmarks.report.markdown import machine_line, md_table, ms, seconds
+from benchmarks.report.vit_heads import vit_heads
 from onnxprune.table import human
 
 STEP_VARIANTS = {"eager": "SBP, eager gates", "gates": "SBP, gates compiled", "step": "SBP, whole step compiled"}
@@ -243,7 +244,8 @@ def _deploy_checks(label: str, net: dict) -> str:
     faster = {b: t["pruned int8"]["median_ms"] < min(t["pruned fp32"]["median_ms"], t["dense int8"]["median_ms"])
               for b, t in (("64", b64), ("1", b1))}
     kept = net["deploy"]["pruned int8 ort"]["layers_kept_float"]
-    return (f"{label}: pruned int8 minus pruned fp32 error {gap:+.2f} points; file {size['dense int8'] / size['pruned int8']:.2f}x "
+    when = f" (measured {net['measured']})" if "measured" in net else ""
+    return (f"{label}{when}: pruned int8 minus pruned fp32 error {gap:+.2f} points; file {size['dense int8'] / size['pruned int8']:.2f}x "
             f"smaller than dense int8 (parameters, fp32 files: {size['dense fp32'] / size['pruned fp32']:.2f}x); "
             f"pruned int8 faster than both pruned fp32 and dense int8 at 1 thread: batch 64 "
             f"{'yes' if faster['64'] else 'no'}, batch 1 {'yes' if faster['1'] else 'no'}; layers ORT keeps in float32: "
@@ -266,4 +268,5 @@ def deploy(run: str, r: dict) -> dict:
 SECTIONS = {"prune-resnet50": prune_resnet50, "latency-targets": latency_targets, "rbp-compile": rbp_compile,
             "sbp-step-time": sbp_step_time, "subnormals": subnormals, "bn-recalibration": bn_recalibration,
             "sbp-weight-lr": sbp_weight_lr, "tvbi-batchnorm": tvbi_batchnorm, "deploy": deploy,
-            "resnet18-dataloader": resnet18_dataloader, "user-architectures": user_architectures}
+            "resnet18-dataloader": resnet18_dataloader, "user-architectures": user_architectures,
+            "vit-heads": vit_heads}
