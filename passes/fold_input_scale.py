@@ -160,6 +160,12 @@ class FoldChannelScalePass(FoldInputScalePass):
     channel dead in its producer too."""
 
     name = "fold-channel-scale"
-    summary = ("after pruning: fold Mul by a per-feature constant into the weights of the one Conv/Gemm/MatMul "
-               "reading it (a gate left after a GELU)")
+    summary = ("after pruning: fold Mul by a per-feature constant vector into the weights of the one Conv/Gemm/MatMul "
+               "reading it (a gate left after a GELU; scalars, part of the op's formula, stay)")
     inputs_only = False
+
+    def fold(self, node: gs.Node, scope: FoldScope) -> bool:
+        constants = [constant_value(t) for t in node.inputs] if node.op == "Mul" else []
+        if not any(c is not None and np.asarray(c).size > 1 for c in constants):
+            return False
+        return super().fold(node, scope)

@@ -301,7 +301,7 @@ def test_instancenorm_of_dead_channel_with_nonzero_bias_is_a_constant_folded_int
 
 @pytest.mark.parametrize("shape", [(1, 6, 1, 1), (6, 1, 1)], ids=["1C11", "C11"])
 @pytest.mark.parametrize("gate_first", [False, True], ids=["x_times_gate", "gate_times_x"])
-def test_mul_by_zero_gate_entries_removes_channels(shape, gate_first):
+def test_mul_by_zero_gate_entries_removes_channels_and_folds_the_rest_into_the_next_conv(shape, gate_first):
     g = GraphBuilder()
     x = g.input("x", [1, 3, 8, 8])
     h = g.conv(x, 3, 6, name="conv1")
@@ -310,11 +310,13 @@ def test_mul_by_zero_gate_entries_removes_channels(shape, gate_first):
     gname = g.const("gate", gate)
     h = g.node("Mul", [gname, h] if gate_first else [h, gname], name="gate_mul")
     g.output(g.conv(h, 6, 5, name="conv2"))
-    out = prune_ok(g.build()).model
+    model = g.build()
+    w2 = weight(model, "conv2")
+    out = prune_ok(model).model
     assert layer_widths(out) == {"conv1": (3, 4), "conv2": (4, 5)}
-    new_gate = input_value(out, "gate_mul", 0 if gate_first else 1)
-    assert new_gate.shape == tuple(4 if s == 6 else s for s in shape)
-    np.testing.assert_array_equal(new_gate.reshape(-1), gate.reshape(-1)[KEEP])
+    assert not any(n.name == "gate_mul" for n in out.graph.node)  # its kept entries now scale conv2's inputs
+    expected = w2[:, KEEP] * gate.reshape(-1)[KEEP][None, :, None, None]
+    np.testing.assert_allclose(weight(out, "conv2"), expected, rtol=1e-6)
 
 
 def test_mul_by_uniform_scalar_keeps_live_channels_and_passes_dead_ones():
