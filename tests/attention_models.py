@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.vision import import_torchvision, import_transformers
+from tests.vision import import_timm, import_torchvision, import_transformers
 
 DIM, HEADS, HEAD_DIM, HIDDEN, SEQ = 32, 4, 8, 64, 8
 VOCAB = 100
@@ -394,6 +394,21 @@ def torchvision_swin(*, heads: bool = True, neurons: bool = True) -> AttentionCa
     return kill.case("torchvision_swin", model, _image)
 
 
+def timm_vit(*, heads: bool = True, neurons: bool = True) -> AttentionCase:
+    """timm's VisionTransformer (2 blocks of 3 heads of 64): packed qkv Linear reshaped to [3, B, H, N, D] and
+    unbound (exported as Slice and Squeeze), proj."""
+    timm = import_timm()
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2)
+    kill = Kill(heads, neurons)
+    kill.randomized(model)
+    plan = [((1,), (2, 5)), ((0, 2), (7,))]
+    for block, (dead_heads, dead_neurons) in zip(model.blocks, plan, strict=True):
+        kill.mha_heads(block.attn.qkv.weight, block.attn.qkv.bias, dead_heads, block.attn.num_heads)
+        kill.linear_neurons(block.mlp.fc1, block.mlp.fc2, dead_neurons)
+    return kill.case("timm_vit", model, _image)
+
+
 def torchvision_maxvit(*, heads: bool = True, neurons: bool = True) -> AttentionCase:
     """6. torchvision MaxVit (one block: window and grid attention, 2 heads of 8 each): packed to_qkv, chunk.
 
@@ -539,6 +554,7 @@ BUILDERS: dict[str, Callable[..., AttentionCase]] = {
     "torchvision_vit": torchvision_vit,
     "torchvision_swin": torchvision_swin,
     "torchvision_maxvit": torchvision_maxvit,
+    "timm_vit": timm_vit,
     "hf_bert_eager": partial(hf_bert, "eager"),
     "hf_bert_sdpa": partial(hf_bert, "sdpa"),
     "hf_bert_masked": hf_bert_masked,

@@ -71,6 +71,11 @@ class Rewriter:
     def axis(self, t: gs.Tensor) -> int:
         return self._slots.get(t.name).axis
 
+    def tracked_layout(self, t: gs.Tensor) -> bool:
+        """True if ``t``'s channels are spread over several axes (heads)."""
+        tracked = self._slots.get(t.name)
+        return tracked is not None and tracked.layout is not None
+
     def kept_per_axis(self, t: gs.Tensor) -> dict[int, tuple[int, int]]:
         """For each axis of a tracked tensor that carries channels: (channel values before, kept)."""
         tracked = self._slots.get(t.name)

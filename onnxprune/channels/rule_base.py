@@ -36,6 +36,12 @@ class RewriteContext(Protocol):
     def gather_input(self, node: gs.Node, index: int) -> None:
         """Make ``node`` read the channels it keeps of input ``index`` through a Gather (if it drops any)."""
 
+    def tracked_layout(self, t: gs.Tensor) -> bool:
+        """True if ``t``'s channels are spread over several axes (attention heads)."""
+
+    def kept_per_axis(self, t: gs.Tensor) -> dict[int, tuple[int, int]]:
+        """For each axis of a tracked tensor that carries channels: (channel values before, kept)."""
+
     def values(self, t: gs.Tensor) -> np.ndarray:
         """Per-channel constant values found by the analysis (NaN unknown)."""
 

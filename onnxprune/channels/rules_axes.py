@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.channels.context import AnalysisContext
 from onnxprune.channels.passthrough import PassThroughRule, axis_after_removing, constant_axes
 from onnxprune.channels.rule_base import Barrier, ChannelRule, TrackedInputRule, known_rank, normalize_axis
-from onnxprune.channels.rules_heads import analyze_select, axes_read_for_computation
+from onnxprune.channels.rules_heads import analyze_select, axes_read_for_computation, squeezed_layout
 from onnxprune.channels.slots import TrackedAxis
 
 
@@ -29,11 +29,24 @@ class SqueezeRule(PassThroughRule):
     ops = ("Squeeze",)
     handles_layouts = True
 
-    def output_axis(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis) -> int:
+    def analyze_tracked(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis) -> None:
+        if tracked_input.layout is None:
+            super().analyze_tracked(node, ctx, tracked_input)
+            return
+        parts = squeezed_layout(tracked_input, self._squeezed(node, ctx))
+        ctx.track_parts(node.outputs[0], parts, node, ctx.value(node.inputs[0]))
+        ctx.tie(node.inputs[0], node.outputs[0])
+
+    @staticmethod
+    def _squeezed(node: gs.Node, ctx: AnalysisContext) -> list[int]:
+        """The axes Squeeze removes, counted from the front."""
         axes, rank = constant_axes(node, ctx)
         if axes is None:
             axes = [i for i, d in enumerate(ctx.shape(node.inputs[0])) if d == 1]
-        squeezed = [normalize_axis(a, rank) for a in axes]
+        return [normalize_axis(a, rank) for a in axes]
+
+    def output_axis(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis) -> int:
+        squeezed = self._squeezed(node, ctx)
         if tracked_input.axis in squeezed:
             raise Barrier("it squeezes the channel axis")
         return axis_after_removing(tracked_input.axis, squeezed)

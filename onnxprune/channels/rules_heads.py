@@ -436,3 +436,36 @@ def fix_heads_read_by_untracked(node: gs.Node, ctx: AnalysisContext) -> None:
 
 
 HEAD_RULES: list[ChannelRule] = [WhereRule(), ExpandRule()]
+
+
+def analyze_layout_slice(node: gs.Node, ctx: AnalysisContext, tracked: TrackedAxis, starts: list[int], ends: list[int],
+                         axes: list[int], steps: list[int]) -> None:
+    """Slice of a tensor split into parts: along an axis holding one whole part (Q, K or V of a packed
+    projection, as timm's ``unbind`` is exported) it picks that part's values, which then stay whole."""
+    picked = [np.arange(p.dim) for p in tracked.parts]
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        on_axis = [i for i, p in enumerate(tracked.parts) if p.axis == axis]
+        if not on_axis:
+            continue
+        part = tracked.parts[on_axis[0]]
+        if len(on_axis) != 1 or part.inner != 1 or part.above != 1:
+            raise Barrier("it slices an axis that mixes channels with other data")
+        picked[on_axis[0]] = np.arange(part.dim)[slice(start, end, step)]
+        ctx.fix(tracked.tensor, on_axis[0], f"Slice '{node.name}' picks fixed positions along the channel parts")
+    if any(p.size == 0 for p in picked):
+        raise Barrier("it slices every channel away")
+    grid = np.stack(np.meshgrid(*picked, indexing="ij"), axis=-1).reshape(-1, len(picked))
+    source = np.ravel_multi_index(tuple(grid.T), dims(tracked.parts))
+    parts = tuple(replace(p, dim=int(k.size)) for p, k in zip(tracked.parts, picked))
+    ctx.track_parts(node.outputs[0], parts, node, ctx.value(node.inputs[0])[source])
+    ctx.tie(node.inputs[0], node.outputs[0], source, np.arange(source.size))
+
+
+def squeezed_layout(tracked: TrackedAxis, squeezed: list[int]) -> tuple[Part, ...]:
+    """The layout once ``squeezed`` axes go: a part there must have one value (a sliced-out Q, K or V)."""
+    if any(p.axis in squeezed and p.dim != 1 for p in tracked.parts):
+        raise Barrier("it squeezes an axis that carries channels")
+    kept = tuple(p for p in tracked.parts if p.axis not in squeezed) or None
+    if kept is None:
+        raise Barrier("it squeezes every channel axis")
+    return tuple(replace(p, axis=p.axis - sum(1 for a in squeezed if a < p.axis)) for p in kept)

@@ -24,6 +24,7 @@ from onnxprune.channels.rule_base import (
     known_rank,
     normalize_axis,
 )
+from onnxprune.channels.rules_heads import analyze_layout_slice
 from onnxprune.channels.slots import TrackedAxis
 from onnxprune.channels.values import channel_constant, combine_same
 from onnxprune.graphutil import opset_version, optional_input
@@ -262,6 +263,7 @@ class SliceRule(_ConstantParamsRule):
     """Slice: a channel-axis slice selects channels start, start+step, ...; other axes keep them."""
 
     ops = ("Slice",)
+    handles_layouts = True
 
     not_constant = "its starts/ends/axes/steps are not constant"
 
@@ -280,6 +282,9 @@ class SliceRule(_ConstantParamsRule):
     def track_output(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis, params: _SliceParams) -> None:
         x, y = node.inputs[0], node.outputs[0]
         values = ctx.value(x)
+        if tracked_input.layout is not None:
+            analyze_layout_slice(node, ctx, tracked_input, *params)
+            return
         if tracked_input.axis not in params.axes:
             ctx.track(y, tracked_input.axis, tracked_input.size, node, values)
             ctx.tie(x, y)
@@ -292,6 +297,8 @@ class SliceRule(_ConstantParamsRule):
 
     def write_params(self, node: gs.Node, rw: RewriteContext, params: _SliceParams, opset: int) -> None:
         x, y = node.inputs[0], node.outputs[0]
+        if rw.tracked_layout(x):  # heads: the sliced parts stay whole, other axes are not sliced
+            return
         channel_axis = rw.axis(x)
         if channel_axis not in params.axes:
             return
