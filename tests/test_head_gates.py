@@ -1,14 +1,12 @@
 """Attention heads gated at their value projection, and transformers' Conv1D as a gated layer.
 
-Until the channel engine groups attention heads itself, the head tests give it a hand: the analysis of
-models/transformer.py's block is rewritten (:func:`_with_heads`) the way the engine will write it, each
-head's channels of q, k, v (and of the attention output) one component, q and k flagged in
-``contracted_outputs``.
+The channel engine makes each head's channels of q, k, v (and of the attention output) one component and
+flags q and k in ``contracted_outputs``; these tests check what the gates make of that on
+models/transformer.py's block.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +18,6 @@ from onnxprune import bayes  # noqa: E402
 from onnxprune.bayes.costs import channel_costs, layer_macs, weight_kl_by_macs  # noqa: E402
 from onnxprune.bayes.exporting import ChannelScale, export, fold_gates  # noqa: E402
 from onnxprune.bayes.grouping import _module_parts  # noqa: E402
-from onnxprune.channels.analysis import ChannelGroup  # noqa: E402
 from onnxprune.runtime import make_session  # noqa: E402
 
 DIM, HEADS, TOKENS, HIDDEN = 16, 2, 5, 32
@@ -28,33 +25,6 @@ HEAD_DIM = DIM // HEADS
 # the block's ONNX layers (TorchScript export names)
 PROJECTIONS = ("/attn/q/MatMul", "/attn/k/MatMul", "/attn/v/MatMul")
 OUT_PROJECTION = "/attn/out/MatMul"
-
-
-def _with_heads(analysis):
-    """``analysis`` of the block with each head one free component across q, k, v and the attention output (one
-    group), and q's and k's outputs contracted: what the engine will find."""
-    nodes = {n.name: n for n in analysis.graph.nodes}
-    q, k, v = (nodes[name].outputs[0].name for name in PROJECTIONS)
-    seeds = {q, k, v, nodes[OUT_PROJECTION].inputs[0].name}
-    tensors = [t for g in analysis.groups if seeds & set(g.tensors) for t in g.tensors]
-    comp = analysis.component_of_slot.copy()
-    first = analysis.num_components
-    for t in tensors:
-        ids = analysis.ctx.slots.ids(t)
-        comp[ids] = first + np.arange(ids.size) // (ids.size // HEADS)
-
-    def grow(values, fill):
-        return np.concatenate([values, np.full(HEADS, fill, dtype=values.dtype)])
-
-    index = 1 + max(g.index for g in analysis.groups)
-    heads = ChannelGroup(index, PROJECTIONS[0], tensors, list(PROJECTIONS), first + np.arange(HEADS))
-    return dataclasses.replace(
-        analysis, component_of_slot=comp, live=grow(analysis.live, True), pinned=grow(analysis.pinned, False),
-        live_reason=grow(analysis.live_reason, -1), pin_reason=grow(analysis.pin_reason, -1),
-        needed=grow(analysis.needed, False), group_of_component=grow(analysis.group_of_component, index),
-        groups=[g for g in analysis.groups if not seeds & set(g.tensors)] + [heads],
-        contracted_outputs={q: np.ones(DIM, dtype=bool), k: np.ones(DIM, dtype=bool)},
-    )
 
 
 def _block(sdpa: bool = False):
@@ -77,16 +47,6 @@ def _block(sdpa: bool = False):
     return model.eval()
 
 
-def _wrap_with_heads(monkeypatch, model, x, **kwargs):
-    """``bayes.wrap`` with the engine's analysis given heads (:func:`_with_heads`) while it groups the channels."""
-    import onnxprune.api
-
-    inspect_model = onnxprune.api.inspect_model
-    with monkeypatch.context() as patch:
-        patch.setattr(onnxprune.api, "inspect_model", lambda m: (_with_heads(inspect_model(m)[0]), *inspect_model(m)[1:]))
-        return bayes.wrap(model, x, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def block():
     return _block(), torch.randn(1, TOKENS, DIM)
@@ -102,9 +62,9 @@ def test_a_packed_projection_gates_its_values_and_leaves_queries_and_keys_to_the
     assert [(g, ch.tolist(), pos.tolist()) for g, ch, pos in contracted] == [(7, [0, 1, 2, 3], [0, 1, 0, 1])]
 
 
-def test_heads_are_gated_at_the_value_projection_only(monkeypatch, block, one_thread) -> None:
+def test_heads_are_gated_at_the_value_projection_only(block, one_thread) -> None:
     model, x = block
-    wrapped = _wrap_with_heads(monkeypatch, model, x, method="sbp")
+    wrapped = bayes.wrap(model, x, method="sbp")
     assert {s.layer for s in wrapped.sites} == {"attn.v", "mlp.fc1"}  # no site on attn.q, attn.k
     assert {k: g.num_channels for k, g in wrapped.gates.items()} == {"attn_v": HEADS, "mlp_fc1": HIDDEN}
     assert wrapped.group_layers["attn_v"] == ["attn.q", "attn.k", "attn.v"]
@@ -118,11 +78,11 @@ def test_heads_are_gated_at_the_value_projection_only(monkeypatch, block, one_th
     assert wrapped.gates["attn_v"].mu.grad.abs().sum() > 0
 
 
-def test_a_rejected_head_folds_into_the_value_rows_and_exports(monkeypatch, block, one_thread) -> None:
+def test_a_rejected_head_folds_into_the_value_rows_and_exports(block, one_thread) -> None:
     from onnxprune.api import prune
 
     model, x = block
-    wrapped = _wrap_with_heads(monkeypatch, model, x, method="sbp")
+    wrapped = bayes.wrap(model, x, method="sbp")
     with torch.no_grad():
         for gate in wrapped.gates.values():
             k = max(1, int(0.4 * gate.num_channels))
@@ -145,9 +105,9 @@ def test_a_rejected_head_folds_into_the_value_rows_and_exports(monkeypatch, bloc
 
 
 @pytest.mark.parametrize("sdpa", [False, True], ids=["matmul", "sdpa"])
-def test_a_head_is_charged_its_projections_and_attention_products(monkeypatch, sdpa: bool, one_thread) -> None:
+def test_a_head_is_charged_its_projections_and_attention_products(sdpa: bool, one_thread) -> None:
     x = torch.randn(1, TOKENS, DIM)
-    wrapped = _wrap_with_heads(monkeypatch, _block(sdpa), x, method="sbp")
+    wrapped = bayes.wrap(_block(sdpa), x, method="sbp")
     assert {s.layer for s in wrapped.sites} == {"attn.v", "mlp.fc1"}
     per_row = TOKENS * DIM  # MACs per example of one output channel of a DIM -> DIM projection
     q_k_v_rows = 3 * HEAD_DIM * per_row

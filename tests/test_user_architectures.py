@@ -27,18 +27,19 @@ DEFAULT = {
     ("timm", "coatnet_nano_rw (64 px)"): ("dynamo",),
     ("transformers", "bert (2 layers)"): ("dynamo",),
     ("transformers", "vit (2 layers)"): ("dynamo",),
+    ("transformers", "gpt2 (2 layers)"): ("dynamo",),
 }
 # What the TorchScript exporter cannot export (BENCHMARKS.md's table has each error): torchvision's ViT
 # (its fused attention op), timm's ViT (a tensor where its attention wants a bool), and models captured
 # with torch.export (refused: the tracer would fix their sizes).
 NO_TORCHSCRIPT = {("torchvision", "vit (2 layers)"), ("timm", "vit_tiny_patch16 (32 px, patch 8)"),
-                  ("transformers", "bert (2 layers)"), ("transformers", "vit (2 layers)")}
-NOT_GATED = {"gpt2 (2 layers)"}  # its layers are transformers' Conv1D, not nn.Linear: nothing to gate yet
+                  ("transformers", "bert (2 layers)"), ("transformers", "vit (2 layers)"),
+                  ("transformers", "gpt2 (2 layers)")}
 
 
 def _cases() -> list[ua.Case]:
     import_transformers()  # skips when the libraries are absent
-    return [c for c in ua.cases() if c.name not in NOT_GATED]
+    return ua.cases()
 
 
 def _params():
@@ -58,6 +59,7 @@ def _cases_lazy() -> list[tuple[str, str]]:
         ("torchvision", "vit (2 layers)"), ("torchvision", "swin (2 stages)"), ("torchvision", "maxvit (1 stage)"),
         ("timm", "resnet10t"), ("timm", "convnext_atto"), ("timm", "vit_tiny_patch16 (32 px, patch 8)"),
         ("timm", "coatnet_nano_rw (64 px)"), ("transformers", "bert (2 layers)"), ("transformers", "vit (2 layers)"),
+        ("transformers", "gpt2 (2 layers)"),
     ]
 
 

@@ -168,20 +168,35 @@ def module_call_order(model: nn.Module, example_inputs: tuple) -> list[str]:
 
 
 def _export_for_analysis(model: nn.Module, example_inputs: tuple):
-    """The model in ONNX for the channel analysis: the TorchScript exporter (several times faster), or the
-    dynamo one where TorchScript cannot export the model or the model has a transformers ``Conv1D`` (TorchScript
-    writes its ``x.view(-1, x.size(-1))`` as a Shape read of the channel count, which pins its input channels)."""
+    """The model in ONNX for the channel analysis, and its analysis: the TorchScript exporter (several times
+    faster), or the dynamo one where TorchScript cannot export the model, where the model has a transformers
+    ``Conv1D`` (TorchScript writes its ``x.view(-1, x.size(-1))`` as a Shape read of the channel count), or where
+    the TorchScript export leaves the engine barriers the dynamo export does not (attention: TorchScript splits
+    packed projections and sizes masks in ways the engine cannot always follow)."""
+    from onnxprune.api import inspect_model
     from onnxprune.torch_export import export_onnx
 
     example = example_inputs[0] if len(example_inputs) == 1 else example_inputs
-    if any(is_hf_conv1d(m) for m in model.modules()):
-        return export_onnx(model, example, exporter="dynamo")
-    try:
-        return export_onnx(model, example, exporter="torchscript")
-    except Exception as exc:  # noqa: BLE001 - any TorchScript failure: the dynamo exporter may still export it
-        logger.info("TorchScript exporter failed on %s (%s); analysing the dynamo export", type(model).__name__,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return export_onnx(model, example, exporter="dynamo")
+    if not any(is_hf_conv1d(m) for m in model.modules()):
+        try:
+            traced = export_onnx(model, example, exporter="torchscript")
+        except Exception as exc:  # noqa: BLE001 - any TorchScript failure: the dynamo exporter may still export it
+            logger.info("TorchScript exporter failed on %s (%s); analysing the dynamo export", type(model).__name__,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        else:
+            analysis = inspect_model(traced)[0]
+            if not analysis.barriers:
+                return traced, analysis
+            dynamo = export_onnx(model, example, exporter="dynamo")
+            other = inspect_model(dynamo)[0]
+            return (dynamo, other) if _free_components(other) > _free_components(analysis) else (traced, analysis)
+    dynamo = export_onnx(model, example, exporter="dynamo")
+    return dynamo, inspect_model(dynamo)[0]
+
+
+def _free_components(analysis: ChannelAnalysis) -> int:
+    """How many components the analysis leaves free to gate (not pinned)."""
+    return int((~analysis.pinned).sum())
 
 
 def _module_parts(analysis: ChannelAnalysis, out: str, gate_position: dict[int, dict[int, int]]) -> tuple[list, list]:
@@ -203,16 +218,13 @@ def _module_parts(analysis: ChannelAnalysis, out: str, gate_position: dict[int, 
 
 def channel_grouping(model: nn.Module, example_inputs: tuple) -> Grouping:
     """Export ``model`` (eval mode), analyse it, and map each Conv/Linear to its channel group."""
-    from onnxprune.api import inspect_model
-
     was_training = model.training
     model.eval()
     try:
-        dense = _export_for_analysis(model, example_inputs)
+        dense, analysis = _export_for_analysis(model, example_inputs)
         order = module_call_order(model, example_inputs)
     finally:
         model.train(was_training)
-    analysis = inspect_model(dense)[0]
     nodes = _layer_nodes(dense, analysis.graph)
     if len(set(order)) != len(order):
         raise ValueError("a Conv/Linear module is called more than once; shared layers cannot be gated per call")
