@@ -22,9 +22,31 @@ from onnx import external_data_helper
 PROTO_LIMIT_BYTES = 2_000_000_000
 
 
+# Everything but the tensors' bytes (nodes, names, shapes) is far below this in any model onnxprune can hold.
+_STRUCTURE_ALLOWANCE = 64 * 2**20
+
+
 def needs_external_data(model: onnx.ModelProto) -> bool:
-    """True when the model is too large to be stored as one protobuf."""
-    return model.ByteSize() >= PROTO_LIMIT_BYTES
+    """True when the model is too large to be stored as one protobuf (or close to it). Counts the tensors'
+    bytes: ``ModelProto.ByteSize`` serialises the whole model to measure it, a second per 150 MB."""
+    return _tensor_bytes(model.graph) + _STRUCTURE_ALLOWANCE >= PROTO_LIMIT_BYTES
+
+
+def _tensor_bytes(graph: onnx.GraphProto) -> int:
+    """Bytes held by the graph's initializers and constant attributes, subgraphs included."""
+    total = sum(_bytes_of(t) for t in graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            total += _bytes_of(attr.t) if attr.HasField("t") else 0
+            total += sum(_bytes_of(t) for t in attr.tensors)
+            total += _tensor_bytes(attr.g) if attr.HasField("g") else 0
+            total += sum(_tensor_bytes(g) for g in attr.graphs)
+    return total
+
+
+def _bytes_of(t: onnx.TensorProto) -> int:
+    """A tensor's serialised size: its raw bytes, or the message's size when its values are typed fields."""
+    return len(t.raw_data) if t.raw_data else t.ByteSize()
 
 
 @contextlib.contextmanager

@@ -117,12 +117,12 @@ def write_checked(
     external_data: bool = False,
 ) -> None:
     """Stage ``model`` beside ``output``, check (and verify) it there, then move it into place."""
-    big = needs_external_data(model)
+    external = external_data or needs_external_data(model)
     timings = report.timings
     start = time.perf_counter()
-    with staged_write(model, output, external_data=external_data or big) as staged:
+    with staged_write(model, output, external_data=external) as staged:
         timings["save"] = time.perf_counter() - start
-        check_output_model(model, staged if big else None, reference)
+        check_output_model(model, staged if external else None, reference)  # by path: no second copy in memory
         if verify:
             verify_into(report, reference, staged)
         start = time.perf_counter()
