@@ -9,6 +9,7 @@ from __future__ import annotations
 from benchmarks.report.architectures import user_architectures
 from benchmarks.report.dataloader import resnet18_dataloader
 from benchmarks.report.markdown import machine_line, md_table, ms, seconds
+from benchmarks.report.scale import prune_at_scale
 from benchmarks.report.vit_heads import vit_heads
 from onnxprune.table import human
 
@@ -269,4 +270,4 @@ SECTIONS = {"prune-resnet50": prune_resnet50, "latency-targets": latency_targets
             "sbp-step-time": sbp_step_time, "subnormals": subnormals, "bn-recalibration": bn_recalibration,
             "sbp-weight-lr": sbp_weight_lr, "tvbi-batchnorm": tvbi_batchnorm, "deploy": deploy,
             "resnet18-dataloader": resnet18_dataloader, "user-architectures": user_architectures,
-            "vit-heads": vit_heads}
+            "vit-heads": vit_heads, "prune-at-scale": prune_at_scale}
