@@ -183,3 +183,25 @@ def test_gpt2_mlp_neurons_are_gated_and_pruned(one_thread) -> None:
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
     assert parameters(pruned) < parameters(dense)
+
+
+@pytest.mark.parametrize("method", ["sbp", "rbp", "turbo-vbi"])
+def test_every_method_rejects_whole_heads_and_the_pruned_vit_matches(method, one_thread) -> None:
+    import models
+    from onnxprune.api import prune_model
+    from tests.test_bayes_wrap import reject_some, reject_some_rbp, reject_some_turbo_vbi
+
+    torch.manual_seed(0)
+    model, x = models.build("vit_cifar", dim=32, depth=2, heads=4, mlp=64).eval(), torch.rand(2, 3, 32, 32)
+    wrapped = bayes.wrap(model, (x[:1],), method=method)
+    heads = {name: g for name, g in wrapped.gates.items() if name.endswith("attn_v")}
+    assert sorted(g.num_channels for g in heads.values()) == [4, 4]  # one entry per head
+    {"sbp": reject_some, "rbp": reject_some_rbp, "turbo-vbi": reject_some_turbo_vbi}[method](wrapped, fraction=0.5)
+    wrapped.eval()
+    with torch.no_grad():
+        ref = wrapped(x).numpy()
+    result = prune_model(export(wrapped, (x[:1],)), target="none")
+    got = make_session(result.model).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+    head_groups = [d for d in result.report.plan.groups if d.channels == 4]  # one component per head
+    assert len(head_groups) == 2 and all(d.removed == d.dead == 2 for d in head_groups)
