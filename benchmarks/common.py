@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import platform
 import re
@@ -11,8 +12,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,13 +92,18 @@ def python_env(env: dict | None = None) -> dict:
     return env
 
 
-def python_peak_rss(code: str) -> int:
-    """Peak RSS (bytes) of a fresh interpreter running ``code`` (e.g. just the imports: a baseline)."""
+def python_floor(code: str) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of a fresh interpreter running ``code`` (e.g. just the imports: a baseline)."""
     with tempfile.TemporaryDirectory() as d:
         script = Path(d) / "baseline.py"
         script.write_text(code + "\n")
-        _, rss, _ = run_measured([str(script)])
-    return rss
+        wall, rss, _ = run_measured([str(script)])
+    return wall, rss
+
+
+def python_peak_rss(code: str) -> int:
+    """Peak RSS (bytes) of a fresh interpreter running ``code``."""
+    return python_floor(code)[1]
 
 
 def use_global_ort_threads(threads: int = 2) -> None:
@@ -118,3 +126,68 @@ def ort_runner(path_or_bytes, feed: dict, *, threads: int = 2, providers=("CPUEx
         use_global_ort_threads(threads)
     session = make_session(path_or_bytes, providers=providers, threads=threads)
     return lambda: session.run(None, feed)
+
+
+# -- what the train-then-measure benchmarks (resnet18_dataloader, vit_heads) share ------------------------------
+
+
+class Stages:
+    """Wall time of each stage of ``experiment``, and a log line as each ends."""
+
+    def __init__(self, experiment: str, log: logging.Logger) -> None:
+        self.experiment, self.log = experiment, log
+        self.times: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        self.log.info("[%s] %s ...", self.experiment, key)
+        t = time.perf_counter()
+        yield
+        self.times[key] = round(time.perf_counter() - t, 2)
+        self.log.info("[%s] %s done in %.1f s (%.1f s so far)", self.experiment, key, self.times[key],
+                      time.perf_counter() - self.start)
+
+
+def exported(make: Callable[[str], Any], exporter: str, key: str, notes: dict[str, str],
+             experiment: str) -> tuple[Any, str]:
+    """``make(exporter)``'s ONNX model and the exporter that made it: ``exporter``, and where dynamo fails,
+    torchscript (the failure recorded in ``notes``)."""
+    try:
+        return make(exporter), exporter
+    except Exception as exc:  # noqa: BLE001 - any dynamo failure: record it, then the other exporter
+        if exporter != "dynamo":
+            raise
+        notes[key] = f"dynamo failed ({type(exc).__name__}: {str(exc).strip()[:400]}); exported with torchscript"
+        logging.getLogger("benchmarks").warning("[%s] %s: %s", experiment, key, notes[key])
+        return make("torchscript"), "torchscript"
+
+
+def ort_cuda() -> bool:
+    """Whether this onnxruntime has the CUDA provider (onnxruntime-gpu)."""
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def cuda_side_by_side(files: dict[str, Path], image_size: int, batches: Sequence[int], rounds: int) -> dict:
+    """ORT CUDA latency of every model per batch (IO binding) where onnxruntime has the CUDA provider, else why not."""
+    if not ort_cuda():
+        return {"skipped": "onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu not installed)"}
+    from benchmarks.cuda_timing import cuda_latency as timed
+
+    try:
+        return {f"batch{b}": timed(files, (b, 3, image_size, image_size), rounds=rounds) for b in batches}
+    except Exception as exc:  # noqa: BLE001 - a provider listed but not loadable: skip, say why
+        return {"skipped": f"{type(exc).__name__}: {str(exc).strip()[:300]}"}
+
+
+def last_test_error(history: list[dict]) -> float | None:
+    """The last epoch's test error in PyTorch, in percent (None: not evaluated)."""
+    accuracy = history[-1].get("eval_accuracy") if history else None
+    return None if accuracy is None else 100 * (1 - accuracy)
+
+
+def shown(path: Path) -> str:
+    """A path relative to the repository where it lies inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)

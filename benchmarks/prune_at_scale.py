@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine_info, median, run_measured
+from benchmarks.common import machine_info, median, python_floor, run_measured
 from benchmarks.store import add_results_argument, write_result
 
 EXPERIMENT = "prune-at-scale"
@@ -317,10 +317,7 @@ def _pass_seconds(passes: list[dict]) -> dict[str, float]:
 
 def interpreter_floor(code: str) -> dict:
     """Wall and peak RSS of a fresh interpreter running only ``code`` (the imports): what every run pays first."""
-    with tempfile.TemporaryDirectory() as d:
-        script = Path(d) / "imports.py"
-        script.write_text(code + "\n")
-        wall, rss, _ = run_measured([str(script)])
+    wall, rss = python_floor(code)
     return {"wall_s": wall, "peak_rss": rss}
 
 

@@ -42,8 +42,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -51,7 +50,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from benchmarks.common import ROOT, interleaved_latency, machine_info
+from benchmarks.common import (
+    ROOT,
+    Stages,
+    cuda_side_by_side,
+    exported,
+    interleaved_latency,
+    last_test_error,
+    machine_info,
+    ort_cuda,
+    shown,
+)
 from benchmarks.store import experiment_folder, write_result
 
 if TYPE_CHECKING:
@@ -270,23 +279,6 @@ def sbp_schedule(s: Settings) -> dict:
     return dict(lr=s.lr, lr_schedule=s.schedule, betas=(s.beta1, 0.999))
 
 
-class Stages:
-    """Wall time of each stage, and a log line as each ends."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    @contextmanager
-    def timed(self, key: str) -> Iterator[None]:
-        log.info("[%s] %s ...", EXPERIMENT, key)
-        t = time.perf_counter()
-        yield
-        self.times[key] = round(time.perf_counter() - t, 2)
-        log.info("[%s] %s done in %.1f s (%.1f s so far)", EXPERIMENT, key, self.times[key],
-                 time.perf_counter() - self.start)
-
-
 def train_dense(s: Settings, train_loader: DataLoader, test_loader: DataLoader, stages: Stages) -> tuple[nn.Module, list]:
     """Stage 1: the dense net, E epochs of Adam at 1e-3 with cosine decay; (net in eval mode, history)."""
     from onnxprune.bayes import fit
@@ -356,20 +348,6 @@ def train_torch_pruning(s: Settings, dense: nn.Module, example: torch.Tensor, ta
 # -- ONNX: export, errors, costs, latency ------------------------------------------------------------------------
 
 
-def exported(make: Callable[[str], onnx.ModelProto], s: Settings, key: str,
-             notes: dict[str, str]) -> tuple[onnx.ModelProto, str]:
-    """``make(exporter)``'s ONNX model and the exporter that made it: s.exporter, and where dynamo fails, torchscript
-    (the failure recorded in ``notes``)."""
-    try:
-        return make(s.exporter), s.exporter
-    except Exception as exc:  # noqa: BLE001 - any dynamo failure: record it, then the other exporter
-        if s.exporter != "dynamo":
-            raise
-        notes[key] = f"dynamo failed ({type(exc).__name__}: {str(exc).strip()[:400]}); exported with torchscript"
-        log.warning("[%s] %s: %s", EXPERIMENT, key, notes[key])
-        return make("torchscript"), "torchscript"
-
-
 def export_sbp(s: Settings, sbp: dict, example: torch.Tensor, path: Path, notes: dict[str, str]) -> str:
     """SBP's model, gates folded in (or its fine-tuned net), pruned by onnxprune into ``path``; the exporter used."""
     from onnxprune.api import prune
@@ -383,7 +361,7 @@ def export_sbp(s: Settings, sbp: dict, example: torch.Tensor, path: Path, notes:
             return compress(wrapped, example, exporter=exporter, target=s.target)
         return prune(export(wrapped, example, finetuned=tuned, exporter=exporter), target=s.target)
 
-    model, used = exported(make, s, "sbp", notes)
+    model, used = exported(make, s.exporter, "sbp", notes, EXPERIMENT)
     save_model(model, path)
     return used
 
@@ -393,16 +371,9 @@ def export_plain(s: Settings, net: nn.Module, example: torch.Tensor, key: str, p
     from onnxprune.modelio import save_model
     from onnxprune.torch_export import export_onnx
 
-    model, used = exported(lambda e: export_onnx(net.cpu().eval(), example, exporter=e), s, key, notes)
+    model, used = exported(lambda e: export_onnx(net.cpu().eval(), example, exporter=e), s.exporter, key, notes, EXPERIMENT)
     save_model(model, path)
     return used
-
-
-def ort_cuda() -> bool:
-    """Whether this onnxruntime has the CUDA provider."""
-    import onnxruntime
-
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def measure_models(files: dict[str, Path], x: np.ndarray, y: np.ndarray) -> tuple[dict[str, dict], dict]:
@@ -445,14 +416,7 @@ def cpu_latency(files: dict[str, Path], s: Settings) -> dict:
 
 def cuda_latency(files: dict[str, Path], s: Settings) -> dict:
     """ORT CUDA latency (batch 1 and 256, IO binding) where onnxruntime has the CUDA provider, else why not."""
-    if not ort_cuda():
-        return {"skipped": "onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu not installed)"}
-    from benchmarks.cuda_timing import cuda_latency as timed
-
-    try:
-        return {f"batch{b}": timed(files, (b, 3, s.image_size, s.image_size), rounds=s.rounds) for b in CUDA_BATCHES}
-    except Exception as exc:  # noqa: BLE001 - a provider listed but not loadable: skip, say why
-        return {"skipped": f"{type(exc).__name__}: {str(exc).strip()[:300]}"}
+    return cuda_side_by_side(files, s.image_size, CUDA_BATCHES, s.rounds)
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
@@ -498,22 +462,11 @@ def train_all(s: Settings, train_loader: DataLoader, test_loader: DataLoader, x_
     return Trained({k: files[k] for k in MODELS}, history, exporters, facts, predictions, notes)
 
 
-def torch_error(history: list[dict]) -> float | None:
-    """The last epoch's test error in PyTorch, in percent (None: not evaluated)."""
-    accuracy = history[-1].get("eval_accuracy") if history else None
-    return None if accuracy is None else 100 * (1 - accuracy)
-
-
 def sbp_agreement(trained: Trained, models: dict, predictions: dict[str, np.ndarray], y: np.ndarray) -> None:
     """SBP's PyTorch test error (its net after training: BatchNorm statistics re-estimated, the epochs' evaluations
     came before) and the share of test images on which the pruned ONNX model predicts what that net predicts."""
     models["sbp"]["torch_error_pct"] = 100 * float((trained.sbp_predictions != y).mean())
     trained.sbp["agreement_pruned_onnx_with_torch"] = float((predictions["sbp"] == trained.sbp_predictions).mean())
-
-
-def shown(path: Path) -> str:
-    """A path relative to the repository where it lies inside it."""
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def result_of(s: Settings, trained: Trained, models: dict, latency: dict, stages: Stages, loaders: tuple) -> dict:
@@ -522,7 +475,7 @@ def result_of(s: Settings, trained: Trained, models: dict, latency: dict, stages
     last = {"dense": trained.history["dense"], "sbp": trained.history["sbp_finetune"] or trained.history["sbp"],
             "torch_pruning": trained.history["torch_pruning"]}
     for key, m in models.items():
-        m.setdefault("torch_error_pct", torch_error(last[key]))
+        m.setdefault("torch_error_pct", last_test_error(last[key]))
         m.update(exporter=trained.exporters[key], file=shown(trained.files[key]))
     config = {**asdict(s), "model": "torchvision resnet18(num_classes=10), conv1 3x3 stride 1, maxpool Identity",
               "data": "cifar10 (JPEG copy)", "train_images": len(train_loader.dataset),
@@ -551,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (Path(tempfile.mkdtemp(prefix=f"{EXPERIMENT}-")) if s.quick else experiment_folder(EXPERIMENT))
     work = args.work or (out / "work" if s.quick else WORK)
     work.mkdir(parents=True, exist_ok=True)
-    stages = Stages()
+    stages = Stages(EXPERIMENT, log)
     with stages.timed("data"):
         train_loader, test_loader = make_loaders(s, args.data_dir)
         x_test, y_test = test_arrays(test_loader)

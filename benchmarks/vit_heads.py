@@ -48,15 +48,23 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from benchmarks.common import ROOT, interleaved_latency, machine_info
+from benchmarks.common import (
+    ROOT,
+    Stages,
+    cuda_side_by_side,
+    exported,
+    interleaved_latency,
+    last_test_error,
+    machine_info,
+    ort_cuda,
+    shown,
+)
 from benchmarks.store import experiment_folder, write_result
 
 if TYPE_CHECKING:
@@ -211,23 +219,6 @@ def load_data(s: Settings, data_dir: str | None) -> Data:
 
 
 # -- training --------------------------------------------------------------------------------------------------
-
-
-class Stages:
-    """Wall time of each stage, and a log line as each ends."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    @contextmanager
-    def timed(self, key: str) -> Iterator[None]:
-        log.info("[%s] %s ...", EXPERIMENT, key)
-        t = time.perf_counter()
-        yield
-        self.times[key] = round(time.perf_counter() - t, 2)
-        log.info("[%s] %s done in %.1f s (%.1f s so far)", EXPERIMENT, key, self.times[key],
-                 time.perf_counter() - self.start)
 
 
 def _compile(s: Settings) -> bool:
@@ -478,20 +469,6 @@ def module_heads(model: nn.Module) -> list[int]:
 # -- ONNX: export, heads, errors, costs, latency ------------------------------------------------------------------
 
 
-def exported(make: Callable[[str], onnx.ModelProto], s: Settings, key: str,
-             notes: dict[str, str]) -> tuple[onnx.ModelProto, str]:
-    """``make(exporter)``'s ONNX model and the exporter that made it: s.exporter, and where dynamo fails, torchscript
-    (the failure recorded in ``notes``)."""
-    try:
-        return make(s.exporter), s.exporter
-    except Exception as exc:  # noqa: BLE001 - any dynamo failure: record it, then the other exporter
-        if s.exporter != "dynamo":
-            raise
-        notes[key] = f"dynamo failed ({type(exc).__name__}: {str(exc).strip()[:400]}); exported with torchscript"
-        log.warning("[%s] %s: %s", EXPERIMENT, key, notes[key])
-        return make("torchscript"), "torchscript"
-
-
 def layer_nodes(proto: onnx.ModelProto) -> list[tuple[str, tuple[int, int]]]:
     """(name, (in, out) width) of every Conv/Gemm/MatMul with a constant weight, in the proto's order."""
     import onnx
@@ -548,8 +525,8 @@ def export_sbp(s: Settings, sbp: dict, dense: nn.Module, example: torch.Tensor, 
     from onnxprune.bayes import export
     from onnxprune.modelio import save_model
 
-    unpruned, used = exported(lambda e: export(sbp["wrapped"], example, finetuned=sbp["tuned"], exporter=e), s, "sbp",
-                              notes)
+    unpruned, used = exported(lambda e: export(sbp["wrapped"], example, finetuned=sbp["tuned"], exporter=e), s.exporter,
+                              "sbp", notes, EXPERIMENT)
     pruned = prune(unpruned, target=s.target)
     save_model(pruned, path)
     return used, structure(unpruned, pruned, dense, example)
@@ -561,16 +538,9 @@ def export_plain(s: Settings, net: nn.Module, example: torch.Tensor, key: str, p
     from onnxprune.modelio import save_model
     from onnxprune.torch_export import export_onnx
 
-    proto, used = exported(lambda e: export_onnx(net.cpu().eval(), example, exporter=e), s, key, notes)
+    proto, used = exported(lambda e: export_onnx(net.cpu().eval(), example, exporter=e), s.exporter, key, notes, EXPERIMENT)
     save_model(proto, path)
     return used, structure(proto, proto, net, example)
-
-
-def ort_cuda() -> bool:
-    """Whether this onnxruntime has the CUDA provider (onnxruntime-gpu)."""
-    import onnxruntime
-
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def measure_models(files: dict[str, Path], data: Data) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
@@ -610,23 +580,10 @@ def cpu_latency(files: dict[str, Path], s: Settings) -> dict:
 
 def cuda_latency(files: dict[str, Path], s: Settings) -> dict:
     """ORT CUDA latency (batch 1 and 256, IO binding) where onnxruntime has the CUDA provider, else why not."""
-    if not ort_cuda():
-        return {"skipped": "onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu not installed)"}
-    from benchmarks.cuda_timing import cuda_latency as timed
-
-    try:
-        return {f"batch{b}": timed(files, (b, 3, 32, 32), rounds=s.rounds) for b in CUDA_BATCHES}
-    except Exception as exc:  # noqa: BLE001 - a provider listed but not loadable: skip, say why
-        return {"skipped": f"{type(exc).__name__}: {str(exc).strip()[:300]}"}
+    return cuda_side_by_side(files, 32, CUDA_BATCHES, s.rounds)
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
-
-
-def last_error(history: list[dict]) -> float | None:
-    """The last epoch's test error in PyTorch, in percent (None: not evaluated)."""
-    accuracy = history[-1].get("eval_accuracy") if history else None
-    return None if accuracy is None else 100 * (1 - accuracy)
 
 
 def rows_of(models: dict[str, dict], latency: dict) -> list[dict]:
@@ -658,11 +615,6 @@ def table(rows: list[dict]) -> str:
              *(ms(r[f"cpu_b{b}_ms"]) for b in CPU_BATCHES), *(ms(r[f"cuda_b{b}_ms"]) for b in CUDA_BATCHES)]
             for r in rows]
     return format_table(headers, body)
-
-
-def shown(path: Path) -> str:
-    """A path relative to the repository where it lies inside it."""
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def run(s: Settings, data: Data, work: Path, stages: Stages) -> dict:
@@ -697,7 +649,7 @@ def run(s: Settings, data: Data, work: Path, stages: Stages) -> dict:
         models, predictions = measure_models(files, data)
     last = {"dense": dense_history, "sbp": sbp["finetune_history"] or sbp["history"], "torch_pruning": tp_history}
     for key, m in models.items():
-        m.update(torch_error_pct=last_error(last[key]), structure=shapes[key], exporter=exporters[key],
+        m.update(torch_error_pct=last_test_error(last[key]), structure=shapes[key], exporter=exporters[key],
                  file=shown(files[key]))
     models["sbp"]["torch_error_pct"] = 100 * float((sbp_predictions != data.y_test).mean())
     search["final_macs"] = models["torch_pruning"]["macs"]
@@ -745,7 +697,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out or (Path(tempfile.mkdtemp(prefix=f"{EXPERIMENT}-")) if s.smoke else experiment_folder(EXPERIMENT))
     work = args.work or (out / "work" if s.smoke else WORK)
     work.mkdir(parents=True, exist_ok=True)
-    stages = Stages()
+    stages = Stages(EXPERIMENT, log)
     with stages.timed("data"):
         data = load_data(s, args.data_dir)
     log.info("[%s] %d training images (batch %d), %d test images, on %s; ViT %s", EXPERIMENT, len(data.y),

@@ -17,45 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import IMAGENET_MEAN, IMAGENET_STD, make_normalize
+from .transformer import MLP, MultiHeadSelfAttention
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention over ``[B, T, D]``: ``num_heads`` heads of ``head_dim`` channels each."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.out = nn.Linear(dim, dim)
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, T, H * Dh] -> [B, H, T, Dh]``."""
-        b, t, _ = x.shape
-        return x.reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+class Attention(MultiHeadSelfAttention):
+    """models/transformer.py's attention through ``F.scaled_dot_product_attention``; ``num_heads`` read at every pass."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x))
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
         return self.out(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
-
-
-class MLP(nn.Module):
-    """Linear(D, hidden) -> GELU -> Linear(hidden, D)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -120,16 +92,7 @@ class ViT(nn.Module):
         return self.head(x[:, 0])
 
 
-def vit_cifar(
-    num_classes: int = 10,
-    dim: int = 192,
-    depth: int = 6,
-    heads: int = 6,
-    mlp: int = 384,
-    patch: int = 4,
-    image_size: int = 32,
-    normalize: bool = True,
-) -> ViT:
-    """ViT for CIFAR-10: dim 192, depth 6, 6 heads of 32, MLP 384 (GELU), patch 4 (64 tokens + class token)."""
-    return ViT(num_classes=num_classes, dim=dim, depth=depth, heads=heads, mlp=mlp, patch=patch,
-               image_size=image_size, normalize=normalize)
+def vit_cifar(num_classes: int = 10, **kwargs) -> ViT:
+    """ViT for CIFAR-10: dim 192, depth 6, 6 heads of 32, MLP 384 (GELU), patch 4 (64 tokens + class token);
+    ``kwargs`` are :class:`ViT`'s."""
+    return ViT(num_classes=num_classes, **kwargs)

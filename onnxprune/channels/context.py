@@ -74,11 +74,18 @@ class AnalysisContext:
         self.fixed: dict[str, dict[int, str]] = {}  # tensor -> parts that keep every value -> why
         self.contracted: set[str] = set()  # tensors whose channels an attention product sums over (queries, keys)
         self.graph_inputs = {t.name for t in graph.inputs}
+        self._tensors: dict[str, gs.Tensor] | None = None
         self.graph_outputs = {t.name for t in graph.outputs}
 
     def used(self, t: gs.Tensor | None) -> bool:
         """True if a node or the graph's outputs read ``t``."""
         return t is not None and bool(t.name) and (bool(t.outputs) or t.name in self.graph_outputs)
+
+    def tensor(self, name: str) -> gs.Tensor | None:
+        """The graph's tensor called ``name`` (the name map is built once per analysis)."""
+        if self._tensors is None:
+            self._tensors = self.graph.tensors()
+        return self._tensors.get(name)
 
     # -- shapes and constants ---------------------------------------------
     @staticmethod

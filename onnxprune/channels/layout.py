@@ -51,11 +51,6 @@ class Plain:
 Factor = Chan | Plain
 
 
-def standard_parts(axis: int, size: int) -> tuple[Part, ...]:
-    """The layout of channels on one axis of their own."""
-    return (Part(axis, int(size)),)
-
-
 def is_standard(parts: tuple[Part, ...]) -> bool:
     """True if the layout is one part alone on its axis (a plain channel axis)."""
     return len(parts) == 1 and parts[0].inner == 1 and parts[0].above == 1
@@ -70,7 +65,7 @@ def axis_factors(parts: tuple[Part, ...], shape: list, axis: int) -> list[Factor
     """Axis ``axis`` taken apart, outermost factor first (``shape[axis]`` when it holds no channels)."""
     on_axis = sorted(((p, i) for i, p in enumerate(parts) if p.axis == axis), key=lambda pi: -pi[0].inner)
     if not on_axis:
-        return [Plain(_size(shape[axis]) if axis < len(shape) else None)]
+        return [Plain(plain_size(shape[axis]) if axis < len(shape) else None)]
     out: list[Factor] = []
     for p, i in on_axis:
         if p.above != 1:
@@ -82,7 +77,7 @@ def axis_factors(parts: tuple[Part, ...], shape: list, axis: int) -> list[Factor
     return out
 
 
-def _size(d) -> Size:
+def plain_size(d) -> Size:
     """A shape entry as a plain size: an int, a symbol, or None."""
     if isinstance(d, (int, np.integer)) and d >= 0:
         return int(d)
@@ -130,7 +125,7 @@ def _take(queue: list[Factor], want: Size, from_end: bool) -> list[Factor] | Non
             continue
         if s % need:
             return None
-        piece, rest = _cut(f, need, from_end)
+        piece, rest = cut(f, need, from_end)
         queue[end] = rest
         taken.append(piece)
         have *= need
@@ -141,7 +136,7 @@ def _is_one(f: Factor) -> bool:
     return isinstance(f, Plain) and f.size == 1
 
 
-def _cut(f: Factor, need: int, from_end: bool) -> tuple[Factor, Factor]:
+def cut(f: Factor, need: int, from_end: bool) -> tuple[Factor, Factor]:
     """``f`` cut in two: the ``need`` values at the end taken from, and the rest."""
     size = f.dim if isinstance(f, Chan) else f.size
     if isinstance(f, Plain):
@@ -149,6 +144,11 @@ def _cut(f: Factor, need: int, from_end: bool) -> tuple[Factor, Factor]:
     if from_end:  # the inner (faster) values
         return Chan(f.key + (1,), need), Chan(f.key + (0,), size // need)
     return Chan(f.key + (0,), need), Chan(f.key + (1,), size // need)
+
+
+def tensor_factors(parts: tuple[Part, ...], shape: list, rank: int) -> list[list[Factor]]:
+    """Every axis of a rank-``rank`` tensor taken apart (plain sizes from ``shape`` where it carries no channels)."""
+    return [axis_factors(parts, shape, axis) for axis in range(rank)]
 
 
 def match_reshape(in_factors: list[list[Factor]], out_sizes: list[Size | str]) -> list[list[Factor]] | None:

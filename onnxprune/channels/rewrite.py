@@ -141,7 +141,7 @@ def apply_plan(graph: gs.Graph, plan: PrunePlan) -> Rewriter:
 def _pruned_shape(rw: Rewriter, t: gs.Variable, mask: np.ndarray) -> list:
     """``t``'s shape once its channels are pruned (an axis that also holds a symbolic factor becomes unknown)."""
     shape = list(t.shape)
-    if rw._slots.get(t.name).layout is None:
+    if not rw.tracked_layout(t):
         shape[rw.axis(t)] = int(mask.sum())
         return shape
     for axis, (before, kept) in rw.kept_per_axis(t).items():

@@ -31,18 +31,14 @@ from onnxprune.channels.layout import (
     match_reshape,
     move_axes,
     parts_from_factors,
+    plain_size,
+    tensor_factors,
 )
 from onnxprune.channels.rule_base import Barrier, ChannelRule, RewriteContext
 from onnxprune.channels.shape_values import Computed, Dim, Literal, shape_entries
 from onnxprune.channels.slots import TrackedAxis
 from onnxprune.channels.values import channel_constant, combine_same
 from onnxprune.graphutil import constant_value
-
-
-def _shape_size(d) -> Size:
-    if isinstance(d, (int, np.integer)) and d >= 0:
-        return int(d)
-    return d if isinstance(d, str) and d else None
 
 
 def _axis_size(ctx: AnalysisContext, t: gs.Tensor, axis: int) -> Size:
@@ -59,7 +55,14 @@ def _axis_size(ctx: AnalysisContext, t: gs.Tensor, axis: int) -> Size:
                 return None
             total *= s
         return total
-    return _shape_size(shape[axis])
+    return plain_size(shape[axis])
+
+
+def _dim_size(ctx: AnalysisContext, entry: Dim) -> Size:
+    """The size a target's Dim entry reads (its tensor's axis, times the entry's scale)."""
+    t = ctx.tensor(entry.tensor)
+    size = None if t is None else _axis_size(ctx, t, entry.axis)
+    return size * entry.scale if isinstance(size, int) else size if entry.scale == 1 else None
 
 
 # -- Reshape ---------------------------------------------------------------------------------------
@@ -73,16 +76,14 @@ def analyze_layout_reshape(node: gs.Node, ctx: AnalysisContext, tracked_input: T
     if in_shape is None:
         raise Barrier("input shape unknown")
     parts = tracked_input.parts
-    in_factors = [axis_factors(parts, in_shape, a) for a in range(len(in_shape))]
+    in_factors = tensor_factors(parts, in_shape, len(in_shape))
     out_sizes: list = []
     out_shape = ctx.shape(y) or [None] * len(entries)
     for position, entry in enumerate(entries):
         if isinstance(entry, Computed):
-            out_sizes.append(_shape_size(out_shape[position]) if position < len(out_shape) else None)
+            out_sizes.append(plain_size(out_shape[position]) if position < len(out_shape) else None)
         elif isinstance(entry, Dim):
-            t = ctx.graph.tensors().get(entry.tensor)
-            size = None if t is None else _axis_size(ctx, t, entry.axis)
-            out_sizes.append(size * entry.scale if isinstance(size, int) else size if entry.scale == 1 else None)
+            out_sizes.append(_dim_size(ctx, entry))
         elif entry.value == -1:
             out_sizes.append("-1")
         elif entry.value == 0 and not allowzero:
@@ -156,7 +157,7 @@ def _follow_dim(node: gs.Node, ctx: AnalysisContext, out: TrackedAxis, on_axis: 
     """A target entry read at run time from ``entry.tensor``. Where that size is static and the entry has
     a place of its own, the rewrite writes the new size there; otherwise the source tensor must lose the
     same heads: the outermost part (the heads) is tied value by value to the source's, inner parts stay whole."""
-    tensor = ctx.graph.tensors().get(entry.tensor)
+    tensor = ctx.tensor(entry.tensor)
     size = None if tensor is None else _axis_size(ctx, tensor, entry.axis)
     if entry.source is not None and isinstance(size, int):
         if ctx.dim(tensor, entry.axis) is None:  # known from its channel parts: recorded for the rewrite
@@ -167,7 +168,7 @@ def _follow_dim(node: gs.Node, ctx: AnalysisContext, out: TrackedAxis, on_axis: 
     source = ctx.tracked(entry.tensor) if entry.scale == 1 else None
     reason = f"the target shape of Reshape '{node.name}' reads a channel count at run time"
     src_parts = [] if source is None else [i for i, p in enumerate(source.parts) if p.axis == entry.axis]
-    if [source.parts[i].dim for i in src_parts] != [out.parts[i].dim for i in on_axis] if source else True:
+    if source is None or [source.parts[i].dim for i in src_parts] != [out.parts[i].dim for i in on_axis]:
         for i in on_axis:
             ctx.fix(out.tensor, i, reason)
         return
@@ -205,7 +206,6 @@ def rewrite_target(node: gs.Node, rw: RewriteContext, index: int = 1) -> None:
         rw.set_const(node, index, target)
         return
     entries = shape_entries(node.inputs[index], rw.graph)
-    tensors = rw.graph.tensors()
     for axis, (before, kept) in per_axis.items():
         entry = entries[axis]
         if isinstance(entry, Literal) and entry.value > 0 and entry.value % before == 0 and entry.source is not None:
@@ -214,7 +214,7 @@ def rewrite_target(node: gs.Node, rw: RewriteContext, index: int = 1) -> None:
             part.reshape(-1)[position] = entry.value // before * kept
             rw.set_const(holder, slot, part)
         elif isinstance(entry, Dim) and entry.source is not None:
-            size = tensors[entry.tensor].shape[entry.axis]
+            size = rw.graph.tensors()[entry.tensor].shape[entry.axis]
             size = size * entry.scale if isinstance(size, (int, np.integer)) else None
             if size is not None and size % before == 0:
                 holder, slot = entry.source
@@ -324,16 +324,10 @@ def _refine_expand_shape(ctx: AnalysisContext, node: gs.Node, entries: list, shi
     known = list(ctx.shape(y) or [None] * len(entries))
     if len(known) != len(entries):
         return
-    tensors = ctx.graph.tensors()
     for axis, entry in enumerate(entries):
-        if isinstance(known[axis], (int, np.integer)):
+        if isinstance(known[axis], (int, np.integer)) or isinstance(entry, Computed):
             continue
-        size = entry.value if isinstance(entry, Literal) else None
-        if isinstance(entry, Computed):
-            continue
-        if isinstance(entry, Dim) and entry.tensor in tensors:
-            base = _axis_size(ctx, tensors[entry.tensor], entry.axis)
-            size = base * entry.scale if isinstance(base, int) else base if entry.scale == 1 else None
+        size = _dim_size(ctx, entry) if isinstance(entry, Dim) else entry.value
         if size == 1 and axis - shift >= 0:
             size = _axis_size(ctx, x, axis - shift)
         if size is not None and size != -1:

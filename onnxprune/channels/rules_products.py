@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.channels.context import AnalysisContext
-from onnxprune.channels.layout import Chan, Factor, Plain, axis_factors, coordinates, dims, parts_from_factors
+from onnxprune.channels.layout import Chan, Factor, Plain, coordinates, cut, dims, parts_from_factors, tensor_factors
 from onnxprune.channels.rule_base import Barrier, ChannelRule
 from onnxprune.channels.slots import TrackedAxis
 
@@ -21,9 +21,7 @@ from onnxprune.channels.slots import TrackedAxis
 def _factors(ctx: AnalysisContext, t: gs.Tensor, rank: int) -> list[list[Factor]]:
     """Every axis of ``t`` taken apart (plain sizes from its shape where it carries no channels)."""
     tracked = ctx.tracked(t)
-    shape = ctx.shape(t) or [None] * rank
-    parts = tracked.parts if tracked is not None else ()
-    return [axis_factors(parts, shape, axis) for axis in range(rank)]
+    return tensor_factors(tracked.parts if tracked is not None else (), ctx.shape(t) or [None] * rank, rank)
 
 
 def _align(fa: list[Factor], fb: list[Factor]) -> list[tuple[Factor | None, Factor | None]] | None:
@@ -41,24 +39,14 @@ def _align(fa: list[Factor], fb: list[Factor]) -> list[tuple[Factor | None, Fact
         if sa == sb or (isinstance(a, Plain) and isinstance(b, Plain)):
             pairs.append((qa.pop(0), qb.pop(0)))
         elif isinstance(sa, int) and isinstance(sb, int) and sa % sb == 0:
-            qa[0] = _rest(a, sa // sb)
-            pairs.append((_front(a, sb), qb.pop(0)))
+            front, qa[0] = cut(a, sb, from_end=False)
+            pairs.append((front, qb.pop(0)))
         elif isinstance(sa, int) and isinstance(sb, int) and sb % sa == 0:
-            qb[0] = _rest(b, sb // sa)
-            pairs.append((qa.pop(0), _front(b, sa)))
+            front, qb[0] = cut(b, sa, from_end=False)
+            pairs.append((qa.pop(0), front))
         else:
             return None
     return pairs if not qa and not qb else None
-
-
-def _front(f: Factor, size: int) -> Factor:
-    """The outer ``size`` values of ``f`` (a channel factor cut in two, row-major)."""
-    return Chan(f.key + (0,), size) if isinstance(f, Chan) else Plain(size)
-
-
-def _rest(f: Factor, size: int) -> Factor:
-    """The inner ``size`` values of ``f``."""
-    return Chan(f.key + (1,), size) if isinstance(f, Chan) else Plain(size)
 
 
 class _Product:

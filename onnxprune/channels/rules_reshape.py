@@ -94,7 +94,7 @@ class ReshapeRule(TrackedInputRule):
             analyze_layout_reshape(node, ctx, tracked_input, entries, allowzero)
             return
         if in_shape is not None:  # exact where it resolves; inference may leave -1 entries unknown
-            out_shape = resolve_target(in_shape, entries, ctx.graph, allowzero) or out_shape
+            out_shape = resolve_target(in_shape, entries, ctx.tensor, allowzero) or out_shape
         found = None
         if in_shape is not None and out_shape is not None and len(entries) == len(out_shape):
             found = _reshape_block(in_shape, out_shape, tracked_input.axis, tracked_input.size)
@@ -123,7 +123,7 @@ class ReshapeRule(TrackedInputRule):
                 raise Barrier("its target shape is computed in a way onnxprune does not follow")
         elif isinstance(entry, Dim):
             source = ctx.tracked(entry.tensor)
-            tensor = ctx.graph.tensors().get(entry.tensor)
+            tensor = ctx.tensor(entry.tensor)
             follows = position == out_axis and (
                 (per_channel == 1 and entry.scale == 1 and entry.tensor == node.inputs[0].name and entry.axis == tracked_input.axis)
                 or (entry.source is not None and tensor is not None and ctx.dim(tensor, entry.axis) is not None)

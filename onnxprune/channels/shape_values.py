@@ -9,6 +9,7 @@ change it) or "dimension j of tensor t" read at run time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,20 +145,21 @@ def _strip(e: Entry) -> Entry:
     return Literal(e.value) if isinstance(e, Literal) else e
 
 
-def resolve_target(in_shape: list, entries: list[Entry], graph: gs.Graph, allowzero: bool = False) -> list | None:
+def resolve_target(
+    in_shape: list, entries: list[Entry], tensor_of: Callable[[str], gs.Tensor | None], allowzero: bool = False
+) -> list | None:
     """The Reshape output shape implied by the input shape and the target entries.
 
     Symbolic dimensions (strings) cancel out when computing a -1 entry, so
     ``[batch, 16] -> (Dim(x, 0), -1, 1, 1)`` resolves to ``[batch, 16, 1, 1]``.
     """
-    tensors = graph.tensors()
     out: list = []
     infer_at = None
     for i, e in enumerate(entries):
         if isinstance(e, Computed):
             out.append(None)
         elif isinstance(e, Dim):
-            t = tensors.get(e.tensor)
+            t = tensor_of(e.tensor)
             if t is None or t.shape is None or e.axis >= len(t.shape):
                 return None
             d = t.shape[e.axis]
