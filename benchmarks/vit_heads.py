@@ -16,9 +16,12 @@ GELU, pre-norm), randomly initialised. The data are the CIFAR-10 arrays of ``onn
    (``onnxprune.bayes.export`` and ``onnxprune.prune``: every rejected channel deleted unless --target says otherwise);
 3. Torch-Pruning: ``MetaPruner`` with L2-magnitude importance, ``num_heads`` for the q/k/v layers,
    ``prune_num_heads=True, prune_head_dims=False`` (whole heads) and the MLP's hidden neurons, the residual
-   stream left alone (patch embedding, attention and MLP output layers, classifier ignored); one ratio for both,
-   per layer (or ranked across layers with --tp-global), searched so the ONNX export has at most SBP's MACs
-   (onnxprune's cost model), then fine-tuned the same ``--epochs`` epochs with SBP's weight optimiser and schedule.
+   stream left alone (patch embedding, attention and MLP output layers, classifier ignored). By default (``--tp-rule
+   match``) it removes as many heads as SBP did, spread evenly over the blocks (the nearest whole number per block),
+   and its MLP ratio (the same in every layer) is bisected to SBP's MACs (onnxprune's cost model): both nets then
+   have the same MACs within a few neurons' worth; ``at-most``/``nearest`` instead search one ratio for heads and
+   neurons (whole heads move the count in steps), per layer or ranked across layers (--tp-global); then fine-tuned
+   the same ``--epochs`` epochs with SBP's weight optimiser and schedule.
 
 Then the three ONNX models: test error on ONNX Runtime (CUDA where it has its provider, else CPU), parameters and
 MACs (onnxprune's count), heads kept per layer (read from the ONNX: the value projection's output width over the
@@ -109,7 +112,7 @@ class Settings:
     kl_scale: float = 10.0
     kl_weighting: str = "macs"
     target: str = "none"  # onnxprune prune's target for the SBP model
-    tp_rule: str = "nearest"
+    tp_rule: str = "match"
     tp_global: bool = False
     tp_steps: int = 12  # bisection steps of Torch-Pruning's ratio (each exports the candidate to count MACs)
     tp_search_exporter: str = "torchscript"  # counts the same MACs as dynamo, several times faster
@@ -121,6 +124,7 @@ class Settings:
     smoke: bool = False
 
 
+TP_RULES = ("match", "at-most", "nearest")
 SMOKE_MODEL = {"dim": 32, "depth": 2, "heads": 4, "mlp": 64}
 SMOKE_TP_FRACTION = 0.75  # --smoke, where SBP rejected nothing: Torch-Pruning's MACs target, of the dense net's
 
@@ -155,8 +159,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kl-weighting", choices=("none", "macs"), default="macs")
     ap.add_argument("--target", choices=("none", "ort-cpu"), default="none",
                     help="onnxprune prune's target for the SBP model (none: every rejected channel deleted)")
-    ap.add_argument("--tp-rule", choices=("at-most", "nearest"), default="nearest",
-                    help="Torch-Pruning's MACs: the nearest reachable at or below SBP's (at-most), or either side")
+    ap.add_argument("--tp-rule", choices=TP_RULES, default="match",
+                    help="Torch-Pruning's MACs: SBP's number of heads (even over the blocks) and an MLP ratio "
+                    "bisected to SBP's MACs (match, the default); or one ratio for heads and neurons, the nearest "
+                    "reachable at or below SBP's MACs (at-most), or either side (nearest)")
     ap.add_argument("--tp-global", action="store_true",
                     help="Torch-Pruning ranks heads and neurons across layers (default: the same ratio in every layer)")
     ap.add_argument("--tp-steps", type=int, help="bisection steps of Torch-Pruning's ratio (default 12; --smoke: 3)")
@@ -366,11 +372,13 @@ def _attention_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if all(hasattr(m, a) for a in ("q", "k", "v", "out", "num_heads"))]
 
 
-def tp_prune(model: nn.Module, example: torch.Tensor, ratio: float, global_pruning: bool = False) -> nn.Module:
+def tp_prune(model: nn.Module, example: torch.Tensor, ratio: float, global_pruning: bool = False,
+             head_ratio: float | None = None) -> nn.Module:
     """A copy of ``model`` with Torch-Pruning's MetaPruner (L2 magnitude) at ``ratio``: that share of every block's
-    heads (whole heads: ``prune_num_heads=True, prune_head_dims=False``; at least one kept) and of its MLP hidden
-    neurons removed; the residual stream (patch embedding, attention and MLP outputs, classifier) is left alone.
-    ``num_heads`` of each attention module is set to the heads left."""
+    MLP hidden neurons removed, and ``head_ratio`` (default: ``ratio``) of its heads (whole heads:
+    ``prune_num_heads=True, prune_head_dims=False``; at least one kept); the residual stream (patch embedding,
+    attention and MLP outputs, classifier) is left alone. ``num_heads`` of each attention module is set to the heads
+    left."""
     import torch_pruning as tp
 
     m = copy.deepcopy(model).cpu().eval()
@@ -381,7 +389,7 @@ def tp_prune(model: nn.Module, example: torch.Tensor, ratio: float, global_pruni
     pruner = tp.pruner.MetaPruner(
         m, example.cpu(), importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
         global_pruning=global_pruning, ignored_layers=ignored, num_heads=num_heads, prune_num_heads=True,
-        prune_head_dims=False, head_pruning_ratio=min(ratio, (heads - 1) / heads),
+        prune_head_dims=False, head_pruning_ratio=min(ratio if head_ratio is None else head_ratio, (heads - 1) / heads),
         unwrapped_parameters=[(m.cls_token, 2), (m.pos_embed, 2)],
         # fresh dicts: MetaPruner's defaults are shared between calls, and it writes num_heads into them
         in_channel_groups={}, out_channel_groups={},
@@ -446,13 +454,66 @@ def tp_to_macs(s: Settings, dense: nn.Module, example: torch.Tensor, target_macs
     return below, {"tried": tried, "ratio": below_ratio, "macs": below_macs, "target_macs": target_macs}
 
 
-def train_torch_pruning(s: Settings, dense: nn.Module, example: torch.Tensor, target_macs: int, data: Data,
-                        stages: Stages) -> tuple[nn.Module, list, dict]:
-    """Stage 3: Torch-Pruning to ``target_macs``, fine-tuned E epochs; (net in eval mode, history, search)."""
+def tp_match(s: Settings, dense: nn.Module, example: torch.Tensor, target_macs: int,
+             sbp_heads: int) -> tuple[nn.Module, dict]:
+    """Torch-Pruning with SBP's number of heads (``sbp_heads`` kept in all, spread evenly: the nearest whole number
+    removed per block) and its MLP ratio bisected to the nearest of ``target_macs``; where no MLP ratio reaches the
+    target, one head more (or fewer) per block goes. (The pruned net, the search.)"""
+    dense = copy.deepcopy(dense).cpu().eval()
+    heads = module_heads(dense)
+    per_block, blocks = max(heads), len(heads)
+    removed = min(per_block - 1, max(0, round((sum(heads) - sbp_heads) / blocks)))
+    tried: list[dict] = []
+
+    def pruned(ratio: float, head_ratio: float) -> tuple[nn.Module, int]:
+        net = tp_prune(dense, example, ratio, head_ratio=head_ratio)
+        macs = count_macs(net, example, s.tp_search_exporter)
+        tried.append({"ratio": round(ratio, 6), "head_ratio": round(head_ratio, 6), "macs": macs})
+        log.info("[%s] Torch-Pruning heads %.4f, MLP %.4f: %d MACs (target %d)", EXPERIMENT, head_ratio, ratio, macs,
+                 target_macs)
+        return net, macs
+
+    moved = 0  # +1 once a head more per block went, -1 once one fewer: never back and forth
+    while True:
+        # Torch-Pruning keeps int(H * (1 - ratio)) heads: just below removed/H so the float product cannot round down
+        head_ratio = max(0.0, removed / per_block - 1e-6)
+        # a ratio of 0 prunes nothing at all (heads neither; 1e-9 takes one neuron a layer), 0.99 no neuron (its guard)
+        lo, hi = 1e-9, 0.95
+        lo_net, lo_macs = pruned(lo, head_ratio)
+        hi_net, hi_macs = pruned(hi, head_ratio)
+        if hi_macs > target_macs and removed < per_block - 1 and moved >= 0:
+            removed, moved = removed + 1, 1
+            continue
+        if lo_macs < target_macs and removed > 0 and moved <= 0:
+            removed, moved = removed - 1, -1
+            continue
+        break
+    for _ in range(s.tp_steps):
+        if lo_macs <= target_macs or hi_macs >= target_macs:
+            break
+        mid = (lo + hi) / 2
+        net, macs = pruned(mid, head_ratio)
+        if macs > target_macs:
+            lo, lo_net, lo_macs = mid, net, macs
+        else:
+            hi, hi_net, hi_macs = mid, net, macs
+    take_lo = abs(lo_macs - target_macs) <= abs(hi_macs - target_macs)
+    net, macs, ratio = (lo_net, lo_macs, lo) if take_lo else (hi_net, hi_macs, hi)
+    return net, {"tried": tried, "ratio": ratio, "head_ratio": head_ratio, "heads_removed_per_block": removed,
+                 "sbp_heads": sbp_heads, "macs": macs, "target_macs": target_macs}
+
+
+def train_torch_pruning(s: Settings, dense: nn.Module, example: torch.Tensor, target_macs: int, sbp_heads: int,
+                        data: Data, stages: Stages) -> tuple[nn.Module, list, dict]:
+    """Stage 3: Torch-Pruning to ``target_macs`` (by ``s.tp_rule``; ``match`` also to ``sbp_heads`` heads in all),
+    fine-tuned E epochs; (net in eval mode, history, search)."""
     from onnxprune.bayes import fit
 
     with stages.timed("torch_pruning_search"):
-        pruned, search = tp_to_macs(s, dense, example, target_macs)
+        if s.tp_rule == "match":
+            pruned, search = tp_match(s, dense, example, target_macs, sbp_heads)
+        else:
+            pruned, search = tp_to_macs(s, dense, example, target_macs)
     log.info("[%s] Torch-Pruning: ratio %.4f, heads %s, MLP %s", EXPERIMENT, search["ratio"], module_heads(pruned),
              [b.mlp.fc1.out_features for b in pruned.blocks])
     with stages.timed("torch_pruning_finetune"):
@@ -638,7 +699,8 @@ def run(s: Settings, data: Data, work: Path, stages: Stages) -> dict:
         target_macs = int(SMOKE_TP_FRACTION * target_macs)
         notes["torch_pruning_target"] = (f"smoke: SBP rejected nothing, Torch-Pruning pruned to {SMOKE_TP_FRACTION:g} "
                                          "of the dense MACs instead")
-    tp, tp_history, search = train_torch_pruning(s, dense, example, target_macs, data, stages)
+    sbp_heads = sum(shapes["sbp"].get("heads") or [0])
+    tp, tp_history, search = train_torch_pruning(s, dense, example, target_macs, round(sbp_heads), data, stages)
     with stages.timed("export_dense_tp"):
         for key, net in (("dense", dense), ("torch_pruning", tp)):
             exporters[key], shapes[key] = export_plain(s, net, example, key, files[key], notes)
@@ -671,9 +733,11 @@ def run(s: Settings, data: Data, work: Path, stages: Stages) -> dict:
                             f"beta1 {s.beta1:g}, {s.schedule}, the KL term x{s.kl_scale:g}"
                             + (", weighted by MACs per channel" if s.kl_weighting == "macs" else "")
                             + f"), then {s.finetune_epochs} fine-tuning the gate-folded net (Adam lr {s.lr:g}, cosine)",
-              "tp_recipe": f"MetaPruner, L2 magnitude, whole heads and MLP neurons at one ratio "
-                           f"({'ranked across layers' if s.tp_global else 'per layer'}), to SBP's MACs ({s.tp_rule}), "
-                           f"then {s.epochs} epochs (Adam lr {s.lr:g}, beta1 {s.beta1:g}, {s.schedule})"}
+              "tp_recipe": ("MetaPruner, L2 magnitude, SBP's number of whole heads (even over the blocks) and an MLP "
+                            "ratio per layer bisected to SBP's MACs (match), " if s.tp_rule == "match" else
+                            f"MetaPruner, L2 magnitude, whole heads and MLP neurons at one ratio "
+                            f"({'ranked across layers' if s.tp_global else 'per layer'}), to SBP's MACs ({s.tp_rule}), ")
+                           + f"then {s.epochs} epochs (Adam lr {s.lr:g}, beta1 {s.beta1:g}, {s.schedule})"}
     result = {"benchmark": EXPERIMENT, "machine": machine_info(), "config": config, "models": models,
               "rows": rows_of(models, latency), **latency, "sbp": sbp_facts, "torch_pruning": search,
               "stage_times_s": {**stages.times, "total": round(time.perf_counter() - stages.start, 2)},

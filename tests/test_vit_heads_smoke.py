@@ -49,3 +49,23 @@ def test_vit_heads_smoke_writes_three_rows(tmp_path, shared):
     assert "skipped" in result["latency_cuda"] or set(result["latency_cuda"]) == {"batch1", "batch256"}
     for label in ("dense", "onnxprune SBP", "Torch-Pruning"):
         assert label in done.stdout
+
+
+def test_torch_pruning_match_takes_sbps_head_count_and_its_macs():
+    """The default rule: as many heads as SBP kept (spread evenly), and the MLP ratio bisected to SBP's MACs, so
+    both nets end within a few neurons' MACs of each other (no training; a 2-block ViT)."""
+    pytest.importorskip("torch_pruning")
+    import torch
+
+    import models
+    from benchmarks import vit_heads
+
+    torch.manual_seed(0)
+    dense = models.vit_cifar(dim=32, depth=2, heads=4, mlp=64).eval()
+    example = torch.rand(1, 3, 32, 32)
+    s = vit_heads.settings_of(vit_heads.parse_args(["--smoke", "--tp-steps", "10"]))
+    target = int(0.6 * vit_heads.count_macs(dense, example, s.tp_search_exporter))
+    net, search = vit_heads.tp_match(s, dense, example, target, sbp_heads=4)
+    assert vit_heads.module_heads(net) == [2, 2]
+    assert abs(search["macs"] - target) <= 0.01 * target
+    assert search["macs"] == vit_heads.count_macs(net, example, s.tp_search_exporter)
