@@ -171,6 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="torch.compile the training steps (auto: on CUDA with Triton, as fit does)")
     ap.add_argument("--rounds", type=int, help="interleaved latency rounds (default 30; --smoke: 3)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cuda-latency-of", type=Path, metavar="RESULT",
+                    help="only measure ORT CUDA latency of RESULT's models (in --work) and write it into RESULT: for a "
+                         "run whose process started before onnxruntime-gpu was importable")
     ap.add_argument("--smoke", action="store_true", help="a smoke test: ViT dim 32, depth 2, 4 heads, MLP 64; 512 "
                     "training and 256 test images, 1 dense epoch, 2 for each pruning method (SBP: 1 on the ELBO, 1 "
                     "fine-tuning), batch 64, 3 steps of Torch-Pruning's search, 3 latency rounds; where SBP rejects "
@@ -747,6 +750,20 @@ def run(s: Settings, data: Data, work: Path, stages: Stages) -> dict:
     return result
 
 
+def add_cuda_latency(path: Path, work: Path, rounds: int) -> dict:
+    """Measure ORT CUDA latency of the models of the result at ``path`` (ONNX files in ``work``) and write it there,
+    rows included; the result."""
+    import json
+
+    result = json.loads(path.read_text())
+    files = {k: work / f"{k}.onnx" for k in MODELS}
+    result["latency_cuda"] = cuda_side_by_side(files, 32, CUDA_BATCHES, rounds)
+    result["rows"] = rows_of(result["models"], result)
+    result["export_notes"]["cuda_latency"] = "measured by a second process (--cuda-latency-of), same machine"
+    write_result(path.parent, path.stem, result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train the three nets, measure their ONNX models, write the result and print the table; returns the result."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -754,6 +771,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logging.getLogger(name).setLevel(logging.INFO)
     args = parse_args(argv)
     s = settings_of(args)
+    if args.cuda_latency_of:
+        result = add_cuda_latency(args.cuda_latency_of, args.work or WORK, s.rounds)
+        print(table(result["rows"]))
+        return result
     if s.smoke and not args.device.startswith("cuda") and "OMP_NUM_THREADS" not in os.environ:
         import torch
 
