@@ -146,8 +146,9 @@ class _PlanDraft:
         self.keep_reason[comps] = self.reason_id(text)
         return True
 
-    def honour_group_targets(self, group_targets: dict[int, int], group_reason: str) -> None:
-        """Keep dead channels back, in channel order, until each group ``i`` keeps ``group_targets[i]``."""
+    def honour_group_targets(self, group_targets: dict[int, int], group_reason: str, group_reasons: dict[int, str]) -> None:
+        """Keep dead channels back, in channel order, until each group ``i`` keeps ``group_targets[i]``
+        (the reason: ``group_reasons[i]``, else ``group_reason``)."""
         for group in self.analysis.groups:
             want = group_targets.get(group.index)
             if want is None:
@@ -156,7 +157,7 @@ class _PlanDraft:
             gone = comps[self.remove[comps]]
             extra = want - (comps.size - gone.size)
             if extra > 0:
-                self.keep_back(gone[:extra], group_reason)
+                self.keep_back(gone[:extra], group_reasons.get(group.index, group_reason))
 
     def widen(self, name: str, comps: np.ndarray) -> bool:
         """Keep back removed components of one tensor until its width satisfies the rules."""
@@ -234,14 +235,16 @@ def make_plan(
     *,
     group_targets: dict[int, int] | None = None,
     group_reason: str = "faster on the target",
+    group_reasons: dict[int, str] | None = None,
 ) -> PrunePlan:
     """Decide the deletions (see module docstring).
 
     ``group_targets`` asks group ``i`` to keep at least that many channels
-    (dead ones are kept back in channel order, with ``group_reason``).
+    (dead ones are kept back in channel order, with ``group_reasons[i]`` if
+    given, else ``group_reason``).
     """
     draft = _PlanDraft(analysis, width_policy)
-    draft.honour_group_targets(group_targets or {}, group_reason)
+    draft.honour_group_targets(group_targets or {}, group_reason, group_reasons or {})
     draft.settle()
     plan = PrunePlan(analysis, draft.remove, draft.reasons, draft.keep_reason)
     plan.read_drops = _read_drops(analysis, draft.remove)

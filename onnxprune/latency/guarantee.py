@@ -167,8 +167,18 @@ def fall_back(ladder: Ladder) -> Candidate:
     raise AssertionError("the last fall-back rung is always accepted")
 
 
+def _product_dict(row: dict) -> dict:
+    """A product of activations in the report: its operands' shapes and measured milliseconds per choice."""
+    out = {"node": row["node"], "op": row["op"]}
+    for label in ("max_pruned", "chosen", "unpruned"):
+        at = row[label]
+        out[label] = {"a": at["a"], "b": at["b"], "ms": None if at["us"] is None else at["us"] / 1000.0}
+    return out
+
+
 def _group_choice_dict(group: GroupChoice) -> dict:
-    return {
+    """One group's decision in the report; a group of attention heads counts heads and lists its products."""
+    out = {
         "group": group.name,
         "channels": group.total,
         "kept_by_max_pruning": group.live_or_kept,
@@ -176,6 +186,11 @@ def _group_choice_dict(group: GroupChoice) -> dict:
         "kept_for_speed": group.kept_for_speed,
         "predicted_ms": {k: v / 1000.0 for k, v in group.predicted_us.items()},
     }
+    if group.heads:
+        out["unit"] = "heads"
+    if group.products:
+        out["attention_products"] = [_product_dict(row) for row in group.products]
+    return out
 
 
 def latency_report(ladder: Ladder, choice: LatencyChoice | None, *, search_s: float, check_s: float) -> dict:

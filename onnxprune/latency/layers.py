@@ -61,6 +61,10 @@ class LayerSpec:
             return [batch, self.rows, in_w]
         return [batch, in_w, *self.spatial]
 
+    def micro_inputs(self, in_w: int, out_w: int, batch: int) -> list[tuple[int, ...]]:
+        """Shapes of the data inputs of the layer's micro-benchmark (one: its input)."""
+        return [tuple(self.input_shape(self.widths(in_w, out_w)[0], batch))]
+
     def output_elements(self, out_w: int, batch: int) -> int:
         """Elements of the layer's output (for layout-conversion costs)."""
         if self.kind in ("gemm", "matmul"):
@@ -71,10 +75,10 @@ class LayerSpec:
             out.append((n + p - d * (k - 1) - 1) // s + 1)
         return batch * self.widths(out_w, out_w)[1 if self.kind == "dwconv" else 0] * int(np.prod(out))
 
-    def micro_node(self, index: int, x: str, in_w: int, out_w: int, rng: np.random.Generator):
-        """(NodeProto, initializers) of this layer alone at the given widths, reading ``x``, writing o{index}."""
+    def micro_node(self, index: int, inputs: list[str], in_w: int, out_w: int, rng: np.random.Generator):
+        """(NodeProto, initializers) of this layer alone at the given widths, reading ``inputs[0]``, writing o{index}."""
         in_w, out_w = self.widths(in_w, out_w)
-        names = [x, f"w{index}"]
+        names = [inputs[0], f"w{index}"]
         inits = []
         if self.kind in ("gemm", "matmul"):
             w = rng.standard_normal((in_w, out_w)).astype(np.float32)

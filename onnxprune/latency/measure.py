@@ -13,6 +13,11 @@ own micro-model holding ``CUDA_REPLICAS`` copies of it; inputs and outputs stay
 on the device (I/O binding) and a run's wall time over the copies is the
 layer's latency.
 
+Products of two activations (attention's ``Q @ K^T`` and ``P @ V``,
+:class:`~onnxprune.latency.products.ProductSpec`) are measured the same way: a
+MatMul or Einsum reading two inputs of the micro-model, at the operand shapes a
+choice of head counts gives them.
+
 int8 (an :class:`~onnxprune.latency.target.Int8Target`): the CPU micro-models are
 quantized as the target quantizes models, each layer reading its own input, and
 kernel times are attributed to layers through the runtime's optimized graph
@@ -33,6 +38,7 @@ from onnx import helper
 
 from onnxprune.latency.cache import LatencyCache
 from onnxprune.latency.layers import LayerSpec
+from onnxprune.latency.products import ProductSpec, Shape
 from onnxprune.latency.target import Target
 
 MAX_LAYERS_PER_MODEL = 48
@@ -42,25 +48,28 @@ TIMED_RUNS = 8
 CUDA_REPLICAS = 4
 CUDA_TIMED_RUNS = 10
 
-Request = tuple[LayerSpec, int, int]  # layer, input width, output width
+# A layer at (input width, output width), or a product of two activations at (A's shape, B's shape).
+Request = tuple[LayerSpec, int, int] | tuple[ProductSpec, Shape, Shape]
 
 
 def micro_model(
     batch: list[tuple[str, Request]], target: Target, *, share_inputs: bool = True
 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """One model holding every layer of ``batch`` (layer i writes o{i}), and its feeds. Layers share an input
-    where shapes agree, unless ``share_inputs`` is False (then each layer reads an input of its own)."""
+    where shapes agree, unless ``share_inputs`` is False (then each layer reads inputs of its own)."""
     rng = np.random.default_rng(0)
-    input_of: dict[tuple, str] = {}  # (shape) or (layer, shape) -> input name
+    input_of: dict[tuple, str] = {}  # (shape) or (layer, operand, shape) -> input name
     feeds: dict[str, np.ndarray] = {}
     nodes, inits, outputs = [], [], []
     for i, (_, (spec, in_w, out_w)) in enumerate(batch):
-        shape = tuple(spec.input_shape(spec.widths(in_w, out_w)[0], target.batch))
-        key = (shape,) if share_inputs else (i, shape)
-        if key not in input_of:
-            input_of[key] = f"x{len(input_of)}"
-            feeds[input_of[key]] = rng.standard_normal(shape).astype(np.float32)
-        node, node_inits = spec.micro_node(i, input_of[key], in_w, out_w, rng)
+        names = []
+        for j, shape in enumerate(spec.micro_inputs(in_w, out_w, target.batch)):
+            key = (shape,) if share_inputs else (i, j, shape)
+            if key not in input_of:
+                input_of[key] = f"x{len(input_of)}"
+                feeds[input_of[key]] = rng.standard_normal(shape).astype(np.float32)
+            names.append(input_of[key])
+        node, node_inits = spec.micro_node(i, names, in_w, out_w, rng)
         nodes.append(node)
         inits += node_inits
         outputs.append(helper.make_tensor_value_info(f"o{i}", onnx.TensorProto.FLOAT, None))
@@ -159,11 +168,11 @@ def _next_batch(items: list[tuple[str, Request]], start: int, target: Target, *,
     batch, input_bytes, shapes = [], 0, set()
     while start + len(batch) < len(items) and len(batch) < MAX_LAYERS_PER_MODEL:
         key, (spec, in_w, out_w) = items[start + len(batch)]
-        shape = tuple(spec.input_shape(spec.widths(in_w, out_w)[0], target.batch))
-        extra = 0 if share_inputs and shape in shapes else 4 * int(np.prod(shape))
+        fresh = [s for s in spec.micro_inputs(in_w, out_w, target.batch) if not (share_inputs and s in shapes)]
+        extra = sum(4 * int(np.prod(s)) for s in fresh)
         if batch and input_bytes + extra > MAX_INPUT_BYTES:
             break
-        shapes.add(shape)
+        shapes.update(fresh)
         input_bytes += extra
         batch.append((key, (spec, in_w, out_w)))
     return batch

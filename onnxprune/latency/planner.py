@@ -29,13 +29,30 @@ class Rung:
     plan: Callable[[ChannelAnalysis, LatencyPlanner], PrunePlan]
 
 
+def faster_reason(target: Target) -> str:
+    """Why the latency model keeps a group's dead channels."""
+    return f"faster on {target.name}"
+
+
+def heads_reason(target: Target) -> str:
+    """Why the latency model keeps dead heads of an attention block (shown by ``--explain``)."""
+    return f"faster on {target.name}: removing these heads does not pay (projections and attention products timed)"
+
+
+def _plan_for(analysis: ChannelAnalysis, planner: LatencyPlanner, choice: LatencyChoice, targets: dict[int, int]) -> PrunePlan:
+    """The plan keeping ``targets`` channels per group; an attention block's kept heads say so."""
+    heads = {c.index: heads_reason(planner.target) for c in choice.groups if c.attention}
+    return make_plan(analysis, group_targets=targets, group_reason=faster_reason(planner.target), group_reasons=heads)
+
+
 def _latency_model(analysis: ChannelAnalysis, planner: LatencyPlanner) -> PrunePlan:
     choice = planner.choose(analysis)
-    return make_plan(analysis, group_targets=dict(choice.targets), group_reason=f"faster on {planner.target.name}")
+    return _plan_for(analysis, planner, choice, dict(choice.targets))
 
 
 def _fewer_pruned_groups(analysis: ChannelAnalysis, planner: LatencyPlanner) -> PrunePlan:
-    """The latency model's widths, with the half of the groups that gain least left whole."""
+    """The latency model's widths, with the half of the groups that gain least left whole (an attention block's
+    gain counts its products)."""
     choice = planner.choose(analysis)
     targets = dict(choice.targets)
     gain = {c.index: c.predicted_us["unpruned"] - c.predicted_us["chosen"] for c in choice.groups}
@@ -43,7 +60,7 @@ def _fewer_pruned_groups(analysis: ChannelAnalysis, planner: LatencyPlanner) -> 
     totals = {c.index: c.total for c in choice.groups}
     for group in ranked[len(ranked) // 2 :]:
         targets[group] = totals[group]
-    return make_plan(analysis, group_targets=targets, group_reason=f"faster on {planner.target.name}")
+    return _plan_for(analysis, planner, choice, targets)
 
 
 def _nothing_pruned(analysis: ChannelAnalysis, planner: LatencyPlanner) -> PrunePlan:

@@ -5,8 +5,13 @@ dead one) and its full width (do not prune it). Keeping dead channels is exact,
 so the choice is free; it is made from measured layer latencies:
 
     cost = sum over layers of latency(layer at its input and output widths)
+         + sum over products of two activations of latency(product at its operands' shapes)
          + layout conversions between consecutive layers whose kernels use
            different layouts (blocked NCHWc vs plain), at the measured cost per byte.
+
+The products are attention's ``Q @ K^T`` and ``P @ V`` (:mod:`onnxprune.latency.products`): a
+group of attention heads (its channels are whole heads) is charged its projections and its
+products at each head count, so removing 1 of 12 heads is kept only where it is predicted to pay.
 
 Candidates per group are: prune all dead channels, round the kept count up to
 a multiple of 8, 16, 32 or 64, or keep the group whole. Groups are optimised one
@@ -23,11 +28,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxprune.channels.analysis import ChannelAnalysis
+from onnxprune.channels.analysis import ChannelAnalysis, ChannelGroup
 from onnxprune.channels.plan import PrunePlan
 from onnxprune.latency.cache import LatencyCache
 from onnxprune.latency.layers import layer_specs
 from onnxprune.latency.measure import Request, measure
+from onnxprune.latency.products import OperandShapes, ProductSpec, product_nodes, product_specs
 from onnxprune.latency.target import Target
 
 ROUNDINGS = (8, 16, 32, 64)
@@ -45,10 +51,18 @@ class GroupChoice:
     live_or_kept: int  # channels the maximal plan keeps
     chosen: int
     predicted_us: dict[str, float] = field(default_factory=dict)  # layers touching the group: max_pruned / chosen / unpruned
+    # Products of two activations the group reaches (attention's QK^T and PV), see _product_rows
+    products: list[dict] = field(default_factory=list)
+    heads: bool = False  # its channels are spread over several axes (heads x per-head channels): a channel is a head
 
     @property
     def kept_for_speed(self) -> int:
         return self.chosen - self.live_or_kept
+
+    @property
+    def attention(self) -> bool:
+        """True for an attention block: a group of heads whose products of activations were timed with it."""
+        return self.heads and bool(self.products)
 
 
 @dataclass
@@ -59,11 +73,13 @@ class LatencyChoice:
     groups: list[GroupChoice]
     predicted_us: dict[str, float]
     measured_layers: int = 0
+    products: int = 0  # products of two activations (attention's) reaching a group with dead channels, timed
 
     def to_dict(self) -> dict:
         return {
             "predicted_ms": {k: v / 1000.0 for k, v in self.predicted_us.items()},
             "layers_measured": self.measured_layers,
+            "products_timed": self.products,
         }
 
 
@@ -86,7 +102,33 @@ class WidthModel:
             for g in set(self.coef[spec.in_tensor]) | set(self.coef[spec.out_tensor]):
                 self.layers_of[g].append(i)
         self.edges = self._edges()
+        self.products: list[ProductSpec] = []
+        self.shapes = OperandShapes(analysis, base)
+        if self.free:
+            self._add_products()
         self.measured = 0
+
+    def _product_groups(self, tensors: list[str]) -> set[int]:
+        return {g for t in tensors for g in self.shapes.groups(t)}
+
+    def _add_products(self) -> None:
+        """The products of two activations (attention's) that reach a group with channels to remove, as units after
+        the layers, in ``layers_of`` of their groups. (The model is run to size them only if there are some.)"""
+        free = set(self.free)
+        nodes = [n for n in product_nodes(self.analysis) if self._product_groups([t.name for t in (*n.inputs, *n.outputs)]) & free]
+        self.products = product_specs(self.analysis, self.target.batch, self.target.threads, nodes=nodes)
+        for j, spec in enumerate(self.products):
+            for g in sorted(self._product_groups([spec.a_tensor, spec.b_tensor, spec.out_tensor])):
+                self.layers_of[g].append(len(self.specs) + j)
+
+    @property
+    def units(self) -> int:
+        """Layers and products: indices below ``len(self.specs)`` are layers, the rest products."""
+        return len(self.specs) + len(self.products)
+
+    def product(self, i: int) -> ProductSpec | None:
+        """The product of unit ``i`` (None for a layer)."""
+        return self.products[i - len(self.specs)] if i >= len(self.specs) else None
 
     def _coefficients(self, tensor: str) -> dict[int, int]:
         """Slots per kept component of each group in ``tensor`` (empty if untracked)."""
@@ -119,6 +161,11 @@ class WidthModel:
         return fixed + sum(c * assign[g] for g, c in coef.items())
 
     def request(self, i: int, assign: dict[int, int]) -> Request:
+        """What unit ``i`` is measured as under ``assign``: a layer at its widths, a product at its operands' shapes."""
+        product = self.product(i)
+        if product is not None:
+            return (product, self.shapes.at(product.a_tensor, product.a_shape, assign),
+                    self.shapes.at(product.b_tensor, product.b_shape, assign))
         spec = self.specs[i]
         return spec, self.width(spec.in_tensor, assign, spec.in_width), self.width(spec.out_tensor, assign, spec.out_width)
 
@@ -150,7 +197,7 @@ class WidthModel:
         return total
 
     def total(self, assign: dict[int, int]) -> float:
-        return self.cost(list(range(len(self.specs))), assign)
+        return self.cost(list(range(self.units)), assign)
 
 
 def candidates(k_min: int, total: int) -> list[int]:
@@ -179,6 +226,39 @@ def _descend(model: WidthModel, assign: dict[int, int], cands: dict[int, list[in
     return assign
 
 
+def _product_rows(model: WidthModel, g: int, assign: dict[int, int]) -> list[dict]:
+    """The products of activations that group ``g`` reaches: operand shapes and measured microseconds with
+    every dead channel of ``g`` deleted, as chosen, and with ``g`` whole (the other groups as chosen)."""
+    trials = {"max_pruned": {**assign, g: model.k_min[g]}, "chosen": assign, "unpruned": {**assign, g: model.size[g]}}
+    rows = []
+    for i in model.layers_of[g]:
+        product = model.product(i)
+        if product is None:
+            continue
+        row: dict = {"node": product.name, "op": product.op}
+        for label, trial in trials.items():
+            _, a, b = model.request(i, trial)
+            entry = model.entry(i, trial)
+            row[label] = {"a": list(a), "b": list(b), "us": entry["us"] if entry else None}
+        rows.append(row)
+    return rows
+
+
+def _group_choice(model: WidthModel, group: ChannelGroup, assign: dict[int, int]) -> GroupChoice:
+    """The decision for ``group`` and what its layers (and products) are predicted to cost around it."""
+    g, layers, ctx = group.index, model.layers_of[group.index], model.analysis.ctx
+    return GroupChoice(
+        index=g, name=group.name, total=model.size[g], live_or_kept=model.k_min[g], chosen=assign[g],
+        predicted_us={
+            "max_pruned": model.cost(layers, {**assign, g: model.k_min[g]}),
+            "chosen": model.cost(layers, assign),
+            "unpruned": model.cost(layers, {**assign, g: model.size[g]}),
+        },
+        products=_product_rows(model, g, assign),
+        heads=any((t := ctx.tracked(name)) is not None and t.layout is not None for name in group.tensors),
+    )
+
+
 def choose_widths(
     analysis: ChannelAnalysis,
     base: PrunePlan,
@@ -200,7 +280,7 @@ def choose_widths(
             for start in starts:
                 trial = {**start, g: c}
                 requests += [model.request(i, trial) for i in model.layers_of[g]]
-    requests += [model.request(i, {g: model.size[g] for g in model.size}) for i in range(len(model.specs))]
+    requests += [model.request(i, {g: model.size[g] for g in model.size}) for i in range(model.units)]
     model.ensure(requests, progress)
     best_assign, best_cost = None, math.inf
     for start in starts:
@@ -210,22 +290,7 @@ def choose_widths(
             best_assign, best_cost = assign, cost
     assign = best_assign
     unpruned = {g: model.size[g] for g in model.size}
-    groups = []
-    for d in base.groups:
-        g = d.group.index
-        if g not in cands:
-            continue
-        layers = model.layers_of[g]
-        groups.append(
-            GroupChoice(
-                index=g, name=d.group.name, total=model.size[g], live_or_kept=model.k_min[g], chosen=assign[g],
-                predicted_us={
-                    "max_pruned": model.cost(layers, {**assign, g: model.k_min[g]}),
-                    "chosen": model.cost(layers, assign),
-                    "unpruned": model.cost(layers, {**assign, g: model.size[g]}),
-                },
-            )
-        )
+    groups = [_group_choice(model, d.group, assign) for d in base.groups if d.group.index in cands]
     cache.save()
     return LatencyChoice(
         targets={g: assign[g] for g in model.free},
@@ -237,4 +302,5 @@ def choose_widths(
             "output": model.total(assign),
         },
         measured_layers=model.measured,
+        products=len(model.products),
     )
