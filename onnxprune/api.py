@@ -65,7 +65,7 @@ def run_passes(
     if output is not None:
         check_output_path(output, loaded)
     with input_blamed(loaded):
-        graph = to_graph(loaded.model)
+        graph = to_graph(loaded)  # external data memory-mapped, not read
         timings = {"load": time.perf_counter() - start}
         result = _rewrite(graph, loaded, passes, metadata=metadata, progress=progress, timings=timings)
     reference = runtime_reference(loaded)
@@ -106,7 +106,7 @@ def _rewrite(
     meta = dict(metadata or {})
     if plan is not None:
         meta.update(removed_metadata(plan))
-    model = to_model(graph, loaded.model, meta)
+    model = to_model(graph, loaded, meta, defer_data=loaded.uses_external_data)  # streamed when written
     timings["analysis+rewrite"] = time.perf_counter() - start
     report = RunReport.of(loaded, before=before, after=after, passes=records, timings=timings, plan=plan)
     return RunResult(model, report)

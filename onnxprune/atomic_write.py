@@ -14,9 +14,20 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 from onnx import external_data_helper
+
+from onnxprune.external_data import (
+    has_pending,
+    little_endian_bytes,
+    materialize_pending,
+    model_tensors,
+    pending_nbytes,
+    release_pages,
+    take_pending,
+)
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay well below it.
 PROTO_LIMIT_BYTES = 2_000_000_000
@@ -45,8 +56,12 @@ def _tensor_bytes(graph: onnx.GraphProto) -> int:
 
 
 def _bytes_of(t: onnx.TensorProto) -> int:
-    """A tensor's serialised size: its raw bytes, or the message's size when its values are typed fields."""
-    return len(t.raw_data) if t.raw_data else t.ByteSize()
+    """A tensor's serialised size: its raw bytes, the array a placeholder stands for
+    (:func:`onnxprune.external_data.defer`), or the message's size when its values are typed fields."""
+    if t.raw_data:
+        return len(t.raw_data)
+    pending = pending_nbytes(t)
+    return t.ByteSize() if pending is None else pending
 
 
 @contextlib.contextmanager
@@ -80,7 +95,16 @@ def staged_write(
 
 
 def _write_model(model: onnx.ModelProto, path: Path, data_name: str | None) -> None:
-    """Write ``model`` to ``path``; with ``data_name``, its weights to that file beside it."""
+    """Write ``model`` to ``path``; with ``data_name``, its weights to that file beside it.
+
+    A model holding deferred tensors (placeholders) is streamed: each array is written into the data file
+    and dropped, and the model is left pointing at the file written. Any other model is written by onnx and
+    left as it was (its weights in the protobuf).
+    """
+    if data_name is not None and has_pending(model):
+        _stream_model(model, path, data_name)
+        return
+    materialize_pending(model)
     if data_name is None:
         with open(path, "wb") as f:
             f.write(model.SerializeToString())
@@ -90,6 +114,53 @@ def _write_model(model: onnx.ModelProto, path: Path, data_name: str | None) -> N
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
     # save_model moved the weights out of the in-memory proto; put them back.
     external_data_helper.load_external_data_for_model(model, str(path.parent))
+
+
+EXTERNAL_MIN_BYTES = 1024  # tensors this large or larger go to the data file (as onnx.save_model's size_threshold)
+ALIGN_MIN_BYTES = 2**20  # tensors this large or larger start on a page: onnxruntime maps them instead of copying
+ALIGN = 4096
+
+
+class _DataFile:
+    """The external data file being written: appends tensors, each aligned if large, and points them at it."""
+
+    def __init__(self, f: BinaryIO, name: str) -> None:
+        self.f, self.name, self.offset = f, name, 0
+
+    def append(self, tensor: onnx.TensorProto, data: memoryview | bytes) -> None:
+        """Write ``data`` as ``tensor``'s bytes and make ``tensor`` refer to them."""
+        if len(data) >= ALIGN_MIN_BYTES and self.offset % ALIGN:
+            pad = ALIGN - self.offset % ALIGN
+            self.f.write(b"\0" * pad)
+            self.offset += pad
+        self.f.write(data)
+        tensor.ClearField("raw_data")
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.name), ("offset", self.offset), ("length", len(data))):
+            tensor.external_data.add(key=key, value=str(value))
+        self.offset += len(data)
+
+
+def _stream_model(model: onnx.ModelProto, path: Path, data_name: str) -> None:
+    """Write the model with every tensor of 1 KiB or more in ``data_name``, one tensor at a time: a deferred
+    array is written from where it is (a map of the input, or the rewrite's array) and dropped."""
+    with open(path.with_name(data_name), "wb") as f:
+        data = _DataFile(f, data_name)
+        for tensor in model_tensors(model, sparse=False):  # a sparse initializer's parts stay in the protobuf
+            array = take_pending(tensor)
+            if array is not None:
+                data.append(tensor, little_endian_bytes(array))
+                release_pages(array)
+                del array
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+                data.append(tensor, tensor.raw_data)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _folder_of(path: Path) -> str | Path:

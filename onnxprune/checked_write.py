@@ -8,6 +8,7 @@ passes the ONNX checker and (when asked) computes what the input computes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import onnx
 
 from onnxprune.atomic_write import needs_external_data, staged_write
 from onnxprune.errors import InputError, OnnxPruneError, PassError
+from onnxprune.external_data import forget_pending, materialize_pending
 from onnxprune.modelio import LoadedModel
 from onnxprune.report import RunReport
 from onnxprune.verify import run_on_random_inputs, verify_same_function
@@ -100,9 +102,16 @@ def verify_into(report: RunReport, reference: onnx.ModelProto | Path, candidate:
 
 
 def check_in_memory(model: onnx.ModelProto, reference: onnx.ModelProto | Path, report: RunReport, *, verify: bool) -> None:
-    """Check a result that is not written (a model too large for one protobuf is checked when written)."""
+    """Check a result that is not written (a model too large for one protobuf is checked when written).
+
+    Deferred tensors (:func:`onnxprune.external_data.defer`) are first put into the protobuf: the caller
+    gets a self-contained model."""
+    gc.collect()  # a dropped graph is cyclic garbage still holding arrays
+    materialize_pending(model)
+    start = time.perf_counter()
     if not needs_external_data(model):
         check_output_model(model, None, reference)
+    report.timings["check"] = time.perf_counter() - start
     if verify:
         verify_into(report, reference, model)
 
@@ -116,15 +125,26 @@ def write_checked(
     verify: bool,
     external_data: bool = False,
 ) -> None:
-    """Stage ``model`` beside ``output``, check (and verify) it there, then move it into place."""
+    """Stage ``model`` beside ``output``, check (and verify) it there, then move it into place.
+
+    Timed as ``save`` (writing, and the move into place), ``check`` (the ONNX checker) and ``verify``.
+    A model with deferred tensors is streamed into the staged files and left pointing at the written
+    external data (its location relative to ``output``'s folder); if anything fails, nothing is written.
+    """
     external = external_data or needs_external_data(model)
     timings = report.timings
     start = time.perf_counter()
-    with staged_write(model, output, external_data=external) as staged:
-        timings["save"] = time.perf_counter() - start
-        check_output_model(model, staged if external else None, reference)  # by path: no second copy in memory
-        if verify:
-            verify_into(report, reference, staged)
-        start = time.perf_counter()
+    gc.collect()  # a dropped graph is cyclic garbage still holding the arrays the write streams and drops
+    try:
+        with staged_write(model, output, external_data=external) as staged:
+            timings["save"] = time.perf_counter() - start
+            start = time.perf_counter()
+            check_output_model(model, staged if external else None, reference)  # by path: no second copy in memory
+            timings["check"] = time.perf_counter() - start
+            if verify:
+                verify_into(report, reference, staged)
+            start = time.perf_counter()
+    finally:
+        forget_pending(model)
     timings["save"] += time.perf_counter() - start  # the move into place
     report.output = str(output)

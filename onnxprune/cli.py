@@ -106,10 +106,35 @@ def _print_latency(latency: dict | None) -> None:
             print(f"kept the fastest, '{latency['accepted']}' (timed side by side: {tried}; input {m['input']:.3g} ms)")
 
 
+def seconds_since_process_start() -> float | None:
+    """Seconds since this process started (Linux: from /proc, 10 ms resolution), or None where unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _whole_command_timings(timings: dict[str, float], startup: float | None, elapsed: float) -> dict[str, float]:
+    """The run's phases made to add up to the command's time: ``startup`` (interpreter start and imports, when
+    this process is the command) first, ``other`` (whatever no phase covers inside the run) last."""
+    out = {"startup": startup} if startup is not None else {}
+    out.update(timings)
+    out["other"] = max(0.0, elapsed - sum(timings.values()))
+    return out
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
+    import time
+
     from onnxprune.api import prune_model
     from onnxprune.table import before_after_table
 
+    startup = seconds_since_process_start() if args.own_process else None
+    start = time.perf_counter()
     _use_target_threads(args)
     bar = _MeasureBar(args.quiet)
     try:
@@ -120,6 +145,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     report = result.report
+    report.timings = _whole_command_timings(report.timings, startup, time.perf_counter() - start)
     if not args.quiet:
         print(before_after_table(report.before, report.after))
         print()

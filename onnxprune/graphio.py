@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 import json
+import logging
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from onnxprune.errors import InputError
+from onnxprune.external_data import defer, deferrable, load_unmapped, map_initializers
 from onnxprune.graphutil import graphsurgeon_logging
+from onnxprune.modelio import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
-def to_graph(model: onnx.ModelProto) -> gs.Graph:
+def to_graph(model: onnx.ModelProto | LoadedModel) -> gs.Graph:
     """Import ``model``; nodes without a name (or with a duplicate one) get a unique one,
-    since analyses and reports refer to nodes by name."""
+    since analyses and reports refer to nodes by name.
+
+    A :class:`LoadedModel` whose external data is mapped gives a graph whose initializers read
+    their values from the map (views, never copies; see :mod:`onnxprune.external_data`).
+    """
+    proto, mapped = (model.structure, model.mapped) if isinstance(model, LoadedModel) else (model, None)
+    if mapped is not None:
+        try:
+            load_unmapped(proto, mapped.base_dir)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{model.path}: cannot read external data: {e}") from None
     with G_LOGGER.suppress(G_LOGGER.CRITICAL + 1):  # a damaged input's complaints: the exception it raises says it
-        graph = gs.import_onnx(model)
+        graph = gs.import_onnx(proto)
+    if mapped is not None:
+        log.debug("%d initializer(s) memory-mapped from %s", map_initializers(graph, mapped), mapped.base_dir)
     seen: set[str] = set()
     for i, node in enumerate(graph.nodes):
         if not node.name or node.name in seen:
@@ -27,13 +46,29 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
-def to_model(graph: gs.Graph, original: onnx.ModelProto, metadata: dict[str, object] | None = None) -> onnx.ModelProto:
+def to_model(
+    graph: gs.Graph,
+    original: onnx.ModelProto | LoadedModel,
+    metadata: dict[str, object] | None = None,
+    *,
+    defer_data: bool = False,
+) -> onnx.ModelProto:
     """Export ``graph`` with the original model's IR version, opsets, producer and metadata.
 
     For IR < 4 models, where every initializer must also be a graph input, the
     initializers are listed as inputs again (original order first, shapes current).
     ``metadata`` entries are added to ``metadata_props`` (non-strings as JSON).
+    With ``defer_data`` the initializers of 1 KiB or more are not copied into the
+    protobuf: it holds a placeholder for each, filled when the model is written
+    (streamed into its external data file) or kept in memory
+    (:func:`onnxprune.external_data.materialize_pending`). Their values are handed
+    over: ``graph`` keeps only their names, types and shapes, so that whatever
+    still refers to it holds no weights, and it cannot be exported again.
     """
+    if isinstance(original, LoadedModel):
+        original = original.structure
+    if defer_data:
+        log.debug("%d initializer(s) handed over to the exported model", _hand_over_initializers(graph))
     with graphsurgeon_logging():
         model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = original.ir_version
@@ -67,3 +102,21 @@ def _list_initializers_as_inputs(model: onnx.ModelProto, original_order: list[st
         ordered = sorted(g.input, key=lambda vi: rank.get(vi.name, len(rank)))
         del g.input[:]
         g.input.extend(ordered)
+
+
+def _hand_over_initializers(graph: gs.Graph) -> int:
+    """Replace every large initializer's values with a placeholder the exporter writes as it is (see
+    :func:`onnxprune.external_data.defer`); the values now belong to the exported model. Returns how many."""
+    count = 0
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and deferrable(tensor):
+            tensor._values = _Placeholder(defer(tensor.name, tensor._values))
+            count += 1
+    return count
+
+
+class _Placeholder(gs.ir.tensor.LazyValues):
+    """Lazy values that onnx-graphsurgeon's exporter writes as they are: a placeholder TensorProto."""
+
+    def load(self) -> np.ndarray:
+        raise RuntimeError(f"internal error: the values of '{self.tensor.name}' were handed over to the exported model")

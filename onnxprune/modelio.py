@@ -12,6 +12,7 @@ for existing callers.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,10 @@ from onnx import external_data_helper
 
 from onnxprune.atomic_write import PROTO_LIMIT_BYTES, atomic_write_text, needs_external_data, save_model, staged_write
 from onnxprune.errors import InputError
+from onnxprune.external_data import MappedData, model_tensors
 from onnxprune.runtime import max_loadable_ir, ort_load_problem
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "LoadedModel",
@@ -44,45 +48,41 @@ __all__ = [
 
 @dataclass
 class LoadedModel:
-    """A validated model and where it came from."""
+    """A validated model and where it came from.
 
-    model: onnx.ModelProto
+    ``structure`` is the parsed protobuf. For a file with external data it is read lazily: ``mapped`` maps
+    the data files, ``to_graph`` gives the graph's initializers views into them, and ``structure``'s
+    tensors still point at the files. ``model`` is the whole model: the first use of it reads the external
+    data into ``structure`` (what every caller that wants a self-contained ModelProto gets).
+    """
+
+    structure: onnx.ModelProto
     path: Path | None = None
     external_data_files: list[Path] = field(default_factory=list)
     size_bytes: int = 0
     ir_lowered_from: int | None = None  # the file's IR version, if onnxruntime needed a lower one
+    mapped: MappedData | None = None  # the external data, memory-mapped, while it is not read into ``structure``
 
     @property
     def uses_external_data(self) -> bool:
         return bool(self.external_data_files)
 
-
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        yield from _node_tensors(node)
-
-
-def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
-    for attr in node.attribute:
-        if attr.HasField("t"):
-            yield attr.t
-        yield from attr.tensors
-        if attr.HasField("g"):
-            yield from _graph_tensors(attr.g)
-        for g in attr.graphs:
-            yield from _graph_tensors(g)
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The model with every tensor's data in the protobuf (read from the external data files on first use)."""
+        if self.mapped is not None:
+            log.debug("reading the external data of %s into memory", self.path)
+            try:
+                external_data_helper.load_external_data_for_model(self.structure, str(self.mapped.base_dir))
+            except (OSError, ValueError) as e:
+                raise InputError(f"{self.path}: cannot read external data: {e}") from None
+            self.mapped = None
+        return self.structure
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto in the model, subgraphs and local functions included."""
-    yield from _graph_tensors(model.graph)
-    for function in model.functions:
-        for node in function.node:
-            yield from _node_tensors(node)
+    return model_tensors(model)
 
 
 # The keys an external-data reference may have (onnx.external_data_helper reads no others).
@@ -228,13 +228,15 @@ def _lower_ir_if_needed(model: onnx.ModelProto, name: str) -> int | None:
     return original
 
 
-def load_model(path: str | os.PathLike[str], *, check: bool = False) -> LoadedModel:
+def load_model(path: str | os.PathLike[str], *, check: bool = False, map_external: bool = True) -> LoadedModel:
     """Load and validate an ONNX file, external data included.
 
     Raises :class:`InputError` with one clear sentence for anything unusable.
-    The ONNX checker runs only with ``check`` (it needs a second copy of the
-    model in memory); callers check the *output* and blame the input only if
-    the output fails.
+    The ONNX checker runs only with ``check`` (it runs on the file, by path);
+    callers check the *output* and blame the input only if the output fails.
+    External data is validated (files present, inside the model's folder,
+    long enough) and, with ``map_external``, memory-mapped rather than read
+    (see :class:`LoadedModel`).
     """
     p = Path(path)
     name = str(path)
@@ -258,17 +260,26 @@ def load_model(path: str | os.PathLike[str], *, check: bool = False) -> LoadedMo
     _check_text(model, name)
     _check_structure(model, name)
     files = _check_external_data(model, p.parent, name)
-    if files:
-        try:
-            external_data_helper.load_external_data_for_model(model, str(p.parent))
-        except (OSError, ValueError) as e:
-            raise InputError(f"{name}: cannot read external data: {e}") from None
     lowered = _lower_ir_if_needed(model, name)
     size = p.stat().st_size + sum(f.stat().st_size for f in files)
-    loaded = LoadedModel(model=model, path=p, external_data_files=files, size_bytes=size, ir_lowered_from=lowered)
+    loaded = LoadedModel(structure=model, path=p, external_data_files=files, size_bytes=size, ir_lowered_from=lowered,
+                         mapped=_map_files(p.parent, files, name) if files else None)
+    if files and not map_external:
+        loaded.model  # noqa: B018 - reads the external data now
     if check:
         check_input_model(loaded, name)
     return loaded
+
+
+def _map_files(base_dir: Path, files: list[Path], name: str) -> MappedData:
+    """Map every external data file now, so that one that cannot be read is refused here, as bad input."""
+    mapped = MappedData(base_dir)
+    for path in files:
+        try:
+            mapped.file(str(path))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{name}: cannot read external data: {e}") from None
+    return mapped
 
 
 def check_input_model(loaded: LoadedModel, name: str) -> None:
@@ -280,8 +291,8 @@ def check_input_model(loaded: LoadedModel, name: str) -> None:
     try:
         if loaded.path is not None:
             onnx.checker.check_model(str(loaded.path))
-        elif loaded.model.ByteSize() < PROTO_LIMIT_BYTES:
-            onnx.checker.check_model(loaded.model)
+        elif loaded.structure.ByteSize() < PROTO_LIMIT_BYTES:
+            onnx.checker.check_model(loaded.structure)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise InputError(f"{name} fails the ONNX checker: {first}") from None
@@ -301,7 +312,7 @@ def as_loaded(model_or_path: onnx.ModelProto | str | os.PathLike[str] | LoadedMo
             model = onnx.ModelProto()
             model.CopyFrom(model_or_path)  # never change the caller's model
             lowered = _lower_ir_if_needed(model, "model")
-        loaded = LoadedModel(model=model, size_bytes=model.ByteSize(), ir_lowered_from=lowered)
+        loaded = LoadedModel(structure=model, size_bytes=model.ByteSize(), ir_lowered_from=lowered)
         if check:
             check_input_model(loaded, "model")
         return loaded

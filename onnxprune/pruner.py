@@ -26,7 +26,7 @@ class Pruner:
         from passes import PROVIDERS, preparation
 
         self.loaded = loaded
-        self.graph = to_graph(loaded.model)
+        self.graph = to_graph(loaded)
         self.prepared = PassManager(preparation(), PROVIDERS).run(self.graph)
         self.graph.toposort()
         self.before = model_cost(self.graph)
@@ -42,7 +42,7 @@ class Pruner:
 
             PassManager(finishing(), PROVIDERS).run(graph)
         after = model_cost(graph)
-        model = to_model(graph, self.loaded.model, removed_metadata(plan))
+        model = to_model(graph, self.loaded, removed_metadata(plan))
         report = RunReport.of(
             self.loaded,
             before=self.before,
