@@ -43,6 +43,16 @@ def _search_line(tp: dict, rule: str) -> str:
     return line
 
 
+def _match_line(tp: dict, rows: dict) -> str:
+    """The ``match`` rule: Torch-Pruning's heads (SBP's count, even over the blocks) and how close its MACs came."""
+    target, taken = tp["target_macs"], tp["macs"]
+    sbp_heads, tp_heads = sum(rows["sbp"]["heads"]), sum(rows["torch_pruning"]["heads"])
+    return (f"SBP kept {sbp_heads} heads in all, so Torch-Pruning removed {tp['heads_removed_per_block']} of every "
+            f"block's heads ({tp_heads} kept: the nearest even spread) and its MLP ratio, bisected, came to "
+            f"{tp['ratio']:.4f}: {human(taken)} MACs against SBP's {human(target)} "
+            f"({100 * (taken / target - 1):+.2f} %), the same MACs within a few neurons")
+
+
 def vit_heads(run: str, r: dict) -> dict:
     """The values of one run: setting, recipes and the table."""
     c, times = r["config"], r["stage_times_s"]
@@ -58,6 +68,7 @@ def vit_heads(run: str, r: dict) -> dict:
     return {"run": run, "machine": machine_line(r["machine"]), "device": c["device"], "dim": m["dim"],
             "depth": m["depth"], "heads": m["heads"], "mlp": m["mlp"], "dense_recipe": c["dense_recipe"],
             "sbp_recipe": c["sbp_recipe"], "tp_recipe": c["tp_recipe"], "target": c["target"],
-            "search": _search_line(r["torch_pruning"], c["tp_rule"]), "rounds": c["rounds"],
+            "search": (_match_line(r["torch_pruning"], rows) if c["tp_rule"] == "match"
+                       else _search_line(r["torch_pruning"], c["tp_rule"])), "rounds": c["rounds"],
             "agreement": "not measured" if agreement is None else f"{agreement:.2%}",
             "minutes": f"{times['total'] / 60:.1f}", "exporter": c["exporter"], "table": table}
