@@ -11,16 +11,28 @@ An attention head is one gate entry, at its value projection (see :mod:`onnxprun
 it is charged its value rows, the output-projection columns reading them, its query and key rows
 (layers left ungated, ``BayesianModel.contracted``) and its share of the attention products
 (``Q K^T`` and ``P V``: ``2 S^2 head_dim`` MACs per head and example).
+
+A functional layer gated on its weight (``BayesianModel.weight_sites``: ``nn.MultiheadAttention``'s
+``in_proj_weight``, Swin's ``qkv.weight``) is charged through the graph node that reads the weight: a
+leaf module or function (the whole attention) or a linear / convolution op (then with the ops and
+layers its output reaches, up to the next layers). Each gate entry pays the share of those MACs that
+its channels are of the weight's rows: a head of a packed q/k/v projection its three row blocks, so
+``1 / heads`` of its attention's projections and products.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from onnxprune.bayes.grouping import is_layer, layer_width
+from onnxprune.bayes.weight_gates import WeightSiteInfo, weight_readers
 from onnxprune.bayes.wrapper import BayesianModel
 
 
@@ -100,6 +112,38 @@ class _NodeMacs(fx.Interpreter):
         return out
 
 
+@contextlib.contextmanager
+def _countable_attention() -> Iterator[None]:
+    """Attention computed by ops a flop counter counts: ``nn.MultiheadAttention`` off its fused fast path and
+    ``scaled_dot_product_attention`` on its math backend (matrix products)."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+def _count_macs(wrapped: BayesianModel, example_inputs: tuple, nodes: set[fx.Node]) -> dict[fx.Node, float]:
+    """MACs per example of each of ``nodes`` in one evaluation-mode pass of ``wrapped``'s graph."""
+    if not nodes:
+        return {}
+    traced = wrapped.model
+    counter = _NodeMacs(traced, nodes)
+    was_training = traced.training
+    traced.eval()
+    try:
+        with torch.no_grad(), _countable_attention():
+            counter.run(*example_inputs)
+    finally:
+        traced.train(was_training)
+        wrapped.bank.clear()
+    first = example_inputs[0]
+    batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 1 else 1
+    return {n: m / batch for n, m in counter.macs.items()}
+
+
 def _contraction_macs(wrapped: BayesianModel, example_inputs: tuple, nodes: dict[str, fx.Node]) -> dict[str, float]:
     """Per gate name: the MACs per example of the parameter-free ops between its query / key layers and the next
     layers (the attention products ``Q K^T`` and ``P V``), per gate entry."""
@@ -112,19 +156,72 @@ def _contraction_macs(wrapped: BayesianModel, example_inputs: tuple, nodes: dict
             between.setdefault(key, set()).update(ops)
     if not between:
         return {}
-    counter = _NodeMacs(traced, set().union(*between.values()))
-    was_training = traced.training
-    traced.eval()
-    try:
-        with torch.no_grad():
-            counter.run(*example_inputs)
-    finally:
-        traced.train(was_training)
-        wrapped.bank.clear()
-    first = example_inputs[0]
-    batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 1 else 1
-    return {key: sum(counter.macs.get(n, 0) for n in ops) / batch / wrapped.gates[key].num_channels
-            for key, ops in between.items()}
+    counted = _count_macs(wrapped, example_inputs, set().union(*between.values()))
+    return {key: sum(counted.get(n, 0) for n in ops) / wrapped.gates[key].num_channels for key, ops in between.items()}
+
+
+_LAYER_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.ops.aten.linear.default, torch.ops.aten.conv1d.default,
+                    torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default, torch.ops.aten.convolution.default}
+
+
+def _applies_layer(node: fx.Node) -> bool:
+    """True for a graph node that is one linear / convolution op (not a module or function around it)."""
+    return node.op == "call_function" and node.target in _LAYER_FUNCTIONS
+
+
+def _reached_ops(start: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[str], set[fx.Node]]:
+    """The layer modules ``start``'s output reaches through other ops, and those ops: linear / convolution ops
+    reached are included and not looked past (they are the next layers)."""
+    found, ops, seen, todo = [], set(), {start}, list(start.users)
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and is_layer(modules.get(node.target)):
+            found.append(node.target)
+            continue
+        ops.add(node)
+        if not _applies_layer(node):
+            todo.extend(node.users)
+    return found, ops
+
+
+def _site_ops(site: WeightSiteInfo, traced: fx.GraphModule, modules: dict[str, nn.Module]) -> tuple[set[fx.Node], list[str]] | None:
+    """The nodes whose MACs a functional layer's gate entries share, and the layer modules they reach (see the
+    module docstring); None for query / key rows read by a whole attention op (charged in its values' share)."""
+    readers = weight_readers(traced, site.weight)
+    if not site.gated:
+        return (set(readers), []) if readers and all(_applies_layer(r) for r in readers) else None
+    ops, consumers = set(readers), []
+    for reader in readers:
+        if _applies_layer(reader):
+            found, reached = _reached_ops(reader, modules)
+            ops |= reached
+            consumers += found
+    return ops, consumers
+
+
+def _entry_channels(site: WeightSiteInfo) -> dict[str, float]:
+    """Per gate name: how many of the weight's rows one of its entries holds (gated and contracted)."""
+    rows: dict[str, float] = {}
+    for key, _, positions in site.parts + site.contracted:
+        rows[key] = rows.get(key, 0.0) + positions.numel() / max(1, positions.unique().numel())
+    return rows
+
+
+def _weight_site_costs(wrapped: BayesianModel, example_inputs: tuple, macs: dict[str, int]) -> dict[str, float]:
+    """Per gate name: the MACs per example one entry costs in the functional layers (``weight_sites``)."""
+    traced = wrapped.model
+    modules = dict(traced.named_modules())
+    plans = [(site, found) for site in wrapped.weight_sites if (found := _site_ops(site, traced, modules)) is not None]
+    counted = _count_macs(wrapped, example_inputs, set().union(*(ops for _, (ops, _) in plans)))
+    costs: dict[str, float] = {}
+    for site, (ops, consumers) in plans:
+        total = sum(counted.get(n, 0) for n in ops) + sum(macs.get(c, 0) for c in consumers)
+        for key, rows in _entry_channels(site).items():
+            costs[key] = costs.get(key, 0.0) + total * rows / site.width
+    return costs
 
 
 def channel_costs(wrapped: BayesianModel, example_inputs: tuple | torch.Tensor) -> dict[str, float]:
@@ -132,7 +229,8 @@ def channel_costs(wrapped: BayesianModel, example_inputs: tuple | torch.Tensor) 
     output channel plus, per channel, the MACs of the Conv/Linear layers that read it (through activations,
     pooling, flatten, residual adds); a gate entry covering several channels of a site (an attention head at its
     value projection) is charged all of them, and a head also its query and key rows and its share of the
-    attention products. An estimate: a channel shared by concatenation is charged its consumers' MACs over the
+    attention products; a functional layer's gate entries their share of the ops reading its weight (module
+    docstring). An estimate: a channel shared by concatenation is charged its consumers' MACs over the
     site's width (less its packed query and key channels, read by the attention product only)."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -160,6 +258,9 @@ def channel_costs(wrapped: BayesianModel, example_inputs: tuple | torch.Tensor) 
     for key, extra in _contraction_macs(wrapped, example_inputs, nodes).items():
         if key in costs:
             costs[key] += extra
+    for key, extra in _weight_site_costs(wrapped, example_inputs, macs).items():
+        if key in wrapped.gates:
+            costs[key] = costs.get(key, 0.0) + extra
     return costs
 
 

@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from onnxprune.bayes.grouping import is_hf_conv1d
+from onnxprune.bayes.weight_gates import fold_weight_gates
 from onnxprune.bayes.wrapper import BayesianModel, GateSite
 from onnxprune.errors import InputError
 
@@ -38,7 +39,8 @@ def fold_gates(wrapped: BayesianModel) -> fx.GraphModule:
     the BatchNorm's scale and shift (or the layer's weight rows, a transformers
     Conv1D's columns, and bias) by
     E[theta] * mask; a pre-bias gate multiplies the weight rows only; other gates
-    become a constant per-channel multiply.
+    become a constant per-channel multiply. A gate on a functional layer's weight
+    (:mod:`onnxprune.bayes.weight_gates`) is folded into that weight's rows and bias.
     """
     wrapped.bank.clear()  # sampled thetas from the last training step are not part of the model
     m = copy.deepcopy(wrapped).eval()
@@ -64,6 +66,7 @@ def fold_gates(wrapped: BayesianModel) -> fx.GraphModule:
             delattr(gm, site.name)
         else:
             setattr(gm, site.name, ChannelScale(g.detach().clone(), module.channel_axis))
+    fold_weight_gates(gm, m.weight_sites)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from onnxprune.bayes.weight_gates import WeightSiteInfo
 from onnxprune.bayes.wrapper import BayesianModel
 
 
@@ -25,14 +26,18 @@ def _held_channels(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]
     entry too when that is zero (a gate before the bias leaves a constant channel whose bias
     may still train). Zeros elsewhere (a BatchNorm's shift that starts at 0) are not held.
     """
-    w = getattr(module, "weight", None)
+    return _held_rows(getattr(module, "weight", None), getattr(module, "bias", None))
+
+
+def _held_rows(w: torch.Tensor | None, b: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, mask) pairs of a weight's all-zero rows and of its bias's zero entries there (see
+    :func:`_held_channels`)."""
     if not isinstance(w, nn.Parameter) or not w.requires_grad or not torch.is_floating_point(w) or w.dim() == 0:
         return []
     rows = w.detach().reshape(w.shape[0], -1).abs().sum(1) == 0
     if not rows.any():
         return []
     out = [(w, (~rows).to(w.dtype).reshape(-1, *[1] * (w.dim() - 1)).expand_as(w).clone())]
-    b = getattr(module, "bias", None)
     if isinstance(b, nn.Parameter) and b.requires_grad and b.shape == rows.shape:
         held = rows & (b.detach() == 0)
         if held.any():
@@ -48,11 +53,26 @@ def freeze_rejected(module: nn.Module) -> int:
     gets a gradient hook that multiplies its gradient by 0: Adam's moments stay zero, so the
     entry does too (weight decay adds a multiple of the entry: 0).
     """
+    return _hold([pair for m in module.modules() for pair in _held_channels(m)])
+
+
+def freeze_rejected_weights(module: nn.Module, sites: list[WeightSiteInfo]) -> int:
+    """:func:`freeze_rejected` for the functional layers gated on their weights (``BayesianModel.weight_sites``):
+    their zeroed rows (and bias entries) in the gate-folded ``module``; returns the entries held."""
+    pairs = []
+    for site in sites:
+        if site.gated:
+            bias = module.get_parameter(site.bias) if site.bias is not None else None
+            pairs += _held_rows(module.get_parameter(site.weight), bias)
+    return _hold(pairs)
+
+
+def _hold(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Multiply each parameter's gradient by its mask (a gradient hook); returns the entries held at zero."""
     held = 0
-    for m in module.modules():
-        for p, mask in _held_channels(m):
-            p.register_hook(lambda g, mask=mask: g * mask.to(g.device))
-            held += int((mask == 0).sum())
+    for p, mask in pairs:
+        p.register_hook(lambda g, mask=mask: g * mask.to(g.device))
+        held += int((mask == 0).sum())
     return held
 
 
@@ -69,6 +89,7 @@ def finetune_pruned(wrapped: BayesianModel, x: np.ndarray, y: np.ndarray, *, epo
     device = next(wrapped.parameters()).device
     plain = fold_gates(wrapped).to(device)
     freeze_rejected(plain)
+    freeze_rejected_weights(plain, wrapped.weight_sites)
     if epochs > 0:
         fit(plain, x, y, epochs=epochs, lr=lr, **fit_kwargs)
     return plain.eval()

@@ -12,11 +12,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ChannelGate", "TrainingPlan", "ReachShortfall"]
+__all__ = ["ChannelGate", "TrainingPlan", "ReachShortfall", "Producer"]
+
+
+class Producer(NamedTuple):
+    """A layer writing a gate's channels, as :meth:`ChannelGate.attach` may receive it: ``weight`` (the live
+    parameter), its output channels ``rows`` in the gate, their ``positions`` in the gate, the BatchNorm after it
+    (``norm``, or None) and the weight's axis of output channels (``channel_axis``: 0, or 1 for a weight stored
+    [in, out], transformers' Conv1D). Plain ``(weight, rows, positions)`` tuples mean ``channel_axis=0``."""
+
+    weight: Tensor
+    rows: Any
+    positions: Any
+    norm: nn.Module | None = None
+    channel_axis: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,7 +122,9 @@ class ChannelGate(nn.Module):
         self.stage_index, self.stage_count = int(index), int(count)
 
     def attach(self, producers: Sequence[tuple]) -> ChannelGate:
-        """The layers writing the gate's channels: ``[(weight, rows, positions), ...]``; returns self."""
+        """The layers writing the gate's channels: ``[(weight, rows, positions), ...]``, where ``rows`` index the
+        weight's first axis; a layer whose weight holds its output channels on its second axis (transformers'
+        Conv1D) comes as a :class:`Producer` with ``channel_axis=1``. Returns self."""
         return self
 
     def after_wrap(self, wrapped: nn.Module) -> None:

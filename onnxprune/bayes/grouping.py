@@ -11,13 +11,19 @@ head they belong to is gated at its value projection (:class:`ModuleChannels`).
 
 The layers are Conv1d/2d/3d, Linear and Hugging Face transformers' ``Conv1D``
 (GPT-2's layers: a Linear whose weight is stored [in, out]), recognised without
-importing transformers (:func:`is_hf_conv1d`).
+importing transformers (:func:`is_hf_conv1d`), and *functional* layers: a parameter
+applied by ``F.linear``/``F.conv*`` outside any layer module's call
+(``nn.MultiheadAttention``'s ``in_proj_weight``, the ``qkv.weight`` torchvision's Swin
+passes to ``shifted_window_attention``), found in the model's ATen graph
+(:func:`functional_layers`) and matched to their ONNX layer by value
+(:class:`WeightChannels`).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,13 +98,27 @@ class ModuleChannels:
 
 
 @dataclass
+class WeightChannels(ModuleChannels):
+    """A functional layer's output channels (:class:`ModuleChannels` of a weight applied by ``F.linear`` or
+    ``F.conv*`` outside a layer module's call): ``module`` is the weight parameter's path, ``bias`` its bias's
+    (None: the layer has none). Its output channels are the weight's rows."""
+
+    bias: str | None = None
+
+
+@dataclass
 class Grouping:
-    """The engine's channel groups as seen from the PyTorch modules."""
+    """The engine's channel groups as seen from the PyTorch modules (and functional layers' weights)."""
 
     analysis: ChannelAnalysis
     modules: dict[str, ModuleChannels]
     group_sizes: dict[int, int]  # gated components per group
     group_names: dict[int, str]
+    weights: dict[str, WeightChannels] = field(default_factory=dict)  # by weight path
+
+    def channels(self, name: str) -> ModuleChannels:
+        """The channels of layer module ``name`` or of the functional layer whose weight is at ``name``."""
+        return self.modules[name] if name in self.modules else self.weights[name]
 
 
 def _layer_nodes(model, graph) -> list:
@@ -136,10 +156,16 @@ def _onnx_rows(node) -> np.ndarray | None:
 def match_by_weights(model: nn.Module, order: list[str], nodes: list) -> tuple[list[str], list]:
     """The (module, ONNX layer) pairs whose weights agree row by row, in call order; modules without a match
     and ONNX layers without a module (weights used outside a module call) are left out, so never gated."""
+    return _match_rows([(name, output_major(model.get_submodule(name))) for name in order], nodes)
+
+
+def _match_rows(weights: list[tuple[str, torch.Tensor]], nodes: list) -> tuple[list[str], list]:
+    """The (name, ONNX layer) pairs whose weights (output channels first) agree row by row, in ``weights``'
+    order; names and layers without a match are left out."""
     onnx_rows = [_onnx_rows(n) for n in nodes]
     matched_modules, matched_nodes, used = [], [], set()
-    for name in order:
-        rows = _rows(output_major(model.get_submodule(name)).detach().cpu().numpy())
+    for name, weight in weights:
+        rows = _rows(weight.detach().cpu().numpy())
         for i, candidate in enumerate(onnx_rows):
             if i in used or candidate is None or candidate.shape != rows.shape:
                 continue
@@ -217,7 +243,8 @@ def _module_parts(analysis: ChannelAnalysis, out: str, gate_position: dict[int, 
 
 
 def channel_grouping(model: nn.Module, example_inputs: tuple) -> Grouping:
-    """Export ``model`` (eval mode), analyse it, and map each Conv/Linear to its channel group."""
+    """Export ``model`` (eval mode), analyse it, and map each Conv/Linear (and functional layer) to its channel
+    group."""
     was_training = model.training
     model.eval()
     try:
@@ -228,22 +255,112 @@ def channel_grouping(model: nn.Module, example_inputs: tuple) -> Grouping:
     nodes = _layer_nodes(dense, analysis.graph)
     if len(set(order)) != len(order):
         raise ValueError("a Conv/Linear module is called more than once; shared layers cannot be gated per call")
+    gate_position = _gate_positions(analysis)
+    weights: dict[str, WeightChannels] = {}
     if len(nodes) != len(order):  # layers used as plain weights (attention's packed projections): match by value
-        order, nodes = match_by_weights(model, order, nodes)
-    # Per group, the gated components (not pinned by a graph input/output or an uncovered op), in group order.
+        matched_order, matched_nodes = match_by_weights(model, order, nodes)
+        rest = [n for n in nodes if not any(n is m for m in matched_nodes)]
+        weights = _functional_channels(model, example_inputs, order, rest, analysis, gate_position)
+        order, nodes = matched_order, matched_nodes
+    modules = {}
+    for name, node in zip(order, nodes):
+        found = _layer_channels(analysis, node, gate_position)
+        if found is not None:
+            modules[name] = ModuleChannels(name, node.name, *found)
+    sizes = {g: len(p) for g, p in gate_position.items() if p}
+    names = {g.index: g.name for g in analysis.groups}
+    return Grouping(analysis, modules, sizes, names, weights)
+
+
+def _gate_positions(analysis: ChannelAnalysis) -> dict[int, dict[int, int]]:
+    """Per group, its gated components (not pinned by a graph input/output or an uncovered op) -> their position
+    in the group's gate, in group order."""
     gate_position: dict[int, dict[int, int]] = {}
     for group in analysis.groups:
         free = [int(c) for c in group.components if not analysis.pinned[c]]
         gate_position[group.index] = {c: i for i, c in enumerate(free)}
-    modules = {}
-    for name, node in zip(order, nodes):
-        out = node.outputs[0].name
-        if analysis.ctx.tracked(out) is None:
+    return gate_position
+
+
+def _layer_channels(analysis: ChannelAnalysis, node, gate_position: dict[int, dict[int, int]]) -> tuple | None:
+    """(parts, contracted, contracted width) of ONNX layer ``node``'s output, or None when it has no free channel."""
+    out = node.outputs[0].name
+    if analysis.ctx.tracked(out) is None:
+        return None
+    parts, contracted = _module_parts(analysis, out, gate_position)
+    if not (parts or contracted):
+        return None
+    width = int(analysis.contracted_outputs[out].sum()) if out in analysis.contracted_outputs else 0
+    return parts, contracted, width
+
+
+def _functional_channels(model: nn.Module, example_inputs: tuple, order: list[str], rest: list, analysis: ChannelAnalysis,
+                         gate_position: dict[int, dict[int, int]]) -> dict[str, WeightChannels]:
+    """The channels of the functional layers among the ONNX layers ``rest`` (matched to no called module), by
+    weight path: only looked for (one ``torch.export`` of the model) when some of them have free channels."""
+    if not any(_layer_channels(analysis, n, gate_position) is not None for n in rest):
+        return {}
+    called = {id(model.get_submodule(name).weight) for name in order}
+    layers = {f.weight: f for f in functional_layers(model, example_inputs) if id(model.get_parameter(f.weight)) not in called}
+    names, nodes = _match_rows([(w, model.get_parameter(w)) for w in layers], rest)
+    found = {}
+    for name, node in zip(names, nodes):
+        channels = _layer_channels(analysis, node, gate_position)
+        if channels is not None:
+            found[name] = WeightChannels(name, node.name, *channels, bias=layers[name].bias)
+    if found:
+        logger.info("functional layers gated through their weights: %s", ", ".join(found))
+    return found
+
+
+@dataclass(frozen=True)
+class FunctionalLayer:
+    """A linear or convolution op of the model's ATen graph: the paths of the parameters it applies."""
+
+    weight: str
+    bias: str | None
+
+
+def _layer_ops() -> dict:
+    """ATen layer ops -> (weight argument, bias argument) (output channels first in the weight)."""
+    aten = torch.ops.aten
+    return {aten.linear.default: (1, 2), aten.conv1d.default: (1, 2), aten.conv2d.default: (1, 2),
+            aten.conv3d.default: (1, 2), aten.convolution.default: (1, 2)}
+
+
+def functional_layers(model: nn.Module, example_inputs: tuple) -> list[FunctionalLayer]:
+    """Every linear / convolution op of ``model``'s ATen graph (``torch.export``, non-strict, eval mode) whose
+    weight is a parameter read by that op alone and whose bias is such a parameter or absent, in graph order.
+    Left out: transposed convolutions (their weight is [in, out]) and layers whose bias is computed (it could not
+    be gated with the weight). An empty list (logged) when ``torch.export`` cannot capture the model."""
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, tuple(example_inputs), strict=False)
+    except Exception as exc:  # noqa: BLE001 - any capture failure: no functional layer is gated
+        logger.info("torch.export cannot capture %s (%s): its functional layers get no gate", type(model).__name__,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return []
+    finally:
+        model.train(was_training)
+    params = program.graph_signature.inputs_to_parameters
+    ops = _layer_ops()
+    found = []
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target not in ops:
             continue
-        parts, contracted = _module_parts(analysis, out, gate_position)
-        if parts or contracted:
-            width = int(analysis.contracted_outputs[out].sum()) if out in analysis.contracted_outputs else 0
-            modules[name] = ModuleChannels(name, node.name, parts, contracted, width)
-    sizes = {g: len(p) for g, p in gate_position.items() if p}
-    names = {g.index: g.name for g in analysis.groups}
-    return Grouping(analysis, modules, sizes, names)
+        if node.target is torch.ops.aten.convolution.default and node.args[6]:
+            continue  # transposed
+        w_at, b_at = ops[node.target]
+        weight, bias = node.args[w_at], node.args[b_at] if len(node.args) > b_at else None
+        if not _sole_parameter(weight, params) or (bias is not None and not _sole_parameter(bias, params)):
+            continue
+        found.append(FunctionalLayer(params[weight.name], params[bias.name] if bias is not None else None))
+    return found
+
+
+def _sole_parameter(arg, params: dict[str, str]) -> bool:
+    """True when ``arg`` is a parameter placeholder of the exported graph read by one op only."""
+    return isinstance(arg, torch.fx.Node) and arg.op == "placeholder" and arg.name in params and len(arg.users) == 1

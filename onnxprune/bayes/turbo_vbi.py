@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from onnxprune.bayes.gate import ChannelGate
+from onnxprune.bayes.gate import ChannelGate, Producer
 
 __all__ = [
     "TurboVBIGate",
@@ -533,6 +533,7 @@ class TurboVBIGate(ChannelGate):
         self.register_buffer("covered", torch.zeros(self.num_channels, dtype=torch.bool))
         self._weights: list[Tensor] = []  # the producers' live Parameters (a plain list: not registered here)
         self._norms: list[nn.Module | None] = []  # the BatchNorm after each producer, or None (not registered here)
+        self._axes: list[int] = []  # each producer's axis of output channels (1: a weight stored [in, out])
         self._num_producers = 0
         self._steps = 0
         self._epoch = 0
@@ -597,25 +598,33 @@ class TurboVBIGate(ChannelGate):
         self._num_producers = 0
         self._weights = []
         self._norms = []
+        self._axes = []
         self._erho_cache = {}
 
-    def _producer(self, item: tuple) -> tuple[Tensor, Tensor, Tensor, nn.Module | None]:
-        """One producer of :meth:`attach`, checked: (weight, rows, positions, norm or None)."""
-        if len(item) not in (3, 4):
-            raise ValueError(f"a producer is (weight, rows, positions[, norm]), got {len(item)} items")
-        weight, rows, positions = item[:3]
-        norm = item[3] if len(item) == 4 else None
+    def _weight(self, l: int) -> Tensor:
+        """Producer l's live weight with its output channels first (a view of a weight stored [in, out])."""
+        weight, axis = self._weights[l], self._axes[l] if l < len(self._axes) else 0
+        return weight.movedim(axis, 0) if axis else weight
+
+    def _producer(self, item: tuple) -> Producer:
+        """One producer of :meth:`attach` as a :class:`~onnxprune.bayes.gate.Producer`, checked."""
+        if len(item) not in (3, 4, 5):
+            raise ValueError(f"a producer is (weight, rows, positions[, norm[, channel_axis]]), got {len(item)} items")
+        weight, rows, positions, norm, axis = Producer(*item)
+        if axis not in (0, 1) or axis >= weight.dim():
+            raise ValueError(f"a producer's channel_axis must be 0 or 1 (an axis of its weight), got {axis}")
+        channels_first = weight.movedim(axis, 0)
         if norm is not None:
-            _check_norm(norm, weight)
+            _check_norm(norm, channels_first)
         rows = torch.as_tensor(rows).to(device=weight.device, dtype=torch.long).reshape(-1)
         positions = torch.as_tensor(positions).to(device=weight.device, dtype=torch.long).reshape(-1)
         if rows.shape != positions.shape:
             raise ValueError(f"rows and positions differ in length: {rows.numel()} vs {positions.numel()}")
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= weight.shape[0]):
-            raise ValueError(f"rows out of range for a weight with {weight.shape[0]} rows")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= channels_first.shape[0]):
+            raise ValueError(f"rows out of range for a weight with {channels_first.shape[0]} output channels")
         if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.num_channels):
             raise ValueError(f"positions out of range for a gate of {self.num_channels} channels")
-        return weight, rows, positions, norm
+        return Producer(weight, rows, positions, norm, int(axis))
 
     def _register_producer(self, l: int, weight: Tensor, rows: Tensor, positions: Tensor, norm: nn.Module | None,
                            old: dict[str, Tensor]) -> None:
@@ -636,7 +645,11 @@ class TurboVBIGate(ChannelGate):
             self.register_buffer(f"{name}_{l}", value.to(dev))
 
     def attach(self, producers) -> TurboVBIGate:
-        """Bind the producers: ``[(weight Parameter, rows LongTensor, positions LongTensor[, norm]), ...]``.
+        """Bind the producers: ``[(weight Parameter, rows LongTensor, positions LongTensor[, norm[, channel_axis]]), ...]``
+        (or :class:`~onnxprune.bayes.gate.Producer`).
+
+        ``channel_axis`` (optional, 0): the weight's axis of output channels; 1 for a weight stored [in, out]
+        (transformers' Conv1D), whose rows below are then its columns.
 
         ``norm`` (optional): the BatchNorm that normalises the producer's output (its only
         user); the prior then acts on the folded weights ``gamma_r w_r / sqrt(running_var_r + eps)``
@@ -651,8 +664,8 @@ class TurboVBIGate(ChannelGate):
         of the same shapes was loaded before (then that state is kept). Returns self.
         """
         checked = [self._producer(item) for item in list(producers)]
-        specs = [(weight, rows, positions) for weight, rows, positions, _ in checked]
-        norms = [norm for *_, norm in checked]
+        specs = [(p.weight.movedim(p.channel_axis, 0), p.rows, p.positions) for p in checked]  # channels first
+        norms = [p.norm for p in checked]
         restored = self._restored and self._num_producers == len(specs) and all(
             tuple(self._buf("pi", l).shape) == (rows.numel(), self._units(weight)[0]) for l, (weight, rows, _) in enumerate(specs)
         )
@@ -661,8 +674,9 @@ class TurboVBIGate(ChannelGate):
         self._restored = False
         for l, (weight, rows, positions) in enumerate(specs):
             self._register_producer(l, weight, rows, positions, norms[l], old)
-        self._weights = [w for w, _, _ in specs]
+        self._weights = [p.weight for p in checked]
         self._norms = norms
+        self._axes = [p.channel_axis for p in checked]
         self._num_producers = len(specs)
         if restored:
             return self
@@ -681,7 +695,8 @@ class TurboVBIGate(ChannelGate):
         norms = list(norms)
         if len(norms) != self._num_producers or not self.attached:
             raise ValueError(f"bind_norms needs one entry per attached producer ({self._num_producers}), got {len(norms)}")
-        producers = [(self._weights[l], self._buf("rows", l), self._buf("positions", l), norms[l]) for l in range(self._num_producers)]
+        producers = [Producer(self._weights[l], self._buf("rows", l), self._buf("positions", l), norms[l], self._axes[l])
+                     for l in range(self._num_producers)]
         self._restored = False
         self.attach(producers)
         return sum(n is not None for n in norms)
@@ -718,7 +733,7 @@ class TurboVBIGate(ChannelGate):
 
     def _sq_norms(self, l: int) -> tuple[Tensor, int]:
         """||w||^2 of every unit of producer l (float64, no grad; finite) and n, weights per unit."""
-        weight = self._weights[l].detach()
+        weight = self._weight(l).detach()
         rows = self._buf("rows", l)
         J, n = self._units(weight)
         w = weight.index_select(0, rows.to(weight.device)).to(F64).reshape(rows.numel(), J, n)
@@ -825,7 +840,7 @@ class TurboVBIGate(ChannelGate):
         if l >= len(self._weights):
             raise RuntimeError("q_rho needs the producer's weight shape: attach() first")
         a, b, a_bar, b_bar = self._hyper_values(l)
-        _, n = self._units(self._weights[l])
+        _, n = self._units(self._weight(l))
         sq, pi = self._buf("sq_norm", l), self._buf("pi", l)
         if self.evidence == "collapsed":
             return (torch.full_like(sq, a + 0.5 * n), b + 0.5 * sq), (torch.full_like(sq, a_bar + 0.5 * n), b_bar + 0.5 * sq)
@@ -861,8 +876,8 @@ class TurboVBIGate(ChannelGate):
         now to the prior too) and the channel's scale is carried by ``gamma_r``. See
         :func:`_folded_rows`."""
         total = None
-        for l, weight in enumerate(self._weights if self.attached else []):
-            rows = self._buf("rows", l)
+        for l in range(self._num_producers if self.attached else 0):
+            weight, rows = self._weight(l), self._buf("rows", l)
             if rows.numel() == 0:
                 continue
             dtype = torch.promote_types(weight.dtype, torch.float32)

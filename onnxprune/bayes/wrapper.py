@@ -15,6 +15,12 @@ producers whose output only feeds a depthwise conv of the same group or a Mul
 and key channels (those reaching an attention contraction) are not gated
 either: their head's gate sits at the value projection, the only layer of the
 head group that gets a site.
+
+A layer applied functionally (a weight passed to ``F.linear`` or ``F.conv*`` outside
+a layer module's call: ``nn.MultiheadAttention``'s packed ``in_proj_weight``, the
+``qkv.weight`` of torchvision's Swin) has no graph node to follow: its channels are
+gated on its weight and bias instead (:mod:`onnxprune.bayes.weight_gates`), one
+sample per minibatch.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from onnxprune.bayes.capture import capture as capture_graph
-from onnxprune.bayes.gate import ChannelGate
-from onnxprune.bayes.grouping import Grouping, ModuleChannels, channel_grouping, is_hf_conv1d, is_layer, layer_width
+from onnxprune.bayes.gate import ChannelGate, Producer
+from onnxprune.bayes.grouping import Grouping, ModuleChannels, WeightChannels, channel_grouping, is_hf_conv1d, is_layer, layer_width
 from onnxprune.bayes.methods import gate_class
+from onnxprune.bayes.weight_gates import GatedChannels, WeightSiteInfo, holds_parameter, weight_readers, weight_site
 
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.Sigmoid,
                       nn.Mish)
@@ -59,7 +66,9 @@ class GateBank(nn.Module):
 
     ``noise="example"`` draws each gate once per example (a [batch, G] sample, the lower-variance
     estimator); ``noise="batch"`` draws it once per minibatch and shares it across the examples
-    (a [1, G] sample), as the SBP authors' code does. Both estimate the same ELBO.
+    (a [1, G] sample), as the SBP authors' code does. Both estimate the same ELBO. The gates in
+    ``batch_shared`` (those gating a weight, :mod:`onnxprune.bayes.weight_gates`) are drawn once per
+    minibatch either way.
     """
 
     def __init__(self, gates: dict[str, ChannelGate], noise: str = "example") -> None:
@@ -69,6 +78,8 @@ class GateBank(nn.Module):
         self.gates = nn.ModuleDict(gates)
         self.noise = noise
         self._samples: dict[str, torch.Tensor] = {}
+        #: gates drawn once per minibatch whatever ``noise`` says (they scale a weight, which the examples share)
+        self.batch_shared: set[str] = set()
         #: a multiplier of each group's KL term (1 when absent): see onnxprune.bayes.costs.weight_kl_by_macs
         self.kl_weights: dict[str, float] = {}
 
@@ -81,7 +92,7 @@ class GateBank(nn.Module):
         gate = self.gates[group]
         if not self.training:
             return gate.deterministic()
-        if self.noise == "batch":
+        if self.noise == "batch" or group in self.batch_shared:
             batch = 1
         cached = self._samples.get(group)
         if cached is None or cached.shape[0] != batch:
@@ -118,31 +129,14 @@ class GateBank(nn.Module):
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-class GateSite(nn.Module):
+class GateSite(GatedChannels):
     """Multiplies one tensor by the gates of the groups its channels belong to (ungated channels: 1)."""
 
     def __init__(self, bank: GateBank, parts: list[tuple[str, torch.Tensor, torch.Tensor]], channels: int, channel_axis: int,
                  layer: nn.Module | None = None) -> None:
-        super().__init__()
-        self._bank = [bank]  # a reference, not a submodule: the bank is registered once, by the model
+        super().__init__(bank, parts, channels)
         self._layer = [layer] if layer is not None else []  # pre-bias placement: the gate leaves this layer's bias alone
-        self.groups = [key for key, _, _ in parts]
-        self.channels = channels
         self.channel_axis = channel_axis
-        for i, (_, ch, pos) in enumerate(parts):
-            self.register_buffer(f"channels_{i}", torch.as_tensor(ch, dtype=torch.long).clone(), persistent=False)
-            self.register_buffer(f"positions_{i}", torch.as_tensor(pos, dtype=torch.long).clone(), persistent=False)
-
-    def gate_vector(self, batch: int) -> torch.Tensor:
-        """[batch, C] while training (one sample per example; [1, C] when shared), [C] in evaluation."""
-        out = None
-        for i, key in enumerate(self.groups):
-            theta = self._bank[0].theta(key, batch)
-            if out is None:
-                out = torch.ones((*theta.shape[:-1], self.channels), dtype=theta.dtype, device=theta.device)
-            values = theta.index_select(-1, getattr(self, f"positions_{i}"))
-            out = out.index_copy(out.dim() - 1, getattr(self, f"channels_{i}"), values)
-        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate_vector(x.shape[0]).to(x.dtype)
@@ -190,6 +184,9 @@ class BayesianModel(nn.Module):
         #: per layer with query / key channels of a gated head group: ``(gate name, channels, positions)``
         #: of those channels, gated at the group's value projection (read by onnxprune.bayes.costs)
         self.contracted: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        #: the functional layers (weights applied outside a module call) with gated channels, gated on their weight
+        #: or, for queries and keys, at their head's values (:mod:`onnxprune.bayes.weight_gates`)
+        self.weight_sites: list[WeightSiteInfo] = []
 
     def forward(self, *args, **kwargs):
         self.bank.clear()
@@ -388,6 +385,10 @@ def wrap(
     SBP authors' code does (``theta * W x + b``; chains with a BatchNorm keep the output placement).
     A channel rejected there is the constant ``act(b)``, which ``onnxprune prune`` folds into the
     next layer's bias where that is exact (an unpadded Conv, Gemm, MatMul) and deletes.
+
+    A layer applied functionally (``nn.MultiheadAttention``'s packed projection, Swin's ``qkv``) is gated on
+    its weight rows and bias whatever ``placement`` says, its gates drawn once per minibatch whatever
+    ``noise`` says (:mod:`onnxprune.bayes.weight_gates`).
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
@@ -405,13 +406,15 @@ def wrap(
     plans, group_layers = _plan_sites(gm, grouping, excluded)
     names = _group_names(plans, group_layers, grouping)
     bank = GateBank({names[g]: make_gate(grouping.group_sizes[g]) for g in names}, noise)
-    sites = [_insert_site(gm, bank, f"gate_site_{i}", plan, names, placement) for i, plan in enumerate(plans)]
+    module_plans = [plan for plan in plans if isinstance(plan, _SitePlan)]
+    sites = [_insert_site(gm, bank, f"gate_site_{i}", plan, names, placement) for i, plan in enumerate(module_plans)]
+    weight_sites = _weight_sites(gm, bank, grouping, excluded, names)
     layers_by_name = {names[g]: layers for g, layers in group_layers.items() if g in names}
     if gate_inputs:
         for layer in _input_layers(gm):
             sites.append(_insert_input_site(gm, bank, layer, f"gate_site_input_{len(sites)}", make_gate))
             layers_by_name.setdefault(sites[-1].groups[0], [f"input of {layer.target}"])
-    producers = _producers(gm, grouping, excluded, names)
+    producers = _producers(gm, grouping, excluded, names, weight_sites)
     for i, (key, gate) in enumerate(bank.gates.items()):
         gate.set_stage(i, len(bank.gates))  # topological order, for recursive methods
         gate.attach(producers.get(key, []))
@@ -420,6 +423,7 @@ def wrap(
     result = BayesianModel(gm, bank, sites, method, layers_by_name)
     result.captured_by = captured_by
     result.contracted = _contracted_parts(grouping, excluded, names)
+    result.weight_sites = weight_sites
     for gate in bank.gates.values():
         gate.after_wrap(result)
     return result
@@ -438,12 +442,27 @@ class _SitePlan:
     width: int
 
 
-def _plan_sites(gm: fx.GraphModule, grouping: Grouping, excluded: set[str]) -> tuple[list[_SitePlan], dict[int, list[str]]]:
-    """The layers that get a gate site, in graph order, and the layers writing each channel group."""
+@dataclass
+class _WeightPlan:
+    """A functional layer whose channels are gated on its weight (:mod:`onnxprune.bayes.weight_gates`)."""
+
+    channels: WeightChannels
+
+
+def _plan_sites(gm: fx.GraphModule, grouping: Grouping,
+                excluded: set[str]) -> tuple[list[_SitePlan | _WeightPlan], dict[int, list[str]]]:
+    """The layers that get a gate site (or a gate on their weight), in graph order, and the layers writing each
+    channel group."""
     layer_groups = {name: set(mc.groups) for name, mc in grouping.modules.items()}
+    readers = _functional_readers(gm, grouping, excluded)
     group_layers: dict[int, list[str]] = {}
-    plans = []
+    plans: list[_SitePlan | _WeightPlan] = []
     for node in list(gm.graph.nodes):
+        for wc in readers.get(node, []):
+            for g in wc.all_groups:
+                group_layers.setdefault(g, []).append(wc.module)
+            if wc.parts:
+                plans.append(_WeightPlan(wc))
         if node.op != "call_module" or node.target not in grouping.modules or node.target in excluded:
             continue
         module = gm.get_submodule(node.target)
@@ -462,14 +481,47 @@ def _plan_sites(gm: fx.GraphModule, grouping: Grouping, excluded: set[str]) -> t
     return plans, group_layers
 
 
-def _group_names(plans: list[_SitePlan], group_layers: dict[int, list[str]], grouping: Grouping) -> dict[int, str]:
+def _is_excluded(path: str, excluded: set[str]) -> bool:
+    """True when ``path`` or a module holding it is named in ``excluded``."""
+    return any(path == name or path.startswith(f"{name}.") for name in excluded)
+
+
+def _functional_readers(gm: fx.GraphModule, grouping: Grouping, excluded: set[str]) -> dict[fx.Node, list[WeightChannels]]:
+    """The functional layers of ``grouping`` to gate (not excluded, their parameters held by ``gm``), by the first
+    graph node that reads their weight."""
+    found: dict[fx.Node, list[WeightChannels]] = {}
+    for path, wc in grouping.weights.items():
+        params = [p for p in (path, wc.bias) if p is not None]
+        if any(_is_excluded(p, excluded) or not holds_parameter(gm, p) for p in params):
+            continue
+        readers = weight_readers(gm, path)
+        if readers:
+            found.setdefault(readers[0], []).append(wc)
+    return found
+
+
+def _weight_sites(gm: fx.GraphModule, bank: GateBank, grouping: Grouping, excluded: set[str],
+                  names: dict[int, str]) -> list[WeightSiteInfo]:
+    """Gate every functional layer planned by :func:`_plan_sites` on its weight (its gates drawn once per
+    minibatch); those with only query / key channels are recorded ungated, for the MAC costs."""
+    sites = []
+    for wcs in _functional_readers(gm, grouping, excluded).values():
+        for wc in wcs:
+            site = weight_site(gm, bank, wc, names, len(sites))
+            if site.parts or site.contracted:
+                sites.append(site)
+                bank.batch_shared.update(site.groups)
+    return sites
+
+
+def _group_names(plans: list[_SitePlan | _WeightPlan], group_layers: dict[int, list[str]], grouping: Grouping) -> dict[int, str]:
     """A gate name per gated channel group: the name of its first layer that gates some of its channels (not a
     query or key projection; module names may not contain dots)."""
     names: dict[int, str] = {}
     for plan in plans:
         for g in plan.channels.groups:
             if g not in names:
-                first = next(n for n in group_layers[g] if g in grouping.modules[n].groups)
+                first = next(n for n in group_layers[g] if g in grouping.channels(n).groups)
                 key = first.replace(".", "_")
                 while key in names.values():
                     key += "_"
@@ -511,19 +563,26 @@ def _insert_input_site(gm: fx.GraphModule, bank: GateBank, layer: fx.Node, site_
     return SiteInfo(site_name, layer.target, [key], [], None, False)
 
 
-def _producers(gm: fx.GraphModule, grouping: Grouping, excluded: set[str], names: dict[int, str]) -> dict[str, list]:
-    """Per gate name: ``(weight, rows, positions)`` of every layer writing its channels (for ``attach``): not the
-    query / key channels of a head (gated at its values), and not transformers' Conv1D layers (their weight is
-    [in, out]: its rows are input channels)."""
+def _producers(gm: fx.GraphModule, grouping: Grouping, excluded: set[str], names: dict[int, str],
+               weight_sites: list[WeightSiteInfo]) -> dict[str, list]:
+    """Per gate name: ``(weight, rows, positions)`` of every layer writing its channels (for ``attach``), not the
+    query / key channels of a head (gated at its values). A transformers Conv1D (weight [in, out]: a channel is a
+    column) comes as a :class:`~onnxprune.bayes.gate.Producer` with ``channel_axis=1``."""
     producers: dict[str, list] = {}
     for name, mc in grouping.modules.items():
         module = gm.get_submodule(name)
-        if name in excluded or not is_layer(module) or is_hf_conv1d(module):
+        if name in excluded or not is_layer(module):
             continue
         for g, ch, pos in mc.parts:
             if g in names:
-                weight = gm.get_submodule(name).weight
-                producers.setdefault(names[g], []).append((weight, torch.as_tensor(ch), torch.as_tensor(pos)))
+                item = (module.weight, torch.as_tensor(ch), torch.as_tensor(pos))
+                if is_hf_conv1d(module):
+                    item = Producer(*item, channel_axis=1)
+                producers.setdefault(names[g], []).append(item)
+    for site in weight_sites:
+        weight = gm.get_parameter(site.weight)
+        for key, ch, pos in site.parts:
+            producers.setdefault(key, []).append((weight, ch, pos))
     return producers
 
 
