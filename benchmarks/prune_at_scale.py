@@ -25,6 +25,17 @@ cumulative and by own time, then the RSS rises).
 
 Writes benchmarks/results/prune-at-scale/prune-at-scale.json (``--quick``: prune-at-scale-quick.json; ``--tag T``:
 prune-at-scale-T.json) and RUN.profile.txt beside it.
+
+``--model llama``: instead of the MLPs, a Llama-shaped decoder (benchmarks/llama_decoder.py: hidden 4096, FFN 11008,
+32 query and 8 K/V heads of 128, fp16 weights, one dead K/V head, one lone dead query head and 15 % dead FFN
+neurons per layer), one model per ``--layers`` count. Per size: the baseline; ``onnxprune prune --no-verify`` (the
+output kept, what it deleted read from the projections' shapes); the block-wise check of that output against the
+input (llama_decoder.verify_blockwise, in its own interpreter, timed, peak RSS); and up to
+``--cli-verify-max-layers`` the prune with the CLI's own verification (the whole model on ONNX Runtime, twice).
+No profile. Writes prune-at-scale-llama[-TAG].json.
+
+    python -m benchmarks.prune_at_scale --model llama --layers 1 4 8               # 354 MB to 2.8 GB
+    python -m benchmarks.prune_at_scale --model llama --layers 32 --tag 32L --cli-verify-max-layers 0   # 11.3 GB
 """
 
 from __future__ import annotations
@@ -196,6 +207,16 @@ def load_save_worker(src: str, out: str, result: str) -> None:
     Path(result).write_text(json.dumps({"load": t1 - t0, "save": t2 - t1}))
 
 
+def verify_blocks_worker(ref: str, cand: str, layers: str, result: str) -> None:
+    """The block-wise verification of a pruned decoder against its input (benchmarks/llama_decoder.py)."""
+    from benchmarks.llama_decoder import verify_blockwise
+
+    t = time.perf_counter()
+    out = verify_blockwise(Path(ref), Path(cand), int(layers))
+    out["seconds"] = time.perf_counter() - t
+    Path(result).write_text(json.dumps(out))
+
+
 def _rss_bytes() -> int:
     import os
 
@@ -289,9 +310,10 @@ def measure_baseline(src: Path, work: Path, floor: dict) -> dict:
             "uncovered_beyond_imports_s": wall - sum(phases.values()) - floor["wall_s"]}
 
 
-def measure_prune(src: Path, work: Path, *, verify: bool, floor: dict) -> dict:
+def measure_prune(src: Path, work: Path, *, verify: bool, floor: dict, keep: bool = False) -> dict:
     """``onnxprune prune --target none`` (``--no-verify`` unless ``verify``) in a fresh interpreter, from its report;
-    ``floor``: the wall and RSS of its imports alone (the uncovered time beyond them is also given)."""
+    ``floor``: the wall and RSS of its imports alone (the uncovered time beyond them is also given). ``keep``: the
+    output stays in WORK/pruned (its path under "output")."""
     out, report = work / "pruned" / "model.onnx", work / "report.json"
     out.parent.mkdir(exist_ok=True)
     args = ["-m", "onnxprune", "prune", str(src), "-o", str(out), "--target", "none", "--report", str(report), "-q"]
@@ -299,7 +321,8 @@ def measure_prune(src: Path, work: Path, *, verify: bool, floor: dict) -> dict:
     rep = json.loads(report.read_text())
     phases = {k: v for k, v in rep["timings_s"].items() if k != "total"}
     output_bytes = sum(p.stat().st_size for p in out.parent.iterdir())
-    shutil.rmtree(out.parent)
+    if not keep:
+        shutil.rmtree(out.parent)
     uncovered = wall - sum(phases.values())
     imports_covered = "startup" in phases  # the command times its own start-up (interpreter and imports)
     return {
@@ -308,7 +331,26 @@ def measure_prune(src: Path, work: Path, *, verify: bool, floor: dict) -> dict:
         "passes_s": _pass_seconds(rep["passes"]),
         "params_before": rep["before"]["params"], "params_after": rep["after"]["params"],
         "removed_params": rep["before"]["params"] - rep["after"]["params"], "output_bytes": output_bytes,
+        "verification": rep.get("verification"), **({"output": str(out)} if keep else {}),
+        "engine_kept": _engine_reasons(rep),
     }
+
+
+def _engine_reasons(rep: dict) -> dict:
+    """What the engine kept and why, from its report, layer names taken out: {reason: dead channels kept} and
+    {barrier reason: nodes}."""
+    def generic(text: str) -> str:
+        return re.sub(r"layers\.\d+\.", "layers.N.", re.sub(r"block\d+\.", "blockN.", text))
+
+    kept: dict[str, int] = {}
+    for g in rep.get("groups", []):
+        for why, n in g.get("kept_dead", {}).items():
+            kept[generic(why)] = kept.get(generic(why), 0) + n
+    barriers: dict[str, int] = {}
+    for node, why in rep.get("barriers", {}).items():
+        key = f"{generic(node)}: {why}"
+        barriers[key] = barriers.get(key, 0) + 1
+    return {"dead_kept": kept, "barriers": barriers}
 
 
 def _pass_seconds(passes: list[dict]) -> dict[str, float]:
@@ -437,6 +479,134 @@ def _profile_text(label: str, shape: MlpShape, built: dict, wall: float, peak: i
     return head + prof["profile"] + "== RSS rises (time, RSS, main thread's innermost frames) ==\n" + "\n".join(lines) + "\n"
 
 
+# -- the Llama-shaped decoder (--model llama) ------------------------------------------------------------------
+
+
+def llama_shape(layers: int, args: argparse.Namespace):
+    from benchmarks.llama_decoder import LlamaShape
+
+    return LlamaShape(layers=layers, hidden=args.hidden, ffn=args.ffn, heads=args.heads, kv_heads=args.kv_heads,
+                      head_dim=args.head_dim, seq=args.seq, dead_ffn=args.dead_ffn,
+                      dead_query_heads=args.dead_query_heads, rotary=args.rotary)
+
+
+def llama_config(args: argparse.Namespace) -> dict:
+    return {"model": "llama", "layers": args.layers, "hidden": args.hidden, "ffn": args.ffn, "heads": args.heads,
+            "kv_heads": args.kv_heads, "head_dim": args.head_dim, "seq": args.seq, "rotary": args.rotary,
+            "dtype": "float16", "dead_ffn": args.dead_ffn, "dead_query_heads": args.dead_query_heads,
+            "cli_verify_max_layers": args.cli_verify_max_layers, "repeats": args.repeats, "seed": args.seed,
+            "command": "onnxprune prune IN -o OUT --target none [--no-verify]",
+            "norms": "RMSNorm in float32 (Cast up, Pow, ReduceMean, Add eps, Sqrt, Div, Cast down, Mul by the fp16 "
+                     "weight); softmax in float32; everything else float16"}
+
+
+def _failed_prune(exc: Exception) -> dict:
+    text = str(exc)
+    return {"failed": text[-1500:], "out_of_memory": "Killed" in text or "(-9)" in text or "MemoryError" in text}
+
+
+def measure_llama(layers: int, args: argparse.Namespace, work: Path, floors: dict) -> dict:
+    """Build the decoder with ``layers`` layers; time the baseline and ``onnxprune prune --no-verify``; check the
+    pruned model block by block (its own fresh interpreter, timed); and, up to --cli-verify-max-layers, the prune
+    with the CLI's own verification."""
+    from benchmarks.llama_decoder import build_llama, deleted_units, weight_widths
+
+    shape = llama_shape(layers, args)
+    label = f"{layers}L"
+    folder = work / label
+    folder.mkdir(parents=True, exist_ok=True)
+    src = folder / "model.onnx"
+    t = time.perf_counter()
+    built = build_llama(src, shape, seed=args.seed)
+    build_s = time.perf_counter() - t
+    print(f"[{label}] decoder, {layers} layers, H {shape.hidden}, F {shape.ffn}, {shape.heads}/{shape.kv_heads} "
+          f"heads of {shape.head_dim}, rotary {'on' if shape.rotary else 'off'}: {built['model_bytes'] / 1e6:.0f} MB, "
+          f"{shape.params / 1e6:.1f} M parameters (built in {build_s:.1f} s)")
+    expected = shape.expected_removed()
+    entry = {"size": label, "layers": layers, "shape": asdict(shape), "model_bytes": built["model_bytes"],
+             "params": shape.params, "dead_per_layer": built["dead_per_layer"][0] | {"layer": 0},
+             "dead_units": _dead_units(shape), "dead_params_by_kind": expected, "build_s": build_s}
+    entry["baseline"] = _summary([measure_baseline(src, folder, floors["onnx"]) for _ in range(args.repeats)])
+    _print_run(label, "load+save", entry["baseline"])
+    runs = [measure_prune(src, folder, verify=False, floor=floors["onnxprune"], keep=True) for _ in range(args.repeats)]
+    quiet = entry["prune_no_verify"] = _summary(runs)
+    out = Path(runs[-1]["output"])
+    _print_run(label, "prune_no_verify", quiet)
+    units = deleted_units(shape, weight_widths(out))
+    entry["deleted_units"] = units
+    entry["every_dead_unit_deleted"] = units["deleted"] == {k: v for k, v in entry["dead_units"].items()
+                                                            if k in units["deleted"]}
+    print(f"[{label}] deleted {units['deleted']} of the dead {entry['dead_units']}; "
+          f"removed {quiet['removed_params']} parameters")
+    res = folder / "blocks.json"
+    wall, peak, _ = run_measured(_worker("verify-blocks", str(src), str(out), str(layers), str(res)))
+    check = json.loads(res.read_text())
+    check.update(wall_s=wall, peak_rss=peak)
+    entry["blockwise_verification"] = check
+    print(f"[{label}] block-wise check: {'exact' if check['exact'] else 'NOT EXACT'} ({check['blocks']} blocks, worst "
+          f"branch error {check['worst_branch_rel_err']:.2g} at {check['worst_block']}); {wall:.1f} s, "
+          f"peak {peak / 1e6:.0f} MB")
+    shutil.rmtree(out.parent)
+    if layers <= args.cli_verify_max_layers:
+        try:
+            entry["prune"] = _summary([measure_prune(src, folder, verify=True, floor=floors["onnxprune"])
+                                       for _ in range(args.repeats)])
+            _print_run(label, "prune (CLI verify)", entry["prune"])
+        except RuntimeError as exc:
+            entry["prune"] = _failed_prune(exc)
+            print(f"[{label}] prune with the CLI's verification failed: {entry['prune']['failed'][-300:]}")
+            shutil.rmtree(folder / "pruned", ignore_errors=True)
+    else:
+        entry["prune"] = {"skipped": f"more than --cli-verify-max-layers {args.cli_verify_max_layers} layers"}
+    entry["ratios"] = _llama_ratios(entry)
+    if not args.keep_work:
+        shutil.rmtree(folder)
+    return entry
+
+
+def _dead_units(shape) -> dict:
+    """Dead units over the model, as deleted_units counts them: query heads (the dead K/V head's and the lone
+    ones), K/V heads, FFN neurons (every kind)."""
+    n = shape.layers
+    return {"query_heads": n * (shape.rep + shape.dead_query_heads), "kv_heads": n,
+            "ffn_neurons": n * sum(shape.dead_neurons())}
+
+
+def _llama_ratios(entry: dict) -> dict:
+    base, quiet, check = entry["baseline"], entry["prune_no_verify"], entry["blockwise_verification"]
+    out = {"prune_no_verify_wall_over_baseline": quiet["wall_s"] / base["wall_s"],
+           "prune_no_verify_rss_over_baseline": quiet["peak_rss"] / base["peak_rss"],
+           # the prune and its scalable check, one after the other
+           "prune_and_blockwise_wall_over_baseline": (quiet["wall_s"] + check["wall_s"]) / base["wall_s"],
+           "prune_and_blockwise_rss_over_baseline": max(quiet["peak_rss"], check["peak_rss"]) / base["peak_rss"],
+           "baseline_rss_over_model": base["peak_rss"] / entry["model_bytes"],
+           "prune_no_verify_rss_over_model": quiet["peak_rss"] / entry["model_bytes"]}
+    prune = entry.get("prune", {})
+    if "wall_s" in prune:
+        out["prune_wall_over_baseline"] = prune["wall_s"] / base["wall_s"]
+        out["prune_rss_over_baseline"] = prune["peak_rss"] / base["peak_rss"]
+    return out
+
+
+def llama_table(sizes: list[dict]) -> str:
+    """The printed table of a --model llama run."""
+    head = ("| layers | MB | load+save s | RSS MB | prune --no-verify s | RSS MB | x wall | x RSS | block check s | RSS MB "
+            "| exact | x wall (prune+check) | x RSS | CLI-verify prune s | RSS MB | deleted q/kv heads, neurons |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for e in sizes:
+        b, q, c, r, p = e["baseline"], e["prune_no_verify"], e["blockwise_verification"], e["ratios"], e["prune"]
+        d = e["deleted_units"]["deleted"]
+        cli = (f"{p['wall_s']:.1f} | {p['peak_rss'] / 1e6:.0f}" if "wall_s" in p
+               else f"{'failed' if 'failed' in p else 'skipped'} | -")
+        rows.append(f"| {e['layers']} | {e['model_bytes'] / 1e6:.0f} | {b['wall_s']:.1f} | {b['peak_rss'] / 1e6:.0f} | "
+                    f"{q['wall_s']:.1f} | {q['peak_rss'] / 1e6:.0f} | {r['prune_no_verify_wall_over_baseline']:.2f} | "
+                    f"{r['prune_no_verify_rss_over_baseline']:.2f} | {c['wall_s']:.1f} | {c['peak_rss'] / 1e6:.0f} | "
+                    f"{'yes' if c['exact'] else 'NO'} | {r['prune_and_blockwise_wall_over_baseline']:.2f} | "
+                    f"{r['prune_and_blockwise_rss_over_baseline']:.2f} | {cli} | "
+                    f"{d['query_heads']}/{d['kv_heads']}, {d['ffn_neurons']} |")
+    return "\n".join(rows)
+
+
 # -- the command line -----------------------------------------------------------------------------------------
 
 
@@ -476,6 +646,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tag", help="the run is named prune-at-scale-TAG")
     ap.add_argument("--work", type=Path, help="folder for the models (default: a temporary one, removed after)")
     ap.add_argument("--keep-work", action="store_true", help="keep the models written (in --work)")
+    llama = ap.add_argument_group("--model llama: a Llama-shaped decoder (benchmarks/llama_decoder.py)")
+    ap.add_argument("--model", choices=("mlp", "llama"), default="mlp",
+                    help="mlp: the residual MLPs of --sizes; llama: the decoder at each of --layers (default %(default)s)")
+    llama.add_argument("--layers", type=int, nargs="+", default=[1, 4, 8], help="decoder layers per model, one "
+                       "model each (default: %(default)s; 32: Llama-7B's)")
+    llama.add_argument("--hidden", type=int, default=4096)
+    llama.add_argument("--ffn", type=int, default=11008)
+    llama.add_argument("--heads", type=int, default=32, help="query heads (default %(default)s)")
+    llama.add_argument("--kv-heads", type=int, default=8, help="K/V heads (default %(default)s)")
+    llama.add_argument("--head-dim", type=int, default=128)
+    llama.add_argument("--rotary", action="store_true", help="rotary embedding on q and k (the engine keeps the "
+                       "heads then: see the module's notes)")
+    llama.add_argument("--dead-ffn", type=float, default=0.15, help="share of each layer's FFN neurons dead, in three "
+                       "equal kinds: up column, gate column, down row zero (default %(default)s)")
+    llama.add_argument("--dead-query-heads", type=int, default=1, help="query heads per layer dead by their o_proj "
+                       "rows alone, beside the dead K/V head's (default %(default)s)")
+    llama.add_argument("--cli-verify-max-layers", type=int, default=8, help="run `onnxprune prune` with its own "
+                       "verification (the whole model on ONNX Runtime, twice) up to this many layers; the block-wise "
+                       "check runs at every size (default %(default)s)")
     add_results_argument(ap, EXPERIMENT)
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -483,11 +672,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.sizes = list(QUICK_SIZES)
     if not 0 <= args.dead < 1:
         ap.error("--dead must be in [0, 1)")
+    if args.model == "llama" and (args.heads % args.kv_heads or args.hidden != args.heads * args.head_dim):
+        ap.error("--model llama needs heads a multiple of kv-heads and hidden = heads * head-dim")
     return args
 
 
 def run_name(args: argparse.Namespace) -> str:
-    return "-".join([EXPERIMENT] + (["quick"] if args.quick else []) + ([args.tag] if args.tag else []))
+    model = ["llama"] if args.model == "llama" else []
+    return "-".join([EXPERIMENT] + model + (["quick"] if args.quick else []) + ([args.tag] if args.tag else []))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -497,6 +689,8 @@ def main(argv: list[str] | None = None) -> None:
         kind, *rest = args.worker
         if kind == "load-save":
             load_save_worker(*rest)
+        elif kind == "verify-blocks":
+            verify_blocks_worker(*rest)
         else:
             profile_worker(*rest[:3], int(rest[3]))
         return
@@ -509,13 +703,25 @@ def main(argv: list[str] | None = None) -> None:
         floors = {"onnx": interpreter_floor(ONNX_IMPORTS), "onnxprune": interpreter_floor(ONNXPRUNE_IMPORTS)}
         print("interpreter and imports alone: " + ", ".join(f"{k} {v['wall_s']:.2f} s, {v['peak_rss'] / 1e6:.0f} MB"
                                                              for k, v in floors.items()))
-        sizes = [measure_size(label, target, args, work, floors) for label, target in targets.items()]
-        prof = None
-        if profile.lower() != "none":
+        if args.model == "llama":
+            sizes = [measure_llama(n, args, work, floors) for n in args.layers]
+            prof = None
+        else:
+            sizes = [measure_size(label, target, args, work, floors) for label, target in targets.items()]
+            prof = None
+        if args.model == "mlp" and profile.lower() != "none":
             prof = profile_size(profile, parse_size(profile), args, work, args.results / f"{name}.profile.txt")
     finally:
         if args.work is None and not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
+    if args.model == "llama":
+        result = {"benchmark": EXPERIMENT, "machine": machine_info(), "config": llama_config(args),
+                  "interpreter_floor": floors, "sizes": sizes, "profile": None}
+        path = write_result(args.results, name, result)
+        print()
+        print(llama_table(sizes))
+        print(f"wrote {path}")
+        return
     result = {
         "benchmark": EXPERIMENT,
         "machine": machine_info(),

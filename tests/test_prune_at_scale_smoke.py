@@ -51,3 +51,90 @@ def test_quick_run_writes_the_scaling_result_and_deletes_the_dead_neurons(tmp_pa
     assert profile["size"] == "20M" and profile["rss_rises"] and profile["command_s"] > 0
     text = (tmp_path / profile["file"]).read_text()
     assert "top 25 by cumulative" in text and "top 25 by tottime" in text and "RSS rises" in text
+
+
+# -- the Llama-shaped decoder (--model llama) at small dims: the graph the issue names, pruned exactly ------------
+
+SMALL = dict(hidden=256, ffn=688, heads=8, kv_heads=2, head_dim=32, seq=8)
+
+
+def _small_decoder(tmp_path, **kw):
+    from benchmarks.llama_decoder import LlamaShape, build_llama
+
+    shape = LlamaShape(**{"layers": 1, **SMALL, **kw})
+    src = tmp_path / "decoder.onnx"
+    built = build_llama(src, shape)
+    return shape, src, built
+
+
+def _prune(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    out.parent.mkdir(exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", "onnxprune", "prune", str(src), "-o", str(out), "--target", "none",
+                           *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_small_decoder_prunes_its_dead_kv_head_and_neurons_exactly_block_by_block(tmp_path):
+    """One decoder layer (GQA 8/2 heads of 32, SwiGLU 688, no rotary): the dead K/V head goes with its 4 query heads,
+    the neurons whose up or gate column is zero go; the block-wise check passes, and catches a wrong deletion."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from benchmarks.llama_decoder import deleted_units, verify_blockwise, weight_widths
+
+    shape, src, built = _small_decoder(tmp_path)
+    assert built["cuts"][:3] == ["input", "layers.0.post_attn", "layers.0.out"]
+    out = tmp_path / "pruned" / "decoder.onnx"
+    _prune(src, out)  # with the CLI's own verification (the whole model on ONNX Runtime): small enough here
+    units = deleted_units(shape, weight_widths(out))["deleted"]
+    up, gate, down = shape.dead_neurons()
+    assert units["kv_heads"] == 1 and units["query_heads"] == shape.rep
+    assert units["ffn_neurons"] == up + gate  # the down-row-zero neurons are kept (the engine reads them as live)
+    check = verify_blockwise(src, out, shape.layers)
+    assert check["exact"] and check["blocks"] == 3 and check["worst_branch_rel_err"] < 5e-3
+
+    # a wrong deletion: zero one live FFN neuron's down row in a copy of the pruned model; the MLP block fails
+    model = onnx.load(str(out))
+    init = next(t for t in model.graph.initializer if t.name == "layers.0.mlp.down_proj.weight"
+                or t.name.startswith("layers.0.mlp.down_proj"))
+    w = numpy_helper.to_array(init).copy()
+    w[np.argmax(np.abs(w).sum(axis=1))] = 0
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    bad = tmp_path / "bad" / "decoder.onnx"
+    bad.parent.mkdir()
+    onnx.save(model, str(bad), save_as_external_data=True, location="decoder.onnx.data")
+    wrong = verify_blockwise(src, bad, shape.layers)
+    assert not wrong["exact"] and wrong["worst_block"] == "layers.0.post_attn -> layers.0.out"
+
+
+def test_small_decoder_with_rotary_keeps_its_heads_and_says_why(tmp_path):
+    """With HF's rotary embedding (rotate_half: Slice, Neg, Concat of the head dim; cos/sin tables) the engine keeps
+    the dead K/V head and names the rotary nodes as barriers; the FFN neurons still go, and the result is exact."""
+    from benchmarks.llama_decoder import deleted_units, verify_blockwise, weight_widths
+
+    shape, src, _ = _small_decoder(tmp_path, rotary=True)
+    out = tmp_path / "pruned" / "decoder.onnx"
+    done = _prune(src, out, "--explain", "--no-verify")
+    assert "rotate_half" in done.stdout and "attention heads" in done.stdout
+    units = deleted_units(shape, weight_widths(out))["deleted"]
+    assert units["kv_heads"] == 0 and units["query_heads"] == 0
+    assert units["ffn_neurons"] == sum(shape.dead_neurons()[:2])
+    assert verify_blockwise(src, out, shape.layers)["exact"]
+
+
+@pytest.mark.slow
+def test_llama_run_writes_its_result(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.prune_at_scale", "--model", "llama", "--layers", "1", "2",
+                           *[a for k, v in SMALL.items() for a in (f"--{k.replace('_', '-')}", str(v))],
+                           "--results", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "prune-at-scale-llama.json").read_text())
+    assert result["config"]["model"] == "llama" and [e["layers"] for e in result["sizes"]] == [1, 2]
+    for e in result["sizes"]:
+        assert e["blockwise_verification"]["exact"] and e["prune"]["wall_s"] > 0
+        assert e["deleted_units"]["deleted"]["kv_heads"] == e["layers"]
+    from benchmarks.report.scale import prune_at_scale
+
+    assert "| 2 |" in prune_at_scale("prune-at-scale-llama", result)["table"]

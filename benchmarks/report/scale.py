@@ -24,8 +24,46 @@ def _row(s: dict) -> list[str]:
 def prune_at_scale(run: str, r: dict) -> dict:
     """The values of one run: its models and the table."""
     c = r["config"]
+    if c.get("model") == "llama":
+        return {"run": run, "machine": machine_line(r["machine"]), "blocks": c["layers"][-1], "ffn_ratio": "-",
+                "dead": "-", "dtype": "float16", "table": llama_table(r)}
     head = ["size", "model", "load+save wall", "load+save peak RSS", "prune wall", "prune peak RSS", "wall ratio",
             "RSS ratio", "phases: load/analysis+rewrite/save/verify (s)", "outside the phases (beyond imports)",
             "prune --no-verify wall / RSS", "every dead neuron deleted"]
     return {"run": run, "machine": machine_line(r["machine"]), "blocks": c["blocks"], "ffn_ratio": c["ffn_ratio"],
             "dead": f"{c['dead_share']:.0%}", "dtype": c["dtype"], "table": md_table(head, [_row(s) for s in r["sizes"]])}
+
+
+def _llama_row(s: dict) -> list[str]:
+    """One decoder size: the baseline, the prune without the CLI's verification, the block-wise check, the prune
+    with the CLI's verification where it was run, and what was deleted."""
+    base, quiet, check, r, cli = s["baseline"], s["prune_no_verify"], s["blockwise_verification"], s["ratios"], s["prune"]
+    deleted, dead = s["deleted_units"]["deleted"], s["dead_units"]
+    cli_cell = (f"{cli['wall_s']:.1f} s / {_mb(cli['peak_rss'])}" if "wall_s" in cli
+                else "failed" + (" (out of memory)" if cli.get("out_of_memory") else "") if "failed" in cli else "not run")
+    return [str(s["layers"]), _mb(s["model_bytes"]), f"{base['wall_s']:.1f} s", _mb(base["peak_rss"]),
+            f"{quiet['wall_s']:.1f} s", _mb(quiet["peak_rss"]), f"{r['prune_no_verify_wall_over_baseline']:.2f}x",
+            f"{r['prune_no_verify_rss_over_baseline']:.2f}x",
+            f"{check['wall_s']:.1f} s / {_mb(check['peak_rss'])}",
+            ("yes" if check["exact"] else "**no**") + f" ({check['worst_branch_rel_err']:.1g})",
+            f"{r['prune_and_blockwise_wall_over_baseline']:.2f}x / {r['prune_and_blockwise_rss_over_baseline']:.2f}x",
+            cli_cell,
+            f"{deleted['kv_heads']}/{dead['kv_heads']}, {deleted['query_heads']}/{dead['query_heads']}, "
+            f"{deleted['ffn_neurons']}/{dead['ffn_neurons']}"]
+
+
+def llama_table(r: dict) -> str:
+    """A --model llama run: what the decoder is, then a row per number of layers."""
+    c = r["config"]
+    note = (f"**Llama-shaped decoder** ({c['hidden']} hidden, FFN {c['ffn']}, {c['heads']} query heads and "
+            f"{c['kv_heads']} K/V heads of {c['head_dim']}, sequence {c['seq']}, fp16 weights, rotary embedding "
+            f"{'on' if c['rotary'] else 'off'}; {c['norms']}). Dead per layer: one K/V head (V columns zero), "
+            f"{c['dead_query_heads']} lone query head(s) (o_proj rows zero), {c['dead_ffn']:.0%} of the FFN neurons "
+            "(a third each: up column, gate column, down row zero). The prune is timed without the CLI's "
+            "verification; the result is checked block by block (attention, MLP, final norm; each block's residual "
+            "branch compared on the input model's activations, ONNX Runtime CPU, in its own interpreter).")
+    head = ["layers", "model", "load+save wall", "load+save peak RSS", "prune --no-verify wall", "peak RSS",
+            "wall ratio", "RSS ratio", "block-wise check wall / RSS", "exact (worst branch error)",
+            "prune + check: wall / RSS ratio", "prune with the CLI's verification", "deleted: K/V heads, query heads, "
+            "FFN neurons (of the dead)"]
+    return note + "\n\n" + md_table(head, [_llama_row(s) for s in r["sizes"]])
