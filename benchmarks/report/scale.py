@@ -25,12 +25,15 @@ def prune_at_scale(run: str, r: dict) -> dict:
     """The values of one run: its models and the table."""
     c = r["config"]
     if c.get("model") == "llama":
-        return {"run": run, "machine": machine_line(r["machine"]), "blocks": c["layers"][-1], "ffn_ratio": "-",
-                "dead": "-", "dtype": "float16", "table": llama_table(r)}
+        script = ("python -m benchmarks.prune_at_scale --model llama --layers " + " ".join(map(str, c["layers"]))
+                  + (" --rotary" if c["rotary"] else ""))
+        return {"run": run, "machine": machine_line(r["machine"]), "mlp": False, "llama": True, "script": script,
+                "table": llama_table(r)}
     head = ["size", "model", "load+save wall", "load+save peak RSS", "prune wall", "prune peak RSS", "wall ratio",
             "RSS ratio", "phases: load/analysis+rewrite/save/verify (s)", "outside the phases (beyond imports)",
             "prune --no-verify wall / RSS", "every dead neuron deleted"]
-    return {"run": run, "machine": machine_line(r["machine"]), "blocks": c["blocks"], "ffn_ratio": c["ffn_ratio"],
+    return {"run": run, "machine": machine_line(r["machine"]), "mlp": True, "llama": False, "blocks": c["blocks"],
+            "ffn_ratio": c["ffn_ratio"],
             "dead": f"{c['dead_share']:.0%}", "dtype": c["dtype"], "table": md_table(head, [_row(s) for s in r["sizes"]])}
 
 
@@ -42,7 +45,8 @@ def _llama_row(s: dict) -> list[str]:
     cli_cell = (f"{cli['wall_s']:.1f} s / {_mb(cli['peak_rss'])}" if "wall_s" in cli
                 else "failed" + (" (out of memory)" if cli.get("out_of_memory") else "") if "failed" in cli else "not run")
     return [str(s["layers"]), _mb(s["model_bytes"]), f"{base['wall_s']:.1f} s", _mb(base["peak_rss"]),
-            f"{quiet['wall_s']:.1f} s", _mb(quiet["peak_rss"]), f"{r['prune_no_verify_wall_over_baseline']:.2f}x",
+            f"{quiet['wall_s']:.1f} s", _mb(quiet["peak_rss"]), _time_split(quiet),
+            f"{r['prune_no_verify_wall_over_baseline']:.2f}x",
             f"{r['prune_no_verify_rss_over_baseline']:.2f}x",
             f"{check['wall_s']:.1f} s / {_mb(check['peak_rss'])}",
             ("yes" if check["exact"] else "**no**") + f" ({check['worst_branch_rel_err']:.1g})",
@@ -50,6 +54,13 @@ def _llama_row(s: dict) -> list[str]:
             cli_cell,
             f"{deleted['kv_heads']}/{dead['kv_heads']}, {deleted['query_heads']}/{dead['query_heads']}, "
             f"{deleted['ffn_neurons']}/{dead['ffn_neurons']}"]
+
+
+def _time_split(prune: dict) -> str:
+    """Where a prune's time went: analysis+rewrite (of it, subnormal flushing and channel pruning) and save."""
+    phases, passes = prune.get("phases_s", {}), prune.get("passes_s", {})
+    return (f"{phases.get('analysis+rewrite', 0):.0f} s ({passes.get('flush-subnormals', 0):.0f} s, "
+            f"{passes.get('prune-channels', 0):.0f} s) / {phases.get('save', 0):.0f} s")
 
 
 def llama_table(r: dict) -> str:
@@ -60,10 +71,10 @@ def llama_table(r: dict) -> str:
             f"{'on' if c['rotary'] else 'off'}; {c['norms']}). Dead per layer: one K/V head (V columns zero), "
             f"{c['dead_query_heads']} lone query head(s) (o_proj rows zero), {c['dead_ffn']:.0%} of the FFN neurons "
             "(a third each: up column, gate column, down row zero). The prune is timed without the CLI's "
-            "verification; the result is checked block by block (attention, MLP, final norm; each block's residual "
-            "branch compared on the input model's activations, ONNX Runtime CPU, in its own interpreter).")
+            "verification; the result is checked block by block (below).")
     head = ["layers", "model", "load+save wall", "load+save peak RSS", "prune --no-verify wall", "peak RSS",
-            "wall ratio", "RSS ratio", "block-wise check wall / RSS", "exact (worst branch error)",
+            "analysis+rewrite (subnormals, channels) / save", "wall ratio", "RSS ratio", "block-wise check wall / RSS",
+            "exact (worst branch error)",
             "prune + check: wall / RSS ratio", "prune with the CLI's verification", "deleted: K/V heads, query heads, "
             "FFN neurons (of the dead)"]
     return note + "\n\n" + md_table(head, [_llama_row(s) for s in r["sizes"]])
