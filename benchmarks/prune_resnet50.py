@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -199,7 +200,7 @@ def time_torch_pruning(setup: Setup, repeats: int) -> tuple[list[dict], Path]:
                                     "prune": setup.by_module, "out": str(tp_path), "result": str(res)}))
         wall, peak, _ = run_measured(["-m", "benchmarks.prune_resnet50", "--worker-spec", str(spec)])
         timings = json.loads(res.read_text())
-        runs.append({"wall": wall, "peak_rss": peak, **timings})
+        runs.append({"wall": wall, "peak_rss": peak, **timings, "other": _other(wall, timings)})
         print(f"[torch-pruning] run {r + 1}: {wall:.2f} s, peak {peak / 1e6:.0f} MB, {timings}")
     return runs, tp_path
 
@@ -219,9 +220,18 @@ def side_by_side_latency(setup: Setup, pruned_path: Path, tp_path: Path, runs: i
     return latency
 
 
+TP_PHASES = ("load", "analysis+rewrite", "verify", "save")
+
+
+def _other(wall: float, timings: dict) -> float:
+    """Torch-Pruning's wall time outside its timed phases: interpreter start-up, imports, exit (``onnxprune prune``
+    reports its own: startup and other)."""
+    return wall - sum(timings[k] for k in TP_PHASES)
+
+
 def summary(runs: list[dict]) -> dict:
     """Medians over the runs of one tool."""
-    keys = ["wall", "peak_rss", "load", "analysis+rewrite", "verify", "save"]
+    keys = ["wall", "peak_rss", "startup", "load", "analysis+rewrite", "save", "check", "verify", "other"]
     return {k: median([r[k] for r in runs]) for k in keys if k in runs[0]}
 
 
@@ -283,6 +293,7 @@ def main() -> None:
 
     from tests.prune_helpers import layer_widths
 
+    load_before = os.getloadavg()
     setup = prepare(args)
     baseline_op = python_peak_rss(ONNXPRUNE_IMPORTS)
     op_runs, op_report, pruned_path = time_onnxprune(setup, args.repeats)
@@ -294,6 +305,8 @@ def main() -> None:
     params = {"dense": op_report["before"]["params"], "onnxprune": op_report["after"]["params"], "torch_pruning": _params(tp_pruned)}
     latency = side_by_side_latency(setup, pruned_path, tp_path, args.latency_runs)
     result = assemble(args, setup, (op_runs, baseline_op), (tp_runs, baseline_tp), macs, params, latency, same_widths)
+    # The machine is shared: its 1-minute load average when the run began and ended says how busy it was.
+    result["machine"]["load_average_1min"] = {"start": load_before[0], "end": os.getloadavg()[0]}
     path = write_result(args.results, "prune-resnet50-quick" if args.quick else "prune-resnet50", result)
     print(json.dumps(result["targets"], indent=2))
     print(f"wrote {path}")

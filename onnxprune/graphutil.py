@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER, LogMode
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -58,10 +62,51 @@ def producer(t: gs.Tensor) -> gs.Node | None:
     return t.inputs[0] if t.inputs else None
 
 
+# ONNX element types whose raw bytes are the numpy array as they stand (on a little-endian machine).
+_RAW_VIEWABLE = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT8: np.int8, onnx.TensorProto.INT16: np.int16, onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.UINT16: np.uint16,
+    onnx.TensorProto.UINT32: np.uint32, onnx.TensorProto.UINT64: np.uint64, onnx.TensorProto.BOOL: np.bool_,
+}  # fmt: skip
+
+
+def _read_lazy(lazy: LazyValues) -> np.ndarray | None:
+    """A read-only view of an imported initializer's raw bytes (one copy, where onnx-graphsurgeon's load makes
+    two), or None where that is not how its values are stored (external data, typed fields, other types)."""
+    tensor = lazy.tensor
+    dtype = _RAW_VIEWABLE.get(tensor.data_type)
+    if dtype is None or sys.byteorder != "little" or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    if not tensor.HasField("raw_data"):
+        return None
+    raw = tensor.raw_data
+    shape = tuple(int(d) for d in tensor.dims)
+    if len(raw) != math.prod(shape) * np.dtype(dtype).itemsize:
+        return None
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def constant_values(t: gs.Constant) -> np.ndarray:
+    """The values of a graph constant; loaded, where onnx-graphsurgeon has not yet, as a read-only array.
+
+    onnx-graphsurgeon loads an imported initializer by copying its bytes out of the protobuf and copying
+    them again into a writable array; here the first copy is the array. Callers never write into it
+    (passes and rewrites replace a constant's values, and copies of a graph share them).
+    """
+    lazy = t._values
+    if type(lazy) is LazyValues:  # exactly onnx-graphsurgeon's: subclasses (memory-mapped, placeholders) load their way
+        array = _read_lazy(lazy)
+        if array is not None:
+            t.values = array  # what onnx-graphsurgeon's own load leaves in the constant
+            return array
+    return np.asarray(t.values)
+
+
 def constant_value(t: gs.Tensor) -> np.ndarray | None:
     """The value of ``t`` if it is an initializer or the output of a Constant node."""
     if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
+        return constant_values(t)
     node = producer(t)
     if node is not None and node.op == "Constant" and is_default_domain(node):
         attrs = node.attrs
@@ -78,7 +123,7 @@ def constant_value(t: gs.Tensor) -> np.ndarray | None:
 
 def constant_size(t: gs.Constant) -> int:
     """Number of elements of a constant, from its shape (lazily loaded weights stay unloaded)."""
-    return int(np.prod(t.shape, dtype=np.int64))
+    return math.prod(int(d) for d in t.shape)
 
 
 def opset_version(graph: gs.Graph, domain: str = "") -> int:

@@ -144,6 +144,12 @@ def keep_or_all(mask: np.ndarray | None, size: int) -> np.ndarray:
     return np.ones(size, dtype=bool) if mask is None else mask
 
 
+def take_rows_cols(w: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``w[rows][:, cols]`` for boolean masks ``rows`` and ``cols``, made in one C-contiguous array (the two
+    steps make a second, and their result is not contiguous, so it is copied once more before export)."""
+    return w[np.ix_(rows, cols)]
+
+
 def ints_attr_or_input(
     node: gs.Node, const_of: Callable[[gs.Tensor], np.ndarray | None], attr: str, input_index: int
 ) -> tuple[list[int] | None, bool]:
