@@ -55,16 +55,10 @@ NOT_EXPORTABLE = {
     ("timm_vit", "torchscript"): "the TorchScript exporter cannot export timm's attention (a tensor where a bool is due)",
 }
 # What TorchScript's export hides from the engine (each prunes exactly with the dynamo exporter, torch's default):
-# the dead heads stay, and the test shows they still do (strict xfail).
-_COMPUTED_SLICE = "TorchScript splits the packed projection with a Slice whose bounds are computed from the channel count"
-_MASK_SHAPE = ("ONNX shape inference cannot size TorchScript's attention mask, so the mask cannot be shown to "
-               "broadcast along the heads")
-TORCHSCRIPT_KEEPS_HEADS = {
-    "mha_seq_first_block": _COMPUTED_SLICE,
-    "torchvision_maxvit": _COMPUTED_SLICE + " (torch.chunk)",
-    "hf_bert_masked": _MASK_SHAPE,
-    "hf_gpt2_eager": _MASK_SHAPE,
-}
+# the dead heads stay, and the test shows they still do (strict xfail). None now: the engine follows TorchScript's
+# computed sizes (``embed_dim // num_heads``, ``batch * num_heads``, torch.chunk's Slice bounds) and its attention
+# masks (Expand to a computed shape, Range; see onnxprune/channels/shape_values.py).
+TORCHSCRIPT_KEEPS_HEADS: dict[str, str] = {}
 # In the default run (the rest under -m slow): one of each kind of attention code, both exporters where they export.
 DEFAULT = {
     "sdpa_block": EXPORTERS,

@@ -8,6 +8,12 @@
 * Where (masking), Expand (grouped-query attention's repeated K/V heads), and Gather of
   one of Q, K, V from a packed projection.
 
+Targets computed at run time (:mod:`onnxprune.channels.shape_values`) are followed where the rewrite can
+keep them exact: a static size or ``embed_dim // num_heads`` alone in a Concat input becomes the new constant,
+``batch * num_heads`` is read again times the heads kept; a channel count a target reads and does not rewrite
+keeps its channels. TorchScript's attention masks (Expand behind its ``Where(Equal(s, -1), 1, s)`` guard) get
+the sizes shape inference left unknown filled in, so they are shown to broadcast along the heads.
+
 A layout tensor can only lose a product of values per part (whole heads): the planner
 keeps back whatever else (:meth:`onnxprune.channels.plan._PlanDraft.keep_products`).
 """
@@ -35,10 +41,18 @@ from onnxprune.channels.layout import (
     tensor_factors,
 )
 from onnxprune.channels.rule_base import Barrier, ChannelRule, RewriteContext
-from onnxprune.channels.shape_values import Computed, Dim, Literal, shape_entries
+from onnxprune.channels.shape_values import (
+    Computed,
+    Dim,
+    Literal,
+    Quotient,
+    quotient_value,
+    shape_entries,
+    traced_dim,
+)
 from onnxprune.channels.slots import TrackedAxis
 from onnxprune.channels.values import channel_constant, combine_same
-from onnxprune.graphutil import constant_value
+from onnxprune.graphutil import constant_value, producer
 
 
 def _axis_size(ctx: AnalysisContext, t: gs.Tensor, axis: int) -> Size:
@@ -72,30 +86,17 @@ def analyze_layout_reshape(node: gs.Node, ctx: AnalysisContext, tracked_input: T
                            allowzero: bool) -> None:
     """A Reshape that splits channels into heads, merges heads with another axis, or merges them back."""
     x, y = node.inputs[0], node.outputs[0]
-    in_shape = ctx.shape(x)
-    if in_shape is None:
-        raise Barrier("input shape unknown")
     parts = tracked_input.parts
-    in_factors = tensor_factors(parts, in_shape, len(in_shape))
-    out_sizes: list = []
-    out_shape = ctx.shape(y) or [None] * len(entries)
-    for position, entry in enumerate(entries):
-        if isinstance(entry, Computed):
-            out_sizes.append(plain_size(out_shape[position]) if position < len(out_shape) else None)
-        elif isinstance(entry, Dim):
-            out_sizes.append(_dim_size(ctx, entry))
-        elif entry.value == -1:
-            out_sizes.append("-1")
-        elif entry.value == 0 and not allowzero:
-            out_sizes.append(_axis_size(ctx, x, position))
-        else:
-            out_sizes.append(entry.value)
-    matched = match_reshape(in_factors, out_sizes)
+    fix_quotient_reads(node, ctx, entries)
+    matched = _match_target(node, ctx, tracked_input, entries, allowzero, traced=False)
+    if matched is None:  # shape inference may have lost a size on the way (a TorchScript attention mask)
+        matched = _match_target(node, ctx, tracked_input, entries, allowzero, traced=True)
     out_parts = None if matched is None else parts_from_factors(matched, len(parts))
     if out_parts is None:
         raise Barrier("it splits or merges the channel axis in a way onnxprune does not follow")
     on_channel_axes = {p.axis for p in out_parts}
-    if tracked_input.layout is None and any(isinstance(entries[p], Computed) for p in on_channel_axes):
+    if tracked_input.layout is None and any(isinstance(entries[p], Computed) and not _known_quotient(ctx, entries[p])
+                                            for p in on_channel_axes):
         raise Barrier("its target shape is computed in a way onnxprune does not follow")
     if len(out_parts) == 1 and out_parts[0].above == 1 and out_parts[0].inner > 1:  # channel blocks (a flatten)
         part = out_parts[0]
@@ -116,6 +117,49 @@ def analyze_layout_reshape(node: gs.Node, ctx: AnalysisContext, tracked_input: T
         _check_layout_entry(node, ctx, tracked_output, position, entry, allowzero)
 
 
+def _match_target(node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis, entries: list, allowzero: bool,
+                  traced: bool) -> list[list[Factor]] | None:
+    """The input's factors matched to the target's entries (see :func:`match_reshape`); ``traced``: sizes that
+    are symbols followed back through the ops that made them (:func:`traced_dim`)."""
+    x, y = node.inputs[0], node.outputs[0]
+    in_shape = ctx.shape(x)
+    if in_shape is None:
+        raise Barrier("input shape unknown")
+    if traced:
+        in_shape = [d if plain_size(d) is None or isinstance(d, int) else traced_dim(x, a, ctx.tensor)
+                    for a, d in enumerate(in_shape)]
+    out_sizes: list = []
+    out_shape = ctx.shape(y) or [None] * len(entries)
+    for position, entry in enumerate(entries):
+        if _known_quotient(ctx, entry):
+            out_sizes.append(quotient_value(entry, ctx.tensor))
+        elif isinstance(entry, Computed):
+            out_sizes.append(plain_size(out_shape[position]) if position < len(out_shape) else None)
+        elif isinstance(entry, Dim):
+            size = _dim_size(ctx, entry)
+            out_sizes.append(_traced_entry(ctx, entry) if traced and isinstance(size, str) else size)
+        elif entry.value == -1:
+            out_sizes.append("-1")
+        elif entry.value == 0 and not allowzero:
+            size = _axis_size(ctx, x, position)
+            out_sizes.append(in_shape[position] if traced and isinstance(size, str) else size)
+        else:
+            out_sizes.append(entry.value)
+    return match_reshape(tensor_factors(tracked_input.parts, in_shape, len(in_shape)), out_sizes)
+
+
+def _traced_entry(ctx: AnalysisContext, entry: Dim) -> Size:
+    """The size a Dim entry reads, followed back (:func:`traced_dim`) where it is a symbol."""
+    t = ctx.tensor(entry.tensor)
+    size = None if t is None else traced_dim(t, entry.axis, ctx.tensor)
+    return size * entry.scale if isinstance(size, int) else size if entry.scale == 1 else None
+
+
+def _known_quotient(ctx: AnalysisContext, entry) -> bool:
+    """True for a :class:`Quotient` whose value is known (its dimension is static)."""
+    return isinstance(entry, Quotient) and quotient_value(entry, ctx.tensor) is not None
+
+
 def _memory_order(parts: tuple[Part, ...], matched: list[list[Factor]]) -> np.ndarray | None:
     """Where each channel lands when several parts fill one axis alone in another order (None otherwise)."""
     axis = parts[0].axis
@@ -132,6 +176,10 @@ def _check_layout_entry(node: gs.Node, ctx: AnalysisContext, out: TrackedAxis, p
     """Target entry ``position`` must follow the pruning of the channel parts on that axis, or they stay whole."""
     on_axis = [i for i, p in enumerate(out.parts) if p.axis == position]
     if not on_axis:
+        if isinstance(entry, Dim):  # a size it does not rewrite: a channel count there must not change
+            fix_channel_count_read(node, ctx, entry)
+        return
+    if isinstance(entry, Quotient) and _rewritable_quotient(node, ctx, out, on_axis, entry):
         return
     if isinstance(entry, Computed):
         for i in on_axis:
@@ -153,6 +201,82 @@ def _check_layout_entry(node: gs.Node, ctx: AnalysisContext, out: TrackedAxis, p
     _follow_dim(node, ctx, out, on_axis, entry)
 
 
+def _channel_values(out: TrackedAxis, on_axis: list[int]) -> int:
+    """How many channel values the parts ``on_axis`` of ``out`` hold together (their share of the axis)."""
+    return int(np.prod([out.parts[i].dim for i in on_axis]))
+
+
+def sole_reader(holder: gs.Node, node: gs.Node, index: int = 1) -> bool:
+    """True if ``holder`` (a Concat of int64 shape entries) reaches only input ``index`` of ``node`` (through
+    one-reader tensors): a rewrite of its inputs changes nothing else."""
+    t = holder.outputs[0]
+    if t.dtype is not None and np.dtype(t.dtype) != np.int64:
+        return False
+    for _ in range(8):
+        if t is node.inputs[index]:
+            return len(t.outputs) == sum(1 for i in node.inputs if i is t)
+        if len(t.outputs) != 1 or len(t.outputs[0].outputs) != 1:
+            return False
+        t = t.outputs[0].outputs[0]
+    return False
+
+
+def _rewritable_quotient(node: gs.Node, ctx: AnalysisContext, out: TrackedAxis, on_axis: list[int],
+                         entry: Quotient) -> bool:
+    """A Quotient (``embed_dim // num_heads``) on an axis that carries channels: its value is known and sits
+    alone in a Concat input only this target reads, so a rewrite writes the new size there as a constant."""
+    value = quotient_value(entry, ctx.tensor)
+    return (value is not None and entry.source is not None and value % _channel_values(out, on_axis) == 0
+            and sole_reader(entry.source[0], node))
+
+
+# Ops whose rules tie every input channel to the output's (a channel deleted in the input is deleted there too).
+_MOVES = ("Unsqueeze", "Squeeze", "Transpose", "Identity", "Cast", "Expand", "Reshape", "Flatten")
+
+
+def carries_same_channels(ctx: AnalysisContext, x: gs.Tensor, name: str) -> bool:
+    """True if ``x`` is tensor ``name``, or made from it by ops that keep every channel (each declared by that
+    op's rule, which ties every input channel to the output): ``x`` loses channels whenever ``name`` does."""
+    t = x
+    for _ in range(8):
+        if t.name == name:
+            return True
+        node = producer(t)
+        if node is None or node.op not in _MOVES or ctx.tracked_by.get(t.name) != node.name:
+            return False
+        t = node.inputs[0]
+    return False
+
+
+def fix_channel_count_read(node: gs.Node, ctx: AnalysisContext, entry: Dim) -> None:
+    """A target entry reads a size that carries channels, and the rewrite does not follow it there (it
+    rewrites an entry only where this node's own channels change): those channels keep every value."""
+    source = ctx.tracked(entry.tensor)
+    for i, part in enumerate(source.parts if source is not None else ()):
+        if part.axis == entry.axis:
+            ctx.fix(source.tensor, i, f"{node.op} '{node.name}' reads this channel count into its target shape")
+
+
+def fix_quotient_reads(node: gs.Node, ctx: AnalysisContext, entries: list) -> None:
+    """A Quotient reads a size it divides: channels on that axis keep every value (the quotient is
+    rewritten only with the target's own channels, so it must not change on its own)."""
+    for entry in entries:
+        source = ctx.tracked(entry.tensor) if isinstance(entry, Quotient) else None
+        for i, part in enumerate(source.parts if source is not None else ()):
+            if part.axis == entry.axis:
+                ctx.fix(source.tensor, i, f"{node.op} '{node.name}' divides this channel count in its target shape")
+
+
+def _rescalable(node: gs.Node, ctx: AnalysisContext, out: TrackedAxis, on_axis: list[int], entry: Dim) -> bool:
+    """A size read at run time times a literal that names the head count (TorchScript's ``batch * num_heads``):
+    the read axis carries no channels and the literal is a multiple of the channels on this axis, so a rewrite
+    can read the same size times the new count (:func:`_rescale_entry`), into a Concat input only this reads."""
+    source = ctx.tracked(entry.tensor)
+    reads_channels = source is not None and any(p.axis == entry.axis for p in source.parts)
+    return (entry.scale != 1 and entry.source is not None and not reads_channels
+            and entry.scale % _channel_values(out, on_axis) == 0 and sole_reader(entry.source[0], node))
+
+
 def _follow_dim(node: gs.Node, ctx: AnalysisContext, out: TrackedAxis, on_axis: list[int], entry: Dim) -> None:
     """A target entry read at run time from ``entry.tensor``. Where that size is static and the entry has
     a place of its own, the rewrite writes the new size there; otherwise the source tensor must lose the
@@ -164,6 +288,10 @@ def _follow_dim(node: gs.Node, ctx: AnalysisContext, out: TrackedAxis, on_axis: 
             shape = list(tensor.shape)
             shape[entry.axis] = size
             tensor.shape = shape
+        if not carries_same_channels(ctx, node.inputs[0], entry.tensor):  # rewritten only with this node's
+            fix_channel_count_read(node, ctx, entry)
+        return
+    if not isinstance(size, int) and _rescalable(node, ctx, out, on_axis, entry):
         return
     source = ctx.tracked(entry.tensor) if entry.scale == 1 else None
     reason = f"the target shape of Reshape '{node.name}' reads a channel count at run time"
@@ -214,11 +342,38 @@ def rewrite_target(node: gs.Node, rw: RewriteContext, index: int = 1) -> None:
             part.reshape(-1)[position] = entry.value // before * kept
             rw.set_const(holder, slot, part)
         elif isinstance(entry, Dim) and entry.source is not None:
-            size = rw.graph.tensors()[entry.tensor].shape[entry.axis]
+            tensor = rw.graph.tensors()[entry.tensor]
+            size = tensor.shape[entry.axis] if tensor.shape is not None else None
             size = size * entry.scale if isinstance(size, (int, np.integer)) else None
             if size is not None and size % before == 0:
                 holder, slot = entry.source
                 rw.set_const(holder, slot, np.asarray([size // before * kept], dtype=np.int64))
+            elif size is None and entry.scale % before == 0 and kept != before:
+                _rescale_entry(rw, tensor, entry, entry.scale // before * kept)
+        elif isinstance(entry, Quotient) and entry.source is not None and kept != before:
+            value = quotient_value(entry, rw.graph.tensors().get)
+            if value is not None and value % before == 0:
+                holder, slot = entry.source
+                rw.set_const(holder, slot, np.asarray([value // before * kept], dtype=np.int64))
+
+
+def _rescale_entry(rw: RewriteContext, tensor: gs.Tensor, entry: Dim, scale: int) -> None:
+    """Replace the Concat input holding ``entry`` by ``Shape(tensor)[axis] * scale``, computed by new nodes
+    (the old ones may feed other targets)."""
+    holder, slot = entry.source
+    base = f"{holder.name}_input{slot}"
+    rank = [len(tensor.shape)] if tensor.shape is not None else None
+    shape = gs.Variable(rw.names.fresh(f"{base}_shape"), dtype=np.int64, shape=rank)
+    size = gs.Variable(rw.names.fresh(f"{base}_size"), dtype=np.int64, shape=[1])
+    scaled = gs.Variable(rw.names.fresh(f"{base}_scaled"), dtype=np.int64, shape=[1])
+    index = gs.Constant(rw.names.fresh(f"{base}_axis"), np.asarray([entry.axis], dtype=np.int64))
+    factor = gs.Constant(rw.names.fresh(f"{base}_factor"), np.asarray([scale], dtype=np.int64))
+    rw.graph.nodes += [
+        gs.Node("Shape", name=rw.names.fresh(f"{base}_Shape"), inputs=[tensor], outputs=[shape]),
+        gs.Node("Gather", name=rw.names.fresh(f"{base}_Gather"), attrs={"axis": 0}, inputs=[shape, index], outputs=[size]),
+        gs.Node("Mul", name=rw.names.fresh(f"{base}_Mul"), inputs=[size, factor], outputs=[scaled]),
+    ]
+    holder.inputs[slot] = scaled
 
 
 # -- MatMul of two activations -----------------------------------------------------------------------
@@ -277,6 +432,7 @@ class WhereRule(ChannelRule):
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         if not any(ctx.tracked(t) is not None for t in node.inputs):
+            refine_broadcast_shape(node, ctx)  # an attention mask: show it broadcasts along the heads
             return
         parts, values, ties = layout_operands(node, ctx, list(node.inputs))
         with np.errstate(all="ignore"):
@@ -299,12 +455,14 @@ class ExpandRule(ChannelRule):
             if ctx.tracked(node.inputs[1]) is not None:
                 raise Barrier("its shape comes from channel data")
             fix_heads_read_by_untracked(node, ctx)
+            _refine_untracked_expand(node, ctx)
             return
         entries = shape_entries(node.inputs[1], ctx.graph)
         rank = ctx.rank(x)
         if entries is None or rank is None or len(entries) < rank:
             raise Barrier("its target shape is computed in a way onnxprune does not follow")
         shift = len(entries) - rank
+        fix_quotient_reads(node, ctx, entries)
         _refine_expand_shape(ctx, node, entries, shift)
         parts = move_axes(tracked.parts, lambda axis: axis + shift)
         ctx.track_parts(y, parts, node, ctx.value(x))
@@ -335,6 +493,57 @@ def _refine_expand_shape(ctx: AnalysisContext, node: gs.Node, entries: list, shi
     y.shape = known
 
 
+def _static_dim(d) -> int | None:
+    """A shape entry as a known size (None for a symbol or unknown)."""
+    return int(d) if isinstance(d, (int, np.integer)) and d >= 0 else None
+
+
+def _broadcast(sizes: list[int | None]) -> int | None:
+    """The size numpy-style broadcasting gives an axis of operands of these sizes (None: not known, or an error)."""
+    if any(s is None for s in sizes):
+        return None
+    big = {s for s in sizes if s != 1}
+    return 1 if not big else big.pop() if len(big) == 1 else None
+
+
+def refine_broadcast_shape(node: gs.Node, ctx: AnalysisContext) -> None:
+    """Fill in output sizes of a broadcasting op that shape inference left unknown, where every operand's
+    size on that axis is known (an attention mask is then shown to have one row for every head)."""
+    y = node.outputs[0]
+    ranks = [ctx.rank(t) for t in node.inputs]
+    out = ctx.shape(y)
+    if out is None or any(r is None for r in ranks):
+        return
+    known = list(out)
+    for axis in range(len(out)):
+        if _static_dim(out[axis]) is None:
+            sizes = [_static_dim(ctx.shape(t)[axis - len(out) + r]) if axis - len(out) + r >= 0 else 1
+                     for t, r in zip(node.inputs, ranks)]
+            size = _broadcast(sizes)
+            known[axis] = out[axis] if size is None else size
+    if known != out:
+        y.shape = known
+
+
+def _refine_untracked_expand(node: gs.Node, ctx: AnalysisContext) -> None:
+    """Expand of data that carries no channels (an attention mask): fill in the output sizes shape inference
+    left unknown where the input's size and the target's entry give them."""
+    x, y = node.inputs[0], node.outputs[0]
+    entries, in_shape, out = shape_entries(node.inputs[1], ctx.graph), ctx.shape(x), ctx.shape(y)
+    if entries is None or in_shape is None or out is None or len(out) != max(len(entries), len(in_shape)):
+        return
+    known = list(out)
+    for axis in range(len(out)):
+        j, k = axis - len(out) + len(entries), axis - len(out) + len(in_shape)
+        target = entries[j].value if j >= 0 and isinstance(entries[j], Literal) and entries[j].value >= 1 else None
+        target = 1 if j < 0 else target
+        size = _broadcast([target, _static_dim(in_shape[k]) if k >= 0 else 1])
+        if _static_dim(out[axis]) is None and size is not None:
+            known[axis] = size
+    if known != out:
+        y.shape = known
+
+
 def analyze_select(node: gs.Node, ctx: AnalysisContext, tracked: TrackedAxis, axis: int) -> None:
     """Gather of one index on an axis holding a whole part (Q, K or V out of a packed projection)."""
     index = ctx.const(node.inputs[1])
@@ -353,26 +562,56 @@ def analyze_select(node: gs.Node, ctx: AnalysisContext, tracked: TrackedAxis, ax
     ctx.tie(node.inputs[0], node.outputs[0], picked, np.arange(picked.size))
 
 
-def axes_read_for_computation(ctx: AnalysisContext, t: gs.Tensor, positions: list[int], depth: int = 0) -> set[int]:
+def axes_read_for_computation(ctx: AnalysisContext, t: gs.Tensor, positions: list[int], depth: int = 0,
+                              source: gs.Tensor | None = None, computed: bool = False) -> set[int]:
     """Axes (``positions`` holds the axis each entry of shape value ``t`` reports, -1 for others) whose
     size feeds something other than the target of a Reshape or Expand (whose rules check what they
-    read), following ops that only move shape entries: Slice, Gather, Concat, Unsqueeze, Squeeze, Cast."""
+    read), following ops that only move shape entries: Slice, Gather, Concat, Unsqueeze, Squeeze, Cast.
+
+    A size may also go through integer arithmetic (``computed``; TorchScript's ``torch.chunk`` computes its
+    Slice bounds from the channel count) into the starts or ends of a Slice of ``source`` (the tensor whose
+    shape ``t`` is): the Slice rule evaluates them and its rewrite writes them as constants."""
     every = {p for p in positions if p >= 0}
+    if source is None and depth == 0:
+        shape = producer(t)
+        source = shape.inputs[0] if shape is not None and shape.op == "Shape" else None
     if depth > 12 or t.name in ctx.graph_outputs:
         return every
     read: set[int] = set()
     for user in t.outputs:
-        if user.op in ("Reshape", "Expand") and len(user.inputs) > 1 and user.inputs[1] is t and user.inputs[0] is not t:
+        if _bound_of_slice(user, t, source) or user.op == "Shape":
             continue
-        if user.op == "Shape" or (user.op == "Equal" and _only_guards_where(user, t)):
-            continue  # the length of the shape value, or TorchScript's Where(Equal(s, -1), 1, s) guard
+        if not computed and user.op in ("Reshape", "Expand") and len(user.inputs) > 1 and user.inputs[1] is t \
+                and user.inputs[0] is not t:
+            continue
+        if not computed and user.op == "Equal" and _only_guards_where(user, t):
+            continue  # TorchScript's Where(Equal(s, -1), 1, s) guard
         moved = _moved_positions(ctx, user, t, positions)
+        now_computed = computed
+        if moved is None and _integer_arithmetic(ctx, user, t):
+            moved, now_computed = positions, True
         if moved is None:
             read |= every
             continue
         for out in user.outputs:
-            read |= axes_read_for_computation(ctx, out, moved, depth + 1)
+            read |= axes_read_for_computation(ctx, out, moved, depth + 1, source, now_computed)
     return read
+
+
+def _bound_of_slice(user: gs.Node, t: gs.Tensor, source: gs.Tensor | None) -> bool:
+    """True if ``t`` is only the starts or ends of ``user``, a Slice of ``source``."""
+    if source is None or user.op != "Slice" or not user.inputs or user.inputs[0] is not source:
+        return False
+    return any(i is t for i in user.inputs[1:3]) and all(i is not t for j, i in enumerate(user.inputs) if j not in (1, 2))
+
+
+def _integer_arithmetic(ctx: AnalysisContext, user: gs.Node, t: gs.Tensor) -> bool:
+    """Add, Sub, Mul or Div of ``t`` and an integer constant (a size computed from a size)."""
+    if user.op not in ("Add", "Sub", "Mul", "Div") or len(user.inputs) != 2:
+        return False
+    other = user.inputs[1] if user.inputs[0] is t else user.inputs[0]
+    value = ctx.const(other)
+    return other is not t and value is not None and np.issubdtype(np.asarray(value).dtype, np.integer)
 
 
 def _only_guards_where(equal: gs.Node, t: gs.Tensor) -> bool:
@@ -422,11 +661,12 @@ def fix_heads_read_by_untracked(node: gs.Node, ctx: AnalysisContext) -> None:
     if len(node.inputs) < 2 or ctx.tracked(node.inputs[0]) is not None:
         return
     for entry in shape_entries(node.inputs[1], ctx.graph) or []:
-        source = ctx.tracked(entry.tensor) if isinstance(entry, Dim) else None
-        if source is not None and source.layout is not None:
+        source = ctx.tracked(entry.tensor) if isinstance(entry, (Dim, Quotient)) else None
+        if source is not None:
             for i, part in enumerate(source.parts):
                 if part.axis == entry.axis:
-                    ctx.fix(source.tensor, i, f"{node.op} '{node.name}' reads the head count to shape other data")
+                    what = "head" if source.layout is not None else "channel"
+                    ctx.fix(source.tensor, i, f"{node.op} '{node.name}' reads the {what} count to shape other data")
 
 
 HEAD_RULES: list[ChannelRule] = [WhereRule(), ExpandRule()]

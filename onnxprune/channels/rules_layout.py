@@ -25,6 +25,7 @@ from onnxprune.channels.rule_base import (
     normalize_axis,
 )
 from onnxprune.channels.rules_heads import analyze_layout_slice
+from onnxprune.channels.shape_values import static_ints
 from onnxprune.channels.slots import TrackedAxis
 from onnxprune.channels.values import channel_constant, combine_same
 from onnxprune.graphutil import opset_version, optional_input
@@ -259,6 +260,20 @@ def _as_slice(positions: np.ndarray, kept_count: int) -> tuple[int, int, int] | 
     return start, (end if end >= 0 else -kept_count - 1), step
 
 
+def _static_or_const(const_of: ConstOf) -> ConstOf:
+    """``const_of``, falling back on the value of an integer tensor computed from constants and static sizes.
+
+    Such a value is what the graph computes before pruning; a size it reads may change with the pruning
+    only where it is the channel count of the sliced tensor itself (the Shape rule lets no other read
+    through), and then the Slice's rewrite writes the parameters as constants for the channels kept."""
+
+    def value(t: gs.Tensor) -> np.ndarray | None:
+        v = const_of(t)
+        return v if v is not None else static_ints(t)
+
+    return value
+
+
 class SliceRule(_ConstantParamsRule):
     """Slice: a channel-axis slice selects channels start, start+step, ...; other axes keep them."""
 
@@ -268,7 +283,9 @@ class SliceRule(_ConstantParamsRule):
     not_constant = "its starts/ends/axes/steps are not constant"
 
     def params(self, node: gs.Node, const_of: ConstOf, opset: int, rank: int) -> _SliceParams:
-        """Slice's parameters: attributes before opset 10, inputs after."""
+        """Slice's parameters: attributes before opset 10, inputs after, constant or computed from static
+        sizes (``torch.chunk``'s bounds, from the channel count: see :func:`_static_or_const`)."""
+        const_of = _static_or_const(const_of)
         if opset < 10:
             starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
             axes = list(node.attrs.get("axes", range(len(starts))))
@@ -297,11 +314,13 @@ class SliceRule(_ConstantParamsRule):
 
     def write_params(self, node: gs.Node, rw: RewriteContext, params: _SliceParams, opset: int) -> None:
         x, y = node.inputs[0], node.outputs[0]
-        if rw.tracked_layout(x):  # heads: the sliced parts stay whole, other axes are not sliced
+        computed = opset >= 10 and any(
+            (t := optional_input(node, i)) is not None and rw.const(t) is None for i in range(1, 5))
+        if rw.tracked_layout(x) or rw.axis(x) not in params.axes:  # heads: the sliced parts stay whole
+            if computed:  # computed from sizes that may change: the values they had, as constants
+                self._write_slice(node, rw, params, opset)
             return
         channel_axis = rw.axis(x)
-        if channel_axis not in params.axes:
-            return
         i = params.axes.index(channel_axis)
         keep_in = rw.keep(x)
         selected = np.arange(keep_in.size)[slice(params.starts[i], params.ends[i], params.steps[i])]
@@ -319,13 +338,17 @@ class SliceRule(_ConstantParamsRule):
         if opset < 10:
             node.attrs["starts"], node.attrs["ends"] = params.starts, params.ends
             return
+        axes = optional_input(node, 3)
+        if axes is not None and rw.const(axes) is None:  # computed: the values it had
+            rw.set_const(node, 3, np.asarray(params.axes, dtype=np.int64))
         for index, ints in ((1, params.starts), (2, params.ends), (4, params.steps)):
             present = optional_input(node, index) is not None
             if not present and index == 4 and all(s == 1 for s in params.steps):
                 continue
             array = np.asarray(ints, dtype=np.int64)
             if present:
-                rw.set_const(node, index, array.astype(rw.const(node.inputs[index]).dtype))
+                old = rw.const(node.inputs[index])
+                rw.set_const(node, index, array.astype(old.dtype) if old is not None else array)
             else:
                 if optional_input(node, 3) is None:
                     rw.set_const_or_add(node, 3, np.asarray(params.axes, dtype=np.int64))

@@ -7,7 +7,14 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.channels.context import AnalysisContext
 from onnxprune.channels.rule_base import Barrier, ChannelRule, RewriteContext, TrackedInputRule, normalize_axis
-from onnxprune.channels.rules_heads import analyze_layout_reshape, fix_heads_read_by_untracked, rewrite_target
+from onnxprune.channels.rules_heads import (
+    analyze_layout_reshape,
+    carries_same_channels,
+    fix_channel_count_read,
+    fix_heads_read_by_untracked,
+    fix_quotient_reads,
+    rewrite_target,
+)
 from onnxprune.channels.shape_values import Computed, Dim, Literal, resolve_target, shape_entries
 from onnxprune.channels.slots import TrackedAxis
 from onnxprune.graphutil import constant_value
@@ -93,6 +100,7 @@ class ReshapeRule(TrackedInputRule):
         if tracked_input.layout is not None:
             analyze_layout_reshape(node, ctx, tracked_input, entries, allowzero)
             return
+        fix_quotient_reads(node, ctx, entries)
         if in_shape is not None:  # exact where it resolves; inference may leave -1 entries unknown
             out_shape = resolve_target(in_shape, entries, ctx.tensor, allowzero) or out_shape
         found = None
@@ -130,6 +138,9 @@ class ReshapeRule(TrackedInputRule):
             )
             if source is not None and source.axis == entry.axis and not follows:
                 raise Barrier("its target shape reads a channel count")
+            if source is not None and source.axis == entry.axis and not carries_same_channels(ctx, node.inputs[0],
+                                                                                              entry.tensor):
+                fix_channel_count_read(node, ctx, entry)  # rewritten only where this node's channels change
         elif position == out_axis:
             keeps_channels = entry.value == 0 and not allowzero and out_axis == tracked_input.axis and per_channel == 1
             rewritable = entry.value > 0 and (constant_value(node.inputs[1]) is not None or entry.source is not None)
