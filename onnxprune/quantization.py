@@ -29,7 +29,8 @@ from onnxprune.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-#: Ops that only a quantized model holds: a model with any of them is refused as input.
+#: Ops that only a quantized model holds: `onnxprune deploy` refuses a model with any of them (quantizing twice);
+#: `onnxprune prune` takes them (QDQ weights and MatMulNBits are pruned in their stored form, onnxprune.channels.stored).
 QUANTIZED_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd",
     "QLinearMul", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid",

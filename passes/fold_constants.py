@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.channels.stored import is_decompression
 from onnxprune.graphutil import constant_value, is_default_domain
 from onnxprune.pass_infra import GraphPass, PassResult
 
@@ -33,7 +34,11 @@ def cast_like_to_cast(node: gs.Node) -> None:
 
 
 def foldable_nodes(graph: gs.Graph) -> list[gs.Node]:
-    """Nodes (in order) whose every input is a constant or the output of another foldable node."""
+    """Nodes (in order) whose every input is a constant or the output of another foldable node.
+
+    A DequantizeLinear of constants, or a Cast widening a float16/bfloat16 constant, is how a model stores a
+    weight quantized or narrow: it stays (the channel engine reads through it and prunes the stored form).
+    """
     outputs = {t.name for t in graph.outputs}
     constant: set[str] = set()
     nodes = []
@@ -41,6 +46,7 @@ def foldable_nodes(graph: gs.Graph) -> list[gs.Node]:
         if (
             not is_default_domain(node)
             or node.op in NONDETERMINISTIC
+            or is_decompression(node)
             or next(node.subgraphs(), None) is not None
             or any(o.name in outputs for o in node.outputs)
         ):

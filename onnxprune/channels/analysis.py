@@ -16,8 +16,8 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.channels.context import AnalysisContext, ReadKind
 from onnxprune.channels.rule_base import Barrier
-from onnxprune.channels.rules import RULES
-from onnxprune.graphutil import has_subgraphs, is_default_domain, producer, walk_subgraph_inputs
+from onnxprune.channels.rules import rule_for
+from onnxprune.graphutil import has_subgraphs, producer, walk_subgraph_inputs
 
 CHANNEL_SOURCES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -92,13 +92,12 @@ class _Reasons:
         return self._index[text]
 
 
-def _barrier_with_subgraphs(graph: gs.Graph, node: gs.Node, ctx: AnalysisContext) -> None:
+def _barrier_with_subgraphs(node: gs.Node, ctx: AnalysisContext) -> None:
     """A node with subgraphs is a barrier, also for the outer tensors its subgraphs read."""
     outer = list(walk_subgraph_inputs(node))
     ctx.barrier(node, "it has subgraphs")
-    tensors = graph.tensors()
     for name in outer:
-        t = tensors.get(name)
+        t = ctx.tensor(name)
         if t is not None and ctx.tracked(t) is not None:
             ctx.read(t, node, ReadKind.BARRIER, f"read inside a subgraph of {node.op} '{node.name}'")
 
@@ -110,7 +109,7 @@ FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "Pa
 
 def _analyze_node(node: gs.Node, ctx: AnalysisContext) -> None:
     """Run ``node``'s rule; an op without one is a barrier to the channels reaching it."""
-    rule = RULES.get(node.op) if is_default_domain(node) else None
+    rule = rule_for(node)
     if rule is None and node.domain == "com.microsoft" and node.op in FUSED_ATTENTION:
         ctx.barrier(node, f"com.microsoft.{node.op} is a fused attention op: onnxprune cannot delete heads inside it "
                           "(prune the model before ONNX Runtime's transformer optimizer fuses it)")
@@ -134,7 +133,7 @@ def _run_rules(graph: gs.Graph) -> AnalysisContext:
     ctx = AnalysisContext(graph)
     for node in graph.nodes:
         if has_subgraphs(node):
-            _barrier_with_subgraphs(graph, node, ctx)
+            _barrier_with_subgraphs(node, ctx)
         else:
             _analyze_node(node, ctx)
     for t in graph.outputs:
@@ -222,39 +221,100 @@ def _build_groups(analysis: ChannelAnalysis) -> None:
     """Group the components by the set of tensors they span, each group labelled by its first layer."""
     ctx = analysis.ctx
     tracked = ctx.slots.tracked
-    k = analysis.num_components
     if not tracked:
         analysis.group_of_component = np.zeros(0, dtype=np.int64)
         return
-    key_of_slot = np.repeat(np.arange(len(tracked)), [t.size for t in tracked])
-    pairs = np.unique(analysis.component_of_slot * len(tracked) + key_of_slot)
-    pair_comp, pair_key = pairs // len(tracked), pairs % len(tracked)
-    splits = np.flatnonzero(np.diff(pair_comp)) + 1
-    signatures: dict[tuple[int, ...], int] = {}
-    group_of = np.empty(k, dtype=np.int64)
-    for c, keys in zip(np.split(pair_comp, splits), np.split(pair_key, splits)):
-        sig = tuple(keys.tolist())
-        group_of[c[0]] = signatures.setdefault(sig, len(signatures))
+    signatures, group_of = _signatures(analysis, len(tracked))
     analysis.group_of_component = group_of
-    tensor_map = analysis.graph.tensors()
+    by_group = np.argsort(group_of, kind="stable")  # each group's components, in increasing order
+    ends = np.cumsum(np.bincount(group_of, minlength=len(signatures)))
     for sig, gid in signatures.items():
         names = [tracked[i].tensor for i in sig]
         first = tracked[sig[0]].tensor
-        members = np.flatnonzero(group_of == gid)
+        members = by_group[(ends[gid - 1] if gid else 0) : ends[gid]]
         order = np.argsort(_position_in(analysis, first, members))
         producers = []
         for n in names:
-            node = producer(tensor_map[n]) if n in tensor_map else None
+            t = ctx.tensor(n)  # the analysis's map of the graph's tensors
+            node = producer(t) if t is not None else None
             if node is not None and node.op in CHANNEL_SOURCES:
                 producers.append(node.name)
         label = producers[0] if producers else first
         analysis.groups.append(ChannelGroup(gid, label, names, producers, members[order]))
 
 
+def _signatures(analysis: ChannelAnalysis, tensors: int) -> tuple[dict[tuple[int, ...], int], np.ndarray]:
+    """The tensors (by tracking order) each component spans: every distinct set numbered in order of its
+    first component, and each component's number."""
+    key_of_slot = np.repeat(np.arange(tensors), [t.size for t in analysis.ctx.slots.tracked])
+    pairs = _sorted_unique(analysis.component_of_slot * tensors + key_of_slot)  # by component, then tensor
+    if pairs.size == 0:
+        return {}, np.zeros(analysis.num_components, dtype=np.int64)
+    comp, keys = pairs // tensors, pairs % tensors
+    starts = np.flatnonzero(np.concatenate(([True], comp[1:] != comp[:-1])))
+    counts = np.diff(np.append(starts, pairs.size))
+    found = _same_sets(keys, starts, counts, tensors)
+    if found is None:  # two different sets met under one hash: compare them one by one
+        return _signatures_one_by_one(comp, keys, starts, analysis.num_components)
+    first, class_of = found
+    order = np.argsort(first, kind="stable")  # classes by their first component
+    number = np.empty(order.size, dtype=np.int64)
+    number[order] = np.arange(order.size)
+    group_of = np.empty(analysis.num_components, dtype=np.int64)
+    group_of[comp[starts]] = number[class_of]
+    listed, starts_at, counts_of = keys.tolist(), starts.tolist(), counts.tolist()
+    signatures = {}
+    for c in first[order].tolist():  # numbered 0, 1, ... in this order
+        signatures[tuple(listed[starts_at[c] : starts_at[c] + counts_of[c]])] = len(signatures)
+    return signatures, group_of
+
+
+def _same_sets(keys: np.ndarray, starts: np.ndarray, counts: np.ndarray, tensors: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Components (runs of ``keys`` from ``starts``, ``counts`` long) with the same keys, found by a hash of
+    their keys and checked key by key: (the first component of each class, each component's class), or
+    None if the check fails (a hash collision)."""
+    weights = _mixed(np.arange(1, tensors + 1, dtype=np.uint64))
+    hashes = np.add.reduceat(weights[keys], starts) * np.uint64(1_000_003) + counts.astype(np.uint64)  # wraps round
+    _, first, class_of = np.unique(hashes, return_index=True, return_inverse=True)
+    rep = first[class_of]  # each component's representative
+    if not np.array_equal(counts[rep], counts):
+        return None
+    offset = np.arange(keys.size) - np.repeat(starts, counts)
+    if not np.array_equal(keys[np.repeat(starts[rep], counts) + offset], keys):
+        return None
+    return first, class_of
+
+
+def _mixed(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: well-spread 64-bit values for the integers ``x`` (uint64; arithmetic wraps)."""
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) * np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _signatures_one_by_one(
+    comp: np.ndarray, keys: np.ndarray, starts: np.ndarray, components: int
+) -> tuple[dict[tuple[int, ...], int], np.ndarray]:
+    """:func:`_signatures` by a dictionary of each component's keys (``comp``, ``keys``: the sorted pairs)."""
+    listed, bounds = keys.tolist(), [*starts.tolist(), keys.size]
+    signatures: dict[tuple[int, ...], int] = {}
+    group_of = np.empty(components, dtype=np.int64)
+    group_of[comp[starts]] = [signatures.setdefault(tuple(listed[a:b]), len(signatures)) for a, b in zip(bounds, bounds[1:])]
+    return signatures, group_of
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` for an integer array, by sorting (numpy's hashing is slower on these)."""
+    out = np.sort(values)
+    return out[np.concatenate(([True], out[1:] != out[:-1]))] if out.size else out
+
+
 def _position_in(analysis: ChannelAnalysis, tensor: str, members: np.ndarray) -> np.ndarray:
-    """First position of each component along ``tensor``'s channel axis."""
+    """First position of each component along ``tensor``'s channel axis (``1 << 40`` where it has none)."""
     comps = analysis.components_of(tensor)
-    first = {}
-    for pos, c in enumerate(comps.tolist()):
-        first.setdefault(c, pos)
-    return np.asarray([first.get(int(c), 1 << 40) for c in members])
+    if comps.size == 0:
+        return np.full(members.size, 1 << 40, dtype=np.int64)
+    present, first = np.unique(comps, return_index=True)  # first: where each component first appears
+    at = np.minimum(np.searchsorted(present, members), present.size - 1)
+    return np.where(present[at] == members, first[at], 1 << 40)

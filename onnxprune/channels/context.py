@@ -27,7 +27,8 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.channels.layout import Part, is_standard, normalize
 from onnxprune.channels.slots import SlotSpace, TrackedAxis
-from onnxprune.graphutil import constant_value, producer
+from onnxprune.channels.stored import stored_value
+from onnxprune.graphutil import producer
 
 UNKNOWN = np.nan
 
@@ -112,8 +113,8 @@ class AnalysisContext:
 
     @staticmethod
     def const(t: gs.Tensor | None) -> np.ndarray | None:
-        """Value of ``t`` if it is a constant (None otherwise)."""
-        return None if t is None else constant_value(t)
+        """Value of ``t`` if it is a constant, also one stored quantized or narrow (None otherwise)."""
+        return stored_value(t)
 
     # -- tracking -----------------------------------------------------------
     def tracked(self, t: gs.Tensor | str | None) -> TrackedAxis | None:

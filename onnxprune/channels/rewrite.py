@@ -8,7 +8,8 @@ import onnx_graphsurgeon as gs
 from onnxprune.channels.layout import dims, kept_per_part
 from onnxprune.channels.plan import PrunePlan
 from onnxprune.channels.rules import RULES
-from onnxprune.graphutil import NameSource, constant_value, set_const_input, set_or_add_const_input
+from onnxprune.channels.stored import set_stored, stored_value
+from onnxprune.graphutil import NameSource, set_or_add_const_input
 
 
 class Rewriter:
@@ -89,7 +90,7 @@ class Rewriter:
 
     @staticmethod
     def const(t: gs.Tensor | None) -> np.ndarray | None:
-        return None if t is None else constant_value(t)
+        return stored_value(t)
 
     @property
     def changed_tensors(self) -> dict[str, np.ndarray]:
@@ -97,7 +98,7 @@ class Rewriter:
 
     # -- edits --------------------------------------------------------------
     def set_const(self, node: gs.Node, index: int, value: np.ndarray) -> None:
-        set_const_input(node, index, value, self.names)
+        set_stored(self.graph, node, index, value, self.names)
 
     def set_const_or_add(self, node: gs.Node, index: int, value: np.ndarray) -> None:
         set_or_add_const_input(node, index, value, self.names, f"{node.name}_input{index}")

@@ -4,6 +4,9 @@ These end a channel group: their output channels are a new group (weight
 rows), and their inputs are *read* (weight columns). A dead input channel is
 deleted together with its weight columns; a constant one is folded into the
 bias where that is exact (Gemm, MatMul, unpadded Conv).
+
+Weights and biases stored quantized (DequantizeLinear of constants) or narrow (a Cast of
+float16/bfloat16) are read and cut in that form (:mod:`onnxprune.channels.stored`).
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.channels.context import AnalysisContext, ReadKind
-from onnxprune.channels.rule_base import Barrier, ChannelRule, PlanView, RewriteContext, keep_or_all
+from onnxprune.channels.rule_base import Barrier, ChannelRule, PlanView, RewriteContext, keep_or_all, take_rows_cols
 from onnxprune.channels.rules_products import analyze_activation_matmul
+from onnxprune.channels.stored import frozen_axes, input_rounded_by_runtime, set_stored_or_add, stored_weight_and_bias, take
 from onnxprune.channels.values import linear_values
-from onnxprune.graphutil import optional_input, set_or_add_const_input, weight_and_bias
+from onnxprune.graphutil import optional_input
 
 
 def _conv_unpadded(node: gs.Node) -> bool:
@@ -34,16 +38,35 @@ def _folded_delta(values: np.ndarray, dropped: np.ndarray, weight_sums) -> np.nd
 
 def _set_bias(node: gs.Node, rw: RewriteContext, index: int, bias: np.ndarray, dtype: np.dtype) -> None:
     """Make ``bias`` (as ``dtype``) the node's input ``index``, adding that input where it is omitted."""
-    set_or_add_const_input(node, index, bias.astype(dtype), rw.names, f"{node.name}_bias")
+    set_stored_or_add(rw.graph, node, index, bias.astype(dtype), rw.names, f"{node.name}_bias")
+
+
+def _take_bias(node: gs.Node, rw: RewriteContext, index: int, kout: np.ndarray) -> None:
+    """Keep the entries ``kout`` of the node's bias at input ``index`` (last axis), if it has one with them."""
+    if optional_input(node, index) is not None:
+        take(rw, node, index, lambda c: np.compress(kout, c, axis=-1))
 
 
 def _constant_layer(node: gs.Node, reason: str, covered: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """The layer's constant weight and optional bias; a :class:`Barrier` for ``reason`` if either
     varies or the layer's attributes are not ``covered``."""
-    found = weight_and_bias(node)
+    found = stored_weight_and_bias(node)
     if found is None or not covered:
         raise Barrier(reason)
     return found
+
+
+def _guard_stored_axes(node: gs.Node, ctx: AnalysisContext, in_axis: int, out_axis: int) -> None:
+    """Weight axes its storage cannot cut (quantized in blocks along them, or rounded by the runtime along the
+    input channels): the channels on the input axis are read as a barrier, those on the output axis pinned."""
+    for axis, why in frozen_axes(node.inputs[1]).items():
+        if axis == in_axis:
+            ctx.read(node.inputs[0], node, ReadKind.BARRIER, f"read by {node.op} '{node.name}': {why}")
+        if axis == out_axis:
+            ctx.pin(node.outputs[0], f"{node.op} '{node.name}': {why}")
+    rounded = input_rounded_by_runtime(node)
+    if rounded is not None:
+        ctx.read(node.inputs[0], node, ReadKind.BARRIER, f"read by {node.op} '{node.name}': {rounded}")
 
 
 def _demand_input(node: gs.Node, ctx: AnalysisContext, axis: int, channels: int, reason: str) -> None:
@@ -93,6 +116,7 @@ class ConvRule(ChannelRule):
                 out[rows] = linear_values(v[g * cpg : (g + 1) * cpg], w[rows], bias[rows], allow_constant=False)
             ctx.track(y, 1, cout, node, out)
             ctx.add_constraint(node)
+        _guard_stored_axes(node, ctx, 1, 0)
 
     def constrain(self, node: gs.Node, view: PlanView):
         """Grouped Conv: groups go whole, and the remaining ones keep equal sizes."""
@@ -121,7 +145,7 @@ class ConvRule(ChannelRule):
         x, y = node.inputs[0], node.outputs[0]
         if not (rw.changed_read(node, x) or rw.changed(y)):
             return
-        w, b = weight_and_bias(node)
+        w, b = stored_weight_and_bias(node)
         group = int(node.attrs.get("group", 1))
         cout, cin = w.shape[0], w.shape[1] * group
         kin, kout = keep_or_all(rw.keep_read(node, x), cin), keep_or_all(rw.keep(y), cout)
@@ -131,23 +155,22 @@ class ConvRule(ChannelRule):
             delta = _folded_delta(rw.values(x), dropped, lambda idx: w[:, idx].reshape(cout, idx.size, -1).sum(axis=2))
             if delta is not None:
                 bias = bias + delta
-            rw.set_const(node, 1, w[kout][:, kin])
-            if b is not None or delta is not None:
+            take(rw, node, 1, lambda a: take_rows_cols(a, kout, kin))
+            if delta is not None:
                 _set_bias(node, rw, 2, bias[kout], w.dtype)
+            else:
+                _take_bias(node, rw, 2, kout)
             rw.gather_input(node, 0)
         elif w.shape[1] == 1 and cout % cin == 0:
-            rw.set_const(node, 1, w[kout])
-            if b is not None:
-                rw.set_const(node, 2, b[kout])
+            take(rw, node, 1, lambda a: np.compress(kout, a, axis=0))
+            _take_bias(node, rw, 2, kout)
             node.attrs["group"] = int(kin.sum())
         else:
             kin_g, kout_g = kin.reshape(group, -1), kout.reshape(group, -1)
             opg = cout // group
             alive = np.flatnonzero(kout_g.any(axis=1))
-            blocks = [w[g * opg : (g + 1) * opg][kout_g[g]][:, kin_g[g]] for g in alive]
-            rw.set_const(node, 1, np.concatenate(blocks, axis=0))
-            if b is not None:
-                rw.set_const(node, 2, b[kout])
+            take(rw, node, 1, lambda a: np.concatenate([take_rows_cols(a[g * opg : (g + 1) * opg], kout_g[g], kin_g[g]) for g in alive]))
+            _take_bias(node, rw, 2, kout)
             node.attrs["group"] = int(alive.size)
 
 
@@ -166,6 +189,7 @@ class ConvTransposeRule(ChannelRule):
         bias = np.zeros(cout) if b is None else b.astype(np.float64)
         out = linear_values(ctx.value(x), np.swapaxes(w, 0, 1), bias, allow_constant=False)
         ctx.track(y, 1, cout, node, out)
+        _guard_stored_axes(node, ctx, 0, 1)
 
     def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -173,10 +197,8 @@ class ConvTransposeRule(ChannelRule):
             return
         w = rw.const(node.inputs[1])
         kin, kout = keep_or_all(rw.keep(x), w.shape[0]), keep_or_all(rw.keep(y), w.shape[1])
-        rw.set_const(node, 1, w[kin][:, kout])
-        b_t = optional_input(node, 2)
-        if b_t is not None:
-            rw.set_const(node, 2, rw.const(b_t)[kout])
+        take(rw, node, 1, lambda a: take_rows_cols(a, kin, kout))
+        _take_bias(node, rw, 2, kout)
 
 
 class GemmRule(ChannelRule):
@@ -196,6 +218,7 @@ class GemmRule(ChannelRule):
         cvals = np.zeros(n) if c is None else _row_constant(c, n)
         out = alpha * linear_values(ctx.value(a), w, 0.0, allow_constant=True) + beta * cvals
         ctx.track(y, 1, n, node, out)
+        _guard_stored_axes(node, ctx, *((1, 0) if int(node.attrs.get("transB", 0)) else (0, 1)))
 
     def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
         a, y = node.inputs[0], node.outputs[0]
@@ -208,7 +231,7 @@ class GemmRule(ChannelRule):
         kin, kout = keep_or_all(rw.keep_read(node, a), k), keep_or_all(rw.keep(y), n)
         alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
         delta = _folded_delta(rw.values(a), np.flatnonzero(~kin), lambda idx: w[:, idx].astype(np.float64))
-        rw.set_const(node, 1, w[kout][:, kin] if trans_b else w[kout][:, kin].T)
+        take(rw, node, 1, lambda m: take_rows_cols(m, kout, kin) if trans_b else take_rows_cols(m, kin, kout))
         c_t = optional_input(node, 2)
         c = rw.const(c_t) if c_t is not None else None
         if delta is not None:
@@ -220,7 +243,7 @@ class GemmRule(ChannelRule):
                 new_c = np.broadcast_to(c64, c64.shape[:-1] + (n,)) + alpha * delta / beta
             _set_bias(node, rw, 2, np.compress(kout, new_c, axis=-1), bmat.dtype)
         elif c is not None and c.ndim >= 1 and c.shape[-1] == n and n > 1:
-            rw.set_const(node, 2, np.compress(kout, c, axis=-1))
+            _take_bias(node, rw, 2, kout)
         rw.gather_input(node, 0)
 
 
@@ -258,6 +281,7 @@ class MatMulRule(ChannelRule):
         ctx.read(a, node, ReadKind.FOLD, f"read by MatMul '{node.name}'")
         out = linear_values(ctx.value(a), bmat.T, 0.0, allow_constant=True)
         ctx.track(y, rank - 1, n, node, out)
+        _guard_stored_axes(node, ctx, 0, 1)
 
     def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
         a, y = node.inputs[0], node.outputs[0]
@@ -269,7 +293,7 @@ class MatMulRule(ChannelRule):
         k, n = bmat.shape
         kin, kout = keep_or_all(rw.keep_read(node, a), k), keep_or_all(rw.keep(y), n)
         delta = _folded_delta(rw.values(a), np.flatnonzero(~kin), lambda idx: bmat[idx].T.astype(np.float64))
-        rw.set_const(node, 1, bmat[kin][:, kout])
+        take(rw, node, 1, lambda a: take_rows_cols(a, kin, kout))
         if delta is not None:
             rw.add_bias_after(node, np.compress(kout, delta).astype(bmat.dtype))
         rw.gather_input(node, 0)
