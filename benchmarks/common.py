@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -191,3 +193,32 @@ def last_test_error(history: list[dict]) -> float | None:
 def shown(path: Path) -> str:
     """A path relative to the repository where it lies inside it."""
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+EXTERNAL_ALIGN = 4096  # offsets of tensors of 1 MB or more in an external data file, as onnx aligns them
+
+
+class ExternalDataWriter:
+    """Appends tensors to one external data file and makes the TensorProtos that point into it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.file, self.offset = path, open(path, "wb"), 0
+
+    def add(self, name: str, array: np.ndarray):
+        import onnx
+        from onnx import helper
+
+        if array.nbytes >= 2**20 and self.offset % EXTERNAL_ALIGN:
+            self.file.write(b"\0" * (EXTERNAL_ALIGN - self.offset % EXTERNAL_ALIGN))
+            self.offset += EXTERNAL_ALIGN - self.offset % EXTERNAL_ALIGN
+        data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
+        self.file.write(data.tobytes())
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+                                  data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", self.offset), ("length", data.nbytes)):
+            tensor.external_data.add(key=key, value=str(value))
+        self.offset += data.nbytes
+        return tensor
+
+    def close(self) -> None:
+        self.file.close()

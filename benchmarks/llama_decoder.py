@@ -47,7 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-ALIGN = 4096
+from benchmarks.common import ExternalDataWriter
+
 FP16_MIN = float(np.finfo(np.float16).min)
 # the residual branch (block output less block input) of each block, relative to its largest magnitude; fp16
 # outputs, and what differs is only the order of float additions
@@ -97,33 +98,6 @@ class LlamaShape:
         kv = L * (2 * h * d + self.rep * 2 * h * d)  # K and V columns; Q columns and o_proj rows of its query heads
         return {"kv_head_with_its_query_heads": kv, "lone_query_heads": L * self.dead_query_heads * 2 * h * d,
                 "ffn_up_zero": L * up * 3 * h, "ffn_gate_zero": L * gate * 3 * h, "ffn_down_zero": L * down * 3 * h}
-
-
-class _Writer:
-    """Appends tensors to one external data file, aligned as onnx aligns them, and makes their TensorProtos."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.file, self.offset = path, open(path, "wb"), 0
-
-    def add(self, name: str, array: np.ndarray):
-        import onnx
-        from onnx import helper
-
-        if array.nbytes >= 2**20 and self.offset % ALIGN:
-            pad = ALIGN - self.offset % ALIGN
-            self.file.write(b"\0" * pad)
-            self.offset += pad
-        data = np.ascontiguousarray(array)
-        self.file.write(memoryview(data).cast("B"))
-        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
-                                  data_location=onnx.TensorProto.EXTERNAL)
-        for key, value in (("location", self.path.name), ("offset", self.offset), ("length", data.nbytes)):
-            tensor.external_data.add(key=key, value=str(value))
-        self.offset += data.nbytes
-        return tensor
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def _normal16(rng: np.random.Generator, shape: tuple[int, int], std: float = 0.02) -> np.ndarray:
@@ -311,7 +285,7 @@ def build_llama(path: Path, shape: LlamaShape, *, seed: int = 0) -> dict:
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(seed)
-    data = _Writer(path.with_name(path.name + ".data"))
+    data = ExternalDataWriter(path.with_name(path.name + ".data"))
     nodes, inits, dead, cuts = [], _consts(shape), [], ["input"]
     x = "input"
     try:

@@ -53,14 +53,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine_info, median, python_floor, run_measured
+from benchmarks.common import ExternalDataWriter, machine_info, median, python_floor, run_measured
 from benchmarks.store import add_results_argument, write_result
 
 EXPERIMENT = "prune-at-scale"
 QUICK_SIZES = ("20M", "60M")
 ONNX_IMPORTS = "import onnx"
 ONNXPRUNE_IMPORTS = "import onnxprune.cli, onnxprune.api, passes, onnx, onnxruntime, onnx_graphsurgeon, numpy"
-ALIGN = 4096  # offsets of tensors of 1 MB or more in the data file, as onnx aligns them
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30}
 
 
@@ -109,32 +108,6 @@ def shape_for(target_bytes: int, *, blocks: int, ffn_ratio: int, dtype: str, seq
     return MlpShape(blocks, hidden, ffn, dtype, seq, round(dead_share * ffn))
 
 
-class _DataWriter:
-    """Appends tensors to one external data file and makes the TensorProtos that point into it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.file, self.offset = path, open(path, "wb"), 0
-
-    def add(self, name: str, array: np.ndarray):
-        import onnx
-        from onnx import helper
-
-        if array.nbytes >= 2**20 and self.offset % ALIGN:
-            self.file.write(b"\0" * (ALIGN - self.offset % ALIGN))
-            self.offset += ALIGN - self.offset % ALIGN
-        data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
-        self.file.write(data.tobytes())
-        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
-                                  data_location=onnx.TensorProto.EXTERNAL)
-        for key, value in (("location", self.path.name), ("offset", self.offset), ("length", data.nbytes)):
-            tensor.external_data.add(key=key, value=str(value))
-        self.offset += data.nbytes
-        return tensor
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def _block_weights(shape: MlpShape, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One block's W1 [H, F], b1 [F], W2 [F, H], b2 [H] (random, scaled to keep the residual stream O(1)), and
     the indices of its dead FFN neurons (their W1 column and b1 entry zero)."""
@@ -157,7 +130,7 @@ def build_model(path: Path, shape: MlpShape, *, seed: int = 0) -> dict:
 
     rng = np.random.default_rng(seed)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(shape.dtype))
-    data = _DataWriter(path.with_name(path.name + ".data"))
+    data = ExternalDataWriter(path.with_name(path.name + ".data"))
     nodes, inits, dead = [], [], []
     x = "input"
     try:
