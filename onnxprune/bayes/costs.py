@@ -23,7 +23,7 @@ its channels are of the weight's rows: a head of a packed q/k/v projection its t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +70,10 @@ def layer_macs(model: nn.Module, example_inputs: tuple) -> dict[str, int]:
     return macs
 
 
-def _reached(start: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[str], list[fx.Node]]:
-    """The Conv/Linear modules that read ``start``'s output through parameter-free ops (and other gates), and
-    those ops."""
+def _reached(start: fx.Node, modules: dict[str, nn.Module],
+             looks_past: Callable[[fx.Node], bool] = lambda node: True) -> tuple[list[str], list[fx.Node]]:
+    """The Conv/Linear modules that read ``start``'s output through other ops (and other gates), and those ops;
+    an op for which ``looks_past`` is False is included but not looked past."""
     found, between, seen, todo = [], [], {start}, list(start.users)
     while todo:
         node = todo.pop()
@@ -83,7 +84,8 @@ def _reached(start: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[str], 
             found.append(node.target)
             continue
         between.append(node)
-        todo.extend(node.users)
+        if looks_past(node):
+            todo.extend(node.users)
     return found, between
 
 
@@ -172,19 +174,8 @@ def _applies_layer(node: fx.Node) -> bool:
 def _reached_ops(start: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[str], set[fx.Node]]:
     """The layer modules ``start``'s output reaches through other ops, and those ops: linear / convolution ops
     reached are included and not looked past (they are the next layers)."""
-    found, ops, seen, todo = [], set(), {start}, list(start.users)
-    while todo:
-        node = todo.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "call_module" and is_layer(modules.get(node.target)):
-            found.append(node.target)
-            continue
-        ops.add(node)
-        if not _applies_layer(node):
-            todo.extend(node.users)
-    return found, ops
+    found, ops = _reached(start, modules, lambda node: not _applies_layer(node))
+    return found, set(ops)
 
 
 def _site_ops(site: WeightSiteInfo, traced: fx.GraphModule, modules: dict[str, nn.Module]) -> tuple[set[fx.Node], list[str]] | None:
