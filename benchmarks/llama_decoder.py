@@ -66,7 +66,7 @@ class LlamaShape:
     seq: int = 16
     dead_ffn: float = 0.15  # share of F dead, in three equal kinds (up, gate, down)
     dead_query_heads: int = 1  # per layer, beside the dead K/V head's own query heads
-    rotary: bool = False  # HF's rotary embedding on q and k (the engine keeps the heads then)
+    rotary: bool = False  # HF's rotary embedding on q and k (the engine follows the heads through it)
     eps: float = 1e-5
 
     @property

@@ -629,8 +629,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     llama.add_argument("--heads", type=int, default=32, help="query heads (default %(default)s)")
     llama.add_argument("--kv-heads", type=int, default=8, help="K/V heads (default %(default)s)")
     llama.add_argument("--head-dim", type=int, default=128)
-    llama.add_argument("--rotary", action="store_true", help="rotary embedding on q and k (the engine keeps the "
-                       "heads then: see the module's notes)")
+    llama.add_argument("--rotary", action="store_true", help="rotary embedding on q and k (HF's rotate_half and "
+                       "cos/sin tables; off by default)")
     llama.add_argument("--dead-ffn", type=float, default=0.15, help="share of each layer's FFN neurons dead, in three "
                        "equal kinds: up column, gate column, down row zero (default %(default)s)")
     llama.add_argument("--dead-query-heads", type=int, default=1, help="query heads per layer dead by their o_proj "

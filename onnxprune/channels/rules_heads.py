@@ -52,6 +52,7 @@ from onnxprune.channels.shape_values import (
 )
 from onnxprune.channels.slots import TrackedAxis
 from onnxprune.channels.values import channel_constant, combine_same
+from onnxprune.channels.within_head import broadcast_operand_values
 from onnxprune.graphutil import constant_value, producer
 
 
@@ -405,8 +406,9 @@ def layout_operands(node: gs.Node, ctx: AnalysisContext, inputs: list[gs.Tensor]
             ties.append(t)
             continue
         shift = out_rank - ctx.rank(t)
-        if any(p.axis - shift >= 0 and ctx.dim(t, p.axis - shift) != 1 for p in parts):
-            raise Barrier("an operand varies along the heads without carrying them")
+        if any(p.axis - shift >= 0 and ctx.dim(t, p.axis - shift) != 1 for p in parts):  # rotary's cos/sin
+            values.append(broadcast_operand_values(node, ctx, t, parts, shift, [u for u in inputs if ctx.tracked(u) is not None]))
+            continue
         c = ctx.const(t)
         values.append(channel_constant(c, None, size) if c is not None else np.full(size, np.nan))
     return parts, values, ties

@@ -28,6 +28,7 @@ from onnxprune.channels.rules_heads import analyze_layout_slice
 from onnxprune.channels.shape_values import static_ints
 from onnxprune.channels.slots import TrackedAxis
 from onnxprune.channels.values import channel_constant, combine_same
+from onnxprune.channels.within_head import analyze_layout_concat, analyze_layout_split
 from onnxprune.graphutil import opset_version, optional_input
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -54,7 +55,8 @@ class ConcatRule(ChannelRule):
             return
         if any(t.layout is not None for t in tracked):
             if len(node.inputs) != 1:  # one input (a key/value cache appended to nothing) is the identity
-                raise Barrier("it concatenates tensors that carry attention heads")
+                analyze_layout_concat(node, ctx)
+                return
             ctx.track_parts(node.outputs[0], tracked[0].parts, node, ctx.value(node.inputs[0]))
             ctx.tie(node.inputs[0], node.outputs[0])
             return
@@ -124,7 +126,7 @@ class ConcatRule(ChannelRule):
 
     def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
         y = node.outputs[0]
-        if not rw.changed(y):
+        if not rw.changed(y) or rw.tracked_layout(y):  # heads: every input is tracked, the offsets are fixed
             return
         channel_axis = rw.axis(y)
         if normalize_axis(int(node.attrs["axis"]), len(y.shape)) == channel_axis:
@@ -176,10 +178,16 @@ class SplitRule(TrackedInputRule):
     """Split along the channel axis hands each output its range of channels."""
 
     ops = ("Split",)
+    handles_layouts = True
 
     def analyze_tracked(self, node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis) -> None:
         x = node.inputs[0]
         rank = known_rank(ctx, x)
+        if tracked_input.layout is not None:
+            axis = normalize_axis(int(node.attrs.get("axis", 0)), rank)
+            sizes = lambda length: _split_sizes(node, ctx.const, opset_version(ctx.graph), length)  # noqa: E731
+            analyze_layout_split(node, ctx, tracked_input, axis, sizes)
+            return
         values = ctx.value(x)
         if normalize_axis(int(node.attrs.get("axis", 0)), rank) != tracked_input.axis:
             for out in node.outputs:
@@ -196,7 +204,9 @@ class SplitRule(TrackedInputRule):
 
     def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
         x = node.inputs[0]
-        if not rw.changed(x) or rw.axis(node.outputs[0]) != normalize_axis(int(node.attrs.get("axis", 0)), len(x.shape)):
+        if not rw.changed(x) or rw.tracked_layout(x):  # heads: a split part is fixed, the sizes stay
+            return
+        if rw.axis(node.outputs[0]) != normalize_axis(int(node.attrs.get("axis", 0)), len(x.shape)):
             return
         sizes = [int(keep_or_all(rw.keep(o), 0).sum()) for o in node.outputs]
         node.attrs.pop("num_outputs", None)

@@ -625,7 +625,29 @@ def _trace_gather(tr: _Tracer, node: gs.Node, axis: int, rank: int, depth: int) 
     return tr.dim(data, axis - len(idx.shape) + 1, depth)
 
 
+def _trace_slice(tr: _Tracer, node: gs.Node, axis: int, rank: int, depth: int) -> Size:
+    """Slice (rotary embedding's halves of the head width): an axis it does not slice keeps its size."""
+    if "starts" in node.attrs:  # before opset 10
+        sliced = node.attrs.get("axes", range(len(node.attrs["starts"])))
+    elif optional_input(node, 3) is not None:
+        sliced = _known_ints(node.inputs[3], 0)
+    else:
+        starts = _known_ints(node.inputs[1], 0)
+        sliced = None if starts is None else range(len(starts))
+    if sliced is None or axis in {normalize_axis(int(a), rank) for a in sliced}:
+        return None
+    return tr.dim(node.inputs[0], axis, depth)
+
+
+def _trace_concat(tr: _Tracer, node: gs.Node, axis: int, rank: int, depth: int) -> Size:
+    """Concat: every input has the output's size on the other axes."""
+    if axis == normalize_axis(int(node.attrs.get("axis", 0)), rank):
+        return None
+    return _join([tr.dim(x, axis, depth) for x in node.inputs])
+
+
 _TRACE: dict[str, Callable[[_Tracer, gs.Node, int, int, int], Size]] = {
     "Unsqueeze": _trace_unsqueeze, "Transpose": _trace_transpose, "Expand": _trace_expand,
     "Reshape": _trace_reshape, "Range": _trace_range, "MatMul": _trace_matmul, "Gather": _trace_gather,
+    "Slice": _trace_slice, "Concat": _trace_concat,
 }
