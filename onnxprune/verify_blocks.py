@@ -69,10 +69,7 @@ class _Side:
         session = make_session(model.SerializeToString(), options=options)
         names = [o.name for o in session.get_outputs()]
         wanted = {i.name for i in session.get_inputs()}
-        outputs = [dict(zip(names, session.run(names, {k: v for k, v in feed.items() if k in wanted}))) for feed in feeds]
-        del session
-        gc.collect()
-        return outputs
+        return [dict(zip(names, session.run(names, {k: v for k, v in feed.items() if k in wanted}))) for feed in feeds]
 
 
 def random_feeds(index: GraphIndex, trials: int, symbolic_dim: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -132,19 +129,34 @@ class _Comparison:
     pending_ref: dict[str, list[np.ndarray]]
     pending_cand: dict[str, list[np.ndarray]]
 
-    def add(self, name: str, ref: list[np.ndarray], got: list[np.ndarray], label: str) -> None:
+    def add(self, name: str, ref: list[np.ndarray], got: list[np.ndarray], label: str, floor: float) -> None:
+        """Record a tensor's error; its tolerance is its dtype's, or ``floor`` (the block's reads') if larger."""
         err = max(relative_error(r, g) for r, g in zip(ref, got))
         self.result.max_relative_error[name] = max(err, self.result.max_relative_error.get(name, 0.0))
-        self.result.tolerance[name] = RELATIVE_TOLERANCE.get(ref[0].dtype, 0.0)
+        self.result.tolerance[name] = max(RELATIVE_TOLERANCE.get(ref[0].dtype, 0.0), floor)
         self.result.block_of[name] = label
 
-    def graph_outputs(self, ref_out: list[dict], cand_out: list[dict], names: set[str], label: str) -> None:
+    def graph_outputs(self, ref_out: list[dict], cand_out: list[dict], names: set[str], label: str,
+                      floor: float) -> None:
         """Pair each graph output when both models have computed it (possibly in different blocks)."""
         for side, outs in ((self.pending_ref, ref_out), (self.pending_cand, cand_out)):
             for name in names & set(outs[0]):
                 side[name] = [o[name] for o in outs]
         for name in sorted(set(self.pending_ref) & set(self.pending_cand)):
-            self.add(name, self.pending_ref.pop(name), self.pending_cand.pop(name), label)
+            self.add(name, self.pending_ref.pop(name), self.pending_cand.pop(name), label, floor)
+
+
+def precision_floor(block: onnx.ModelProto) -> float:
+    """The tolerance of the least precise float type a block reads (the tensors fed to it, its weights): a
+    float32 tensor computed from float16 activations or weights carries float16's rounding."""
+    floor = 0.0
+    types = [i.type.tensor_type.elem_type for i in block.graph.input] + [t.data_type for t in block.graph.initializer]
+    for elem in set(types):
+        try:
+            floor = max(floor, RELATIVE_TOLERANCE.get(np.dtype(helper.tensor_dtype_to_np_dtype(elem)), 0.0))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return floor
 
 
 def _run_block(ref: _Side, cand: _Side, block: Block, total: int, acts: list[dict], feeds: list[dict],
@@ -155,6 +167,7 @@ def _run_block(ref: _Side, cand: _Side, block: Block, total: int, acts: list[dic
     fed = [{**feed, **act} for feed, act in zip(feeds, acts)]
     dtypes = {k: v.dtype for k, v in fed[0].items()}
     ref_model = block_model(ref.index, ref_pos, dtypes, outs.ref, ref.ir_version)
+    floor = precision_floor(ref_model)
     try:
         ref_out = ref.run(ref_model, fed)
     except Exception as e:  # onnxruntime cannot load or run the input model's block
@@ -169,8 +182,8 @@ def _run_block(ref: _Side, cand: _Side, block: Block, total: int, acts: list[dic
                                 f"cannot run on the input model's activations ({first}); nothing was written") from None
     label = f"{block.number}/{total} ({block.label})"
     for name in outs.compared:
-        comparison.add(name, [o[name] for o in ref_out], [o[name] for o in cand_out], label)
-    comparison.graph_outputs(ref_out, cand_out, set(ref.index.outputs) | set(cand.index.outputs), label)
+        comparison.add(name, [o[name] for o in ref_out], [o[name] for o in cand_out], label, floor)
+    comparison.graph_outputs(ref_out, cand_out, set(ref.index.outputs) | set(cand.index.outputs), label, floor)
     end = block.ref[1].names
     return [{n: (out[n] if n in out else act[n]) for n in end} for out, act in zip(ref_out, acts)]
 
@@ -189,6 +202,7 @@ def compare_blockwise(
 
     ``reference`` and ``candidate`` are paths (their external data is read where it is, never copied) or
     in-memory models. ``progress(done, total)`` is called as blocks are checked."""
+    gc.collect()  # a dropped graph is cyclic garbage still holding arrays; then each block's session is freed as it ends
     ref, cand = _Side.open(reference), _Side.open(candidate)
     blocks = plan_blocks(ref.index, cand.index, budget)
     feeds = random_feeds(ref.index, trials, symbolic_dim, seed)
