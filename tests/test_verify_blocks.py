@@ -170,6 +170,17 @@ def test_a_failed_block_check_writes_nothing(pruned, tmp_path):
     assert list(dest.parent.iterdir()) == []
 
 
+def test_blocks_check_a_result_kept_in_memory(pruned):
+    """Without an output the result is a ModelProto (weights in the protobuf); the input stays a path."""
+    from onnxprune.api import prune_model
+
+    src, _ = pruned
+    result = prune_model(src, target="none", verify="blocks")
+    check = result.report.verification
+    assert check.method == "blocks" and check.ok and check.reason == "asked for (blocks)"
+    assert result.report.to_dict()["verification"]["worst"]["relative_error"] < 1e-5
+
+
 def fp16_residual(branch_scale: float, dead_rows: slice | None = None) -> onnx.ModelProto:
     """s0 = x + 100 (a large fp16 stream), out = s0 + W2 relu(W1 x) with a small branch; ``dead_rows``: W2's rows
     zeroed (live neurons deleted, shapes kept)."""
