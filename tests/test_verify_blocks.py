@@ -84,6 +84,24 @@ def test_a_branch_that_skips_a_point_makes_it_no_cut():
     assert [sorted(c.names) for c in find_cuts(GraphIndex.of(model))] == [["h0"], ["h0", "h1"], ["h0", "h2"]]
 
 
+def test_a_value_a_subgraph_reads_from_outside_stays_live():
+    """If(cond) whose then-branch reads h0 from the outer graph: h0 is live until the If, so h1 alone is no cut;
+    the model checks against itself block by block (the If runs inside its block)."""
+    then_branch = helper.make_graph([helper.make_node("Identity", ["h0"], ["t"])], "then", [],
+                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["h1"], ["e"])], "else", [],
+                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h0"]), helper.make_node("Relu", ["h0"], ["h1"]),
+             helper.make_node("If", ["cond"], ["out"], then_branch=then_branch, else_branch=else_branch)]
+    model = make_model(nodes, {"w": np.eye(8, dtype=np.float32)})
+    model.graph.input.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    index = GraphIndex.of(model)
+    assert [sorted(c.names) for c in find_cuts(index)] == [["h0"], ["h0", "h1"]]
+    assert [sorted(c.names) for c in find_cuts(index, max_tensors=1)] == [["h0"]]
+    result = compare_blockwise(model, model, budget=1)
+    assert result.ok and result.blocks == 2 and "out" in result.max_relative_error  # weightless segments merge
+
+
 def test_a_cut_whose_tensor_changed_shape_is_not_common():
     """The candidate's p is narrower (two of its channels pruned): no common cut there, blocks merge across it."""
     def chain(width: int) -> onnx.ModelProto:
@@ -221,10 +239,12 @@ def test_auto_checks_large_or_unfitting_models_block_by_block(monkeypatch):
 @pytest.mark.parametrize("method", ["blocks", "whole", "auto"])
 def test_cli_says_which_verification_it_used(pruned, tmp_path, capsys, method):
     src, _ = pruned
+    before = files_of(src.parent)
     out, report = tmp_path / "v" / "model.onnx", tmp_path / "r.json"
     out.parent.mkdir()
     assert main(["prune", str(src), "-o", str(out), "--target", "none", "--verify", method,
                  "--report", str(report)]) == 0
+    assert files_of(src.parent) == before
     line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("verification:"))
     verification = json.loads(report.read_text())["verification"]
     used = "whole" if method == "auto" else method  # a small model: auto checks it whole
