@@ -1,5 +1,5 @@
 """A Llama-shaped decoder built with onnx's helpers, random fp16 weights streamed to one external data file, some
-heads and FFN neurons dead; and the block-wise verification that checks a prune of it one block at a time.
+heads and FFN neurons dead.
 
 The graph, per layer (Hugging Face's LlamaDecoderLayer written out, eager attention, no KV cache):
 
@@ -28,19 +28,13 @@ What is dead in each layer (random normal weights elsewhere, std 0.02, norms 1 +
 * FFN neurons, three kinds in equal parts of ``dead_ffn`` of F: up column zero (the product is zero), gate
   column zero (SiLU(0) = 0), down row zero (the neuron reaches nothing).
 
-The block-wise verification (:func:`verify_blockwise`): the residual stream between sublayers is a cut every path
-from the input to the output crosses (the mask and rotary tables are constants inside each block), so the model
-is the composition of its blocks: attention sublayer, MLP sublayer, per layer, and the final norm. Each block of
-the input model and the same block of the pruned model (the same tensor names at its ends) are run on ONNX
-Runtime on the same activations: the input model's activations from a random input, block after block. A block
-that computes something else on those activations is a wrong deletion (it is caught there, whether or not later
-blocks would have hidden it), and blocks that agree on every block compose to models that agree end to end up
-to rounding. Only one block's weights are in memory at a time.
+A prune of it is checked block by block by the library (``onnxprune prune --verify blocks``,
+onnxprune/verify_blocks.py): the residual stream between sublayers is a cut every path from the input to the output
+crosses (the mask and rotary tables are constants inside each block), and ``build_llama`` returns those cut points.
 """
 
 from __future__ import annotations
 
-import gc
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +44,6 @@ import numpy as np
 from benchmarks.common import ExternalDataWriter
 
 FP16_MIN = float(np.finfo(np.float16).min)
-# the residual branch (block output less block input) of each block, relative to its largest magnitude; fp16
-# outputs, and what differs is only the order of float additions
-BRANCH_TOLERANCE = 1e-2
 
 
 @dataclass
@@ -350,111 +341,3 @@ def deleted_units(shape: LlamaShape, widths: dict[str, list[int]]) -> dict:
     full = {"query_heads": n * shape.heads, "kv_heads": n * shape.kv_heads, "o_proj_input_heads": n * shape.heads,
             "ffn_neurons": n * shape.ffn, "down_proj_rows": n * shape.ffn}
     return {"left": left, "deleted": {k: full[k] - left[k] for k in full}}
-
-
-# -- block-wise verification ------------------------------------------------------------------------------------
-
-
-def _block_model(model, start: str, ends: list[str], elem: int, dims: list):
-    """The nodes between cut tensor ``start`` and the tensors ``ends`` of ``model`` (no external data read): a model
-    from ``start`` to ``ends``; raises if the block reads a graph input or a tensor computed outside it (not a cut)."""
-    from onnx import helper
-
-    producer = {o: n for n in model.graph.node for o in n.output}
-    inits = {t.name for t in model.graph.initializer}
-    picked, seen, stack, used = {}, set(), list(ends), set()
-    while stack:
-        name = stack.pop()
-        if name == start or name in seen or name == "":
-            continue
-        seen.add(name)
-        if name in inits:
-            used.add(name)
-            continue
-        node = producer.get(name)
-        if node is None:
-            raise ValueError(f"{start} -> {ends} is not a cut: the block reads {name}, computed outside it")
-        if id(node) not in picked:
-            picked[id(node)] = node
-            stack.extend(node.input)
-    nodes = [n for n in model.graph.node if id(n) in picked]
-    graph = helper.make_graph(nodes, f"{start}->{ends[-1]}", [helper.make_tensor_value_info(start, elem, dims)],
-                              [helper.make_tensor_value_info(e, elem, None) for e in ends],
-                              [t for t in model.graph.initializer if t.name in used])
-    block = helper.make_model(graph, opset_imports=model.opset_import)
-    block.ir_version = model.ir_version
-    return block
-
-
-def _run_block(block, folder: Path, feed: np.ndarray) -> list[np.ndarray]:
-    """Run ``block`` (its external data in ``folder``) on ONNX Runtime CPU; the block's file is written into
-    ``folder`` so its tensors' locations resolve, and removed after."""
-    import onnxruntime as ort
-
-    path = folder / ".block.onnx"
-    path.write_bytes(block.SerializeToString())
-    try:
-        options = ort.SessionOptions()
-        options.enable_cpu_mem_arena = False
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        out = session.run(None, {session.get_inputs()[0].name: feed})
-        del session
-    finally:
-        path.unlink()
-        gc.collect()
-    return out
-
-
-def _rel(ref: np.ndarray, got: np.ndarray) -> float:
-    ref, got = ref.astype(np.float64), got.astype(np.float64)
-    if ref.shape != got.shape or not np.isfinite(got).all():
-        return float("inf")
-    return float(np.max(np.abs(ref - got)) / max(np.max(np.abs(ref)), 1e-30))
-
-
-def block_cuts(layers: int) -> list[tuple[str, str, str]]:
-    """(start, branch, end) of each block: the residual stream before it, its residual branch (what the block adds:
-    o_proj's or down_proj's output; the final norm's output for the last), the stream after it."""
-    out, x = [], "input"
-    for i in range(layers):
-        out.append((x, f"layers.{i}.self_attn.o", f"layers.{i}.post_attn"))
-        out.append((f"layers.{i}.post_attn", f"layers.{i}.mlp.down", f"layers.{i}.out"))
-        x = f"layers.{i}.out"
-    out.append((x, "output", "output"))
-    return out
-
-
-def verify_blockwise(reference: Path, candidate: Path, layers: int, *, batch: int = 2, seed: int = 0) -> dict:
-    """Each block (:func:`block_cuts`) of ``reference`` against the same block of ``candidate`` on the same
-    activations (the reference's, from a random input), one block's weights in memory at a time.
-
-    Per block: the largest difference of the residual branches (what the block adds to the stream, before the
-    rounding of the residual Add) relative to the reference branch's largest magnitude, and the same of the
-    stream after the block; the block passes when the branch error is at most BRANCH_TOLERANCE (verify.py's
-    fp16 tolerance, here on each block's own contribution instead of on the model's output)."""
-    import onnx
-
-    ref_model = onnx.load(str(reference), load_external_data=False)
-    cand_model = onnx.load(str(candidate), load_external_data=False)
-    spec = ref_model.graph.input[0].type.tensor_type
-    elem = spec.elem_type
-    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in spec.shape.dim]
-    shape = [batch if isinstance(v, str) else v for v in dims]
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
-    blocks = []
-    for start, branch, end in block_cuts(layers):
-        ends = [branch] if branch == end else [branch, end]
-        ref_out = _run_block(_block_model(ref_model, start, ends, elem, dims), reference.parent, x)
-        got_out = _run_block(_block_model(cand_model, start, ends, elem, dims), candidate.parent, x)
-        blocks.append({"block": f"{start} -> {end}", "branch_rel_err": _rel(ref_out[0], got_out[0]),
-                       "stream_rel_err": _rel(ref_out[-1], got_out[-1])})
-        x = ref_out[-1]
-    worst = max(blocks, key=lambda b: b["branch_rel_err"])
-    return {"method": "block-wise: the residual stream between sublayers as cuts; each block (attention, MLP, final "
-                      "norm) of the input and of the pruned model run on ONNX Runtime CPU on the same activations "
-                      f"(the input model's, from one random fp16 input of batch {batch}); its residual branch "
-                      "compared", "tolerance_branch_rel": BRANCH_TOLERANCE, "blocks": len(blocks),
-            "worst_block": worst["block"], "worst_branch_rel_err": worst["branch_rel_err"],
-            "worst_stream_rel_err": max(b["stream_rel_err"] for b in blocks),
-            "exact": all(b["branch_rel_err"] <= BRANCH_TOLERANCE for b in blocks), "per_block": blocks}

@@ -28,11 +28,11 @@ prune-at-scale-T.json) and RUN.profile.txt beside it.
 
 ``--model llama``: instead of the MLPs, a Llama-shaped decoder (benchmarks/llama_decoder.py: hidden 4096, FFN 11008,
 32 query and 8 K/V heads of 128, fp16 weights, one dead K/V head, one lone dead query head and 15 % dead FFN
-neurons per layer), one model per ``--layers`` count. Per size: the baseline; ``onnxprune prune --no-verify`` (the
-output kept, what it deleted read from the projections' shapes); the block-wise check of that output against the
-input (llama_decoder.verify_blockwise, in its own interpreter, timed, peak RSS); and up to
-``--cli-verify-max-layers`` the prune with the CLI's own verification (the whole model on ONNX Runtime, twice).
-No profile. Writes prune-at-scale-llama[-TAG].json.
+neurons per layer), one model per ``--layers`` count. Per size: the baseline; ``onnxprune prune --verify blocks``
+(the CLI's block-wise check, onnxprune/verify_blocks.py, inside the measured wall time and peak RSS; the output
+kept, what it deleted read from the projections' shapes); ``onnxprune prune --no-verify``; and up to
+``--cli-verify-max-layers`` the prune with ``--verify whole`` (both whole models on ONNX Runtime, one after the
+other). No profile. Writes prune-at-scale-llama[-TAG].json.
 
     python -m benchmarks.prune_at_scale --model llama --layers 1 4 8               # 354 MB to 2.8 GB
     python -m benchmarks.prune_at_scale --model llama --layers 32 --tag 32L --cli-verify-max-layers 0   # 11.3 GB
@@ -180,16 +180,6 @@ def load_save_worker(src: str, out: str, result: str) -> None:
     Path(result).write_text(json.dumps({"load": t1 - t0, "save": t2 - t1}))
 
 
-def verify_blocks_worker(ref: str, cand: str, layers: str, result: str) -> None:
-    """The block-wise verification of a pruned decoder against its input (benchmarks/llama_decoder.py)."""
-    from benchmarks.llama_decoder import verify_blockwise
-
-    t = time.perf_counter()
-    out = verify_blockwise(Path(ref), Path(cand), int(layers))
-    out["seconds"] = time.perf_counter() - t
-    Path(result).write_text(json.dumps(out))
-
-
 def _rss_bytes() -> int:
     import os
 
@@ -283,14 +273,15 @@ def measure_baseline(src: Path, work: Path, floor: dict) -> dict:
             "uncovered_beyond_imports_s": wall - sum(phases.values()) - floor["wall_s"]}
 
 
-def measure_prune(src: Path, work: Path, *, verify: bool, floor: dict, keep: bool = False) -> dict:
-    """``onnxprune prune --target none`` (``--no-verify`` unless ``verify``) in a fresh interpreter, from its report;
-    ``floor``: the wall and RSS of its imports alone (the uncovered time beyond them is also given). ``keep``: the
-    output stays in WORK/pruned (its path under "output")."""
+def measure_prune(src: Path, work: Path, *, verify: bool | str, floor: dict, keep: bool = False) -> dict:
+    """``onnxprune prune --target none`` (``--no-verify`` unless ``verify``; a string: ``--verify METHOD``) in a fresh
+    interpreter, from its report; ``floor``: the wall and RSS of its imports alone (the uncovered time beyond them is
+    also given). ``keep``: the output stays in WORK/pruned (its path under "output")."""
     out, report = work / "pruned" / "model.onnx", work / "report.json"
     out.parent.mkdir(exist_ok=True)
     args = ["-m", "onnxprune", "prune", str(src), "-o", str(out), "--target", "none", "--report", str(report), "-q"]
-    wall, peak, _ = run_measured(args + ([] if verify else ["--no-verify"]))
+    checks = ["--verify", verify] if isinstance(verify, str) else [] if verify else ["--no-verify"]
+    wall, peak, _ = run_measured(args + checks)
     rep = json.loads(report.read_text())
     phases = {k: v for k, v in rep["timings_s"].items() if k != "total"}
     output_bytes = sum(p.stat().st_size for p in out.parent.iterdir())
@@ -479,10 +470,9 @@ def _failed_prune(exc: Exception) -> dict:
 
 
 def measure_llama(layers: int, args: argparse.Namespace, work: Path, floors: dict) -> dict:
-    """Build the decoder with ``layers`` layers; time the baseline and ``onnxprune prune --no-verify``; check the
-    pruned model block by block (its own fresh interpreter, timed); and, up to --cli-verify-max-layers, the prune
-    with the CLI's own verification."""
-    from benchmarks.llama_decoder import build_llama, deleted_units, weight_widths
+    """Build the decoder with ``layers`` layers; time the baseline, ``onnxprune prune --verify blocks`` (its output
+    read for what was deleted) and ``--no-verify``; and, up to --cli-verify-max-layers, ``--verify whole``."""
+    from benchmarks.llama_decoder import build_llama
 
     shape = llama_shape(layers, args)
     label = f"{layers}L"
@@ -495,46 +485,58 @@ def measure_llama(layers: int, args: argparse.Namespace, work: Path, floors: dic
     print(f"[{label}] decoder, {layers} layers, H {shape.hidden}, F {shape.ffn}, {shape.heads}/{shape.kv_heads} "
           f"heads of {shape.head_dim}, rotary {'on' if shape.rotary else 'off'}: {built['model_bytes'] / 1e6:.0f} MB, "
           f"{shape.params / 1e6:.1f} M parameters (built in {build_s:.1f} s)")
-    expected = shape.expected_removed()
     entry = {"size": label, "layers": layers, "shape": asdict(shape), "model_bytes": built["model_bytes"],
              "params": shape.params, "dead_per_layer": built["dead_per_layer"][0] | {"layer": 0},
-             "dead_units": _dead_units(shape), "dead_params_by_kind": expected, "build_s": build_s}
+             "dead_units": _dead_units(shape), "dead_params_by_kind": shape.expected_removed(), "build_s": build_s}
     entry["baseline"] = _summary([measure_baseline(src, folder, floors["onnx"]) for _ in range(args.repeats)])
     _print_run(label, "load+save", entry["baseline"])
-    runs = [measure_prune(src, folder, verify=False, floor=floors["onnxprune"], keep=True) for _ in range(args.repeats)]
-    quiet = entry["prune_no_verify"] = _summary(runs)
-    out = Path(runs[-1]["output"])
-    _print_run(label, "prune_no_verify", quiet)
-    units = deleted_units(shape, weight_widths(out))
-    entry["deleted_units"] = units
-    entry["every_dead_unit_deleted"] = units["deleted"] == {k: v for k, v in entry["dead_units"].items()
-                                                            if k in units["deleted"]}
-    print(f"[{label}] deleted {units['deleted']} of the dead {entry['dead_units']}; "
-          f"removed {quiet['removed_params']} parameters")
-    res = folder / "blocks.json"
-    wall, peak, _ = run_measured(_worker("verify-blocks", str(src), str(out), str(layers), str(res)))
-    check = json.loads(res.read_text())
-    check.update(wall_s=wall, peak_rss=peak)
-    entry["blockwise_verification"] = check
-    print(f"[{label}] block-wise check: {'exact' if check['exact'] else 'NOT EXACT'} ({check['blocks']} blocks, worst "
-          f"branch error {check['worst_branch_rel_err']:.2g} at {check['worst_block']}); {wall:.1f} s, "
-          f"peak {peak / 1e6:.0f} MB")
-    shutil.rmtree(out.parent)
+    _measure_blocks_prune(entry, src, folder, args, floors)
+    entry["prune_no_verify"] = _summary([measure_prune(src, folder, verify=False, floor=floors["onnxprune"])
+                                         for _ in range(args.repeats)])
+    _print_run(label, "prune_no_verify", entry["prune_no_verify"])
     if layers <= args.cli_verify_max_layers:
-        try:
-            entry["prune"] = _summary([measure_prune(src, folder, verify=True, floor=floors["onnxprune"])
-                                       for _ in range(args.repeats)])
-            _print_run(label, "prune (CLI verify)", entry["prune"])
-        except RuntimeError as exc:
-            entry["prune"] = _failed_prune(exc)
-            print(f"[{label}] prune with the CLI's verification failed: {entry['prune']['failed'][-300:]}")
-            shutil.rmtree(folder / "pruned", ignore_errors=True)
+        entry["prune"] = _try_prune(src, folder, args, floors, "whole")
+        if "wall_s" in entry["prune"]:
+            _print_run(label, "prune --verify whole", entry["prune"])
     else:
         entry["prune"] = {"skipped": f"more than --cli-verify-max-layers {args.cli_verify_max_layers} layers"}
     entry["ratios"] = _llama_ratios(entry)
     if not args.keep_work:
         shutil.rmtree(folder)
     return entry
+
+
+def _try_prune(src: Path, folder: Path, args: argparse.Namespace, floors: dict, verify: str, *, keep: bool = False) -> dict:
+    """``onnxprune prune --verify VERIFY`` measured (median of --repeats), or what failed (out of memory, say)."""
+    try:
+        return _summary([measure_prune(src, folder, verify=verify, floor=floors["onnxprune"], keep=keep)
+                         for _ in range(args.repeats)])
+    except RuntimeError as exc:
+        shutil.rmtree(folder / "pruned", ignore_errors=True)
+        failed = _failed_prune(exc)
+        print(f"[{folder.name}] prune --verify {verify} failed: {failed['failed'][-300:]}")
+        return failed
+
+
+def _measure_blocks_prune(entry: dict, src: Path, folder: Path, args: argparse.Namespace, floors: dict) -> None:
+    """``onnxprune prune --verify blocks`` into ``entry``: the run, its verification, what it deleted."""
+    from benchmarks.llama_decoder import deleted_units, weight_widths
+
+    label, shape = entry["size"], llama_shape(entry["layers"], args)
+    run = entry["prune_verify_blocks"] = _try_prune(src, folder, args, floors, "blocks", keep=True)
+    if "wall_s" not in run:
+        return
+    _print_run(label, "prune --verify blocks", run)
+    out = Path(run.get("runs", [run])[-1]["output"])
+    units = deleted_units(shape, weight_widths(out))
+    entry["deleted_units"] = units
+    entry["every_dead_unit_deleted"] = units["deleted"] == {k: v for k, v in entry["dead_units"].items()
+                                                            if k in units["deleted"]}
+    check = run["verification"]
+    print(f"[{label}] deleted {units['deleted']} of the dead {entry['dead_units']}; removed {run['removed_params']} "
+          f"parameters; block-wise check: {'exact' if check['ok'] else 'NOT EXACT'} ({check['blocks']} blocks, worst "
+          f"{check['worst']['tensor']} {check['worst']['relative_error']:.2g} in block {check['worst']['block']})")
+    shutil.rmtree(out.parent)
 
 
 def _dead_units(shape) -> dict:
@@ -546,37 +548,38 @@ def _dead_units(shape) -> dict:
 
 
 def _llama_ratios(entry: dict) -> dict:
-    base, quiet, check = entry["baseline"], entry["prune_no_verify"], entry["blockwise_verification"]
-    out = {"prune_no_verify_wall_over_baseline": quiet["wall_s"] / base["wall_s"],
-           "prune_no_verify_rss_over_baseline": quiet["peak_rss"] / base["peak_rss"],
-           # the prune and its scalable check, one after the other
-           "prune_and_blockwise_wall_over_baseline": (quiet["wall_s"] + check["wall_s"]) / base["wall_s"],
-           "prune_and_blockwise_rss_over_baseline": max(quiet["peak_rss"], check["peak_rss"]) / base["peak_rss"],
-           "baseline_rss_over_model": base["peak_rss"] / entry["model_bytes"],
-           "prune_no_verify_rss_over_model": quiet["peak_rss"] / entry["model_bytes"]}
-    prune = entry.get("prune", {})
-    if "wall_s" in prune:
-        out["prune_wall_over_baseline"] = prune["wall_s"] / base["wall_s"]
-        out["prune_rss_over_baseline"] = prune["peak_rss"] / base["peak_rss"]
+    """Each prune variant against the baseline (wall, peak RSS), and peak RSS against the model's bytes."""
+    base = entry["baseline"]
+    out = {"baseline_rss_over_model": base["peak_rss"] / entry["model_bytes"]}
+    for key in ("prune_verify_blocks", "prune_no_verify", "prune"):
+        run = entry.get(key, {})
+        if "wall_s" in run:
+            out[f"{key}_wall_over_baseline"] = run["wall_s"] / base["wall_s"]
+            out[f"{key}_rss_over_baseline"] = run["peak_rss"] / base["peak_rss"]
+            out[f"{key}_rss_over_model"] = run["peak_rss"] / entry["model_bytes"]
     return out
 
 
 def llama_table(sizes: list[dict]) -> str:
     """The printed table of a --model llama run."""
-    head = ("| layers | MB | load+save s | RSS MB | prune --no-verify s | RSS MB | x wall | x RSS | block check s | RSS MB "
-            "| exact | x wall (prune+check) | x RSS | CLI-verify prune s | RSS MB | deleted q/kv heads, neurons |")
+    head = ("| layers | MB | load+save s | RSS MB | prune --verify blocks s | RSS MB | x wall | x RSS | blocks | exact "
+            "(worst) | --no-verify s | RSS MB | --verify whole s | RSS MB | deleted q/kv heads, neurons |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for e in sizes:
-        b, q, c, r, p = e["baseline"], e["prune_no_verify"], e["blockwise_verification"], e["ratios"], e["prune"]
-        d = e["deleted_units"]["deleted"]
-        cli = (f"{p['wall_s']:.1f} | {p['peak_rss'] / 1e6:.0f}" if "wall_s" in p
-               else f"{'failed' if 'failed' in p else 'skipped'} | -")
+        b, q, r, p, v = e["baseline"], e["prune_no_verify"], e["ratios"], e["prune"], e["prune_verify_blocks"]
+        d = e.get("deleted_units", {}).get("deleted", {})
+        whole = (f"{p['wall_s']:.1f} | {p['peak_rss'] / 1e6:.0f}" if "wall_s" in p
+                 else f"{'failed' if 'failed' in p else 'skipped'} | -")
+        if "wall_s" in v:
+            c = v["verification"]
+            blocks = (f"{v['wall_s']:.1f} | {v['peak_rss'] / 1e6:.0f} | {r['prune_verify_blocks_wall_over_baseline']:.2f}"
+                      f" | {r['prune_verify_blocks_rss_over_baseline']:.2f} | {c['blocks']} | "
+                      f"{'yes' if c['ok'] else 'NO'} ({c['worst']['relative_error']:.1g})")
+        else:
+            blocks = "failed | - | - | - | - | -"
         rows.append(f"| {e['layers']} | {e['model_bytes'] / 1e6:.0f} | {b['wall_s']:.1f} | {b['peak_rss'] / 1e6:.0f} | "
-                    f"{q['wall_s']:.1f} | {q['peak_rss'] / 1e6:.0f} | {r['prune_no_verify_wall_over_baseline']:.2f} | "
-                    f"{r['prune_no_verify_rss_over_baseline']:.2f} | {c['wall_s']:.1f} | {c['peak_rss'] / 1e6:.0f} | "
-                    f"{'yes' if c['exact'] else 'NO'} | {r['prune_and_blockwise_wall_over_baseline']:.2f} | "
-                    f"{r['prune_and_blockwise_rss_over_baseline']:.2f} | {cli} | "
-                    f"{d['query_heads']}/{d['kv_heads']}, {d['ffn_neurons']} |")
+                    f"{blocks} | {q['wall_s']:.1f} | {q['peak_rss'] / 1e6:.0f} | {whole} | "
+                    f"{d.get('query_heads', '-')}/{d.get('kv_heads', '-')}, {d.get('ffn_neurons', '-')} |")
     return "\n".join(rows)
 
 
@@ -635,9 +638,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "equal kinds: up column, gate column, down row zero (default %(default)s)")
     llama.add_argument("--dead-query-heads", type=int, default=1, help="query heads per layer dead by their o_proj "
                        "rows alone, beside the dead K/V head's (default %(default)s)")
-    llama.add_argument("--cli-verify-max-layers", type=int, default=8, help="run `onnxprune prune` with its own "
-                       "verification (the whole model on ONNX Runtime, twice) up to this many layers; the block-wise "
-                       "check runs at every size (default %(default)s)")
+    llama.add_argument("--cli-verify-max-layers", type=int, default=8, help="also run `onnxprune prune --verify "
+                       "whole` (both whole models on ONNX Runtime) up to this many layers; `--verify blocks` runs at "
+                       "every size (default %(default)s)")
     add_results_argument(ap, EXPERIMENT)
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -662,8 +665,6 @@ def main(argv: list[str] | None = None) -> None:
         kind, *rest = args.worker
         if kind == "load-save":
             load_save_worker(*rest)
-        elif kind == "verify-blocks":
-            verify_blocks_worker(*rest)
         else:
             profile_worker(*rest[:3], int(rest[3]))
         return

@@ -23,6 +23,7 @@ from onnxprune.latency.guarantee import prune_for_target
 from onnxprune.latency.target import make_target
 from onnxprune.modelio import LoadedModel, as_loaded, check_output_path
 from onnxprune.pass_infra import GraphPass, PassManager, PassRecord
+from onnxprune.progress import PhaseCallback, phase, report
 from onnxprune.pruner import Pruner
 from onnxprune.report import RunReport, RunResult, group_report, removed_metadata
 
@@ -49,37 +50,57 @@ def run_passes(
     passes: list[GraphPass],
     *,
     output: str | os.PathLike[str] | None = None,
-    verify: bool = True,
+    verify: bool | str = True,
     metadata: dict[str, object] | None = None,
     external_data: bool | None = None,
     progress: Callable[[PassRecord], None] | None = None,
+    on_phase: PhaseCallback | None = None,
 ) -> RunResult:
     """Run ``passes`` on a model; check, verify on ONNX Runtime and (optionally) write it atomically.
 
     Nothing is written if the result fails the ONNX checker or differs from the
-    input on ONNX Runtime (unless ``verify`` is False).
+    input on ONNX Runtime (unless ``verify`` is False). ``verify``: True ("auto":
+    the whole model, or block by block for a large one), "whole", "blocks" or
+    False. ``progress`` gets each pass's record; ``on_phase`` each phase's
+    progress (:mod:`onnxprune.progress`).
     """
     start = time.perf_counter()
     owned = not isinstance(model_or_path, LoadedModel)
-    loaded = as_loaded(model_or_path)
-    if output is not None:
-        check_output_path(output, loaded)
+    with phase(on_phase, "load"):
+        loaded = as_loaded(model_or_path)
+        if output is not None:
+            check_output_path(output, loaded)
+        with input_blamed(loaded):
+            graph = to_graph(loaded)  # external data memory-mapped, not read
+    timings = {"load": time.perf_counter() - start}
     with input_blamed(loaded):
-        graph = to_graph(loaded)  # external data memory-mapped, not read
-        timings = {"load": time.perf_counter() - start}
-        result = _rewrite(graph, loaded, passes, metadata=metadata, progress=progress, timings=timings)
-    reference = runtime_reference(loaded)
+        result = _rewrite(graph, loaded, passes, metadata=metadata, progress=progress, timings=timings, on_phase=on_phase)
+    reference, size = runtime_reference(loaded), loaded.size_bytes
     use_external = loaded.uses_external_data if external_data is None else external_data
     if result.report.plan is not None:
         result.report.plan.release_graph()
     del graph
     if owned:
         del loaded  # free the parsed copy before the runtime loads anything
+    checks = {"verify": verify, "weight_bytes": size, "on_phase": on_phase}
     if output is None:
-        check_in_memory(result.model, reference, result.report, verify=verify)
+        check_in_memory(result.model, reference, result.report, **checks)
     else:
-        write_checked(result.model, output, reference, result.report, verify=verify, external_data=use_external)
+        write_checked(result.model, output, reference, result.report, external_data=use_external, **checks)
     return result
+
+
+def _pass_hooks(progress: Callable[[PassRecord], None] | None, on_phase: PhaseCallback | None) -> dict:
+    """PassManager's callbacks: each pass a phase of its own ("pass NAME"), and ``progress`` with each record."""
+    def started(p: GraphPass) -> None:
+        report(on_phase, f"pass {p.name}", 0, 1)
+
+    def finished(record: PassRecord) -> None:
+        report(on_phase, f"pass {record.name}", 1, 1)
+        if progress is not None:
+            progress(record)
+
+    return {"on_start": started, "on_pass": finished}
 
 
 def _rewrite(
@@ -90,13 +111,14 @@ def _rewrite(
     metadata: dict[str, object] | None,
     progress: Callable[[PassRecord], None] | None,
     timings: dict[str, float],
+    on_phase: PhaseCallback | None = None,
 ) -> RunResult:
     """Shape inference, then ``passes`` on ``graph``; the exported model and its report."""
     from passes import PROVIDERS
     from passes.structure import InferShapesPass
 
     start = time.perf_counter()
-    manager = PassManager([], PROVIDERS, on_pass=progress)
+    manager = PassManager([], PROVIDERS, **_pass_hooks(progress, on_phase))
     holds: set[str] = set()
     records = manager.run(graph, [InferShapesPass()], holds=holds)
     before = model_cost(graph)
@@ -121,15 +143,17 @@ def prune_model(
     batch: int = 1,
     round_to_n: int | None = None,
     width_policy: WidthPolicy | None = None,
-    verify: bool = True,
+    verify: bool | str = True,
     external_data: bool | None = None,
     progress: Callable[[PassRecord], None] | None = None,
     measure_progress: Callable[[int, int], None] | None = None,
+    on_phase: PhaseCallback | None = None,
 ) -> RunResult:
     """Delete provably dead channels; see :func:`prune` (this variant also returns the report).
 
     ``progress`` is called with each pass record; ``measure_progress(done, total)``
-    while layer latencies are measured for the target (cold cache only).
+    while layer latencies are measured for the target (cold cache only);
+    ``on_phase`` with each phase's progress (:mod:`onnxprune.progress`).
     """
     from passes import finishing, preparation
     from passes.prune_channels import PruneChannelsPass
@@ -141,10 +165,11 @@ def prune_model(
     if policy is not None or runtime_target is None:  # --round-to is the manual override of --target
         return run_passes(
             model_or_path, [*preparation(), PruneChannelsPass(policy), *finishing()], output=output, verify=verify,
-            external_data=external_data, progress=progress,
+            external_data=external_data, progress=progress, on_phase=on_phase,
         )
     return prune_for_target(
-        model_or_path, runtime_target, output=output, verify=verify, external_data=external_data, measure_progress=measure_progress
+        model_or_path, runtime_target, output=output, verify=verify, external_data=external_data,
+        measure_progress=measure_progress, on_phase=on_phase,
     )
 
 
@@ -154,7 +179,7 @@ def prune(
     output: str | os.PathLike[str] | None = None,
     target: str = "ort-cpu",
     round_to: int | None = None,
-    verify: bool = True,
+    verify: bool | str = True,
 ) -> onnx.ModelProto:
     """Return a smaller model computing the same function: provably dead channels deleted.
 
@@ -163,7 +188,9 @@ def prune(
     result is not slower than the input; "none" deletes every dead channel.
     ``round_to`` instead keeps just enough dead channels that every pruned width
     is a multiple of it. With ``verify`` (default) the result is run on ONNX
-    Runtime against the input and a mismatch raises VerificationError. With
+    Runtime against the input and a mismatch raises VerificationError: the
+    whole model, or block by block for a large one ("whole" or "blocks" to
+    choose; :mod:`onnxprune.verify_blocks`). With
     ``output`` the result is also written there atomically.
     """
     return prune_model(model_or_path, output=output, target=target, round_to_n=round_to, verify=verify).model

@@ -12,7 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -64,16 +64,24 @@ def _bytes_of(t: onnx.TensorProto) -> int:
     return t.ByteSize() if pending is None else pending
 
 
+ByteProgress = Callable[[int, int], None]  # (bytes written, bytes to write)
+
+
 @contextlib.contextmanager
 def staged_write(
-    model: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    progress: ByteProgress | None = None,
 ) -> Iterator[Path]:
     """Write ``model`` to a temporary copy of ``path``; move it into place on success.
 
     Yields the staged model's path so the caller can check it (e.g. run it on
     ONNX Runtime) before it replaces anything. If the body raises, nothing is
     written. ``external_data=None`` stores weights beside the model only when
-    the model is too large for one protobuf.
+    the model is too large for one protobuf. ``progress(done, total)`` is called
+    as the tensors' bytes are written.
     """
     dest = Path(path)
     use_external = needs_external_data(model) if external_data is None else external_data
@@ -81,7 +89,7 @@ def staged_write(
     try:
         staged = stage_dir / dest.name
         data_name = dest.name + ".data"
-        _write_model(model, staged, data_name if use_external else None)
+        _write_model(model, staged, data_name if use_external else None, progress)
         staged_data = stage_dir / data_name
         for written in (staged, staged_data):
             if written.exists():
@@ -94,16 +102,27 @@ def staged_write(
         shutil.rmtree(stage_dir, ignore_errors=True)
 
 
-def _write_model(model: onnx.ModelProto, path: Path, data_name: str | None) -> None:
+def _write_model(model: onnx.ModelProto, path: Path, data_name: str | None, progress: ByteProgress | None = None) -> None:
     """Write ``model`` to ``path``; with ``data_name``, its weights to that file beside it.
 
     A model holding deferred tensors (placeholders) is streamed: each array is written into the data file
-    and dropped, and the model is left pointing at the file written. Any other model is written by onnx and
-    left as it was (its weights in the protobuf).
+    and dropped, and the model is left pointing at the file written (``progress`` follows each tensor). Any
+    other model is written by onnx and left as it was (its weights in the protobuf; ``progress`` is told
+    at the start and the end).
     """
     if data_name is not None and has_pending(model):
-        _stream_model(model, path, data_name)
+        _stream_model(model, path, data_name, progress)
         return
+    total = _tensor_bytes(model.graph) if progress is not None else 0
+    if progress is not None:
+        progress(0, total)
+    _write_whole(model, path, data_name)
+    if progress is not None:
+        progress(total, total)
+
+
+def _write_whole(model: onnx.ModelProto, path: Path, data_name: str | None) -> None:
+    """Write ``model`` by onnx (after putting deferred tensors into the protobuf), leaving it as it was."""
     materialize_pending(model)
     if data_name is None:
         with open(path, "wb") as f:
@@ -142,19 +161,41 @@ class _DataFile:
         self.offset += len(data)
 
 
-def _stream_model(model: onnx.ModelProto, path: Path, data_name: str) -> None:
+def _streamed_bytes(model: onnx.ModelProto) -> int:
+    """Bytes :func:`_stream_model` writes into the data file (padding aside)."""
+    total = 0
+    for tensor in model_tensors(model, sparse=False):
+        pending = pending_nbytes(tensor)
+        if pending is not None:
+            total += pending
+        elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+            total += len(tensor.raw_data)
+    return total
+
+
+def _stream_model(model: onnx.ModelProto, path: Path, data_name: str, progress: ByteProgress | None = None) -> None:
     """Write the model with every tensor of 1 KiB or more in ``data_name``, one tensor at a time: a deferred
     array is written from where it is (a map of the input, or the rewrite's array) and dropped."""
+    total = _streamed_bytes(model) if progress is not None else 0
+    done = 0
+    if progress is not None:
+        progress(0, total)
     with open(path.with_name(data_name), "wb") as f:
         data = _DataFile(f, data_name)
         for tensor in model_tensors(model, sparse=False):  # a sparse initializer's parts stay in the protobuf
             array = take_pending(tensor)
             if array is not None:
                 data.append(tensor, little_endian_bytes(array))
+                done += array.nbytes
                 release_pages(array)
                 del array
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+                done += len(tensor.raw_data)
                 data.append(tensor, tensor.raw_data)
+            else:
+                continue
+            if progress is not None:
+                progress(done, total)
         f.flush()
         os.fsync(f.fileno())
     with open(path, "wb") as f:

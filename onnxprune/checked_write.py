@@ -20,8 +20,10 @@ from onnxprune.atomic_write import needs_external_data, staged_write
 from onnxprune.errors import InputError, OnnxPruneError, PassError
 from onnxprune.external_data import forget_pending, materialize_pending
 from onnxprune.modelio import LoadedModel
+from onnxprune.progress import PhaseCallback, counter, phase
 from onnxprune.report import RunReport
-from onnxprune.verify import run_on_random_inputs, verify_same_function
+from onnxprune.verify import run_on_random_inputs
+from onnxprune.verify_blocks import verify_method, verify_model
 
 _CHECK_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
 
@@ -94,26 +96,54 @@ def runtime_reference(loaded: LoadedModel) -> onnx.ModelProto | Path:
     return loaded.path if loaded.path is not None and loaded.ir_lowered_from is None else loaded.model
 
 
-def verify_into(report: RunReport, reference: onnx.ModelProto | Path, candidate: onnx.ModelProto | Path) -> None:
-    """Verify ``candidate`` against ``reference`` on ONNX Runtime; record the result and its time in ``report``."""
+def weight_bytes_of(source: onnx.ModelProto | Path) -> int:
+    """Bytes of a model's initializers, from their types and dims (a file's structure is read, not its weights)."""
+    from onnxprune.cuts import tensor_bytes
+
+    model = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source), load_external_data=False)
+    return sum(tensor_bytes(t) for t in model.graph.initializer)
+
+
+def verify_into(
+    report: RunReport,
+    reference: onnx.ModelProto | Path,
+    candidate: onnx.ModelProto | Path,
+    method: str = "auto",
+    *,
+    weight_bytes: int | None = None,
+    on_phase: PhaseCallback | None = None,
+) -> None:
+    """Verify ``candidate`` against ``reference`` on ONNX Runtime (``method``: "auto", "whole" or "blocks";
+    auto decides from ``weight_bytes``, the input's size); record the result and its time in ``report``."""
     start = time.perf_counter()
-    report.verification = verify_same_function(reference, candidate)
+    size = weight_bytes if weight_bytes is not None else weight_bytes_of(reference)
+    report.verification = verify_model(reference, candidate, method, weight_bytes=size, on_phase=on_phase)
     report.timings["verify"] = time.perf_counter() - start
 
 
-def check_in_memory(model: onnx.ModelProto, reference: onnx.ModelProto | Path, report: RunReport, *, verify: bool) -> None:
+def check_in_memory(
+    model: onnx.ModelProto,
+    reference: onnx.ModelProto | Path,
+    report: RunReport,
+    *,
+    verify: bool | str,
+    weight_bytes: int | None = None,
+    on_phase: PhaseCallback | None = None,
+) -> None:
     """Check a result that is not written (a model too large for one protobuf is checked when written).
 
     Deferred tensors (:func:`onnxprune.external_data.defer`) are first put into the protobuf: the caller
-    gets a self-contained model."""
+    gets a self-contained model. ``verify``: True (auto), False, or a method of :func:`verify_into`."""
+    method = verify_method(verify)
     gc.collect()  # a dropped graph is cyclic garbage still holding arrays
     materialize_pending(model)
     start = time.perf_counter()
     if not needs_external_data(model):
-        check_output_model(model, None, reference)
+        with phase(on_phase, "check"):
+            check_output_model(model, None, reference)
     report.timings["check"] = time.perf_counter() - start
-    if verify:
-        verify_into(report, reference, model)
+    if method is not None:
+        verify_into(report, reference, model, method, weight_bytes=weight_bytes, on_phase=on_phase)
 
 
 def write_checked(
@@ -122,27 +152,32 @@ def write_checked(
     reference: onnx.ModelProto | Path,
     report: RunReport,
     *,
-    verify: bool,
+    verify: bool | str,
     external_data: bool = False,
+    weight_bytes: int | None = None,
+    on_phase: PhaseCallback | None = None,
 ) -> None:
     """Stage ``model`` beside ``output``, check (and verify) it there, then move it into place.
 
     Timed as ``save`` (writing, and the move into place), ``check`` (the ONNX checker) and ``verify``.
     A model with deferred tensors is streamed into the staged files and left pointing at the written
     external data (its location relative to ``output``'s folder); if anything fails, nothing is written.
+    ``verify``: True (auto), False, or a method of :func:`verify_into`; ``on_phase``: see :mod:`onnxprune.progress`.
     """
+    method = verify_method(verify)
     external = external_data or needs_external_data(model)
     timings = report.timings
     start = time.perf_counter()
     gc.collect()  # a dropped graph is cyclic garbage still holding the arrays the write streams and drops
     try:
-        with staged_write(model, output, external_data=external) as staged:
+        with staged_write(model, output, external_data=external, progress=counter(on_phase, "save")) as staged:
             timings["save"] = time.perf_counter() - start
             start = time.perf_counter()
-            check_output_model(model, staged if external else None, reference)  # by path: no second copy in memory
+            with phase(on_phase, "check"):
+                check_output_model(model, staged if external else None, reference)  # by path: no second copy
             timings["check"] = time.perf_counter() - start
-            if verify:
-                verify_into(report, reference, staged)
+            if method is not None:
+                verify_into(report, reference, staged, method, weight_bytes=weight_bytes, on_phase=on_phase)
             start = time.perf_counter()
     finally:
         forget_pending(model)

@@ -45,7 +45,61 @@ def _print_verification(result) -> None:
         print("verification: skipped (--no-verify)")
         return
     worst = max(result.max_relative_error.values(), default=0.0)
-    print(f"verification: outputs match on ONNX Runtime ({result.trials} random inputs, max relative error {worst:.2g})")
+    if result.method != "blocks":
+        print(f"verification: outputs match on ONNX Runtime (whole model, {result.trials} random inputs, max relative "
+              f"error {worst:.2g})")
+        return
+    name, err = result.worst() if result.max_relative_error else ("-", 0.0)
+    print(f"verification: block by block on ONNX Runtime, every block matches ({result.blocks} block(s) on the input "
+          f"model's activations, {result.trials} random inputs; worst: '{name}' in block "
+          f"{result.block_of.get(name, '-')}, relative error {err:.2g})")
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or file-like stream without isatty
+        return False
+
+
+def _verify_choice(args: argparse.Namespace) -> bool | str:
+    """--no-verify, else the --verify method."""
+    return False if args.no_verify else args.verify
+
+
+class _PhaseBars:
+    """A progress bar on stderr for each phase of a run that reports one (:mod:`onnxprune.progress`), cleared when
+    the phase ends; none with ``quiet`` or when stderr is not a terminal (a log keeps its one-line messages)."""
+
+    UNITS = {"save": ("B", True), "verify, block by block": ("block", False)}
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet or not _is_terminal(sys.stderr)
+        self.bar, self.name = None, None
+
+    def __call__(self, name: str, done: float, total: float) -> None:
+        if self.quiet:
+            return
+        if self.bar is None or name != self.name:
+            from tqdm import tqdm
+
+            self.close()
+            unit, scale = self.UNITS.get(name, ("step", False))
+            self.name = name
+            steps = "{desc} ({elapsed})" if total == 1 and unit == "step" else None  # a phase of one step: its time
+            self.bar = tqdm(total=total, initial=done, desc=name, unit=unit, unit_scale=scale, file=sys.stderr,
+                            leave=False, mininterval=0.2, bar_format=steps)
+        elif done != self.bar.n or total != self.bar.total:
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar, self.name = None, None
 
 
 class _MeasureBar:
@@ -136,14 +190,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     startup = seconds_since_process_start() if args.own_process else None
     start = time.perf_counter()
     _use_target_threads(args)
-    bar = _MeasureBar(args.quiet)
+    bar, phases = _MeasureBar(args.quiet), _PhaseBars(args.quiet)
     try:
         result = prune_model(
             args.input, output=args.output, target=args.target, threads=args.threads, batch=args.batch,
-            round_to_n=args.round_to, verify=not args.no_verify, measure_progress=bar,
+            round_to_n=args.round_to, verify=_verify_choice(args), measure_progress=bar, on_phase=phases,
         )
     finally:
         bar.close()
+        phases.close()
     report = result.report
     report.timings = _whole_command_timings(report.timings, startup, time.perf_counter() - start)
     if not args.quiet:
@@ -207,7 +262,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.passes.split(",") if n.strip()]
     if not names:
         raise OnnxPruneError("--passes needs at least one pass name (see `onnxprune passes`)")
-    result = run_passes(args.input, make_passes(names), output=args.output, verify=not args.no_verify)
+    phases = _PhaseBars(args.quiet)
+    try:
+        result = run_passes(args.input, make_passes(names), output=args.output, verify=_verify_choice(args),
+                            on_phase=phases)
+    finally:
+        phases.close()
     report = result.report
     if not args.quiet:
         for r in report.passes:
@@ -372,9 +432,18 @@ def _add_prune(sub) -> None:
                    help="manual override of --target: keep dead channels so every pruned layer width is a multiple of N")
     p.add_argument("--explain", action="store_true", help="list, per channel group, why channels were kept")
     p.add_argument("--report", metavar="R.json", help="write a JSON report (groups, costs, timings)")
-    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison with the input")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    _verify_args(p)
     p.set_defaults(func=cmd_prune)
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verify", choices=("auto", "whole", "blocks"), default="auto",
+                   help="how the result is checked against the input on ONNX Runtime: whole (both models on the same "
+                        "random inputs), blocks (cut where every path crosses; each block of both models on the input "
+                        "model's activations, one block's weights in memory at a time), auto (default: blocks for "
+                        "1 GiB of weights or more, or when the whole check would not fit in memory)")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison with the input")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress bars)")
 
 
 def _add_calibrate(sub) -> None:
@@ -404,8 +473,7 @@ def _add_inspect_passes_run(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output .onnx file")
     p.add_argument("--passes", required=True, help="comma-separated pass names, e.g. fold-batchnorm,remove-identity")
     p.add_argument("--report", metavar="R.json", help="write a JSON report")
-    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison with the input")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    _verify_args(p)
     p.set_defaults(func=cmd_run)
 
 

@@ -134,10 +134,12 @@ class PassManager:
         providers: dict[str, Callable[[], GraphPass]] | None = None,
         *,
         on_pass: Callable[[PassRecord], None] | None = None,
+        on_start: Callable[[GraphPass], None] | None = None,
     ) -> None:
         self.passes = list(passes)
         self.providers = providers or {}
         self.on_pass = on_pass
+        self.on_start = on_start  # called as each pass starts (progress: which pass is running)
 
     def _run_one(self, graph: gs.Graph, p: GraphPass, holds: set[str], records: list[PassRecord], auto: bool) -> None:
         """Run ``p``, first the providers of its required properties that do not hold."""
@@ -148,6 +150,8 @@ class PassManager:
             if prop not in self.providers:
                 raise PreconditionError(f"pass '{p.name}' requires '{prop}' and no pass provides it")
             self._run_one(graph, self.providers[prop](), holds, records, auto=True)
+        if self.on_start:
+            self.on_start(p)
         start = time.perf_counter()
         result = p(graph)
         record = PassRecord(p.name, result, time.perf_counter() - start, auto)

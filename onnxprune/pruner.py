@@ -11,6 +11,7 @@ from onnxprune.cost import model_cost
 from onnxprune.graphio import to_graph, to_model
 from onnxprune.modelio import LoadedModel
 from onnxprune.pass_infra import PassManager
+from onnxprune.progress import PhaseCallback, phase, report
 from onnxprune.report import RunReport, RunResult, removed_metadata
 
 
@@ -22,15 +23,18 @@ class Pruner:
     cost a rewrite and an export each, not a reload and a re-analysis.
     """
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, *, on_phase: PhaseCallback | None = None) -> None:
         from passes import PROVIDERS, preparation
 
         self.loaded = loaded
         self.graph = to_graph(loaded)
-        self.prepared = PassManager(preparation(), PROVIDERS).run(self.graph)
+        manager = PassManager(preparation(), PROVIDERS, on_start=lambda p: report(on_phase, f"pass {p.name}", 0, 1),
+                              on_pass=lambda r: report(on_phase, f"pass {r.name}", 1, 1))
+        self.prepared = manager.run(self.graph)
         self.graph.toposort()
         self.before = model_cost(self.graph)
-        self.analysis = analyze(self.graph)
+        with phase(on_phase, "analysis"):
+            self.analysis = analyze(self.graph)
 
     def build(self, plan: PrunePlan) -> RunResult:
         """The model ``plan`` makes of the prepared graph, with its report."""

@@ -54,11 +54,7 @@ class RunReport:
         if self.latency is not None:
             out["latency"] = self.latency
         if self.verification is not None:
-            out["verification"] = {
-                "trials": self.verification.trials,
-                "max_relative_error": self.verification.max_relative_error,
-                "tolerance": self.verification.tolerance,
-            }
+            out["verification"] = self.verification.to_dict()
         if self.plan is not None:
             out["groups"] = group_report(self.plan)
             out["barriers"] = self.plan.analysis.barriers

@@ -17,19 +17,46 @@ RELATIVE_TOLERANCE = {np.dtype(np.float64): 1e-9, np.dtype(np.float32): 1e-4, np
 
 @dataclass
 class VerifyResult:
-    """How far the candidate's outputs are from the reference's, per output."""
+    """How far the candidate's outputs are from the reference's, per output (``method`` "whole"), or per
+    tensor each block hands on (``method`` "blocks": :mod:`onnxprune.verify_blocks`)."""
 
     trials: int
     max_relative_error: dict[str, float] = field(default_factory=dict)
     tolerance: dict[str, float] = field(default_factory=dict)
+    method: str = "whole"
+    blocks: int = 1
+    block_of: dict[str, str] = field(default_factory=dict)  # compared tensor -> "i/n (cut -> cut)" (blocks)
+    per_block: list[dict] = field(default_factory=list)
+    reason: str = ""  # why this method was used (auto)
 
     @property
     def ok(self) -> bool:
         return all(self.max_relative_error[k] <= self.tolerance[k] for k in self.max_relative_error)
 
     def worst(self) -> tuple[str, float]:
-        name = max(self.max_relative_error, key=lambda k: self.max_relative_error[k] / self.tolerance[k])
+        """The compared tensor nearest its tolerance (or furthest over it), and its error."""
+        def ratio(k: str) -> float:
+            tol = self.tolerance[k]
+            return self.max_relative_error[k] / tol if tol else (0.0 if self.max_relative_error[k] == 0 else float("inf"))
+
+        name = max(self.max_relative_error, key=ratio)
         return name, self.max_relative_error[name]
+
+    def to_dict(self) -> dict:
+        """JSON-ready: the method, its result, and (block-wise) the worst block and every block's cuts."""
+        out: dict = {"method": self.method, "ok": self.ok, "trials": self.trials,
+                     "max_relative_error": self.max_relative_error, "tolerance": self.tolerance}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.max_relative_error:
+            name, err = self.worst()
+            out["worst"] = {"tensor": name, "relative_error": err, "tolerance": self.tolerance[name]}
+        if self.method == "blocks":
+            out["blocks"] = self.blocks
+            if self.max_relative_error:
+                out["worst"]["block"] = self.block_of.get(name)
+            out["per_block"] = self.per_block
+        return out
 
 
 def run_on_random_inputs(
@@ -53,7 +80,8 @@ def run_on_random_inputs(
     return feeds, outputs
 
 
-def _relative_error(ref: np.ndarray, got: np.ndarray) -> float:
+def relative_error(ref: np.ndarray, got: np.ndarray) -> float:
+    """max |ref - got| over max |ref| (finite values; infinities and NaNs must match; other dtypes: equal or inf)."""
     if ref.shape != got.shape:
         return float("inf")
     if ref.dtype.kind not in "fc":
@@ -96,7 +124,7 @@ def compare_models(
         if set(ref) != set(got):
             raise VerificationError(f"outputs differ: input model has {sorted(ref)}, result has {sorted(got)}")
         for name, value in ref.items():
-            err = _relative_error(value, got[name])
+            err = relative_error(value, got[name])
             result.max_relative_error[name] = max(err, result.max_relative_error.get(name, 0.0))
             result.tolerance[name] = RELATIVE_TOLERANCE.get(value.dtype, 0.0)
     return result
@@ -104,11 +132,18 @@ def compare_models(
 
 def verify_same_function(reference: ModelSource, candidate: ModelSource, **kwargs) -> VerifyResult:
     """Like :func:`compare_models`, but raise VerificationError on a mismatch."""
-    result = compare_models(reference, candidate, **kwargs)
-    if not result.ok:
-        name, err = result.worst()
-        raise VerificationError(
-            f"verification failed: output '{name}' differs from the input model by {err:.3g} "
-            f"(relative; tolerance {result.tolerance[name]:.0e}); nothing was written"
-        )
-    return result
+    return raise_if_failed(compare_models(reference, candidate, **kwargs))
+
+
+def raise_if_failed(result: VerifyResult) -> VerifyResult:
+    """``result``, or VerificationError naming the worst output (block-wise: the tensor and its block)."""
+    if result.ok:
+        return result
+    name, err = result.worst()
+    where = f"output '{name}'"
+    if result.method == "blocks":
+        where = f"block {result.block_of.get(name, '?')}: tensor '{name}'"
+    raise VerificationError(
+        f"verification failed: {where} differs from the input model by {err:.3g} "
+        f"(relative; tolerance {result.tolerance[name]:.0e}); nothing was written"
+    )

@@ -77,25 +77,30 @@ def _prune(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def test_small_decoder_prunes_its_dead_kv_head_and_neurons_exactly_block_by_block(tmp_path):
     """One decoder layer (GQA 8/2 heads of 32, SwiGLU 688, no rotary): the dead K/V head goes with its 4 query heads,
-    the neurons whose up or gate column is zero go; the block-wise check passes, and catches a wrong deletion."""
+    the neurons whose up or gate column is zero go; the library's block-wise check passes (each sublayer's residual
+    branch compared on its own scale), and catches a wrong deletion in the MLP's branch."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
-    from benchmarks.llama_decoder import deleted_units, verify_blockwise, weight_widths
+    from benchmarks.llama_decoder import deleted_units, weight_widths
+    from onnxprune.verify_blocks import compare_blockwise
 
     shape, src, built = _small_decoder(tmp_path)
     assert built["cuts"][:3] == ["input", "layers.0.post_attn", "layers.0.out"]
     out = tmp_path / "pruned" / "decoder.onnx"
-    _prune(src, out)  # with the CLI's own verification (the whole model on ONNX Runtime): small enough here
+    done = _prune(src, out, "--verify", "blocks")  # the CLI's block-wise verification
+    assert "block by block" in done.stdout
     units = deleted_units(shape, weight_widths(out))["deleted"]
     up, gate, down = shape.dead_neurons()
     assert units["kv_heads"] == 1 and units["query_heads"] == shape.rep
     assert units["ffn_neurons"] == up + gate  # the down-row-zero neurons are kept (the engine reads them as live)
-    check = verify_blockwise(src, out, shape.layers)
-    assert check["exact"] and check["blocks"] == 3 and check["worst_branch_rel_err"] < 5e-3
+    check = compare_blockwise(src, out, budget=1)  # every segment between cuts a block of its own
+    assert check.ok and check.blocks > 3
+    branches = {"layers.0.self_attn.o", "layers.0.mlp.down"}  # what each sublayer adds to the residual stream
+    assert branches <= set(check.max_relative_error) and max(check.max_relative_error[b] for b in branches) < 5e-3
 
-    # a wrong deletion: zero one live FFN neuron's down row in a copy of the pruned model; the MLP block fails
+    # a wrong deletion: zero one live FFN neuron's down row in a copy of the pruned model; the MLP's branch fails
     model = onnx.load(str(out))
     init = next(t for t in model.graph.initializer if t.name == "layers.0.mlp.down_proj.weight"
                 or t.name.startswith("layers.0.mlp.down_proj"))
@@ -105,15 +110,17 @@ def test_small_decoder_prunes_its_dead_kv_head_and_neurons_exactly_block_by_bloc
     bad = tmp_path / "bad" / "decoder.onnx"
     bad.parent.mkdir()
     onnx.save(model, str(bad), save_as_external_data=True, location="decoder.onnx.data")
-    wrong = verify_blockwise(src, bad, shape.layers)
-    assert not wrong["exact"] and wrong["worst_block"] == "layers.0.post_attn -> layers.0.out"
+    wrong = compare_blockwise(src, bad, budget=1)
+    assert not wrong.ok and wrong.worst()[0] == "layers.0.mlp.down"
+    assert wrong.max_relative_error["layers.0.self_attn.o"] < 5e-3  # the attention sublayer still agrees
 
 
 def test_small_decoder_with_rotary_prunes_its_dead_kv_head_exactly_block_by_block(tmp_path):
     """With HF's rotary embedding on q and k (rotate_half: Slice, Neg, Concat of the head dim; cos/sin tables
     [1, 1, S, D]) the dead K/V head still goes with its 4 query heads, and the FFN neurons go; no rotary node is a
     barrier, and the result is exact whole (the CLI's verification) and block by block."""
-    from benchmarks.llama_decoder import deleted_units, verify_blockwise, weight_widths
+    from benchmarks.llama_decoder import deleted_units, weight_widths
+    from onnxprune.verify_blocks import compare_blockwise
 
     shape, src, _ = _small_decoder(tmp_path, rotary=True)
     out = tmp_path / "pruned" / "decoder.onnx"
@@ -123,8 +130,7 @@ def test_small_decoder_with_rotary_prunes_its_dead_kv_head_exactly_block_by_bloc
     units = deleted_units(shape, weight_widths(out))["deleted"]
     assert units["kv_heads"] == 1 and units["query_heads"] == shape.rep
     assert units["ffn_neurons"] == sum(shape.dead_neurons()[:2])
-    check = verify_blockwise(src, out, shape.layers)
-    assert check["exact"] and check["blocks"] == 3 and check["worst_branch_rel_err"] < 5e-3
+    assert compare_blockwise(src, out).ok
 
 
 @pytest.mark.slow
@@ -136,7 +142,10 @@ def test_llama_run_writes_its_result(tmp_path):
     result = json.loads((tmp_path / "prune-at-scale-llama.json").read_text())
     assert result["config"]["model"] == "llama" and [e["layers"] for e in result["sizes"]] == [1, 2]
     for e in result["sizes"]:
-        assert e["blockwise_verification"]["exact"] and e["prune"]["wall_s"] > 0
+        check = e["prune_verify_blocks"]["verification"]  # the CLI's own block-wise check, inside the timed run
+        assert check["method"] == "blocks" and check["ok"] and check["blocks"] >= 1
+        assert e["prune_verify_blocks"]["phases_s"]["verify"] > 0 and e["prune"]["wall_s"] > 0
+        assert e["prune"]["verification"]["method"] == "whole" and "verify" not in e["prune_no_verify"]["phases_s"]
         assert e["deleted_units"]["deleted"]["kv_heads"] == e["layers"]
     from benchmarks.report.scale import prune_at_scale
 

@@ -72,9 +72,44 @@ def llama_table(r: dict) -> str:
             f"{c['dead_query_heads']} lone query head(s) (o_proj rows zero), {c['dead_ffn']:.0%} of the FFN neurons "
             "(a third each: up column, gate column, down row zero). The prune is timed without the CLI's "
             "verification; the result is checked block by block (below).")
+    if any("prune_verify_blocks" in s for s in r["sizes"]):  # the CLI's block-wise check (runs since its move)
+        note = note.replace("The prune is timed without the CLI's verification; the result is checked block by block "
+                            "(below).", "The prune is timed with the CLI's block-wise verification (`--verify "
+                            "blocks`), without verification, and with the whole-model check (`--verify whole`).")
+        return note + "\n\n" + md_table(BLOCKS_HEAD, [_llama_blocks_row(s) for s in r["sizes"]])
     head = ["layers", "model", "load+save wall", "load+save peak RSS", "prune --no-verify wall", "peak RSS",
             "analysis+rewrite (subnormals, channels) / save", "wall ratio", "RSS ratio", "block-wise check wall / RSS",
             "exact (worst branch error)",
             "prune + check: wall / RSS ratio", "prune with the CLI's verification", "deleted: K/V heads, query heads, "
             "FFN neurons (of the dead)"]
     return note + "\n\n" + md_table(head, [_llama_row(s) for s in r["sizes"]])
+
+
+BLOCKS_HEAD = ["layers", "model", "load+save wall", "load+save peak RSS", "prune --verify blocks wall / peak RSS",
+               "wall ratio", "RSS ratio", "of it: verify", "blocks", "exact (worst relative error)",
+               "prune --no-verify wall / RSS", "prune --verify whole", "deleted: K/V heads, query heads, "
+               "FFN neurons (of the dead)"]
+
+
+def _cli_cell(run: dict) -> str:
+    """A prune's wall and peak RSS, or why there are none."""
+    if "wall_s" in run:
+        return f"{run['wall_s']:.1f} s / {_mb(run['peak_rss'])}"
+    return "failed" + (" (out of memory)" if run.get("out_of_memory") else "") if "failed" in run else "not run"
+
+
+def _llama_blocks_row(s: dict) -> list[str]:
+    """One decoder size of a run with the CLI's block-wise verification."""
+    base, blocks, r = s["baseline"], s["prune_verify_blocks"], s["ratios"]
+    deleted, dead = s.get("deleted_units", {}).get("deleted"), s["dead_units"]
+    if "wall_s" in blocks:
+        c = blocks["verification"]
+        measured = [_cli_cell(blocks), f"{r['prune_verify_blocks_wall_over_baseline']:.2f}x",
+                    f"{r['prune_verify_blocks_rss_over_baseline']:.2f}x", f"{blocks['phases_s'].get('verify', 0):.1f} s",
+                    str(c["blocks"]), ("yes" if c["ok"] else "**no**") + f" ({c['worst']['relative_error']:.1g})"]
+    else:
+        measured = [_cli_cell(blocks), "-", "-", "-", "-", "-"]
+    units = (f"{deleted['kv_heads']}/{dead['kv_heads']}, {deleted['query_heads']}/{dead['query_heads']}, "
+             f"{deleted['ffn_neurons']}/{dead['ffn_neurons']}" if deleted else "-")
+    return [str(s["layers"]), _mb(s["model_bytes"]), f"{base['wall_s']:.1f} s", _mb(base["peak_rss"]), *measured,
+            _cli_cell(s["prune_no_verify"]), _cli_cell(s["prune"]), units]

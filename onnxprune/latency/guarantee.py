@@ -30,6 +30,7 @@ from onnxprune.latency.search import GroupChoice, LatencyChoice
 from onnxprune.latency.target import Target
 from onnxprune.latency.timing import clear_winner, interleaved
 from onnxprune.modelio import LoadedModel, as_loaded, check_output_path
+from onnxprune.progress import PhaseCallback, phase
 from onnxprune.pruner import Pruner
 from onnxprune.report import RunResult
 from onnxprune.runtime import input_specs, random_feed
@@ -221,6 +222,7 @@ def choose_candidate(
     cache: LatencyCache,
     reference: onnx.ModelProto | Path,
     measure_progress: Callable[[int, int], None] | None = None,
+    on_phase: PhaseCallback | None = None,
 ) -> tuple[Candidate, dict]:
     """The candidate to keep, and the report's ``latency`` section on how it was chosen.
 
@@ -228,12 +230,13 @@ def choose_candidate(
     """
     with input_blamed(loaded):
         start = time.perf_counter()
-        ladder = Ladder(Pruner(loaded), target, cache, reference)
+        ladder = Ladder(Pruner(loaded, on_phase=on_phase), target, cache, reference)
         planner = LatencyPlanner(target, cache, LATENCY_MODEL, progress=measure_progress)
         candidates = first_rung_candidates(ladder, planner)
         search_s = time.perf_counter() - start
         start = time.perf_counter()
-        winner = pick_first_rung(ladder, candidates) or fall_back(ladder)
+        with phase(on_phase, "timing candidates"):
+            winner = pick_first_rung(ladder, candidates) or fall_back(ladder)
         check_s = time.perf_counter() - start
     logger.debug("on %s kept '%s' after %d attempt(s)", target.name, winner.label, len(ladder.attempts))
     winner.result.report.plan.release_graph()
@@ -245,10 +248,11 @@ def prune_for_target(
     target: Target,
     *,
     output: str | os.PathLike[str] | None = None,
-    verify: bool = True,
+    verify: bool | str = True,
     external_data: bool | None = None,
     cache: LatencyCache | None = None,
     measure_progress: Callable[[int, int], None] | None = None,
+    on_phase: PhaseCallback | None = None,
 ) -> RunResult:
     """Prune, choosing widths for ``target``; never return a model measured slower than the input.
 
@@ -258,19 +262,23 @@ def prune_for_target(
     wins. If none is faster than the input, the remaining rungs of
     :data:`~onnxprune.latency.planner.ATTEMPTS` are tried.
     ``measure_progress(done, total)`` is called while layer latencies are
-    measured (cold cache).
+    measured (cold cache); ``on_phase`` with each phase's progress (:mod:`onnxprune.progress`).
     """
-    loaded = as_loaded(model_or_path)
-    if output is not None:
-        check_output_path(output, loaded)
+    with phase(on_phase, "load"):
+        loaded = as_loaded(model_or_path)
+        if output is not None:
+            check_output_path(output, loaded)
     reference = runtime_reference(loaded)
-    winner, latency = choose_candidate(loaded, target, cache or LatencyCache(target), reference, measure_progress)
+    winner, latency = choose_candidate(loaded, target, cache or LatencyCache(target), reference, measure_progress,
+                                       on_phase)
     report = winner.result.report
-    check_in_memory(winner.result.model, reference, report, verify=verify)
+    check_in_memory(winner.result.model, reference, report, verify=verify, weight_bytes=loaded.size_bytes,
+                    on_phase=on_phase)
     report.latency = latency
     if winner.rung in FALL_BACKS:
         report.notes.append(f"on {target.name} no first-rung candidate was faster than the input; used '{winner.label}'")
     if output is not None:
         use_external = loaded.uses_external_data if external_data is None else external_data
-        write_checked(winner.result.model, output, reference, report, verify=False, external_data=bool(use_external))
+        write_checked(winner.result.model, output, reference, report, verify=False, external_data=bool(use_external),
+                      on_phase=on_phase)
     return winner.result
