@@ -221,6 +221,7 @@ def choose_candidate(
     cache: LatencyCache,
     reference: onnx.ModelProto | Path,
     measure_progress: Callable[[int, int], None] | None = None,
+    assume_finite: bool = False,
 ) -> tuple[Candidate, dict]:
     """The candidate to keep, and the report's ``latency`` section on how it was chosen.
 
@@ -228,7 +229,7 @@ def choose_candidate(
     """
     with input_blamed(loaded):
         start = time.perf_counter()
-        ladder = Ladder(Pruner(loaded), target, cache, reference)
+        ladder = Ladder(Pruner(loaded, assume_finite=assume_finite), target, cache, reference)
         planner = LatencyPlanner(target, cache, LATENCY_MODEL, progress=measure_progress)
         candidates = first_rung_candidates(ladder, planner)
         search_s = time.perf_counter() - start
@@ -249,6 +250,7 @@ def prune_for_target(
     external_data: bool | None = None,
     cache: LatencyCache | None = None,
     measure_progress: Callable[[int, int], None] | None = None,
+    assume_finite: bool = False,
 ) -> RunResult:
     """Prune, choosing widths for ``target``; never return a model measured slower than the input.
 
@@ -258,13 +260,14 @@ def prune_for_target(
     wins. If none is faster than the input, the remaining rungs of
     :data:`~onnxprune.latency.planner.ATTEMPTS` are tried.
     ``measure_progress(done, total)`` is called while layer latencies are
-    measured (cold cache).
+    measured (cold cache). ``assume_finite``: see :func:`onnxprune.api.prune`.
     """
     loaded = as_loaded(model_or_path)
     if output is not None:
         check_output_path(output, loaded)
     reference = runtime_reference(loaded)
-    winner, latency = choose_candidate(loaded, target, cache or LatencyCache(target), reference, measure_progress)
+    winner, latency = choose_candidate(loaded, target, cache or LatencyCache(target), reference, measure_progress,
+                                       assume_finite)
     report = winner.result.report
     check_in_memory(winner.result.model, reference, report, verify=verify)
     report.latency = latency
