@@ -32,7 +32,8 @@ neurons per layer), one model per ``--layers`` count. Per size: the baseline; ``
 output kept, what it deleted read from the projections' shapes); the block-wise check of that output against the
 input (llama_decoder.verify_blockwise, in its own interpreter, timed, peak RSS); and up to
 ``--cli-verify-max-layers`` the prune with the CLI's own verification (the whole model on ONNX Runtime, twice).
-No profile. Writes prune-at-scale-llama[-TAG].json.
+No profile. Writes prune-at-scale-llama[-TAG].json. ``--assume-finite`` prunes with that option: the lone query
+heads and the down-row-zero neurons (read only by zero weights) are deleted too, so every dead unit can be.
 
     python -m benchmarks.prune_at_scale --model llama --layers 1 4 8               # 354 MB to 2.8 GB
     python -m benchmarks.prune_at_scale --model llama --layers 32 --tag 32L --cli-verify-max-layers 0   # 11.3 GB
@@ -283,13 +284,15 @@ def measure_baseline(src: Path, work: Path, floor: dict) -> dict:
             "uncovered_beyond_imports_s": wall - sum(phases.values()) - floor["wall_s"]}
 
 
-def measure_prune(src: Path, work: Path, *, verify: bool, floor: dict, keep: bool = False) -> dict:
-    """``onnxprune prune --target none`` (``--no-verify`` unless ``verify``) in a fresh interpreter, from its report;
-    ``floor``: the wall and RSS of its imports alone (the uncovered time beyond them is also given). ``keep``: the
-    output stays in WORK/pruned (its path under "output")."""
+def measure_prune(src: Path, work: Path, *, verify: bool, floor: dict, keep: bool = False,
+                  extra: tuple[str, ...] = ()) -> dict:
+    """``onnxprune prune --target none`` (``--no-verify`` unless ``verify``; ``extra`` options) in a fresh
+    interpreter, from its report; ``floor``: the wall and RSS of its imports alone (the uncovered time beyond them
+    is also given). ``keep``: the output stays in WORK/pruned (its path under "output")."""
     out, report = work / "pruned" / "model.onnx", work / "report.json"
     out.parent.mkdir(exist_ok=True)
-    args = ["-m", "onnxprune", "prune", str(src), "-o", str(out), "--target", "none", "--report", str(report), "-q"]
+    args = ["-m", "onnxprune", "prune", str(src), "-o", str(out), "--target", "none", "--report", str(report), "-q",
+            *extra]
     wall, peak, _ = run_measured(args + ([] if verify else ["--no-verify"]))
     rep = json.loads(report.read_text())
     phases = {k: v for k, v in rep["timings_s"].items() if k != "total"}
@@ -468,9 +471,14 @@ def llama_config(args: argparse.Namespace) -> dict:
             "kv_heads": args.kv_heads, "head_dim": args.head_dim, "seq": args.seq, "rotary": args.rotary,
             "dtype": "float16", "dead_ffn": args.dead_ffn, "dead_query_heads": args.dead_query_heads,
             "cli_verify_max_layers": args.cli_verify_max_layers, "repeats": args.repeats, "seed": args.seed,
-            "command": "onnxprune prune IN -o OUT --target none [--no-verify]",
+            "command": "onnxprune prune IN -o OUT --target none [--no-verify]" + _finite(args),
             "norms": "RMSNorm in float32 (Cast up, Pow, ReduceMean, Add eps, Sqrt, Div, Cast down, Mul by the fp16 "
                      "weight); softmax in float32; everything else float16"}
+
+
+def _finite(args: argparse.Namespace) -> str:
+    """The command's --assume-finite, where the run passes it."""
+    return " --assume-finite" if args.assume_finite else ""
 
 
 def _failed_prune(exc: Exception) -> dict:
@@ -501,7 +509,9 @@ def measure_llama(layers: int, args: argparse.Namespace, work: Path, floors: dic
              "dead_units": _dead_units(shape), "dead_params_by_kind": expected, "build_s": build_s}
     entry["baseline"] = _summary([measure_baseline(src, folder, floors["onnx"]) for _ in range(args.repeats)])
     _print_run(label, "load+save", entry["baseline"])
-    runs = [measure_prune(src, folder, verify=False, floor=floors["onnxprune"], keep=True) for _ in range(args.repeats)]
+    extra = ("--assume-finite",) if args.assume_finite else ()
+    runs = [measure_prune(src, folder, verify=False, floor=floors["onnxprune"], keep=True, extra=extra)
+            for _ in range(args.repeats)]
     quiet = entry["prune_no_verify"] = _summary(runs)
     out = Path(runs[-1]["output"])
     _print_run(label, "prune_no_verify", quiet)
@@ -522,7 +532,7 @@ def measure_llama(layers: int, args: argparse.Namespace, work: Path, floors: dic
     shutil.rmtree(out.parent)
     if layers <= args.cli_verify_max_layers:
         try:
-            entry["prune"] = _summary([measure_prune(src, folder, verify=True, floor=floors["onnxprune"])
+            entry["prune"] = _summary([measure_prune(src, folder, verify=True, floor=floors["onnxprune"], extra=extra)
                                        for _ in range(args.repeats)])
             _print_run(label, "prune (CLI verify)", entry["prune"])
         except RuntimeError as exc:
@@ -635,6 +645,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "equal kinds: up column, gate column, down row zero (default %(default)s)")
     llama.add_argument("--dead-query-heads", type=int, default=1, help="query heads per layer dead by their o_proj "
                        "rows alone, beside the dead K/V head's (default %(default)s)")
+    llama.add_argument("--assume-finite", action="store_true", help="prune with --assume-finite: the lone query "
+                       "heads and the down-row-zero neurons (read only by zero weights) are deleted too")
     llama.add_argument("--cli-verify-max-layers", type=int, default=8, help="run `onnxprune prune` with its own "
                        "verification (the whole model on ONNX Runtime, twice) up to this many layers; the block-wise "
                        "check runs at every size (default %(default)s)")
