@@ -109,6 +109,20 @@ def test_small_decoder_prunes_its_dead_kv_head_and_neurons_exactly_block_by_bloc
     assert not wrong["exact"] and wrong["worst_block"] == "layers.0.post_attn -> layers.0.out"
 
 
+def test_small_decoder_with_assume_finite_loses_every_dead_unit_exactly_block_by_block(tmp_path):
+    """With --assume-finite the lone query head (o_proj rows zero; its K/V head stays for the others) and the
+    neurons whose down row is zero go too: every dead unit, and the block-wise check passes."""
+    from benchmarks.llama_decoder import deleted_units, verify_blockwise, weight_widths
+
+    shape, src, _ = _small_decoder(tmp_path)
+    out = tmp_path / "pruned" / "decoder.onnx"
+    _prune(src, out, "--assume-finite")
+    units = deleted_units(shape, weight_widths(out))["deleted"]
+    assert units["kv_heads"] == 1 and units["query_heads"] == shape.rep + shape.dead_query_heads
+    assert units["ffn_neurons"] == sum(shape.dead_neurons())
+    assert verify_blockwise(src, out, shape.layers)["exact"]
+
+
 def test_small_decoder_with_rotary_keeps_its_heads_and_says_why(tmp_path):
     """With HF's rotary embedding (rotate_half: Slice, Neg, Concat of the head dim; cos/sin tables) the engine keeps
     the dead K/V head and names the rotary nodes as barriers; the FFN neurons still go, and the result is exact."""

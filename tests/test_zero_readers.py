@@ -230,3 +230,33 @@ def test_a_query_head_alone_needs_no_assumption_when_its_output_is_zero():
     pruned = prune_checked(model)
     assert _widths(pruned.model) == sorted([(dim, 3 * hd), (dim, 2 * hd), (dim, 2 * hd), (3 * hd, dim)])
     assert same_outputs(model, pruned.model, seed=2)
+
+
+def test_a_query_head_goes_alone_while_its_kv_heads_reach_a_graph_output():
+    """The keys before the repeat are also a graph output (a KV cache): every K/V head stays, and query head
+    ``LONE`` (o_proj columns zero) still goes with ``assume_finite``, through the Gather of the kept copies."""
+    hd, dim = am.HEAD_DIM, am.DIM
+
+    class WithCache(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = am.GQAttention()
+            with torch.no_grad():
+                self.attn.o.weight[:, LONE * hd : (LONE + 1) * hd] = 0
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            a, (b, s, _) = self.attn, x.shape
+            q = a.q(x).view(b, s, -1, a.head_dim).transpose(1, 2)
+            k = a.k(x).view(b, s, -1, a.head_dim).transpose(1, 2)
+            v = a.repeat_kv(a.v(x).view(b, s, -1, a.head_dim).transpose(1, 2), a.heads // a.kv_heads)
+            o = torch.nn.functional.scaled_dot_product_attention(q, a.repeat_kv(k, a.heads // a.kv_heads), v)
+            return a.o(o.transpose(1, 2).reshape(b, s, -1)), k
+
+    from onnxprune.torch_export import export_onnx
+
+    torch.manual_seed(0)
+    model = export_onnx(WithCache().eval(), torch.randn(1, am.SEQ, dim), exporter="dynamo")
+    assert prune_checked(model).report.plan.removed_channels == 0
+    pruned = prune_checked(model, assume_finite=True)
+    assert _widths(pruned.model) == sorted([(dim, 3 * hd), (dim, 2 * hd), (dim, 2 * hd), (3 * hd, dim)])
+    assert same_outputs(model, pruned.model, seed=6)
