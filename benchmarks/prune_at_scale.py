@@ -32,7 +32,8 @@ neurons per layer), one model per ``--layers`` count. Per size: the baseline; ``
 (the CLI's block-wise check, onnxprune/verify_blocks.py, inside the measured wall time and peak RSS; the output
 kept, what it deleted read from the projections' shapes); ``onnxprune prune --no-verify``; and up to
 ``--cli-verify-max-layers`` the prune with ``--verify whole`` (both whole models on ONNX Runtime, one after the
-other). No profile. Writes prune-at-scale-llama[-TAG].json.
+other). No profile. Writes prune-at-scale-llama[-TAG].json. ``--assume-finite`` prunes with that option: the lone query
+heads and the down-row-zero neurons (read only by zero weights) are deleted too, so every dead unit can be.
 
     python -m benchmarks.prune_at_scale --model llama --layers 1 4 8               # 354 MB to 2.8 GB
     python -m benchmarks.prune_at_scale --model llama --layers 32 --tag 32L --cli-verify-max-layers 0   # 11.3 GB
@@ -273,13 +274,15 @@ def measure_baseline(src: Path, work: Path, floor: dict) -> dict:
             "uncovered_beyond_imports_s": wall - sum(phases.values()) - floor["wall_s"]}
 
 
-def measure_prune(src: Path, work: Path, *, verify: bool | str, floor: dict, keep: bool = False) -> dict:
-    """``onnxprune prune --target none`` (``--no-verify`` unless ``verify``; a string: ``--verify METHOD``) in a fresh
-    interpreter, from its report; ``floor``: the wall and RSS of its imports alone (the uncovered time beyond them is
-    also given). ``keep``: the output stays in WORK/pruned (its path under "output")."""
+def measure_prune(src: Path, work: Path, *, verify: bool | str, floor: dict, keep: bool = False,
+                  extra: tuple[str, ...] = ()) -> dict:
+    """``onnxprune prune --target none`` (``--no-verify`` unless ``verify``; a string: ``--verify METHOD``; ``extra``
+    options) in a fresh interpreter, from its report; ``floor``: the wall and RSS of its imports alone (the uncovered
+    time beyond them is also given). ``keep``: the output stays in WORK/pruned (its path under "output")."""
     out, report = work / "pruned" / "model.onnx", work / "report.json"
     out.parent.mkdir(exist_ok=True)
-    args = ["-m", "onnxprune", "prune", str(src), "-o", str(out), "--target", "none", "--report", str(report), "-q"]
+    args = ["-m", "onnxprune", "prune", str(src), "-o", str(out), "--target", "none", "--report", str(report), "-q",
+            *extra]
     checks = ["--verify", verify] if isinstance(verify, str) else [] if verify else ["--no-verify"]
     wall, peak, _ = run_measured(args + checks)
     rep = json.loads(report.read_text())
@@ -459,9 +462,14 @@ def llama_config(args: argparse.Namespace) -> dict:
             "kv_heads": args.kv_heads, "head_dim": args.head_dim, "seq": args.seq, "rotary": args.rotary,
             "dtype": "float16", "dead_ffn": args.dead_ffn, "dead_query_heads": args.dead_query_heads,
             "cli_verify_max_layers": args.cli_verify_max_layers, "repeats": args.repeats, "seed": args.seed,
-            "command": "onnxprune prune IN -o OUT --target none [--no-verify]",
+            "command": "onnxprune prune IN -o OUT --target none [--no-verify]" + _finite(args),
             "norms": "RMSNorm in float32 (Cast up, Pow, ReduceMean, Add eps, Sqrt, Div, Cast down, Mul by the fp16 "
                      "weight); softmax in float32; everything else float16"}
+
+
+def _finite(args: argparse.Namespace) -> str:
+    """The command's --assume-finite, where the run passes it."""
+    return " --assume-finite" if args.assume_finite else ""
 
 
 def _failed_prune(exc: Exception) -> dict:
@@ -491,7 +499,8 @@ def measure_llama(layers: int, args: argparse.Namespace, work: Path, floors: dic
     entry["baseline"] = _summary([measure_baseline(src, folder, floors["onnx"]) for _ in range(args.repeats)])
     _print_run(label, "load+save", entry["baseline"])
     _measure_blocks_prune(entry, src, folder, args, floors)
-    entry["prune_no_verify"] = _summary([measure_prune(src, folder, verify=False, floor=floors["onnxprune"])
+    entry["prune_no_verify"] = _summary([measure_prune(src, folder, verify=False, floor=floors["onnxprune"],
+                                                       extra=_extra(args))
                                          for _ in range(args.repeats)])
     _print_run(label, "prune_no_verify", entry["prune_no_verify"])
     if layers <= args.cli_verify_max_layers:
@@ -506,11 +515,16 @@ def measure_llama(layers: int, args: argparse.Namespace, work: Path, floors: dic
     return entry
 
 
+def _extra(args: argparse.Namespace) -> tuple[str, ...]:
+    """Options the llama runs pass to every prune."""
+    return ("--assume-finite",) if args.assume_finite else ()
+
+
 def _try_prune(src: Path, folder: Path, args: argparse.Namespace, floors: dict, verify: str, *, keep: bool = False) -> dict:
     """``onnxprune prune --verify VERIFY`` measured (median of --repeats), or what failed (out of memory, say)."""
     try:
-        return _summary([measure_prune(src, folder, verify=verify, floor=floors["onnxprune"], keep=keep)
-                         for _ in range(args.repeats)])
+        return _summary([measure_prune(src, folder, verify=verify, floor=floors["onnxprune"], keep=keep,
+                                       extra=_extra(args)) for _ in range(args.repeats)])
     except RuntimeError as exc:
         shutil.rmtree(folder / "pruned", ignore_errors=True)
         failed = _failed_prune(exc)
@@ -638,6 +652,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "equal kinds: up column, gate column, down row zero (default %(default)s)")
     llama.add_argument("--dead-query-heads", type=int, default=1, help="query heads per layer dead by their o_proj "
                        "rows alone, beside the dead K/V head's (default %(default)s)")
+    llama.add_argument("--assume-finite", action="store_true", help="prune with --assume-finite: the lone query "
+                       "heads and the down-row-zero neurons (read only by zero weights) are deleted too")
     llama.add_argument("--cli-verify-max-layers", type=int, default=8, help="also run `onnxprune prune --verify "
                        "whole` (both whole models on ONNX Runtime) up to this many layers; `--verify blocks` runs at "
                        "every size (default %(default)s)")

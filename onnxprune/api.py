@@ -148,6 +148,7 @@ def prune_model(
     progress: Callable[[PassRecord], None] | None = None,
     measure_progress: Callable[[int, int], None] | None = None,
     on_phase: PhaseCallback | None = None,
+    assume_finite: bool = False,
 ) -> RunResult:
     """Delete provably dead channels; see :func:`prune` (this variant also returns the report).
 
@@ -164,12 +165,12 @@ def prune_model(
     runtime_target = make_target(target, threads=threads, batch=batch)
     if policy is not None or runtime_target is None:  # --round-to is the manual override of --target
         return run_passes(
-            model_or_path, [*preparation(), PruneChannelsPass(policy), *finishing()], output=output, verify=verify,
-            external_data=external_data, progress=progress, on_phase=on_phase,
+            model_or_path, [*preparation(), PruneChannelsPass(policy, assume_finite=assume_finite), *finishing()],
+            output=output, verify=verify, external_data=external_data, progress=progress, on_phase=on_phase,
         )
     return prune_for_target(
         model_or_path, runtime_target, output=output, verify=verify, external_data=external_data,
-        measure_progress=measure_progress, on_phase=on_phase,
+        measure_progress=measure_progress, on_phase=on_phase, assume_finite=assume_finite,
     )
 
 
@@ -180,6 +181,7 @@ def prune(
     target: str = "ort-cpu",
     round_to: int | None = None,
     verify: bool | str = True,
+    assume_finite: bool = False,
 ) -> onnx.ModelProto:
     """Return a smaller model computing the same function: provably dead channels deleted.
 
@@ -192,13 +194,20 @@ def prune(
     whole model, or block by block for a large one ("whole" or "blocks" to
     choose; :mod:`onnxprune.verify_blocks`). With
     ``output`` the result is also written there atomically.
+
+    ``assume_finite`` also deletes channels whose only readers multiply them by all-zero weights (a zero
+    ``down_proj`` column, a head with zero ``o_proj`` rows): exact on every input on which the input model's
+    activations are finite; where one is inf or NaN the input model computes NaN there (``0 * inf``).
     """
-    return prune_model(model_or_path, output=output, target=target, round_to_n=round_to, verify=verify).model
+    return prune_model(model_or_path, output=output, target=target, round_to_n=round_to, verify=verify,
+                       assume_finite=assume_finite).model
 
 
-def inspect_model(model_or_path: ModelInput) -> tuple[ChannelAnalysis, PrunePlan, CostSummary, LoadedModel]:
+def inspect_model(
+    model_or_path: ModelInput, *, assume_finite: bool = False
+) -> tuple[ChannelAnalysis, PrunePlan, CostSummary, LoadedModel]:
     """Analyse a model without changing it: channel groups, dead channels, barriers, cost."""
     loaded = as_loaded(model_or_path)
     with input_blamed(loaded):
-        pruner = Pruner(loaded)
+        pruner = Pruner(loaded, assume_finite=assume_finite)
     return pruner.analysis, make_plan(pruner.analysis), pruner.before, pruner.loaded

@@ -18,11 +18,13 @@ EXIT_USAGE = 2
 
 
 def _explain(plan) -> str:
+    from onnxprune.channels.analysis import ZERO_READ_REASON
     from onnxprune.table import format_table
 
     rows = []
     for d in plan.groups:
-        why = [f"{d.live} live"] if d.live else []
+        why = [f"{d.live - d.zero_read} live"] if d.live > d.zero_read else []
+        why += [f"{d.zero_read} {ZERO_READ_REASON}"] if d.zero_read else []
         why += [f"{n} dead kept: {reason}" for reason, n in sorted(d.kept_dead.items(), key=lambda kv: -kv[1])]
         rows.append([d.group.name, d.channels, d.removed, d.kept, "; ".join(why) or "-"])
     text = "Channel groups (a group is one set of channels deleted together across every tensor it reaches):\n"
@@ -195,6 +197,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         result = prune_model(
             args.input, output=args.output, target=args.target, threads=args.threads, batch=args.batch,
             round_to_n=args.round_to, verify=_verify_choice(args), measure_progress=bar, on_phase=phases,
+            assume_finite=args.assume_finite,
         )
     finally:
         bar.close()
@@ -430,6 +433,9 @@ def _add_prune(sub) -> None:
     _target_args(p)
     p.add_argument("--round-to", type=int, metavar="N",
                    help="manual override of --target: keep dead channels so every pruned layer width is a multiple of N")
+    p.add_argument("--assume-finite", action="store_true",
+                   help="also delete channels read only by zero weights (a zero down_proj column, o_proj rows): exact "
+                        "wherever the input model's activations are finite (where one is inf or NaN it computes NaN)")
     p.add_argument("--explain", action="store_true", help="list, per channel group, why channels were kept")
     p.add_argument("--report", metavar="R.json", help="write a JSON report (groups, costs, timings)")
     _verify_args(p)

@@ -23,7 +23,8 @@ class Pruner:
     cost a rewrite and an export each, not a reload and a re-analysis.
     """
 
-    def __init__(self, loaded: LoadedModel, *, on_phase: PhaseCallback | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, *, on_phase: PhaseCallback | None = None, assume_finite: bool = False) -> None:
+        """``assume_finite``: see :func:`onnxprune.channels.analysis.analyze`."""
         from passes import PROVIDERS, preparation
 
         self.loaded = loaded
@@ -34,7 +35,7 @@ class Pruner:
         self.graph.toposort()
         self.before = model_cost(self.graph)
         with phase(on_phase, "analysis"):
-            self.analysis = analyze(self.graph)
+            self.analysis = analyze(self.graph, assume_finite=assume_finite)
 
     def build(self, plan: PrunePlan) -> RunResult:
         """The model ``plan`` makes of the prepared graph, with its report."""

@@ -97,6 +97,7 @@ def group_report(plan: PrunePlan) -> list[dict]:
                 "removed": decision.removed,
                 "kept": decision.kept,
                 "kept_dead": decision.kept_dead,
+                "read_only_by_zero_weights": decision.zero_read,
                 "removed_index": np.flatnonzero(~first[in_group]).tolist(),
             }
         )

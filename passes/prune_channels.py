@@ -22,13 +22,17 @@ class PruneChannelsPass(GraphPass):
         self,
         width_policy: WidthPolicy | None = None,
         planner: Callable[[ChannelAnalysis], PrunePlan] | None = None,
+        *,
+        assume_finite: bool = False,
     ) -> None:
-        """``planner`` (e.g. a latency-aware one) replaces the default: every dead channel, ``width_policy`` aside."""
+        """``planner`` (e.g. a latency-aware one) replaces the default: every dead channel, ``width_policy`` aside.
+        ``assume_finite``: channels read only by zero weights go too (see :func:`~onnxprune.channels.analysis.analyze`)."""
         self.width_policy = width_policy
         self.planner = planner
+        self.assume_finite = assume_finite
 
     def call(self, graph: gs.Graph) -> PassResult:
-        analysis = analyze(graph)
+        analysis = analyze(graph, assume_finite=self.assume_finite)
         plan = self.planner(analysis) if self.planner else make_plan(analysis, self.width_policy)
         if plan.changes_graph:
             apply_plan(graph, plan)

@@ -115,6 +115,21 @@ def test_small_decoder_prunes_its_dead_kv_head_and_neurons_exactly_block_by_bloc
     assert wrong.max_relative_error["layers.0.self_attn.o"] < 5e-3  # the attention sublayer still agrees
 
 
+def test_small_decoder_with_assume_finite_loses_every_dead_unit_exactly_block_by_block(tmp_path):
+    """With --assume-finite the lone query head (o_proj rows zero; its K/V head stays for the others) and the
+    neurons whose down row is zero go too: every dead unit, and the block-wise check passes."""
+    from benchmarks.llama_decoder import deleted_units, weight_widths
+    from onnxprune.verify_blocks import compare_blockwise
+
+    shape, src, _ = _small_decoder(tmp_path)
+    out = tmp_path / "pruned" / "decoder.onnx"
+    _prune(src, out, "--assume-finite")
+    units = deleted_units(shape, weight_widths(out))["deleted"]
+    assert units["kv_heads"] == 1 and units["query_heads"] == shape.rep + shape.dead_query_heads
+    assert units["ffn_neurons"] == sum(shape.dead_neurons())
+    assert compare_blockwise(src, out).ok
+
+
 def test_small_decoder_with_rotary_prunes_its_dead_kv_head_exactly_block_by_block(tmp_path):
     """With HF's rotary embedding on q and k (rotate_half: Slice, Neg, Concat of the head dim; cos/sin tables
     [1, 1, S, D]) the dead K/V head still goes with its 4 query heads, and the FFN neurons go; no rotary node is a

@@ -5,6 +5,11 @@ tensor it reaches), whether it is live (some consumer sees a value that is not
 provably zero, or a constant it cannot fold) and whether it is pinned (it
 reaches a graph input/output or an op no rule covers), and why. Components that
 span the same tensors form a *group*: "the 64 channels of layer1.0.conv1".
+
+A channel whose only readers multiply it by all-zero weights (a zero ``down_proj`` column) is live
+unless ``assume_finite``: its value is not zero, and ``0 * inf`` is NaN, so deleting it is exact only
+where the input model's activations are finite. A channel another is derived from (a K/V head that
+grouped-query attention repeats for its query heads) is live while a derived one is.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from onnxprune.channels.rules import rule_for
 from onnxprune.graphutil import has_subgraphs, producer, walk_subgraph_inputs
 
 CHANNEL_SOURCES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ZERO_READ_REASON = "read only by zero weights (deleted with --assume-finite)"
+SERVES_REASON = "repeated for a live query head (grouped-query attention)"
 
 
 @dataclass
@@ -57,6 +64,10 @@ class ChannelAnalysis:
     # Outputs of Conv/Gemm/MatMul layers whose channels reach an attention contraction (queries, keys): a head is
     # dead when its values are, so gates for head groups go on the value projection, not on these.
     contracted_outputs: dict[str, np.ndarray] = field(default_factory=dict)  # layer output -> channels (mask)
+    # (source, derived) component pairs: the source is kept while the derived one is (grouped-query attention)
+    derived: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+    # live only because assume_finite is off: every read that sees them non-zero multiplies them by zero weights
+    zero_read: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     @property
     def num_components(self) -> int:
@@ -142,16 +153,17 @@ def _run_rules(graph: gs.Graph) -> AnalysisContext:
     return ctx
 
 
-def analyze(graph: gs.Graph) -> ChannelAnalysis:
-    """Analyse a toposorted graph whose tensors carry shapes (see the infer-shapes pass)."""
+def analyze(graph: gs.Graph, *, assume_finite: bool = False) -> ChannelAnalysis:
+    """Analyse a toposorted graph whose tensors carry shapes (see the infer-shapes pass).
+
+    ``assume_finite``: a read that multiplies a channel by all-zero weights does not make it live (exact where
+    the input model's activations are finite)."""
     ctx = _run_rules(graph)
     labels = ctx.slots.components()
     roots, comp = np.unique(labels, return_inverse=True)
     k = roots.size
     reasons = _Reasons()
-    live = np.zeros(k, dtype=bool)
-    pinned = np.zeros(k, dtype=bool)
-    needed = np.zeros(k, dtype=bool)
+    live, pinned, needed, zero_read = (np.zeros(k, dtype=bool) for _ in range(4))
     live_reason = np.full(k, -1, dtype=np.int64)
     pin_reason = np.full(k, -1, dtype=np.int64)
 
@@ -172,6 +184,9 @@ def analyze(graph: gs.Graph) -> ChannelAnalysis:
         else:
             bad = vals != 0
             text = f"not zero where {read.reason}" if read.kind is ReadKind.ZERO else f"live: {read.reason}"
+        if read.zero_weights is not None and read.kind is not ReadKind.BARRIER:
+            zero_read[comp[ids[bad & read.zero_weights]]] = True
+            bad = bad & ~read.zero_weights
         if bad.any():
             mark(live, live_reason, ids[bad], text)
         if read.kind is ReadKind.BARRIER:
@@ -179,9 +194,17 @@ def analyze(graph: gs.Graph) -> ChannelAnalysis:
             needed[comp[ids]] = True
     for pin in ctx.pins:
         mark(pinned, pin_reason, ctx.slots.ids(pin.tensor, pin.index), pin.reason)
+    zero_read &= ~live
+    if not assume_finite:
+        live[zero_read] = True
+        live_reason[zero_read] = reasons.id(ZERO_READ_REASON)
+    derived = _derived_components(ctx, comp)
+    _live_through_derived(derived, live, live_reason, reasons.id(SERVES_REASON))
 
     analysis = ChannelAnalysis(graph, ctx, comp, live, pinned, reasons.items, live_reason, pin_reason)
     analysis.needed = needed
+    analysis.derived = derived
+    analysis.zero_read = zero_read if not assume_finite else np.zeros(k, dtype=bool)
     analysis.layer_tensors = {
         t.name
         for node in graph.nodes
@@ -194,6 +217,28 @@ def analyze(graph: gs.Graph) -> ChannelAnalysis:
     return analysis
 
 
+def _derived_components(ctx: AnalysisContext, comp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (source, derived) component pairs of the slots' derivations, each pair once."""
+    src, dst = ctx.slots.derived()
+    if src.size == 0:
+        return src, dst
+    pairs = np.unique(np.stack([comp[src], comp[dst]], axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _live_through_derived(derived: tuple[np.ndarray, np.ndarray], live: np.ndarray, live_reason: np.ndarray,
+                          reason: int) -> None:
+    """A source component is live while a component derived from it is (followed through chains of derivations)."""
+    src, dst = derived
+    while src.size:
+        fresh = live[dst] & ~live[src]
+        if not fresh.any():
+            return
+        newly = np.unique(src[fresh])
+        live[newly] = True
+        live_reason[newly[live_reason[newly] < 0]] = reason
+
+
 def _contracted_outputs(graph: gs.Graph, ctx: AnalysisContext) -> dict[str, np.ndarray]:
     """Channels of each layer's output that flow (through ties, backwards from the product) into an
     operand whose channels an attention product sums over: queries and keys, not values."""
@@ -203,6 +248,8 @@ def _contracted_outputs(graph: gs.Graph, ctx: AnalysisContext) -> dict[str, np.n
     for name in ctx.contracted:
         reached[ctx.slots.ids(name)] = True
     src, dst = ctx.slots.ties()
+    dsrc, ddst = ctx.slots.derived()  # a repeated key head reaches its source (the key projection) too
+    src, dst = np.concatenate([src, dsrc]), np.concatenate([dst, ddst])
     while True:
         fresh = reached[dst] & ~reached[src]
         if not fresh.any():

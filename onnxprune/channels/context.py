@@ -9,7 +9,9 @@ and declares, through an :class:`AnalysisContext`:
   summing over input channels) allows deleting a channel only if it is
   identically zero there; a ``FOLD`` read also accepts a constant channel, whose
   contribution is folded into the consumer's bias; a ``BARRIER`` read (graph
-  output, an op no rule covers) never allows deletion;
+  output, an op no rule covers) never allows deletion; a linear layer's read
+  also says which channels it multiplies by all-zero weights (``zero_weights``:
+  they matter only through ``0 * x``, which is 0 where x is finite);
 * *pins*: slots whose producer cannot drop them (a graph input, an op no rule
   covers);
 * the per-channel *value* of each output: 0, another constant, or NaN when
@@ -49,6 +51,7 @@ class Read:
     node: str
     kind: ReadKind
     reason: str
+    zero_weights: np.ndarray | None = None  # channels (of index) the reader multiplies by all-zero weights
 
 
 @dataclass
@@ -74,6 +77,7 @@ class AnalysisContext:
         self.tracked_by: dict[str, str] = {}  # tensor -> name of the node that declared its channels
         self.fixed: dict[str, dict[int, str]] = {}  # tensor -> parts that keep every value -> why
         self.contracted: set[str] = set()  # tensors whose channels an attention product sums over (queries, keys)
+        self.repeats: dict[str, np.ndarray] = {}  # Reshape that repeats heads -> source channel of each output channel
         self.graph_inputs = {t.name for t in graph.inputs}
         self._tensors: dict[str, gs.Tensor] | None = None
         self.graph_outputs = {t.name for t in graph.outputs}
@@ -175,11 +179,21 @@ class AnalysisContext:
         bn = b if isinstance(b, str) else b.name
         self.slots.tie(an, bn, a_index, b_index)
 
-    def read(self, t: gs.Tensor, node: gs.Node | None, kind: ReadKind, reason: str, index=None) -> None:
-        """Declare that ``node`` reads the channels of ``t`` (all, or ``index``) in the way ``kind`` says."""
+    def read(self, t: gs.Tensor, node: gs.Node | None, kind: ReadKind, reason: str, index=None,
+             zero_weights: np.ndarray | None = None) -> None:
+        """Declare that ``node`` reads the channels of ``t`` (all, or ``index``) in the way ``kind`` says;
+        ``zero_weights``: the channels among them it multiplies by all-zero weights."""
         if self.tracked(t) is None:
             return
-        self.reads.append(Read(t.name, None if index is None else np.asarray(index), node.name if node else "", kind, reason))
+        self.reads.append(Read(t.name, None if index is None else np.asarray(index), node.name if node else "", kind,
+                               reason, zero_weights))
+
+    def derive(self, src: gs.Tensor | str, dst: gs.Tensor | str, src_index: np.ndarray, dst_index: np.ndarray) -> None:
+        """Slots ``dst_index`` of ``dst`` are computed from slots ``src_index`` of ``src`` (grouped-query attention's
+        repeat): separate components, the source kept while any derived slot is."""
+        an = src if isinstance(src, str) else src.name
+        bn = dst if isinstance(dst, str) else dst.name
+        self.slots.derive(an, bn, np.asarray(src_index), np.asarray(dst_index))
 
     def pin(self, t: gs.Tensor | str, reason: str, index=None) -> None:
         """Declare slots of ``t`` (all, or ``index``) undeletable, for ``reason``."""

@@ -66,6 +66,7 @@ class GroupDecision:
     dead: int
     removed: int
     kept_dead: dict[str, int] = field(default_factory=dict)
+    zero_read: int = 0  # live channels read only by zero weights (deleted with assume_finite)
 
     @property
     def kept(self) -> int:
@@ -185,6 +186,7 @@ class _PlanDraft:
         changed = True
         while changed:
             changed = self.keep_products()
+            changed |= self.keep_derived()
             for node in self.analysis.ctx.constraint_nodes:
                 veto = RULES[node.op].constrain(node, view)
                 if veto is not None:
@@ -208,6 +210,13 @@ class _PlanDraft:
                 changed |= self.keep_back(np.unique(back), text)
         return changed
 
+    def keep_derived(self) -> bool:
+        """A source component (a K/V head grouped-query attention repeats) stays while a component derived from
+        it (one of its query heads) stays."""
+        src, dst = self.analysis.derived
+        back = src[self.remove[src] & ~self.remove[dst]]
+        return back.size > 0 and self.keep_back(np.unique(back), "a query head it is repeated for is kept")
+
     def group_decisions(self) -> list[GroupDecision]:
         """What happens to each channel group under the current decision."""
         decisions = []
@@ -224,6 +233,7 @@ class _PlanDraft:
                     dead=int(dead.sum()),
                     removed=int(self.remove[comps].sum()),
                     kept_dead=dict(kept_dead),
+                    zero_read=int(self.analysis.zero_read[comps].sum()) if self.analysis.zero_read.size else 0,
                 )
             )
         return decisions

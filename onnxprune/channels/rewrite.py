@@ -92,6 +92,12 @@ class Rewriter:
     def const(t: gs.Tensor | None) -> np.ndarray | None:
         return stored_value(t)
 
+    def parts(self, t: gs.Tensor) -> tuple:
+        return self._slots.get(t.name).parts
+
+    def repeat_source(self, node: gs.Node) -> np.ndarray | None:
+        return self.plan.analysis.ctx.repeats.get(node.name)
+
     @property
     def changed_tensors(self) -> dict[str, np.ndarray]:
         return self._keep

@@ -51,6 +51,13 @@ class RewriteContext(Protocol):
     def const(self, t: gs.Tensor | None) -> np.ndarray | None:
         """The current value of a constant tensor (None if not constant)."""
 
+    def parts(self, t: gs.Tensor) -> tuple:
+        """The layout of a tracked tensor's channels (its parts, :mod:`onnxprune.channels.layout`)."""
+
+    def repeat_source(self, node: gs.Node) -> np.ndarray | None:
+        """For a Reshape that repeats heads (grouped-query attention): the input channel each output channel
+        copies (None for any other node)."""
+
     def set_const(self, node: gs.Node, index: int, value: np.ndarray) -> None:
         """Replace constant input ``index`` of ``node`` (copy-on-write if shared)."""
 

@@ -34,8 +34,10 @@ from onnxprune.channels.layout import (
     axis_factors,
     coordinates,
     dims,
+    kept_per_part,
     match_reshape,
     move_axes,
+    normalize,
     parts_from_factors,
     plain_size,
     tensor_factors,
@@ -111,11 +113,78 @@ def analyze_layout_reshape(node: gs.Node, ctx: AnalysisContext, tracked_input: T
         ctx.track(y, out_parts[0].axis, order.size, node, values)
         ctx.tie(x, y, np.arange(order.size), order)
         return
-    ctx.track_parts(y, out_parts, node, ctx.value(x))
-    ctx.tie(x, y)
+    repeat = _head_repeat(node, ctx, tracked_input, out_parts)
+    if repeat is not None:  # grouped-query attention: each query head's copy of its K/V head is derived from it
+        out_parts, source = repeat
+        ctx.track_parts(y, out_parts, node, ctx.value(x)[source])
+        ctx.derive(x, y, source, np.arange(source.size))
+        ctx.repeats[node.name] = source
+    else:
+        ctx.track_parts(y, out_parts, node, ctx.value(x))
+        ctx.tie(x, y)
     tracked_output = ctx.tracked(y)
     for position, entry in enumerate(entries):
         _check_layout_entry(node, ctx, tracked_output, position, entry, allowzero)
+
+
+def _alone(parts: tuple[Part, ...], i: int) -> bool:
+    """True if part ``i`` fills its axis alone (nothing above or inside it there)."""
+    p = parts[i]
+    return p.inner == 1 and p.above == 1 and sum(q.axis == p.axis for q in parts) == 1
+
+
+def _head_repeat(node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis,
+                 out_parts: tuple[Part, ...]) -> tuple[tuple[Part, ...], np.ndarray] | None:
+    """Grouped-query attention's repeat of K/V heads (Hugging Face's ``repeat_kv``: Unsqueeze, Expand, Reshape):
+    the Reshape merges a part of heads alone on its axis with the axis right inside it, which the Expand before
+    it broadcast from size 1 to ``R``. Then query head ``kv * R + r`` holds a copy of K/V head ``kv``: returns the
+    output's layout with that part of ``KV * R`` values, and the input channel each output channel copies. None for
+    any other Reshape, or where an output part shares its axis (the rewrite selects kept heads with a Gather)."""
+    x = node.inputs[0]
+    expand = producer(x)
+    if expand is None or expand.op != "Expand" or ctx.tracked_by.get(x.name) != expand.name:
+        return None
+    parts, in_shape, src_shape = tracked_input.parts, ctx.shape(x), ctx.shape(expand.inputs[0])
+    if in_shape is None or src_shape is None or dims(out_parts) != dims(parts):
+        return None
+    shift = len(in_shape) - len(src_shape)
+    for i, part in enumerate(parts):
+        axis = part.axis + 1
+        if not _alone(parts, i) or axis >= len(in_shape) or any(p.axis == axis for p in parts) or axis - shift < 0:
+            continue
+        times = in_shape[axis]
+        if not isinstance(times, (int, np.integer)) or times < 2 or src_shape[axis - shift] != 1:
+            continue
+        if out_parts[i].inner != times or out_parts[i].above != 1:
+            continue
+        new = tuple(Part(p.axis, p.dim * int(times)) if j == i else p for j, p in enumerate(out_parts))
+        if normalize(new) != new or not all(_alone(new, j) for j in range(len(new))):
+            return None
+        coords = coordinates(dims(new))
+        coords[:, i] //= int(times)
+        return new, np.ravel_multi_index(tuple(coords.T), dims(parts))
+    return None
+
+
+def rewrite_repeat(node: gs.Node, rw: RewriteContext) -> bool:
+    """A head repeat (:func:`_head_repeat`) that keeps query heads of some K/V heads but not all of them: the
+    Reshape repeats every kept K/V head as before (its target rewritten for that), and a Gather per axis picks the
+    kept query heads (and channels) out of it. False where the plain target rewrite is exact (every K/V head
+    keeps all its query heads or none)."""
+    source = rw.repeat_source(node)
+    y = node.outputs[0]
+    if source is None or not rw.changed(y):
+        return False
+    keep, full = rw.keep(y), rw.keep(node.inputs[0])[source]  # what the repeat of the kept K/V heads holds
+    if np.array_equal(keep, full):
+        return False
+    parts = rw.parts(y)
+    per_part, full_per_part = kept_per_part(keep, dims(parts)), kept_per_part(full, dims(parts))
+    rewrite_target(node, rw, per_axis={p.axis: (p.dim, int(m.sum())) for p, m in zip(parts, full_per_part)})
+    for part, kept, held in zip(parts, per_part, full_per_part):
+        if not np.array_equal(kept, held):
+            rw.insert_after(node, "Gather", [np.flatnonzero(kept[held]).astype(np.int64)], {"axis": part.axis})
+    return True
 
 
 def _match_target(node: gs.Node, ctx: AnalysisContext, tracked_input: TrackedAxis, entries: list, allowzero: bool,
@@ -320,12 +389,14 @@ def _tie_by_coordinate(ctx: AnalysisContext, a: TrackedAxis, part_a: int, b: Tra
     ctx.tie(b.tensor, b.tensor, np.arange(cb.size), first_b[cb])
 
 
-def rewrite_target(node: gs.Node, rw: RewriteContext, index: int = 1) -> None:
-    """Scale every literal of a shape input (Reshape's or Expand's) on an axis whose channels change."""
+def rewrite_target(node: gs.Node, rw: RewriteContext, index: int = 1,
+                   per_axis: dict[int, tuple[int, int]] | None = None) -> None:
+    """Scale every literal of a shape input (Reshape's or Expand's) on an axis whose channels change (``per_axis``:
+    the output's channel values before and kept per axis, by default what the plan keeps of it)."""
     y = node.outputs[0]
     if not rw.changed(y):
         return
-    per_axis = rw.kept_per_axis(y)
+    per_axis = rw.kept_per_axis(y) if per_axis is None else per_axis
     target = rw.const(node.inputs[index])
     if target is not None:
         target = np.asarray(target).reshape(-1).copy()

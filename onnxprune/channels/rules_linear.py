@@ -3,7 +3,8 @@
 These end a channel group: their output channels are a new group (weight
 rows), and their inputs are *read* (weight columns). A dead input channel is
 deleted together with its weight columns; a constant one is folded into the
-bias where that is exact (Gemm, MatMul, unpadded Conv).
+bias where that is exact (Gemm, MatMul, unpadded Conv). Each read also names the input channels
+whose weights are all zero (``zero_weights``): with ``assume_finite`` they do not make a channel live.
 
 Weights and biases stored quantized (DequantizeLinear of constants) or narrow (a Cast of
 float16/bfloat16) are read and cut in that form (:mod:`onnxprune.channels.stored`).
@@ -69,6 +70,27 @@ def _guard_stored_axes(node: gs.Node, ctx: AnalysisContext, in_axis: int, out_ax
         ctx.read(node.inputs[0], node, ReadKind.BARRIER, f"read by {node.op} '{node.name}': {rounded}")
 
 
+_SAMPLE = 64  # weights per input channel looked at first: they decide almost every channel of a trained layer
+
+
+def zero_inputs(w: np.ndarray, in_axis: int) -> np.ndarray:
+    """For each input channel of weight ``w`` (on ``in_axis``): True where all its weights are zero. The first
+    ``_SAMPLE`` weights of each channel decide most channels; only the channels still undecided are read whole."""
+    v = np.moveaxis(w, in_axis, 0)
+    v = v.reshape(v.shape[0], -1)
+    zero = ~v[:, :_SAMPLE].any(axis=1)
+    rest = np.flatnonzero(zero)
+    if rest.size and v.shape[1] > _SAMPLE:
+        zero[rest] = ~v[rest, _SAMPLE:].any(axis=1)
+    return zero
+
+
+def _grouped_zero_inputs(w: np.ndarray, group: int) -> np.ndarray:
+    """:func:`zero_inputs` of a grouped Conv's weight (out, in / group, ...): each input channel meets its group's rows."""
+    cout, cpg = w.shape[0], w.shape[1]
+    return ~w.reshape(group, cout // group, cpg, -1).any(axis=(1, 3)).reshape(-1)
+
+
 def _demand_input(node: gs.Node, ctx: AnalysisContext, axis: int, channels: int, reason: str) -> None:
     """The layer reads ``channels`` channels of its input on ``axis``; a :class:`Barrier` if they are elsewhere."""
     x = node.inputs[0]
@@ -92,7 +114,8 @@ class ConvRule(ChannelRule):
         unpadded = _conv_unpadded(node)
         v = ctx.value(x)
         if group == 1:
-            ctx.read(x, node, ReadKind.FOLD if unpadded else ReadKind.ZERO, f"read by Conv '{node.name}'")
+            ctx.read(x, node, ReadKind.FOLD if unpadded else ReadKind.ZERO, f"read by Conv '{node.name}'",
+                     zero_weights=zero_inputs(w, 1))
             out = linear_values(v, w, bias, allow_constant=unpadded)
             ctx.track(y, 1, cout, node, out)
         elif w.shape[1] == 1 and cout % cin == 0:
@@ -108,7 +131,8 @@ class ConvRule(ChannelRule):
         else:
             if cin % group or cout % group:
                 raise Barrier("its group count does not divide its channels")
-            ctx.read(x, node, ReadKind.ZERO, f"read by grouped Conv '{node.name}'")
+            ctx.read(x, node, ReadKind.ZERO, f"read by grouped Conv '{node.name}'",
+                     zero_weights=_grouped_zero_inputs(w, group))
             cpg, opg = cin // group, cout // group
             out = np.empty(cout)
             for g in range(group):
@@ -185,7 +209,7 @@ class ConvTransposeRule(ChannelRule):
         w, b = _constant_layer(node, "only group-1 ConvTranspose with constant weights is covered", group_one)
         cin, cout = w.shape[0], w.shape[1]
         _demand_input(node, ctx, 1, cin, "its input's channels are not on axis 1")
-        ctx.read(x, node, ReadKind.ZERO, f"read by ConvTranspose '{node.name}'")
+        ctx.read(x, node, ReadKind.ZERO, f"read by ConvTranspose '{node.name}'", zero_weights=zero_inputs(w, 0))
         bias = np.zeros(cout) if b is None else b.astype(np.float64)
         out = linear_values(ctx.value(x), np.swapaxes(w, 0, 1), bias, allow_constant=False)
         ctx.track(y, 1, cout, node, out)
@@ -213,7 +237,7 @@ class GemmRule(ChannelRule):
         w = bmat if int(node.attrs.get("transB", 0)) else bmat.T  # (N, K)
         n, k = w.shape
         _demand_input(node, ctx, 1, k, "A's features are not on axis 1")
-        ctx.read(a, node, ReadKind.FOLD, f"read by Gemm '{node.name}'")
+        ctx.read(a, node, ReadKind.FOLD, f"read by Gemm '{node.name}'", zero_weights=zero_inputs(w, 1))
         alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
         cvals = np.zeros(n) if c is None else _row_constant(c, n)
         out = alpha * linear_values(ctx.value(a), w, 0.0, allow_constant=True) + beta * cvals
@@ -278,7 +302,7 @@ class MatMulRule(ChannelRule):
             raise Barrier("it multiplies attention heads by a constant matrix")
         k, n = bmat.shape
         _demand_input(node, ctx, rank - 1, k, "its input's channels are not on the last axis")
-        ctx.read(a, node, ReadKind.FOLD, f"read by MatMul '{node.name}'")
+        ctx.read(a, node, ReadKind.FOLD, f"read by MatMul '{node.name}'", zero_weights=zero_inputs(bmat, 0))
         out = linear_values(ctx.value(a), bmat.T, 0.0, allow_constant=True)
         ctx.track(y, rank - 1, n, node, out)
         _guard_stored_axes(node, ctx, 0, 1)

@@ -13,6 +13,7 @@ from onnxprune.channels.rules_heads import (
     fix_channel_count_read,
     fix_heads_read_by_untracked,
     fix_quotient_reads,
+    rewrite_repeat,
     rewrite_target,
 )
 from onnxprune.channels.shape_values import Computed, Dim, Literal, resolve_target, shape_entries
@@ -150,7 +151,8 @@ class ReshapeRule(TrackedInputRule):
             raise Barrier("its target shape copies the channel dimension")
 
     def rewrite(self, node: gs.Node, rw: RewriteContext) -> None:
-        rewrite_target(node, rw)
+        if not rewrite_repeat(node, rw):
+            rewrite_target(node, rw)
 
 
 RESHAPE_RULES: list[ChannelRule] = [FlattenRule(), ReshapeRule()]

@@ -6,6 +6,11 @@ with offsets, a depthwise Conv) ties slots together; the connected components
 of those ties are the units the engine deletes: a component is removed from
 every tensor it spans, or from none.
 
+A *derived* slot is computed from a source slot without being the same channel: grouped-query
+attention's repeat gives each query head (K/V head ``kv``, repeat ``r``) a copy of K/V head ``kv``.
+The two stay separate components; the source is kept while any slot derived from it is kept
+(:meth:`SlotSpace.derive`, honoured by the analysis and the planner).
+
 Ties are collected as index arrays and resolved at once with a vectorised
 union-find (hooking plus pointer jumping), so a ResNet-50 with ~10^5 slots
 resolves in milliseconds.
@@ -55,6 +60,8 @@ class SlotSpace:
         self._n = 0
         self._tie_a: list[np.ndarray] = []
         self._tie_b: list[np.ndarray] = []
+        self._derived_src: list[np.ndarray] = []
+        self._derived_dst: list[np.ndarray] = []
         self._labels: np.ndarray | None = None
 
     # -- allocation ---------------------------------------------------------
@@ -106,6 +113,20 @@ class SlotSpace:
         if not self._tie_a:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         return np.concatenate(self._tie_a), np.concatenate(self._tie_b)
+
+    def derive(self, src: str, dst: str, src_index: np.ndarray, dst_index: np.ndarray) -> None:
+        """Slot ``dst_index[i]`` of ``dst`` is computed from slot ``src_index[i]`` of ``src`` (not tied to it)."""
+        ia, ib = self.ids(src, src_index), self.ids(dst, dst_index)
+        if ia.shape != ib.shape:
+            raise ValueError(f"cannot derive {dst} ({ib.size} slots) from {src} ({ia.size} slots)")
+        self._derived_src.append(ia)
+        self._derived_dst.append(ib)
+
+    def derived(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every derivation as two slot arrays: (source, derived slot)."""
+        if not self._derived_src:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(self._derived_src), np.concatenate(self._derived_dst)
 
     # -- components ---------------------------------------------------------
     def components(self) -> np.ndarray:

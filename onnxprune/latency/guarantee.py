@@ -223,6 +223,7 @@ def choose_candidate(
     reference: onnx.ModelProto | Path,
     measure_progress: Callable[[int, int], None] | None = None,
     on_phase: PhaseCallback | None = None,
+    assume_finite: bool = False,
 ) -> tuple[Candidate, dict]:
     """The candidate to keep, and the report's ``latency`` section on how it was chosen.
 
@@ -230,7 +231,7 @@ def choose_candidate(
     """
     with input_blamed(loaded):
         start = time.perf_counter()
-        ladder = Ladder(Pruner(loaded, on_phase=on_phase), target, cache, reference)
+        ladder = Ladder(Pruner(loaded, on_phase=on_phase, assume_finite=assume_finite), target, cache, reference)
         planner = LatencyPlanner(target, cache, LATENCY_MODEL, progress=measure_progress)
         candidates = first_rung_candidates(ladder, planner)
         search_s = time.perf_counter() - start
@@ -253,6 +254,7 @@ def prune_for_target(
     cache: LatencyCache | None = None,
     measure_progress: Callable[[int, int], None] | None = None,
     on_phase: PhaseCallback | None = None,
+    assume_finite: bool = False,
 ) -> RunResult:
     """Prune, choosing widths for ``target``; never return a model measured slower than the input.
 
@@ -263,6 +265,7 @@ def prune_for_target(
     :data:`~onnxprune.latency.planner.ATTEMPTS` are tried.
     ``measure_progress(done, total)`` is called while layer latencies are
     measured (cold cache); ``on_phase`` with each phase's progress (:mod:`onnxprune.progress`).
+    ``assume_finite``: see :func:`onnxprune.api.prune`.
     """
     with phase(on_phase, "load"):
         loaded = as_loaded(model_or_path)
@@ -270,7 +273,7 @@ def prune_for_target(
             check_output_path(output, loaded)
     reference = runtime_reference(loaded)
     winner, latency = choose_candidate(loaded, target, cache or LatencyCache(target), reference, measure_progress,
-                                       on_phase)
+                                       on_phase, assume_finite)
     report = winner.result.report
     check_in_memory(winner.result.model, reference, report, verify=verify, weight_bytes=loaded.size_bytes,
                     on_phase=on_phase)
