@@ -104,6 +104,19 @@ def weight_bytes_of(source: onnx.ModelProto | Path) -> int:
     return sum(tensor_bytes(t) for t in model.graph.initializer)
 
 
+# Below this many bytes of weights a full garbage collection frees too little to matter, and in a process holding
+# many objects (a training script, a test session) it costs up to seconds.
+COLLECT_ABOVE_BYTES = 64 << 20
+
+
+def collect_garbage_if_large(model: onnx.ModelProto, weight_bytes: int | None) -> None:
+    """Free cyclic garbage (a dropped graph still holding weight arrays) before a step that needs memory, when the
+    model's weights (``weight_bytes``, else counted from ``model``) are large enough for it to pay."""
+    size = weight_bytes if weight_bytes is not None else weight_bytes_of(model)
+    if size >= COLLECT_ABOVE_BYTES:
+        gc.collect()
+
+
 def verify_into(
     report: RunReport,
     reference: onnx.ModelProto | Path,
@@ -135,7 +148,7 @@ def check_in_memory(
     Deferred tensors (:func:`onnxprune.external_data.defer`) are first put into the protobuf: the caller
     gets a self-contained model. ``verify``: True (auto), False, or a method of :func:`verify_into`."""
     method = verify_method(verify)
-    gc.collect()  # a dropped graph is cyclic garbage still holding arrays
+    collect_garbage_if_large(model, weight_bytes)
     materialize_pending(model)
     start = time.perf_counter()
     if not needs_external_data(model):
@@ -168,7 +181,7 @@ def write_checked(
     external = external_data or needs_external_data(model)
     timings = report.timings
     start = time.perf_counter()
-    gc.collect()  # a dropped graph is cyclic garbage still holding the arrays the write streams and drops
+    collect_garbage_if_large(model, weight_bytes)  # the arrays the write streams and drops
     try:
         with staged_write(model, output, external_data=external, progress=counter(on_phase, "save")) as staged:
             timings["save"] = time.perf_counter() - start
