@@ -9,6 +9,7 @@ from __future__ import annotations
 from benchmarks.report.architectures import user_architectures
 from benchmarks.report.dataloader import resnet18_dataloader
 from benchmarks.report.markdown import machine_line, md_table, ms, seconds
+from benchmarks.report.realisation import layer_realisation
 from benchmarks.report.scale import prune_at_scale
 from benchmarks.report.vit_heads import vit_heads
 from onnxprune.table import human
@@ -269,5 +270,6 @@ def deploy(run: str, r: dict) -> dict:
 SECTIONS = {"prune-resnet50": prune_resnet50, "latency-targets": latency_targets, "rbp-compile": rbp_compile,
             "sbp-step-time": sbp_step_time, "subnormals": subnormals, "bn-recalibration": bn_recalibration,
             "sbp-weight-lr": sbp_weight_lr, "tvbi-batchnorm": tvbi_batchnorm, "deploy": deploy,
+            "layer-realisation": layer_realisation,
             "resnet18-dataloader": resnet18_dataloader, "user-architectures": user_architectures,
             "vit-heads": vit_heads, "prune-at-scale": prune_at_scale}
