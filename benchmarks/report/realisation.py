@@ -58,9 +58,10 @@ def _batch(batch: str, b: dict) -> dict:
     d, p = lenet5["dense"], lenet5["pruned"]
     mac = sum(d["macs"].values()) / sum(p["macs"].values())
     kernels = sum(d["layer_us"].values()) / sum(p["layer_us"].values())
+    again = b["alternatives"]["variants"]["dense"]["ms"] / b["alternatives"]["variants"]["pruned"]["ms"]
     return {"batch": batch, "table": md_table(head, rows), "realisation": f"{d['ms'] / p['ms'] / mac:.2f}",
             "speedup": f"{d['ms'] / p['ms']:.2f}", "mac_reduction": f"{mac:.1f}", "kernel_speedup": f"{kernels:.2f}",
-            "kernel_realisation": f"{kernels / mac:.2f}",
+            "kernel_realisation": f"{kernels / mac:.2f}", "again_speedup": f"{again:.2f}", "again_realisation": f"{again / mac:.2f}",
             "profiler_us": f"{1000 * (p['ms_profiled'] - p['ms']):.0f}",
             "slow_share": f"{shares['pruned']:.0%}", "slow_share_dense": f"{shares['dense']:.0%}",
             "conv1_speedup": _ratio(d["layer_us"]["conv1"], p["layer_us"]["conv1"]),
