@@ -106,7 +106,7 @@ def _rewrite(
     meta = dict(metadata or {})
     if plan is not None:
         meta.update(removed_metadata(plan))
-    model = to_model(graph, loaded, meta, defer_data=loaded.uses_external_data)  # streamed when written
+    model = to_model(graph, loaded, meta, defer_data=loaded.uses_external_data, hand_over=True)  # streamed when written
     timings["analysis+rewrite"] = time.perf_counter() - start
     report = RunReport.of(loaded, before=before, after=after, passes=records, timings=timings, plan=plan)
     return RunResult(model, report)
