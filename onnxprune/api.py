@@ -19,6 +19,7 @@ from onnxprune.checked_write import check_in_memory, check_output_model, input_b
 from onnxprune.cost import CostSummary, model_cost
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graphio import to_graph, to_model
+from onnxprune.graphutil import read_initializers
 from onnxprune.latency.guarantee import prune_for_target
 from onnxprune.latency.target import make_target
 from onnxprune.modelio import LoadedModel, as_loaded, check_output_path
@@ -66,6 +67,7 @@ def run_passes(
         check_output_path(output, loaded)
     with input_blamed(loaded):
         graph = to_graph(loaded)  # external data memory-mapped, not read
+        read_initializers(graph)  # weights held in the protobuf copied out of it: part of loading
         timings = {"load": time.perf_counter() - start}
         result = _rewrite(graph, loaded, passes, metadata=metadata, progress=progress, timings=timings)
     reference = runtime_reference(loaded)
