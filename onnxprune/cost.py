@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -50,7 +51,7 @@ def _dims(t: gs.Tensor | None) -> list[int] | None:
 
 def _prod(xs) -> int:
     """Product of ``xs`` as an int (1 for none)."""
-    return int(np.prod(xs, dtype=np.int64)) if len(xs) else 1
+    return math.prod(int(x) for x in xs)
 
 
 def _stored_shape(t: gs.Tensor | None) -> tuple[int, ...] | None:
