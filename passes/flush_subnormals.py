@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from onnxprune.channels.stored import widening_cast
+from onnxprune.external_data import prefetch
 from onnxprune.floatbits import count_subnormals, flush_subnormals, subnormal_mask
 from onnxprune.graphutil import constant_values, graphsurgeon_logging
 from onnxprune.pass_infra import GraphPass, PassResult
@@ -52,9 +53,11 @@ class FlushSubnormalsPass(GraphPass):
 
     def call(self, graph: gs.Graph) -> PassResult:
         flushed = tensors = 0
-        for t in graph.tensors().values():
-            if not isinstance(t, gs.Constant) or not _is_float(t.dtype) or _read_widened(t):
-                continue
+        weights = [t for t in graph.tensors().values()
+                   if isinstance(t, gs.Constant) and _is_float(t.dtype) and not _read_widened(t)]
+        for i, t in enumerate(weights):
+            for ahead in weights[i : i + 2] if i == 0 else weights[i + 1 : i + 2]:
+                prefetch(ahead)  # external data: the next weight is read from disk while this one is flushed
             with graphsurgeon_logging():  # its note on bfloat16, which numpy lacks, goes to logging
                 values = constant_values(t)
             new, count = flush_subnormals(values)
