@@ -19,6 +19,7 @@ from onnxprune.checked_write import check_in_memory, check_output_model, input_b
 from onnxprune.cost import CostSummary, model_cost
 from onnxprune.errors import OnnxPruneError
 from onnxprune.graphio import to_graph, to_model
+from onnxprune.graphutil import read_initializers
 from onnxprune.latency.guarantee import prune_for_target
 from onnxprune.latency.target import make_target
 from onnxprune.modelio import LoadedModel, as_loaded, check_output_path
@@ -72,6 +73,7 @@ def run_passes(
             check_output_path(output, loaded)
         with input_blamed(loaded):
             graph = to_graph(loaded)  # external data memory-mapped, not read
+            read_initializers(graph)  # weights held in the protobuf copied out of it: part of loading
     timings = {"load": time.perf_counter() - start}
     with input_blamed(loaded):
         result = _rewrite(graph, loaded, passes, metadata=metadata, progress=progress, timings=timings, on_phase=on_phase)
@@ -128,7 +130,7 @@ def _rewrite(
     meta = dict(metadata or {})
     if plan is not None:
         meta.update(removed_metadata(plan))
-    model = to_model(graph, loaded, meta, defer_data=loaded.uses_external_data)  # streamed when written
+    model = to_model(graph, loaded, meta, defer_data=loaded.uses_external_data, hand_over=True)  # streamed when written
     timings["analysis+rewrite"] = time.perf_counter() - start
     report = RunReport.of(loaded, before=before, after=after, passes=records, timings=timings, plan=plan)
     return RunResult(model, report)

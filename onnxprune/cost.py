@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
-from onnxprune.graphutil import constant_size, constant_value, graphsurgeon_logging, optional_input
+from onnxprune.channels.stored import is_decompression
+from onnxprune.graphutil import constant_size, constant_value, graphsurgeon_logging, optional_input, producer
 
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits")
 
 
 @dataclass
@@ -49,32 +51,62 @@ def _dims(t: gs.Tensor | None) -> list[int] | None:
 
 def _prod(xs) -> int:
     """Product of ``xs`` as an int (1 for none)."""
-    return int(np.prod(xs, dtype=np.int64)) if len(xs) else 1
+    return math.prod(int(x) for x in xs)
+
+
+def _stored_shape(t: gs.Tensor | None) -> tuple[int, ...] | None:
+    """The shape of a constant ``t``, also one a model stores quantized or narrow (a DequantizeLinear or a
+    widening Cast of a constant: the shape it computes is the stored one); None if ``t`` varies. Only shapes
+    are read, never values."""
+    if t is None:
+        return None
+    if isinstance(t, gs.Constant):
+        return tuple(int(d) for d in t.shape)
+    node = producer(t)
+    if node is not None and is_decompression(node) and node.inputs and isinstance(node.inputs[0], gs.Constant):
+        return tuple(int(d) for d in node.inputs[0].shape)
+    value = constant_value(t)  # a Constant node's output
+    return None if value is None else value.shape
+
+
+def _elements(shape: tuple[int, ...] | None) -> int:
+    return 0 if shape is None else _prod(shape)
+
+
+def _matmul_nbits(node: gs.Node, x: list[int] | None) -> LayerCost | None:
+    """com.microsoft.MatMulNBits: ``A [.., K] @ B [K, N]`` with B stored in blocks of 2-8 bit codes (K, N: attributes)."""
+    k, n = int(node.attrs.get("K", 0)), int(node.attrs.get("N", 0))
+    if k <= 0 or n <= 0:
+        return None
+    bias = optional_input(node, 5)
+    rows = _prod(x[:-1]) if x else 1
+    return LayerCost(node.name, node.op, k, n, k * n + _elements(_stored_shape(bias)), rows * k * n)
 
 
 def _layer(node: gs.Node) -> LayerCost | None:
-    """The cost of one layer node (None if its weight is not constant)."""
-    w = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    b_t = optional_input(node, 2)
-    b = constant_value(b_t) if b_t is not None else None
-    params = (0 if w is None else int(w.size)) + (0 if b is None else int(b.size))
+    """The cost of one layer node (None if its weight is not constant); a weight stored quantized or narrow
+    counts as the float weight it computes."""
     x, y = _dims(node.inputs[0]), _dims(node.outputs[0])
+    if node.op == "MatMulNBits":
+        return _matmul_nbits(node, x) if node.domain == "com.microsoft" else None
+    w = _stored_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+    params = _elements(w) + _elements(_stored_shape(optional_input(node, 2)))
     group = int(node.attrs.get("group", 1))
     if node.op == "Conv" and w is not None:
         out_spatial = _prod(y[2:]) if y else 0
-        return LayerCost(node.name, node.op, w.shape[1] * group, w.shape[0], params, out_spatial * w.shape[0] * _prod(w.shape[1:]))
+        return LayerCost(node.name, node.op, w[1] * group, w[0], params, out_spatial * w[0] * _prod(w[1:]))
     if node.op == "ConvTranspose" and w is not None:
         in_spatial = _prod(x[2:]) if x else 0
-        return LayerCost(node.name, node.op, w.shape[0], w.shape[1] * group, params, in_spatial * w.shape[0] * _prod(w.shape[1:]))
-    if node.op == "Gemm" and w is not None and w.ndim == 2:
-        n, k = (w.shape if int(node.attrs.get("transB", 0)) else w.shape[::-1])
+        return LayerCost(node.name, node.op, w[0], w[1] * group, params, in_spatial * w[0] * _prod(w[1:]))
+    if node.op == "Gemm" and w is not None and len(w) == 2:
+        n, k = (w if int(node.attrs.get("transB", 0)) else w[::-1])
         m = x[0] if x else 1
         return LayerCost(node.name, node.op, k, n, params, m * k * n)
     if node.op == "MatMul":
-        if w is not None and w.ndim == 2:
-            k, n = w.shape
+        if w is not None and len(w) == 2:
+            k, n = w
             rows = _prod(x[:-1]) if x else 1
-            return LayerCost(node.name, node.op, k, n, int(w.size), rows * k * n)
+            return LayerCost(node.name, node.op, k, n, _elements(w), rows * k * n)
         a = x
         if a and y and len(a) >= 2:
             k = a[-1]
@@ -98,6 +130,9 @@ def model_cost(graph: gs.Graph) -> CostSummary:
 
 def _is_float(dtype: np.dtype | int) -> bool:
     """True for floating-point element types, also those numpy lacks (bfloat16, float8: kept as ONNX type numbers)."""
-    if isinstance(dtype, (int, np.integer)):
-        return "FLOAT" in TensorProto.DataType.Name(int(dtype))
-    return np.issubdtype(dtype, np.floating)
+    if not isinstance(dtype, (int, np.integer)):
+        try:
+            dtype = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))  # ml_dtypes' bfloat16 is no numpy float
+        except (KeyError, TypeError, ValueError):
+            return False
+    return "FLOAT" in TensorProto.DataType.Name(int(dtype))

@@ -115,6 +115,14 @@ class MappedFile:
             raise ValueError(f"external data file {self.path} is truncated: needs bytes {offset}..{end}, has {self.size}")
         return np.frombuffer(self.map, dtype=dtype, count=count, offset=offset)
 
+    def prefetch(self, offset: int, length: int) -> None:
+        """Ask the kernel to start reading bytes ``offset .. offset+length`` now, in the background
+        (``MADV_WILLNEED``): a pass that reads tensors one after another overlaps its work with the disk."""
+        if self.map is None or length <= 0 or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        start = offset - offset % PAGE
+        self.map.madvise(mmap.MADV_WILLNEED, start, min(offset + length, self.size) - start)
+
     def release(self, offset: int, length: int) -> None:
         """Hand the pages holding bytes ``offset .. offset+length`` back to the kernel (they are read again on use)."""
         if self.map is None or length <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
@@ -232,6 +240,11 @@ class MappedValues(LazyValues):
     def tensor(self, value: onnx.TensorProto) -> None:
         self._proto = value
 
+    def prefetch(self) -> None:
+        """Start reading the tensor's bytes from disk in the background (see :meth:`MappedFile.prefetch`)."""
+        if self.viewable:
+            self.source.file(self.ref.location).prefetch(self.ref.offset, self.ref.length)
+
     def load(self) -> np.ndarray:
         if self.viewable:
             return self.source.view(self.ref)
@@ -281,6 +294,13 @@ def map_initializers(graph: gs.Graph, source: MappedData) -> int:
             tensor.data_location = None  # exported in the protobuf unless the writer streams it out
             count += 1
     return count
+
+
+def prefetch(constant: gs.Constant) -> None:
+    """If ``constant``'s values are in a mapped external data file, start reading them in the background."""
+    values = getattr(constant, "_values", None)
+    if isinstance(values, MappedValues):
+        values.prefetch()
 
 
 def release_pages(array: np.ndarray) -> None:

@@ -11,7 +11,15 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxprune.errors import InputError
-from onnxprune.external_data import defer, deferrable, load_unmapped, map_initializers
+from onnxprune.external_data import (
+    defer,
+    deferrable,
+    little_endian_bytes,
+    load_unmapped,
+    map_initializers,
+    model_tensors,
+    take_pending,
+)
 from onnxprune.graphutil import graphsurgeon_logging
 from onnxprune.modelio import LoadedModel
 
@@ -52,6 +60,7 @@ def to_model(
     metadata: dict[str, object] | None = None,
     *,
     defer_data: bool = False,
+    hand_over: bool = False,
 ) -> onnx.ModelProto:
     """Export ``graph`` with the original model's IR version, opsets, producer and metadata.
 
@@ -64,13 +73,20 @@ def to_model(
     (:func:`onnxprune.external_data.materialize_pending`). Their values are handed
     over: ``graph`` keeps only their names, types and shapes, so that whatever
     still refers to it holds no weights, and it cannot be exported again.
+    ``hand_over`` (without ``defer_data``) hands them over the same way and copies
+    each into the protobuf once it is exported: two copies of the weights where
+    onnx-graphsurgeon's exporter makes three (``tobytes``, the TensorProto, the
+    graph's list of them); the model is the same, and ``graph`` is left as with
+    ``defer_data``.
     """
     if isinstance(original, LoadedModel):
         original = original.structure
-    if defer_data:
+    if defer_data or hand_over:
         log.debug("%d initializer(s) handed over to the exported model", _hand_over_initializers(graph))
     with graphsurgeon_logging():
         model = gs.export_onnx(graph, do_type_check=False)
+    if hand_over and not defer_data:
+        _fill_handed_over(model)
     model.ir_version = original.ir_version
     del model.opset_import[:]
     model.opset_import.extend(original.opset_import)
@@ -113,6 +129,16 @@ def _hand_over_initializers(graph: gs.Graph) -> int:
             tensor._values = _Placeholder(defer(tensor.name, tensor._values))
             count += 1
     return count
+
+
+def _fill_handed_over(model: onnx.ModelProto) -> None:
+    """Put the bytes of every placeholder in ``model`` into its TensorProto, as the exporter writes a tensor."""
+    for tensor in model_tensors(model):
+        array = take_pending(tensor)
+        if array is not None:
+            tensor.raw_data = little_endian_bytes(array).tobytes()
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
 
 
 class _Placeholder(gs.ir.tensor.LazyValues):

@@ -103,6 +103,19 @@ def constant_values(t: gs.Constant) -> np.ndarray:
     return np.asarray(t.values)
 
 
+def read_initializers(graph: gs.Graph) -> int:
+    """Copy the values of every initializer the protobuf holds out of it now (as :func:`constant_values` would
+    on first use; external data stays memory-mapped, other values stay as they are). Returns how many."""
+    count = 0
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and type(t._values) is LazyValues:
+            array = _read_lazy(t._values)
+            if array is not None:
+                t.values = array
+                count += 1
+    return count
+
+
 def constant_value(t: gs.Tensor) -> np.ndarray | None:
     """The value of ``t`` if it is an initializer or the output of a Constant node."""
     if isinstance(t, gs.Constant):

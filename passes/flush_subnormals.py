@@ -8,48 +8,37 @@ them. Zeroing one changes any product with it by less than the smallest normal
 float, far below the resolution of any output of normal size; the result is
 still verified on ONNX Runtime against the input. Rows or channels left all
 zero become dead channels the pruning pass can delete.
+
+float16, bfloat16, float32 and float64 weights are read through their bits (:mod:`onnxprune.floatbits`): one
+pass over each weight, at memory speed, never converted to another float type; only a weight that holds
+subnormals is rewritten (a new array: the old one may be a read-only map of the input's external data).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper
 
 from onnxprune.channels.stored import widening_cast
-from onnxprune.graphutil import constant_values
+from onnxprune.external_data import prefetch
+from onnxprune.floatbits import count_subnormals, flush_subnormals, subnormal_mask
+from onnxprune.graphutil import constant_values, graphsurgeon_logging
 from onnxprune.pass_infra import GraphPass, PassResult
 
+__all__ = ["FLOAT_TYPES", "FlushSubnormalsPass", "count_subnormals", "subnormal_mask"]
+
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
-# Per float type: the unsigned integer of its bits, and the largest magnitude (sign bit cleared) of a subnormal.
-_BITS = {np.dtype(np.float16): (np.uint16, 0x03FF), np.dtype(np.float32): (np.uint32, 0x007FFFFF),
-         np.dtype(np.float64): (np.uint64, 0x000FFFFFFFFFFFFF)}
-_BLOCK = 1 << 16  # elements counted at a time (the scratch arrays stay in cache)
+_FLOAT_NAMES = frozenset({"float16", "bfloat16", "float32", "float64"})
 
 
-def subnormal_mask(values: np.ndarray) -> np.ndarray:
-    """True where ``values`` (a floating array) holds a nonzero subnormal number."""
-    tiny = np.finfo(values.dtype).tiny
-    return (values != 0) & (np.abs(values) < tiny)
-
-
-def count_subnormals(values: np.ndarray) -> int:
-    """How many nonzero subnormal numbers ``values`` (float16/32/64) holds: ``subnormal_mask(values).sum()``,
-    counted on the bits a block at a time (no array of the weights' size is made)."""
-    if values.dtype not in _BITS:  # a byte order not the machine's
-        return int(subnormal_mask(values).sum())
-    uint, largest = _BITS[values.dtype]
-    bits = np.ascontiguousarray(values).reshape(-1).view(uint)
-    magnitude_mask, bound = uint(np.iinfo(uint).max >> 1), uint(largest)
-    scratch = np.empty(min(_BLOCK, bits.size), dtype=uint)
-    flags = np.empty(scratch.size, dtype=bool)
-    count = 0
-    for start in range(0, bits.size, _BLOCK):
-        block = bits[start : start + _BLOCK]
-        s, f = scratch[: block.size], flags[: block.size]
-        np.bitwise_and(block, magnitude_mask, out=s)  # |x|'s bits: 0 for zeros, 1..largest for subnormals
-        np.subtract(s, uint(1), out=s)  # zeros wrap round to the top
-        count += int(np.count_nonzero(np.less(s, bound, out=f)))
-    return count
+def _is_float(dtype) -> bool:
+    """True for float16/bfloat16/float32/float64 (onnx-graphsurgeon keeps bfloat16 as its ONNX type number)."""
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(int(dtype)) if isinstance(dtype, (int, np.integer)) else np.dtype(dtype)
+    except (TypeError, KeyError, ValueError):
+        return False
+    return dtype.name in _FLOAT_NAMES
 
 
 def _read_widened(t: gs.Constant) -> bool:
@@ -64,14 +53,16 @@ class FlushSubnormalsPass(GraphPass):
 
     def call(self, graph: gs.Graph) -> PassResult:
         flushed = tensors = 0
-        for t in graph.tensors().values():
-            if not isinstance(t, gs.Constant) or t.dtype not in FLOAT_TYPES or _read_widened(t):
-                continue
-            values = constant_values(t)
-            count = count_subnormals(values)
+        weights = [t for t in graph.tensors().values()
+                   if isinstance(t, gs.Constant) and _is_float(t.dtype) and not _read_widened(t)]
+        for i, t in enumerate(weights):
+            for ahead in weights[i : i + 2] if i == 0 else weights[i + 1 : i + 2]:
+                prefetch(ahead)  # external data: the next weight is read from disk while this one is flushed
+            with graphsurgeon_logging():  # its note on bfloat16, which numpy lacks, goes to logging
+                values = constant_values(t)
+            new, count = flush_subnormals(values)
             if count:
-                mask = subnormal_mask(values)
-                t.values = np.where(mask, values.dtype.type(0), values)  # a new array: copies of the graph share the old
+                t.values = new  # a new array: copies of the graph share the old
                 flushed += count
                 tensors += 1
         return PassResult(

@@ -158,6 +158,22 @@ def test_pages_of_earlier_tensors_are_handed_back_past_the_budget(mlp, monkeypat
     assert released  # the first ones were released once the budget was passed
 
 
+def test_flushing_subnormals_reads_each_mapped_weight_ahead_and_keeps_its_values(mlp, monkeypatch):
+    from passes.flush_subnormals import FlushSubnormalsPass
+
+    asked = []
+    real = external_data.MappedFile.prefetch
+    monkeypatch.setattr(external_data.MappedFile, "prefetch",
+                        lambda self, offset, length: (asked.append((offset, length)), real(self, offset, length)))
+    loaded = load_model(mlp)
+    graph = to_graph(loaded)
+    before = {name: t.values.copy() for name, t in graph.tensors().items() if isinstance(t, MappedConstant)}
+    FlushSubnormalsPass()(graph)  # random normal float32 weights: no subnormals
+    refs = sorted((t._values.ref.offset, t._values.ref.length) for t in graph.tensors().values() if isinstance(t, MappedConstant))
+    assert sorted(asked) == refs  # every weight once
+    assert all(np.array_equal(graph.tensors()[name].values, v) for name, v in before.items())
+
+
 def test_float16_external_model_prunes_exactly(tmp_path):
     shape = MlpShape(blocks=2, hidden=64, ffn=256, dtype="float16", seq=4, dead=64)
     src, out = tmp_path / "h.onnx", tmp_path / "h-out.onnx"

@@ -530,3 +530,30 @@ def test_prune_takes_a_quantized_model_and_deploy_refuses_it(tmp_path):
     assert pruned(q).report.plan.removed_channels == 3
     with pytest.raises(InputError, match="already quantized"):
         deploy(q, tmp_path / "out", precision="fp32")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cost table reads through the stored form
+# ---------------------------------------------------------------------------------------------
+
+
+def _layer_costs(model: onnx.ModelProto) -> list[tuple[int, int, int, int]]:
+    """(in, out, params, MACs) of every layer, in order (names and ops may differ after quantization)."""
+    from onnxprune.api import inspect_model
+
+    return [(c.in_channels, c.out_channels, c.params, c.macs) for c in inspect_model(model)[2].layers]
+
+
+@pytest.mark.parametrize("quantize", ["qdq-cnn", "qdq-mlp", "matmul-nbits"])
+def test_quantized_layers_have_the_macs_and_parameters_of_the_float_layers(quantize):
+    """Widths, MACs and weights are read through DequantizeLinear and from MatMulNBits' K and N. (Quantizing the
+    MLP fuses each MatMul and bias Add into a Gemm: its parameters count the bias too.)"""
+    build = cnn if quantize == "qdq-cnn" else mlp
+    expected = _layer_costs(build())
+    q = nbits(build()) if quantize == "matmul-nbits" else qdq(build(), per_channel=True)  # (nbits edits its input)
+    got = _layer_costs(q)
+    assert len(expected) == 3 and all(macs > 0 for *_, macs in expected)
+    if quantize == "qdq-mlp":
+        biases = [HIDDEN, MIDDLE, 0]
+        expected = [(i, o, p + b, m) for (i, o, p, m), b in zip(expected, biases)]
+    assert got == expected

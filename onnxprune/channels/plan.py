@@ -21,6 +21,7 @@ from onnxprune.channels.analysis import ChannelAnalysis, ChannelGroup
 from onnxprune.channels.context import ReadKind
 from onnxprune.channels.layout import dims, product_closure
 from onnxprune.channels.rules import RULES
+from onnxprune.floatbits import nonzero_rows
 from onnxprune.graphutil import constant_value
 
 
@@ -285,7 +286,7 @@ def _zero_weight_columns(node, tensor: str, features: int) -> np.ndarray:
         cols = w
     if cols.shape[0] != features:
         return none
-    return ~cols.any(axis=1)
+    return ~nonzero_rows(cols)
 
 
 def _read_drops(analysis: ChannelAnalysis, remove: np.ndarray) -> dict[tuple[str, str], np.ndarray]:

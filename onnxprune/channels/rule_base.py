@@ -152,9 +152,15 @@ def keep_or_all(mask: np.ndarray | None, size: int) -> np.ndarray:
 
 
 def take_rows_cols(w: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``w[rows][:, cols]`` for boolean masks ``rows`` and ``cols``, made in one C-contiguous array (the two
-    steps make a second, and their result is not contiguous, so it is copied once more before export)."""
-    return w[np.ix_(rows, cols)]
+    """``w[rows][:, cols]`` for boolean masks ``rows`` and ``cols``, as a new C-contiguous array: an axis that keeps
+    everything is not touched, and each cut is one ``np.compress`` (a copy of whole rows, or of the kept elements
+    of each row), the rows cut first so the column cut reads only what is kept."""
+    cut_rows, cut_cols = not rows.all(), not cols.all()
+    if not (cut_rows or cut_cols):
+        return np.array(w, order="C")
+    if cut_rows:
+        w = np.compress(rows, w, axis=0)
+    return np.compress(cols, w, axis=1) if cut_cols else w
 
 
 def ints_attr_or_input(

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from onnxprune.floatbits import reads_any
+
 _erf = np.frompyfunc(math.erf, 1, 1)
 
 
@@ -148,30 +150,6 @@ def divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(b) & (b != 0), q, np.nan)
 
 
-_BLOCK = 1 << 18  # weights compared with zero at a time, into one scratch array reused for every block
-
-
-def _reads_any(w: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """For each row of ``w`` (out, in, window): whether it has a non-zero weight in one of the ``columns``
-    (a mask over ``in``). Whole rows are scanned a block at a time, the other columns masked out: no
-    weight is copied, and the only scratch array (``_BLOCK`` flags) is reused."""
-    out_ch, row = w.shape[0], w.shape[1] * w.shape[2]
-    if not columns.any() or row == 0:
-        return np.zeros(out_ch, dtype=bool)
-    every = bool(columns.all())
-    mask = columns[None, :, None]
-    step = max(1, _BLOCK // row)
-    scratch = np.empty(min(step, out_ch) * row, dtype=bool)
-    touched = np.empty(out_ch, dtype=bool)
-    for i in range(0, out_ch, step):
-        block = w[i : i + step]
-        nonzero = np.not_equal(block, 0, out=scratch[: block.size].reshape(block.shape))
-        if not every:
-            nonzero &= mask
-        np.any(nonzero.reshape(block.shape[0], row), axis=1, out=touched[i : i + step])
-    return touched
-
-
 def linear_values(
     inputs: np.ndarray,
     weight: np.ndarray,
@@ -190,7 +168,7 @@ def linear_values(
     w = weight.reshape(out_ch, in_ch, -1)
     known = np.isfinite(inputs)
     blocked = ~known if allow_constant else ~known | (inputs != 0)
-    touched = _reads_any(w, blocked)
+    touched = reads_any(w, blocked)
     result = np.broadcast_to(np.asarray(bias, dtype=np.float64), (out_ch,)).copy()
     consts = np.flatnonzero(known & (inputs != 0))
     if consts.size:

@@ -1,0 +1,199 @@
+"""Floating-point weights read through their bits: zero tests and subnormal flushing at memory speed.
+
+A float is +0 or -0 exactly when its bits, sign bit cleared, are all 0; it is subnormal when its exponent bits
+are 0 and its mantissa is not. Both are tested on an unsigned-integer view of the data (float16 and bfloat16 as
+uint16, float32 as uint32, float64 as uint64): no conversion to another float type (numpy computes float16
+comparisons one element at a time), no array of the weights' size, and the data is read in the order it lies in
+memory, a block at a time (a memory-mapped weight streams through once).
+
+Other types (integers, byte orders not the machine's) take the plain numpy comparisons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 1 << 18  # elements read at a time (the scratch arrays stay in the cache)
+
+
+@dataclass(frozen=True)
+class FloatBits:
+    """How one float format lays out its bits."""
+
+    uint: type  # the unsigned integer of the same width
+    magnitude: int  # every bit but the sign
+    smallest_normal: int  # the bits of the smallest normal number (the lowest exponent bit)
+
+
+_FORMATS = {
+    "float16": FloatBits(np.uint16, 0x7FFF, 0x0400),
+    "bfloat16": FloatBits(np.uint16, 0x7FFF, 0x0080),
+    "float32": FloatBits(np.uint32, 0x7FFF_FFFF, 0x0080_0000),
+    "float64": FloatBits(np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x0010_0000_0000_0000),
+}
+
+
+def float_bits(dtype) -> FloatBits | None:
+    """The bit layout of ``dtype`` (float16, bfloat16, float32, float64 in the machine's byte order), else None."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        return None
+    if not dtype.isnative:
+        return None
+    return _FORMATS.get(dtype.name)
+
+
+# -- zero tests ----------------------------------------------------------------------------------------------
+
+
+def reads_any(w: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+    """For each row of ``w`` (out, in, window; any strides): whether it holds a non-zero value (anything but +0
+    and -0; NaN counts) in one of the ``columns`` (a mask over ``in``; None: every column).
+
+    The weight is read once, in memory order: a row at a time where rows lie apart (a Conv weight), a column at
+    a time where columns do (a MatMul weight read as its transpose)."""
+    out_ch = w.shape[0]
+    if columns is not None and columns.all():
+        columns = None
+    if w.size == 0 or (columns is not None and not columns.any()):
+        return np.zeros(out_ch, dtype=bool)
+    bits = float_bits(w.dtype)
+    if bits is None:
+        return _reads_any_by_value(w, columns)
+    u = w.view(bits.uint)
+    strides = [abs(s) if n > 1 else 0 for s, n in zip(u.strides, u.shape)]
+    if strides[2] > max(strides[0], strides[1]):  # window outermost: one (out, in) plane at a time
+        acc = np.zeros(out_ch, dtype=bool)
+        for k in range(u.shape[2]):
+            acc |= reads_any(w[:, :, k : k + 1], columns)
+        return acc
+    if strides[1] > strides[0]:
+        acc = _or_over_columns(u, columns)
+    else:
+        acc = _or_over_rows(u, columns, bits)
+    return (acc & bits.uint(bits.magnitude)) != 0
+
+
+def _or_over_rows(u: np.ndarray, columns: np.ndarray | None, bits: FloatBits) -> np.ndarray:
+    """Per row of ``u`` (rows lie apart in memory): the OR of its bits in ``columns``."""
+    out_ch, row = u.shape[0], u.shape[1] * u.shape[2]
+    step = max(1, BLOCK // max(row, 1))
+    acc = np.empty(out_ch, dtype=u.dtype)
+    keep = None
+    if columns is not None:  # the magnitude bits where a column is read, none elsewhere
+        keep = np.where(columns, bits.uint(bits.magnitude), bits.uint(0)).astype(u.dtype)[None, :, None]
+        scratch = np.empty((min(step, out_ch), u.shape[1], u.shape[2]), dtype=u.dtype)
+    for i in range(0, out_ch, step):
+        block = u[i : i + step]
+        if keep is not None:
+            block = np.bitwise_and(block, keep, out=scratch[: block.shape[0]])
+        np.bitwise_or.reduce(block, axis=(1, 2), out=acc[i : i + step])
+    return acc
+
+
+def _or_over_columns(u: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
+    """Per row of ``u`` (columns lie apart in memory): the OR of its bits in ``columns``, a few columns at a time."""
+    out_ch, in_ch = u.shape[0], u.shape[1]
+    step = max(1, BLOCK // max(out_ch * u.shape[2], 1))
+    acc = np.zeros(out_ch, dtype=u.dtype)
+    picked = None if columns is None else np.flatnonzero(columns)
+    total = in_ch if picked is None else picked.size
+    for j in range(0, total, step):
+        if picked is None:
+            block = u[:, j : j + step]
+        else:
+            index = picked[j : j + step]
+            block = u[:, index[0] : index[-1] + 1] if index[-1] - index[0] + 1 == index.size else u[:, index]
+        acc |= np.bitwise_or.reduce(block, axis=(1, 2))
+    return acc
+
+
+def _reads_any_by_value(w: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
+    """:func:`reads_any` by comparing values with zero (types without a bit layout here), a block of rows at a time."""
+    out_ch, row = w.shape[0], w.shape[1] * w.shape[2]
+    step = max(1, BLOCK // max(row, 1))
+    touched = np.empty(out_ch, dtype=bool)
+    mask = None if columns is None else columns[None, :, None]
+    for i in range(0, out_ch, step):
+        nonzero = w[i : i + step] != 0
+        if mask is not None:
+            nonzero &= mask
+        touched[i : i + step] = nonzero.reshape(nonzero.shape[0], row).any(axis=1)
+    return touched
+
+
+def nonzero_rows(w: np.ndarray) -> np.ndarray:
+    """For each row of a 2-D array (any strides): whether it holds a value other than +0 and -0."""
+    return reads_any(w[:, :, None])
+
+
+# -- subnormals ----------------------------------------------------------------------------------------------
+
+
+def _flat_bits(values: np.ndarray, bits: FloatBits) -> np.ndarray:
+    """The bits of ``values`` as one flat array (a view where ``values`` is contiguous)."""
+    return np.ascontiguousarray(values).reshape(-1).view(bits.uint)
+
+
+def subnormal_mask(values: np.ndarray) -> np.ndarray:
+    """True where ``values`` (a floating array) holds a nonzero subnormal number."""
+    bits = float_bits(values.dtype)
+    if bits is None:
+        tiny = np.finfo(values.dtype).tiny
+        return (values != 0) & (np.abs(values) < tiny)
+    u = values.view(bits.uint) if values.ndim else values.reshape(1).view(bits.uint).reshape(())
+    magnitude = np.bitwise_and(u, bits.uint(bits.magnitude))
+    return (magnitude != 0) & (magnitude < bits.uint(bits.smallest_normal))
+
+
+def _subnormals_in(block: np.ndarray, bits: FloatBits, scratch: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """Flags (in ``flags``) of the subnormals among the bits ``block``: |x|'s bits minus 1 (zeros wrap round to
+    the top) below the smallest normal's minus 1."""
+    s, f = scratch[: block.size], flags[: block.size]
+    np.bitwise_and(block, bits.uint(bits.magnitude), out=s)
+    np.subtract(s, bits.uint(1), out=s)
+    return np.less(s, bits.uint(bits.smallest_normal - 1), out=f)
+
+
+def count_subnormals(values: np.ndarray) -> int:
+    """How many nonzero subnormal numbers ``values`` holds, counted on the bits a block at a time."""
+    bits = float_bits(values.dtype)
+    if bits is None:
+        return int(subnormal_mask(values).sum())
+    flat = _flat_bits(values, bits)
+    scratch, flags = np.empty(min(BLOCK, flat.size), dtype=bits.uint), np.empty(min(BLOCK, flat.size), dtype=bool)
+    return sum(int(np.count_nonzero(_subnormals_in(flat[i : i + BLOCK], bits, scratch, flags)))
+               for i in range(0, flat.size, BLOCK))
+
+
+def flush_subnormals(values: np.ndarray) -> tuple[np.ndarray | None, int]:
+    """``values`` with every nonzero subnormal set to +0 (a new array; -0 and everything else as they are), and
+    how many there were; (None, 0) when there are none. One pass over the data: blocks before the first
+    subnormal are copied over when it is found, later blocks are copied and flushed as they are read."""
+    bits = float_bits(values.dtype)
+    if bits is None:
+        mask = subnormal_mask(values)
+        count = int(mask.sum())
+        return (np.where(mask, values.dtype.type(0), values), count) if count else (None, 0)
+    flat = _flat_bits(values, bits)
+    scratch, flags = np.empty(min(BLOCK, flat.size), dtype=bits.uint), np.empty(min(BLOCK, flat.size), dtype=bool)
+    out, count = None, 0
+    for i in range(0, flat.size, BLOCK):
+        block = flat[i : i + BLOCK]
+        found = _subnormals_in(block, bits, scratch, flags)
+        n = int(np.count_nonzero(found))
+        if n and out is None:
+            out = np.empty_like(flat)
+            out[:i] = flat[:i]
+        if out is not None:
+            target = out[i : i + block.size]
+            target[...] = block
+            if n:
+                np.copyto(target, 0, where=found)
+        count += n
+    if out is None:
+        return None, 0
+    return out.view(values.dtype).reshape(values.shape), count
