@@ -447,7 +447,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
                    help="how the result is checked against the input on ONNX Runtime: whole (both models on the same "
                         "random inputs), blocks (cut where every path crosses; each block of both models on the input "
                         "model's activations, one block's weights in memory at a time), auto (default: blocks for "
-                        "1 GiB of weights or more, or when the whole check would not fit in memory)")
+                        "256 MiB of weights or more, or when the whole check would not fit in memory)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison with the input")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress bars)")
 

@@ -36,6 +36,13 @@ from onnxprune.verify import RELATIVE_TOLERANCE, VerifyResult, relative_error
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_BYTES = 512 * 2**20  # weights one block may read (larger segments are blocks of their own)
+MIN_BLOCK_BYTES = 32 * 2**20  # the smallest budget block_budget gives
+
+
+def block_budget(weight_bytes: int) -> int:
+    """The block budget for a model of ``weight_bytes``: an eighth of its weights, within [32 MiB, 512 MiB], so
+    the check's peak memory stays a small fraction above the prune's at every size."""
+    return min(DEFAULT_BLOCK_BYTES, max(MIN_BLOCK_BYTES, weight_bytes // 8))
 EXTERNAL_FOLDER_OPTION = "session.model_external_initializers_file_folder_path"
 
 ProgressCallback = Callable[[int, int], None]
@@ -224,7 +231,7 @@ def compare_blockwise(
 # -- which check: the whole model, or block by block ----------------------------------------------------------
 
 METHODS = ("auto", "whole", "blocks")
-AUTO_BLOCKS_BYTES = 2**30  # auto checks models with this many bytes of weights or more block by block
+AUTO_BLOCKS_BYTES = 2**28  # auto checks models with this many bytes of weights or more block by block
 WHOLE_CHECK_FACTOR = 2.5  # the whole-model check's peak memory, in multiples of the model (measured about 2.4)
 
 
@@ -260,12 +267,12 @@ def choose_method(method: str, weight_bytes: int) -> tuple[str, str]:
         return method, f"asked for ({method})"
     size = f"{weight_bytes / 1e6:.0f} MB of weights"
     if weight_bytes >= AUTO_BLOCKS_BYTES:
-        return "blocks", f"auto: {size}, {AUTO_BLOCKS_BYTES / 2**30:.0f} GiB or more"
+        return "blocks", f"auto: {size}, {AUTO_BLOCKS_BYTES / 2**20:.0f} MiB or more"
     free = available_memory()
     if free is not None and WHOLE_CHECK_FACTOR * weight_bytes > free:
         return "blocks", (f"auto: the whole-model check needs about {WHOLE_CHECK_FACTOR} x {size}, more than the "
                           f"{free / 1e6:.0f} MB available")
-    return "whole", f"auto: {size}, under {AUTO_BLOCKS_BYTES / 2**30:.0f} GiB"
+    return "whole", f"auto: {size}, under {AUTO_BLOCKS_BYTES / 2**20:.0f} MiB"
 
 
 def verify_model(
@@ -274,18 +281,20 @@ def verify_model(
     method: str,
     *,
     weight_bytes: int,
-    budget: int = DEFAULT_BLOCK_BYTES,
+    budget: int | None = None,
     on_phase: PhaseCallback | None = None,
 ) -> VerifyResult:
     """Check ``candidate`` against ``reference`` on ONNX Runtime by ``method`` ("auto", "whole", "blocks"; see
-    :func:`choose_method`); VerificationError on a mismatch. The result says which method was used and why.
+    :func:`choose_method`; blocks of ``budget`` bytes of weights, by default :func:`block_budget`);
+    VerificationError on a mismatch. The result says which method was used and why.
     ``on_phase``: the phase "verify, block by block" (blocks checked) or "verify, whole model"."""
     from onnxprune.verify import compare_models, raise_if_failed
 
     chosen, reason = choose_method(method, weight_bytes)
     log.debug("verification: %s (%s)", chosen, reason)
     if chosen == "blocks":
-        result = compare_blockwise(reference, candidate, budget=budget, progress=counter(on_phase, "verify, block by block"))
+        size = budget if budget is not None else block_budget(weight_bytes)
+        result = compare_blockwise(reference, candidate, budget=size, progress=counter(on_phase, "verify, block by block"))
     else:
         with phase(on_phase, "verify, whole model"):
             result = compare_models(reference, candidate)

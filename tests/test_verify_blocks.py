@@ -236,6 +236,12 @@ def test_auto_checks_large_or_unfitting_models_block_by_block(monkeypatch):
     assert choose_method("whole", 2 * 2**30)[0] == "whole"
 
 
+def test_block_budget_is_an_eighth_of_the_weights_within_32_and_512_mib():
+    assert verify_blocks.block_budget(354 * 2**20) == 354 * 2**20 // 8
+    assert verify_blocks.block_budget(100 * 2**20) == 32 * 2**20
+    assert verify_blocks.block_budget(11 * 2**30) == 512 * 2**20
+
+
 @pytest.mark.parametrize("method", ["blocks", "whole", "auto"])
 def test_cli_says_which_verification_it_used(pruned, tmp_path, capsys, method):
     src, _ = pruned
