@@ -20,6 +20,7 @@ from onnxprune.channels.rule_base import Barrier, ChannelRule, PlanView, Rewrite
 from onnxprune.channels.rules_products import analyze_activation_matmul
 from onnxprune.channels.stored import frozen_axes, input_rounded_by_runtime, set_stored_or_add, stored_weight_and_bias, take
 from onnxprune.channels.values import linear_values
+from onnxprune.floatbits import reads_any
 from onnxprune.graphutil import optional_input
 
 
@@ -74,15 +75,26 @@ _SAMPLE = 64  # weights per input channel looked at first: they decide almost ev
 
 
 def zero_inputs(w: np.ndarray, in_axis: int) -> np.ndarray:
-    """For each input channel of weight ``w`` (on ``in_axis``): True where all its weights are zero. The first
-    ``_SAMPLE`` weights of each channel decide most channels; only the channels still undecided are read whole."""
-    v = np.moveaxis(w, in_axis, 0)
-    v = v.reshape(v.shape[0], -1)
-    zero = ~v[:, :_SAMPLE].any(axis=1)
+    """For each input channel of weight ``w`` (on ``in_axis``): True where all its weights are zero. The weights
+    of the first output rows (about ``_SAMPLE`` per channel, one block of memory) decide most channels; only the
+    channels still undecided are read whole. The weight is viewed, not copied (:func:`reads_any` on the bits)."""
+    v = _inputs_first(w, in_axis)
+    head = v[:, : max(1, _SAMPLE // max(1, v.shape[2]))]
+    zero = ~reads_any(head)
     rest = np.flatnonzero(zero)
-    if rest.size and v.shape[1] > _SAMPLE:
-        zero[rest] = ~v[rest, _SAMPLE:].any(axis=1)
+    if rest.size and head.shape[1] < v.shape[1]:
+        zero[rest] = ~reads_any(v[rest])
     return zero
+
+
+def _inputs_first(w: np.ndarray, in_axis: int) -> np.ndarray:
+    """``w`` as (input channel, output channel, window): a view where its layout allows."""
+    v = np.moveaxis(w, in_axis, 0)
+    if v.ndim == 1:
+        return v[:, None, None]
+    if v.ndim == 2:
+        return v[:, :, None]
+    return v.reshape(v.shape[0], v.shape[1], -1)
 
 
 def _grouped_zero_inputs(w: np.ndarray, group: int) -> np.ndarray:
