@@ -544,13 +544,18 @@ def _measure_blocks_prune(entry: dict, src: Path, folder: Path, args: argparse.N
     out = Path(run.get("runs", [run])[-1]["output"])
     units = deleted_units(shape, weight_widths(out))
     entry["deleted_units"] = units
-    entry["every_dead_unit_deleted"] = units["deleted"] == {k: v for k, v in entry["dead_units"].items()
-                                                            if k in units["deleted"]}
+    entry["every_dead_unit_deleted"] = every_dead_unit_deleted(units["deleted"], entry["dead_units"])
     check = run["verification"]
     print(f"[{label}] deleted {units['deleted']} of the dead {entry['dead_units']}; removed {run['removed_params']} "
           f"parameters; block-wise check: {'exact' if check['ok'] else 'NOT EXACT'} ({check['blocks']} blocks, worst "
           f"{check['worst']['tensor']} {check['worst']['relative_error']:.2g} in block {check['worst']['block']})")
     shutil.rmtree(out.parent)
+
+
+def every_dead_unit_deleted(deleted: dict, dead: dict) -> bool:
+    """Each kind of dead unit (query heads, K/V heads, FFN neurons) deleted as often as it is dead (``deleted``
+    also counts o_proj's input heads and down_proj's rows, which ``dead`` has no entry for)."""
+    return all(deleted.get(kind) == count for kind, count in dead.items())
 
 
 def _dead_units(shape) -> dict:

@@ -26,7 +26,9 @@ def prune_at_scale(run: str, r: dict) -> dict:
     c = r["config"]
     if c.get("model") == "llama":
         script = ("python -m benchmarks.prune_at_scale --model llama --layers " + " ".join(map(str, c["layers"]))
-                  + (" --rotary" if c["rotary"] else ""))
+                  + (" --rotary" if c["rotary"] else "") + (" --assume-finite" if _assume_finite(c) else "")
+                  + (f" --cli-verify-max-layers {c['cli_verify_max_layers']}" if c["cli_verify_max_layers"] != 8 else "")
+                  + (f" --tag {tag}" if (tag := run.removeprefix("prune-at-scale-llama").lstrip("-")) else ""))
         return {"run": run, "machine": machine_line(r["machine"]), "mlp": False, "llama": True, "script": script,
                 "table": llama_table(r)}
     head = ["size", "model", "load+save wall", "load+save peak RSS", "prune wall", "prune peak RSS", "wall ratio",
@@ -37,30 +39,16 @@ def prune_at_scale(run: str, r: dict) -> dict:
             "dead": f"{c['dead_share']:.0%}", "dtype": c["dtype"], "table": md_table(head, [_row(s) for s in r["sizes"]])}
 
 
-def _llama_row(s: dict) -> list[str]:
-    """One decoder size: the baseline, the prune without the CLI's verification, the block-wise check, the prune
-    with the CLI's verification where it was run, and what was deleted."""
-    base, quiet, check, r, cli = s["baseline"], s["prune_no_verify"], s["blockwise_verification"], s["ratios"], s["prune"]
-    deleted, dead = s["deleted_units"]["deleted"], s["dead_units"]
-    cli_cell = (f"{cli['wall_s']:.1f} s / {_mb(cli['peak_rss'])}" if "wall_s" in cli
-                else "failed" + (" (out of memory)" if cli.get("out_of_memory") else "") if "failed" in cli else "not run")
-    return [str(s["layers"]), _mb(s["model_bytes"]), f"{base['wall_s']:.1f} s", _mb(base["peak_rss"]),
-            f"{quiet['wall_s']:.1f} s", _mb(quiet["peak_rss"]), _time_split(quiet),
-            f"{r['prune_no_verify_wall_over_baseline']:.2f}x",
-            f"{r['prune_no_verify_rss_over_baseline']:.2f}x",
-            f"{check['wall_s']:.1f} s / {_mb(check['peak_rss'])}",
-            ("yes" if check["exact"] else "**no**") + f" ({check['worst_branch_rel_err']:.1g})",
-            f"{r['prune_and_blockwise_wall_over_baseline']:.2f}x / {r['prune_and_blockwise_rss_over_baseline']:.2f}x",
-            cli_cell,
-            f"{deleted['kv_heads']}/{dead['kv_heads']}, {deleted['query_heads']}/{dead['query_heads']}, "
-            f"{deleted['ffn_neurons']}/{dead['ffn_neurons']}"]
+def _assume_finite(config: dict) -> bool:
+    """True if the run pruned with --assume-finite."""
+    return "--assume-finite" in config.get("command", "")
 
 
 def _time_split(prune: dict) -> str:
     """Where a prune's time went: analysis+rewrite (of it, subnormal flushing and channel pruning) and save."""
     phases, passes = prune.get("phases_s", {}), prune.get("passes_s", {})
-    return (f"{phases.get('analysis+rewrite', 0):.0f} s ({passes.get('flush-subnormals', 0):.0f} s, "
-            f"{passes.get('prune-channels', 0):.0f} s) / {phases.get('save', 0):.0f} s")
+    return (f"{phases.get('analysis+rewrite', 0):.1f} s ({passes.get('flush-subnormals', 0):.1f} s, "
+            f"{passes.get('prune-channels', 0):.1f} s) / {phases.get('save', 0):.1f} s")
 
 
 def llama_table(r: dict) -> str:
@@ -70,23 +58,15 @@ def llama_table(r: dict) -> str:
             f"{c['kv_heads']} K/V heads of {c['head_dim']}, sequence {c['seq']}, fp16 weights, rotary embedding "
             f"{'on' if c['rotary'] else 'off'}; {c['norms']}). Dead per layer: one K/V head (V columns zero), "
             f"{c['dead_query_heads']} lone query head(s) (o_proj rows zero), {c['dead_ffn']:.0%} of the FFN neurons "
-            "(a third each: up column, gate column, down row zero). The prune is timed without the CLI's "
-            "verification; the result is checked block by block (below).")
-    if any("prune_verify_blocks" in s for s in r["sizes"]):  # the CLI's block-wise check (runs since its move)
-        note = note.replace("The prune is timed without the CLI's verification; the result is checked block by block "
-                            "(below).", "The prune is timed with the CLI's block-wise verification (`--verify "
-                            "blocks`), without verification, and with the whole-model check (`--verify whole`).")
-        return note + "\n\n" + md_table(BLOCKS_HEAD, [_llama_blocks_row(s) for s in r["sizes"]])
-    head = ["layers", "model", "load+save wall", "load+save peak RSS", "prune --no-verify wall", "peak RSS",
-            "analysis+rewrite (subnormals, channels) / save", "wall ratio", "RSS ratio", "block-wise check wall / RSS",
-            "exact (worst branch error)",
-            "prune + check: wall / RSS ratio", "prune with the CLI's verification", "deleted: K/V heads, query heads, "
-            "FFN neurons (of the dead)"]
-    return note + "\n\n" + md_table(head, [_llama_row(s) for s in r["sizes"]])
+            "(a third each: up column, gate column, down row zero). The prune is timed with the CLI's block-wise "
+            "verification (`--verify blocks`), without verification, and with the whole-model check (`--verify whole`)"
+            f"{'; every run with `--assume-finite`' if _assume_finite(c) else ''}.")
+    return note + "\n\n" + md_table(BLOCKS_HEAD, [_llama_blocks_row(s) for s in r["sizes"]])
 
 
 BLOCKS_HEAD = ["layers", "model", "load+save wall", "load+save peak RSS", "prune --verify blocks wall / peak RSS",
-               "wall ratio", "RSS ratio", "of it: verify", "blocks", "exact (worst relative error)",
+               "wall ratio", "RSS ratio", "of it: analysis+rewrite (subnormals, channels) / save", "of it: verify",
+               "blocks", "exact (worst relative error)",
                "prune --no-verify wall / RSS", "prune --verify whole", "deleted: K/V heads, query heads, "
                "FFN neurons (of the dead)"]
 
@@ -105,10 +85,11 @@ def _llama_blocks_row(s: dict) -> list[str]:
     if "wall_s" in blocks:
         c = blocks["verification"]
         measured = [_cli_cell(blocks), f"{r['prune_verify_blocks_wall_over_baseline']:.2f}x",
-                    f"{r['prune_verify_blocks_rss_over_baseline']:.2f}x", f"{blocks['phases_s'].get('verify', 0):.1f} s",
+                    f"{r['prune_verify_blocks_rss_over_baseline']:.2f}x", _time_split(blocks),
+                    f"{blocks['phases_s'].get('verify', 0):.1f} s",
                     str(c["blocks"]), ("yes" if c["ok"] else "**no**") + f" ({c['worst']['relative_error']:.1g})"]
     else:
-        measured = [_cli_cell(blocks), "-", "-", "-", "-", "-"]
+        measured = [_cli_cell(blocks), "-", "-", "-", "-", "-", "-"]
     units = (f"{deleted['kv_heads']}/{dead['kv_heads']}, {deleted['query_heads']}/{dead['query_heads']}, "
              f"{deleted['ffn_neurons']}/{dead['ffn_neurons']}" if deleted else "-")
     return [str(s["layers"]), _mb(s["model_bytes"]), f"{base['wall_s']:.1f} s", _mb(base["peak_rss"]), *measured,

@@ -41,7 +41,7 @@ def _engine_models_table(r: dict) -> str:
     return md_table(["model", "MACs", "params", "ORT CPU batch 1", "ORT CPU batch 8", "speed-up (b1 / b8)", "MAC reduction"], rows)
 
 
-_OLD_PHASES = ("onnxprune's analysis+rewrite still includes reading\nthe weights out of the protobuf and building the "
+_PHASES = ("onnxprune's analysis+rewrite still includes reading\nthe weights out of the protobuf and building the "
                "output ModelProto, which Torch-Pruning's columns count under load\nand save; the issue's goal "
                "(analysis+rewrite at least as fast as Torch-Pruning's) is not met yet.")
 _PHASES = ("onnxprune's columns: load = parse the file, import the graph and copy\nthe weights out of the protobuf; "
@@ -57,7 +57,7 @@ def prune_resnet50(run: str, r: dict) -> dict:
             "width": cfg["input"][3], "channels": cfg["channels_killed"], "groups": cfg["groups_killed"],
             "size_mb": f"{cfg['model_file_bytes'] / 1e6:.0f}", "repeats": cfg["repeats"], "threads": cfg["ort_threads"],
             "tools_table": _engine_tools_table(r), "models_table": _engine_models_table(r),
-            "onnxprune_phases": _PHASES if cfg.get("onnxprune_load_copies_weights") else _OLD_PHASES,
+            "onnxprune_phases": _PHASES,
             "b1": f"{sb['batch1']:.2f}", "b8": f"{sb['batch8']:.2f}", "mac_reduction": f"{r['mac_reduction']:.2f}",
             "targets": "; ".join(f"{k}: {'met' if v else '**not met**'}" for k, v in r["targets"].items())}
 
