@@ -9,6 +9,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from onnxprune.channels.rule_base import ChannelRule
+from onnxprune.channels.rules_attention import ATTENTION_RULES
 from onnxprune.channels.rules_axes import AXES_RULES
 from onnxprune.channels.rules_heads import HEAD_RULES
 from onnxprune.channels.rules_layout import LAYOUT_RULES
@@ -33,6 +34,7 @@ def _table(rules: list[ChannelRule]) -> dict[str, ChannelRule]:
 
 RULES: dict[str, ChannelRule] = _table(
     POINTWISE_RULES + LINEAR_RULES + LAYOUT_RULES + AXES_RULES + RESHAPE_RULES + HEAD_RULES + PRODUCT_RULES + QUANT_RULES
+    + ATTENTION_RULES
 )
 
 
