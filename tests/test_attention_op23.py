@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from onnxprune.api import inspect_model
+from onnxprune.cli import main
 from tests.prune_helpers import prune_checked, same_outputs
 
 DIM, HEADS, SEQ = 16, 4, 5
@@ -121,15 +122,19 @@ def test_grouped_query_kv_head_goes_with_all_its_query_heads():
     _check(_export(block), removed)
 
 
-def test_mask_varying_per_head_at_run_time_is_a_barrier_with_reason():
+def test_mask_varying_per_head_at_run_time_is_a_barrier_with_reason(tmp_path, capsys):
     torch.manual_seed(0)
     block = Block()
     _kill(block, kv_head=1, neuron=None)
     model = _export(block, torch.randn(2, HEADS, SEQ, SEQ))
     assert _float_params(prune_checked(model).model) == _float_params(model)
-    barriers = inspect_model(model)[0].barriers
     node = _attention(model).name
-    assert "varies along the heads" in barriers[node], barriers
+    assert "varies along the heads" in inspect_model(model)[0].barriers[node]
+    onnx.save(model, tmp_path / "m.onnx")
+    capsys.readouterr()
+    assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--target", "none", "--explain"]) == 0
+    line = next((ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith(f"{node}:")), "")
+    assert "varies along the heads" in line
 
 
 def _three_d_model(dead_head: int) -> onnx.ModelProto:
