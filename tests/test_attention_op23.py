@@ -137,12 +137,14 @@ def test_mask_varying_per_head_at_run_time_is_a_barrier_with_reason(tmp_path, ca
     assert "varies along the heads" in line
 
 
-def _three_d_model(dead_head: int) -> onnx.ModelProto:
-    """Hand-written 3-D Attention (Q, K, V [B, S, H*D] with q_num_heads/kv_num_heads) between projections."""
+def _three_d_model(dead_head: int, kv_heads: int = HEADS) -> onnx.ModelProto:
+    """Hand-written 3-D Attention (Q, K, V [B, S, H*D] with q_num_heads/kv_num_heads) between projections;
+    ``dead_head`` is a K/V head."""
     rng = np.random.default_rng(0)
     inits, nodes = [], []
     for name in ("q", "k", "v", "o"):
-        w, b = rng.standard_normal((DIM, DIM)).astype(np.float32), rng.standard_normal(DIM).astype(np.float32)
+        width = kv_heads * HD if name in ("k", "v") else DIM
+        w, b = rng.standard_normal((DIM, width)).astype(np.float32), rng.standard_normal(width).astype(np.float32)
         if name == "v":
             w[:, dead_head * HD:(dead_head + 1) * HD] = 0
             b[dead_head * HD:(dead_head + 1) * HD] = 0
@@ -150,7 +152,8 @@ def _three_d_model(dead_head: int) -> onnx.ModelProto:
     for name in ("q", "k", "v"):
         nodes += [helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_m"], name=f"{name}_mm"),
                   helper.make_node("Add", [f"{name}_m", f"{name}_b"], [name], name=f"{name}_add")]
-    nodes += [helper.make_node("Attention", ["q", "k", "v"], ["a"], name="attn", q_num_heads=HEADS, kv_num_heads=HEADS),
+    nodes += [helper.make_node("Attention", ["q", "k", "v"], ["a"], name="attn", q_num_heads=HEADS,
+                               kv_num_heads=kv_heads),
               helper.make_node("MatMul", ["a", "o_w"], ["o_m"], name="o_mm"),
               helper.make_node("Add", ["o_m", "o_b"], ["y"], name="o_add")]
     graph = helper.make_graph(nodes, "attn3d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, SEQ, DIM])],
@@ -166,6 +169,24 @@ def test_three_d_attention_loses_dead_head_and_updates_head_counts():
     attn = _attention(pruned)
     counts = {a.name: a.i for a in attn.attribute}
     assert counts["q_num_heads"] == counts["kv_num_heads"] == HEADS - 1
+
+
+def test_three_d_grouped_query_kv_head_goes_with_its_query_heads():
+    model = _three_d_model(dead_head=0, kv_heads=2)
+    removed = 2 * HD * (DIM + 1) + 2 * (HD * (DIM + 1) + HD * DIM)  # K, V of one K/V head; Q, o_proj of two heads
+    counts = {a.name: a.i for a in _attention(_check(model, removed)).attribute}
+    assert (counts["q_num_heads"], counts["kv_num_heads"]) == (HEADS - 2, 1)
+
+
+def test_past_key_value_is_a_barrier_with_reason():
+    model = _three_d_model(dead_head=3)
+    attn = _attention(model)
+    attn.input.extend(["", "past_key", "past_value"])
+    attn.output.extend(["present_key", "present_value"])
+    for name in ("past_key", "past_value"):
+        model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, HEADS, 3, HD]))
+    assert _float_params(prune_checked(model).model) == _float_params(model)
+    assert "past key/value" in inspect_model(model)[0].barriers["attn"]
 
 
 @pytest.mark.parametrize("output", ["present_key", "qk"])
