@@ -198,3 +198,34 @@ def test_read_extra_output_is_a_barrier_with_reason(output):
     model.graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, shape))
     assert _float_params(prune_checked(model).model) == _float_params(model)
     assert "output is read" in inspect_model(model)[0].barriers["attn"]
+
+
+def test_a_dead_head_of_hugging_face_bert_goes_through_its_opset_23_attention():
+    """Hugging Face's BertModel (random weights, sdpa attention) exported by dynamo at opset 23 reaches ONNX as one
+    Attention node; a head with zero value rows and bias loses its Q, K, V columns and o_proj rows, exactly."""
+    from tests.vision import import_transformers
+
+    tr = import_transformers()
+    torch.manual_seed(0)
+    config = tr.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=64, attn_implementation="sdpa")
+    bert = tr.BertModel(config).eval()
+    value = bert.encoder.layer[0].attention.self.value
+    with torch.no_grad():
+        value.weight[8:16] = 0
+        value.bias[8:16] = 0
+
+    class Hidden(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.bert(input_ids=ids).last_hidden_state
+
+    model = torch.onnx.export(Hidden(), (torch.randint(0, 50, (2, 7)),), dynamo=True, opset_version=23).model_proto
+    assert any(n.op_type == "Attention" for n in model.graph.node)
+    out = prune_checked(model).model
+    assert same_outputs(model, out)
+    widths = sorted(tuple(t.dims) for t in out.graph.initializer if len(t.dims) == 2 and 32 in t.dims and 24 in t.dims)
+    assert widths == [(24, 32), (32, 24), (32, 24), (32, 24)]  # q, k, v lose a head's 8 columns, o_proj 8 rows

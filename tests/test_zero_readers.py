@@ -260,3 +260,33 @@ def test_a_query_head_goes_alone_while_its_kv_heads_reach_a_graph_output():
     pruned = prune_checked(model, assume_finite=True)
     assert _widths(pruned.model) == sorted([(dim, 3 * hd), (dim, 2 * hd), (dim, 2 * hd), (3 * hd, dim)])
     assert same_outputs(model, pruned.model, seed=6)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_lone_query_head_of_hugging_face_llama_goes_with_assume_finite(exporter):
+    """Hugging Face's LlamaModel (random weights, grouped-query attention, rotary): query head 3 read only by zero
+    o_proj columns goes with --assume-finite, its K/V head stays for query head 2; exact on ONNX Runtime."""
+    from onnxprune.torch_export import export_onnx
+    from tests.vision import import_transformers
+
+    tr = import_transformers()
+    torch.manual_seed(0)
+    config = tr.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, attn_implementation="eager")
+    llama = tr.LlamaModel(config).eval()
+    with torch.no_grad():
+        llama.layers[0].self_attn.o_proj.weight[:, 24:32] = 0
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.llama = llama
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.llama(input_ids=ids).last_hidden_state
+
+    model = export_onnx(Hidden(), torch.randint(0, 50, (2, 7)), exporter=exporter)
+    kept = prune_model(model, target="none")
+    pruned = prune_model(model, target="none", assume_finite=True)
+    assert pruned.report.verification.ok and same_outputs(model, pruned.model)
+    assert float_parameters(kept.model) - float_parameters(pruned.model) == 2 * 8 * 32  # q_proj rows, o_proj columns
