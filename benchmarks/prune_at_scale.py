@@ -356,17 +356,22 @@ class Variant:
 VARIANTS = (Variant("prune", True), Variant("prune_no_verify", False))
 
 
+def _build(folder: Path, builder, shape, seed: int) -> tuple[Path, Path, dict, float]:
+    """Build a model of ``shape`` into FOLDER/model.onnx with ``builder``: (folder, model path, what the builder
+    returns, seconds it took)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    src = folder / "model.onnx"
+    t = time.perf_counter()
+    built = builder(src, shape, seed=seed)
+    return folder, src, built, time.perf_counter() - t
+
+
 def measure_size(label: str, target: int, args: argparse.Namespace, work: Path, floors: dict) -> dict:
     """Build one model, then time the baseline and each prune variant on it (``floors``: :func:`interpreter_floor`
     of the baseline's imports and of onnxprune's)."""
     shape = shape_for(target, blocks=args.blocks, ffn_ratio=args.ffn_ratio, dtype=args.dtype, seq=args.seq,
                       dead_share=args.dead)
-    folder = work / label
-    folder.mkdir(parents=True, exist_ok=True)
-    src = folder / "model.onnx"
-    t = time.perf_counter()
-    built = build_model(src, shape, seed=args.seed)
-    build_s = time.perf_counter() - t
+    folder, src, built, build_s = _build(work / label, build_model, shape, args.seed)
     print(f"[{label}] {shape.blocks} blocks, H {shape.hidden}, F {shape.ffn}, {shape.dtype}: "
           f"{built['model_bytes'] / 1e6:.0f} MB, {shape.params / 1e6:.1f} M parameters (built in {build_s:.1f} s)")
     entry = {"size": label, "target_bytes": target, "shape": asdict(shape), "model_bytes": built["model_bytes"],
@@ -484,12 +489,7 @@ def measure_llama(layers: int, args: argparse.Namespace, work: Path, floors: dic
 
     shape = llama_shape(layers, args)
     label = f"{layers}L"
-    folder = work / label
-    folder.mkdir(parents=True, exist_ok=True)
-    src = folder / "model.onnx"
-    t = time.perf_counter()
-    built = build_llama(src, shape, seed=args.seed)
-    build_s = time.perf_counter() - t
+    folder, src, built, build_s = _build(work / label, build_llama, shape, args.seed)
     print(f"[{label}] decoder, {layers} layers, H {shape.hidden}, F {shape.ffn}, {shape.heads}/{shape.kv_heads} "
           f"heads of {shape.head_dim}, rotary {'on' if shape.rotary else 'off'}: {built['model_bytes'] / 1e6:.0f} MB, "
           f"{shape.params / 1e6:.1f} M parameters (built in {build_s:.1f} s)")

@@ -196,11 +196,15 @@ def set_or_add_const_input(node: gs.Node, index: int, value: np.ndarray, names: 
     node.inputs[index] = gs.Constant(names.fresh(name), np.ascontiguousarray(value))
 
 
-def weight_and_bias(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """A layer's constant weight (input 1) and optional constant bias (input 2); None if either varies."""
-    weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+def weight_and_bias(
+    node: gs.Node, read: Callable[[gs.Tensor], np.ndarray | None] | None = None
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A layer's constant weight (input 1) and optional constant bias (input 2), each read by ``read`` (default
+    :func:`constant_value`); None if either varies."""
+    read = read or constant_value
+    weight = read(node.inputs[1]) if len(node.inputs) > 1 else None
     bias_input = optional_input(node, 2)
-    bias = constant_value(bias_input) if bias_input is not None else None
+    bias = read(bias_input) if bias_input is not None else None
     if weight is None or (bias_input is not None and bias is None):
         return None
     return weight, bias

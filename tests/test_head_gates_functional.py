@@ -14,6 +14,7 @@ import copy
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -100,15 +101,21 @@ def _head_gates(wrapped, heads: dict[str, tuple[int, int]]) -> dict[str, str]:
     return found
 
 
-def _pruned_matches(wrapped, x: torch.Tensor, heads: dict[str, tuple[int, int]], gates: dict[str, str]) -> None:
-    """Export (gates folded), prune, and check on ONNX Runtime: same outputs, each packed q/k/v projection down to
-    its kept heads."""
+def _exported_and_pruned(wrapped, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, onnx.ModelProto, onnx.ModelProto]:
+    """The wrapped model's output in evaluation mode, the pruned export's output on ONNX Runtime, the export (gates
+    folded) and the pruned model."""
     wrapped.eval()
     with torch.no_grad():
         ref = wrapped(x).numpy()
     dense = export(wrapped, (x[:1],))
     pruned = prune_model(dense, target="none").model
-    got = make_session(pruned).run(None, {"input": x.numpy()})[0]
+    return ref, make_session(pruned).run(None, {"input": x.numpy()})[0], dense, pruned
+
+
+def _pruned_matches(wrapped, x: torch.Tensor, heads: dict[str, tuple[int, int]], gates: dict[str, str]) -> None:
+    """Export (gates folded), prune, and check on ONNX Runtime: same outputs, each packed q/k/v projection down to
+    its kept heads."""
+    ref, got, dense, pruned = _exported_and_pruned(wrapped, x)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
     before, after = layer_widths(dense), layer_widths(pruned)
     expected: dict[int, list[int]] = {}  # packed width -> the widths its projections are pruned to
@@ -262,12 +269,7 @@ def test_turbo_vbi_on_gpt2_rejects_heads_and_neurons_of_its_conv1d_layers(one_th
     (wrapped(x).float().pow(2).mean() + wrapped.kl()).backward()
     c_attn = wrapped.model.get_submodule("model.transformer.h.0.attn.c_attn")
     assert c_attn.weight.grad[:, 2 * 32:].abs().sum() > 0  # the prior reaches the value columns
-    wrapped.eval()
-    with torch.no_grad():
-        ref = wrapped(x).numpy()
-    dense = export(wrapped, (x[:1],))
-    pruned = prune_model(dense, target="none").model
-    got = make_session(pruned).run(None, {"input": x.numpy()})[0]
+    ref, got, dense, pruned = _exported_and_pruned(wrapped, x)
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
     before, after = layer_widths(dense), layer_widths(pruned)
     changed = sorted(after[n] for n, width in before.items() if after[n] != width)

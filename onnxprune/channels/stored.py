@@ -29,6 +29,7 @@ from onnxprune.graphutil import (
     producer,
     set_const_input,
     set_or_add_const_input,
+    weight_and_bias,
 )
 
 logger = logging.getLogger(__name__)
@@ -256,12 +257,7 @@ def stored_value(t: gs.Tensor | None) -> np.ndarray | None:
 def stored_weight_and_bias(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
     """A layer's constant weight (input 1) and optional bias (input 2), read as :func:`stored_value` does;
     None if either varies."""
-    weight = stored_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    bias_input = optional_input(node, 2)
-    bias = stored_value(bias_input) if bias_input is not None else None
-    if weight is None or (bias_input is not None and bias is None):
-        return None
-    return weight, bias
+    return weight_and_bias(node, stored_value)
 
 
 def frozen_axes(t: gs.Tensor | None) -> dict[int, str]:
