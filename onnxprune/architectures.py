@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from onnxprune.errors import InputError
+from onnxprune.errors import InputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,6 @@ def split_spec(spec: str) -> tuple[str | None, str]:
     return source.strip().lower(), name.strip()
 
 
-def _first_line(e: BaseException) -> str:
-    """An exception's message as one line (its type when it has none)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def import_source(source: str, spec: str) -> ModuleType:
     """The torchvision.models or timm module; InputError in one line if it does not import."""
     try:
@@ -49,7 +44,7 @@ def import_source(source: str, spec: str) -> ModuleType:
         else:
             import timm as module
     except Exception as e:  # noqa: BLE001 - ImportError, or a broken install's RuntimeError
-        raise InputError(f"--model {spec} needs {source} ({EXTRA}): {_first_line(e)}") from None
+        raise InputError(f"--model {spec} needs {source} ({EXTRA}): {first_line(e)}") from None
     return module
 
 
@@ -114,7 +109,7 @@ def build_architecture(spec: str, *, num_classes: int, in_channels: int, seed: i
         else:
             model = module.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
     except Exception as e:  # noqa: BLE001 - a constructor that refuses these settings
-        reason = _first_line(e)
+        reason = first_line(e)
         raise InputError(f"cannot build --model {spec} for {num_classes} classes, {in_channels} channel(s): {reason}") from None
     if pretrained:
         load_state(model, pretrained, num_classes=num_classes)
@@ -206,7 +201,7 @@ def probe_input(model: nn.Module, spec: str, input_shape: tuple[int, ...]) -> No
                     out = model(torch.zeros(2, *input_shape))
                 except Exception as e:  # noqa: BLE001 - whatever the architecture raises on a size it cannot take
                     raise InputError(f"--model {spec} cannot take {input_shape[1]}x{input_shape[2]} images "
-                                     f"({_first_line(e)}); give --input-size N (e.g. 224)") from None
+                                     f"({first_line(e)}); give --input-size N (e.g. 224)") from None
                 if not isinstance(out, torch.Tensor) or out.ndim != 2:
                     mode = "training" if training else "evaluation"
                     raise InputError(f"--model {spec} returns {type(out).__name__} in {mode} mode, not a tensor of "

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 
 from onnxprune.atomic_write import needs_external_data, staged_write
-from onnxprune.errors import InputError, OnnxPruneError, PassError
+from onnxprune.errors import InputError, OnnxPruneError, PassError, first_line
 from onnxprune.external_data import forget_pending, materialize_pending
 from onnxprune.modelio import LoadedModel
 from onnxprune.progress import PhaseCallback, counter, phase
@@ -28,17 +28,12 @@ from onnxprune.verify_blocks import verify_method, verify_model
 _CHECK_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def checker_problem(model: onnx.ModelProto | Path) -> str | None:
     """The first line of the full ONNX checker's complaint about ``model``, or None if it passes."""
     try:
         onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
     except _CHECK_ERRORS as e:
-        return _first_line(e)
+        return first_line(e)
     return None
 
 
@@ -62,13 +57,13 @@ def unusable_input(loaded: LoadedModel) -> str | None:
     try:
         problem = checker_problem(source)
     except Exception as e:  # the checker itself fails on some damaged models (an unknown data type)
-        problem = _first_line(e)
+        problem = first_line(e)
     if problem is not None:
         return f"it fails the ONNX checker ({problem})"
     try:
         run_on_random_inputs(source)
     except Exception as e:  # onnxruntime raises its own exception types
-        return f"onnxruntime cannot run it ({_first_line(e)[:300]})"
+        return f"onnxruntime cannot run it ({first_line(e)[:300]})"
     return None
 
 

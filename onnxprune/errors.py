@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message as one line (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class OnnxPruneError(Exception):
     """Base class for errors onnxprune reports to the user (CLI exit code 2)."""
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxprune.errors import InputError, VerificationError
+from onnxprune.errors import InputError, VerificationError, first_line
 from onnxprune.runtime import ModelSource, input_specs, lean_session_options, make_session, random_feed
 
 # Relative tolerance (of the output's largest magnitude) per output dtype. Deleting
@@ -114,8 +114,7 @@ def compare_models(
     except InputError:
         raise
     except Exception as e:  # onnxruntime cannot load or run the input model itself
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise InputError(f"onnxruntime cannot run the input model: {first}") from None
+        raise InputError(f"onnxruntime cannot run the input model: {first_line(e)[:300]}") from None
     _, got_out = run_on_random_inputs(candidate, feeds, symbolic_dim=symbolic_dim, seed=seed, trials=trials)
     result = VerifyResult(trials=len(feeds))
     for ref, got in zip(ref_out, got_out):

@@ -16,7 +16,6 @@ to read it from (nothing is written anywhere; ONNX Runtime maps the file as it d
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from collections.abc import Callable
@@ -28,7 +27,7 @@ import onnx
 from onnx import helper
 
 from onnxprune.cuts import Block, GraphIndex, block_model, block_nodes, plan_blocks, residual_branches
-from onnxprune.errors import InputError, VerificationError
+from onnxprune.errors import InputError, VerificationError, first_line
 from onnxprune.progress import PhaseCallback, counter, phase
 from onnxprune.runtime import lean_session_options, make_session, max_loadable_ir, ort_load_problem
 from onnxprune.verify import RELATIVE_TOLERANCE, VerifyResult, relative_error
@@ -37,12 +36,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_BYTES = 512 * 2**20  # weights one block may read (larger segments are blocks of their own)
 MIN_BLOCK_BYTES = 32 * 2**20  # the smallest budget block_budget gives
-
-
-def block_budget(weight_bytes: int) -> int:
-    """The block budget for a model of ``weight_bytes``: an eighth of its weights, within [32 MiB, 512 MiB], so
-    the check's peak memory stays a small fraction above the prune's at every size."""
-    return min(DEFAULT_BLOCK_BYTES, max(MIN_BLOCK_BYTES, weight_bytes // 8))
 EXTERNAL_FOLDER_OPTION = "session.model_external_initializers_file_folder_path"
 
 ProgressCallback = Callable[[int, int], None]
@@ -178,15 +171,14 @@ def _run_block(ref: _Side, cand: _Side, block: Block, total: int, acts: list[dic
     try:
         ref_out = ref.run(ref_model, fed)
     except Exception as e:  # onnxruntime cannot load or run the input model's block
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise InputError(f"onnxruntime cannot run the input model (block {block.label}): {first}") from None
+        raise InputError(f"onnxruntime cannot run the input model (block {block.label}): {first_line(e)[:300]}") from None
     del ref_model
     try:
         cand_out = cand.run(block_model(cand.index, cand_pos, dtypes, outs.cand, cand.ir_version), fed)
     except Exception as e:  # onnxruntime refuses the result's block on the input model's activations
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise VerificationError(f"verification failed: block {block.number}/{total} ({block.label}) of the result "
-                                f"cannot run on the input model's activations ({first}); nothing was written") from None
+                                f"cannot run on the input model's activations ({first_line(e)[:300]}); nothing was "
+                                "written") from None
     label = f"{block.number}/{total} ({block.label})"
     for name in outs.compared:
         comparison.add(name, [o[name] for o in ref_out], [o[name] for o in cand_out], label, floor)
@@ -209,7 +201,6 @@ def compare_blockwise(
 
     ``reference`` and ``candidate`` are paths (their external data is read where it is, never copied) or
     in-memory models. ``progress(done, total)`` is called as blocks are checked."""
-    gc.collect()  # a dropped graph is cyclic garbage still holding arrays; then each block's session is freed as it ends
     ref, cand = _Side.open(reference), _Side.open(candidate)
     blocks = plan_blocks(ref.index, cand.index, budget)
     feeds = random_feeds(ref.index, trials, symbolic_dim, seed)
@@ -273,6 +264,12 @@ def choose_method(method: str, weight_bytes: int) -> tuple[str, str]:
         return "blocks", (f"auto: the whole-model check needs about {WHOLE_CHECK_FACTOR} x {size}, more than the "
                           f"{free / 1e6:.0f} MB available")
     return "whole", f"auto: {size}, under {AUTO_BLOCKS_BYTES / 2**20:.0f} MiB"
+
+
+def block_budget(weight_bytes: int) -> int:
+    """The block budget for a model of ``weight_bytes``: an eighth of its weights, within [32 MiB, 512 MiB], so
+    the check's peak memory stays a small fraction above the prune's at every size."""
+    return min(DEFAULT_BLOCK_BYTES, max(MIN_BLOCK_BYTES, weight_bytes // 8))
 
 
 def verify_model(
