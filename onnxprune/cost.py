@@ -100,7 +100,7 @@ def _layer(node: gs.Node) -> LayerCost | None:
         return LayerCost(node.name, node.op, w[0], w[1] * group, params, in_spatial * w[0] * _prod(w[1:]))
     if node.op == "Gemm" and w is not None and len(w) == 2:
         n, k = (w if int(node.attrs.get("transB", 0)) else w[::-1])
-        m = x[0] if x else 1
+        m = x[1 if int(node.attrs.get("transA", 0)) else 0] if x and len(x) == 2 else 1  # transA: A is [K, M]
         return LayerCost(node.name, node.op, k, n, params, m * k * n)
     if node.op == "MatMul":
         if w is not None and len(w) == 2:
