@@ -339,3 +339,14 @@ def test_deploy_table_deploys_a_committed_lenet_to_int8_and_the_report_renders_i
     assert abs(net["errors"]["ort"]["pruned int8"] - net["errors"]["ort"]["pruned fp32"]) < 0.01
     section = deploy("deploy-table-quick", result)
     assert "LeNet5-Caffe / mnist | pruned int8" in section["table"] and "error" in section["checks"]
+
+
+def test_gather_forms_times_every_exact_form_of_the_pruned_lenet500s_pixel_read(tmp_path):
+    done = script("gather_forms", "--quick", "--results", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "gather-forms-quick.json").read_text())
+    for batch in ("1", "64"):
+        forms = result["batches"][batch]
+        assert {"pruned (Gather)", "gather-rows", "every input read", "bounding box"} <= set(forms)
+        assert forms["gather-rows"]["max_abs_diff"] == 0.0
+        assert all(f["max_abs_diff"] < 1e-4 for k, f in forms.items() if k != "dense")
