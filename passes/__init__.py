@@ -12,6 +12,7 @@ from passes.fold_batchnorm import FoldBatchNormPass
 from passes.fold_bias_add import FoldBiasAddPass
 from passes.fold_constants import FoldConstantsPass
 from passes.fold_input_scale import FoldChannelScalePass, FoldInputScalePass
+from passes.pool_phases import PoolPhasesPass
 from passes.prune_channels import PruneChannelsPass
 from passes.remove_identity import RemoveIdentityPass
 from passes.structure import CleanupPass, InferShapesPass, ToposortPass
@@ -32,6 +33,7 @@ PASSES: dict[str, type[GraphPass]] = {
         FoldChannelScalePass,
         FlushSubnormalsPass,
         PruneChannelsPass,
+        PoolPhasesPass,
     )
 }
 
