@@ -8,13 +8,14 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.api import run_passes
+from onnxprune.api import prune_model, run_passes
 from onnxprune.runtime import input_specs, make_session
 from passes import PASSES, finishing, preparation
 from passes.pool_phases import PoolPhasesPass
 from tests.graphs import GraphBuilder, nodes_of
 
 PRUNED_LENET5 = Path(__file__).resolve().parents[1] / "benchmarks/results/paper-table/mnist-lenet5-sbp.pruned.onnx"
+PHASES = "conv+pool in phases"
 
 
 def assert_same_function(a: onnx.ModelProto, b: onnx.ModelProto, rtol: float = 1e-5, seed: int = 0) -> None:
@@ -145,3 +146,28 @@ def test_vgg_features_from_both_exporters_compute_the_same_function_in_phases(ex
     assert len(nodes_of(out, "Pad")) == 5  # pads 1: each block's windows start one pixel into the padded image
     assert_same_function(model, out)
 
+
+def dead_first_layer() -> onnx.ModelProto:
+    """LeNet5's first layer with 13 of 16 channels dead, then a Gemm."""
+    b = GraphBuilder(seed=2)
+    h = b.conv(b.input("x", ["batch", 1, 28, 28]), 1, 16, k=5, pad=0, dead=range(3, 16), name="conv1")
+    h = b.node("MaxPool", [b.relu(h)], name="pool", kernel_shape=[2, 2], strides=[2, 2])
+    h = b.node("Flatten", [h], name="flatten")
+    b.gemm(h, 16 * 12 * 12, 10, name="fc", outputs=["logits"])
+    b.output("logits")
+    return b.build()
+
+
+def test_target_times_each_candidate_in_phases_with_assume_finite():
+    model = dead_first_layer()
+    result = prune_model(model, target="ort-cpu", threads=1, batch=4, assume_finite=True)
+    names = [a["attempt"] for a in result.report.latency["attempts"]]
+    assert any(n.endswith(PHASES) for n in names), names
+    assert result.report.verification is not None
+    assert_same_function(model, result.model, rtol=1e-4)
+
+
+def test_target_does_not_try_phases_without_assume_finite():
+    """A phase kernel's zeros multiply pixels the conv does not read there: 0 * inf is NaN."""
+    result = prune_model(dead_first_layer(), target="ort-cpu", threads=1, batch=4)
+    assert not any(a["attempt"].endswith(PHASES) for a in result.report.latency["attempts"])
