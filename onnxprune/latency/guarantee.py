@@ -298,8 +298,9 @@ def prune_for_target(
 
     The latency model's choice is timed side by side with the input, together
     with the alternatives (every dead channel deleted; widths rounded to 16;
-    a candidate's widths with every input read instead of Gathers); the fastest
-    wins. If none is faster than the input, the remaining rungs of
+    a candidate's widths with every input read instead of Gathers; each candidate
+    in the form each of :func:`lowerings` gives, e.g. Conv -> MaxPool in phases,
+    which needs ``assume_finite``); the fastest wins. If none is faster than the input, the remaining rungs of
     :data:`~onnxprune.latency.planner.ATTEMPTS` are tried.
     ``measure_progress(done, total)`` is called while layer latencies are
     measured (cold cache); ``on_phase`` with each phase's progress (:mod:`onnxprune.progress`).
