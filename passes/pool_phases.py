@@ -41,11 +41,23 @@ logger = logging.getLogger(__name__)
 class Axis:
     """How one spatial axis of a site is computed in phases."""
 
+    size: int  # the conv's input's
+    stride: int  # s
     pad_before: int  # zeros a Pad node adds at the start (aligns the pool's windows with SpaceToDepth's blocks)
     pad_after: int  # zeros a Pad node adds at the end (makes the length a multiple of s)
     conv_before: int  # the phase conv's pad at the start, in blocks
     conv_after: int  # the phase conv's pad at the end, in blocks
     taps: int  # the phase kernel's size
+
+    @property
+    def padded(self) -> int:
+        """The length after the Pad node (if any)."""
+        return self.size + self.pad_before + self.pad_after
+
+    @property
+    def pooled(self) -> int:
+        """The phase conv's (and the pool's) output length."""
+        return self.padded // self.stride + self.conv_before + self.conv_after - self.taps + 1
 
 
 @dataclass
@@ -130,7 +142,7 @@ def _axis(size: int, kernel: int, begin: int, end: int, s: int) -> Axis | str:
     conv_after = pooled + taps - 1 - (size + pad_before + pad_after) // s - conv_before
     if conv_after < 0:  # the phase conv would compute windows the pool drops (ceil_mode 0 leaves a remainder)
         return f"the conv's output of {size + begin + end - kernel + 1} does not end where the pool's last window does"
-    return Axis(pad_before, pad_after, conv_before, conv_after, taps)
+    return Axis(size, s, pad_before, pad_after, conv_before, conv_after, taps)
 
 
 def _axes(conv: gs.Node, weight: np.ndarray, s: int) -> tuple[Axis, Axis] | str:
@@ -184,22 +196,23 @@ def phase_weight(weight: np.ndarray, s: int, taps: tuple[int, int]) -> np.ndarra
     return phased
 
 
-def _variable(names: NameSource, base: str, dtype) -> gs.Variable:
-    return gs.Variable(names.fresh(base), dtype=dtype)
+def _variable(names: NameSource, base: str, like: gs.Tensor, shape: list) -> gs.Variable:
+    """A new tensor of ``like``'s type, of ``shape``."""
+    return gs.Variable(names.fresh(base), dtype=like.dtype, shape=shape)
 
 
 def _blocks(site: Site, graph: gs.Graph, names: NameSource) -> gs.Variable:
     """The conv's input, padded where its axes need a Pad node, in SpaceToDepth's blocks of s*s pixels."""
-    x, tag = site.conv.inputs[0], site.conv.name
-    h, w = site.axes
+    x, tag, s = site.conv.inputs[0], site.conv.name, site.stride
+    (n, c, _, _), (h, w) = x.shape, site.axes
     if h.pad_before or h.pad_after or w.pad_before or w.pad_after:
         pads = np.array([0, 0, h.pad_before, w.pad_before, 0, 0, h.pad_after, w.pad_after], dtype=np.int64)
-        padded = _variable(names, f"{tag}_phase_padded", x.dtype)
+        padded = _variable(names, f"{tag}_phase_padded", x, [n, c, h.padded, w.padded])
         graph.nodes.append(gs.Node("Pad", names.fresh(f"{tag}_phase_Pad"), {"mode": "constant"},
                                    [x, gs.Constant(names.fresh(f"{tag}_phase_pads"), pads)], [padded]))
         x = padded
-    blocks = _variable(names, f"{tag}_phase_blocks", x.dtype)
-    graph.nodes.append(gs.Node("SpaceToDepth", names.fresh(f"{tag}_phase_SpaceToDepth"), {"blocksize": site.stride}, [x], [blocks]))
+    blocks = _variable(names, f"{tag}_phase_blocks", x, [n, c * s * s, h.padded // s, w.padded // s])
+    graph.nodes.append(gs.Node("SpaceToDepth", names.fresh(f"{tag}_phase_SpaceToDepth"), {"blocksize": s}, [x], [blocks]))
     return blocks
 
 
@@ -214,7 +227,7 @@ def _phase_conv(site: Site, blocks: gs.Variable, names: NameSource) -> gs.Variab
     conv.attrs.pop("auto_pad", None)
     conv.attrs.update(kernel_shape=[h.taps, w.taps], pads=[h.conv_before, w.conv_before, h.conv_after, w.conv_after],
                       strides=[1, 1], dilations=[1, 1])
-    phases = _variable(names, f"{conv.name}_phases", blocks.dtype)
+    phases = _variable(names, f"{conv.name}_phases", blocks, [blocks.shape[0], s * s * site.weight.shape[0], h.pooled, w.pooled])
     conv.outputs[0] = phases
     return phases
 
@@ -224,7 +237,8 @@ def rewrite(site: Site, graph: gs.Graph, names: NameSource, opset: int) -> None:
     output; the old Relu and MaxPool are left for cleanup."""
     s, tag = site.stride, site.conv.name
     phases = _phase_conv(site, _blocks(site, graph, names), names)
-    parts = [_variable(names, f"{tag}_phase_{k}", phases.dtype) for k in range(s * s)]
+    shape = [phases.shape[0], site.weight.shape[0], *phases.shape[2:]]
+    parts = [_variable(names, f"{tag}_phase_{k}", phases, shape) for k in range(s * s)]
     split = {"axis": 1, **({"num_outputs": s * s} if opset >= 18 else {})}  # equal parts: no split sizes before 18
     graph.nodes.append(gs.Node("Split", names.fresh(f"{tag}_phase_Split"), split, [phases], parts))
     pooled = site.pool.outputs[0]
@@ -232,7 +246,7 @@ def rewrite(site: Site, graph: gs.Graph, names: NameSource, opset: int) -> None:
     if site.relu is None:
         graph.nodes.append(gs.Node("Max", names.fresh(f"{tag}_phase_Max"), {}, parts, [pooled]))
         return
-    largest = _variable(names, f"{tag}_phase_max", phases.dtype)
+    largest = _variable(names, f"{tag}_phase_max", phases, shape)
     graph.nodes.append(gs.Node("Max", names.fresh(f"{tag}_phase_Max"), {}, parts, [largest]))
     site.relu.inputs[0] = largest
     site.relu.outputs[0] = pooled

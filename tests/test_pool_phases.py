@@ -29,10 +29,11 @@ def assert_same_function(a: onnx.ModelProto, b: onnx.ModelProto, rtol: float = 1
         assert np.abs(x - y).max() <= rtol * max(np.abs(x).max(), 1e-12)
 
 
-def in_phases(model: onnx.ModelProto):
-    """The pass's result on ``model`` (the model checked on ORT by run_passes too) and the pass's record."""
+def in_phases(model: onnx.ModelProto, *, report: bool = False):
+    """The pass's result on ``model`` (the model checked on ORT by run_passes too) and the pass's record (and the
+    run's report)."""
     result = run_passes(model, [PoolPhasesPass()])
-    return result.model, result.report.passes[-1].result
+    return (result.model, result.report.passes[-1].result) + ((result.report,) if report else ())
 
 
 def conv_pool(*, k: int = 5, pads=(0, 0, 0, 0), size=(28, 28), cin: int = 1, cout: int = 3, s: int = 2,
@@ -59,8 +60,11 @@ def test_pass_is_registered_but_not_run_by_prune():
 
 def test_pruned_lenet5_in_phases_computes_the_same_function():
     model = onnx.load(PRUNED_LENET5)
-    out, result = in_phases(model)
+    out, result, report = in_phases(model, report=True)
     assert result.modified and result.details["rewritten"] == ["/conv1/Conv", "/conv2/Conv"]
+    # the new tensors carry shapes: the phase convs' MACs (zeros included) are counted
+    macs = {layer.name: layer.macs for layer in report.after.layers}
+    assert macs["/conv1/Conv"] == 12 * 4 * 3 * 3 * 12 * 12 and macs["/conv2/Conv"] == 40 * 12 * 3 * 3 * 4 * 4
     assert not nodes_of(out, "MaxPool") and len(nodes_of(out, "SpaceToDepth")) == 2
     conv1 = next(n for n in out.graph.node if n.name == "/conv1/Conv")
     weights = {t.name: t for t in out.graph.initializer}
