@@ -175,3 +175,17 @@ def test_target_does_not_try_phases_without_assume_finite():
     """A phase kernel's zeros multiply pixels the conv does not read there: 0 * inf is NaN."""
     result = prune_model(dead_first_layer(), target="ort-cpu", threads=1, batch=4)
     assert not any(a["attempt"].endswith(PHASES) for a in result.report.latency["attempts"])
+
+
+def test_an_inf_pixel_gives_nan_in_phases_where_the_input_model_gives_inf():
+    """Why the phase form needs finite activations: a phase kernel's zero meets the inf the original phase skips."""
+    model = conv_pool(relu=True)
+    weights = {t.name: t for t in model.graph.initializer}
+    w = np.abs(onnx.numpy_helper.to_array(weights["conv.weight"]))
+    weights["conv.weight"].CopyFrom(onnx.numpy_helper.from_array(w, "conv.weight"))
+    out, _ = in_phases(model)
+    x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
+    x[0, 0, 5, 5] = np.inf
+    a, b = (make_session(m).run(None, {"x": x})[0] for m in (model, out))
+    changed = np.isnan(a) != np.isnan(b)
+    assert changed.any() and np.isposinf(a[changed]).all() and np.isnan(b[changed]).all()
