@@ -7,9 +7,11 @@ comparison timed side by side (interleaved rounds, medians), on random inputs:
    (conv1, conv2, fc1, ..., pooling, reorders, other), against the layer's MACs; the whole models timed unprofiled;
 2. LeNet5's first layer alone (Conv 1->w 5x5, Relu, MaxPool 2x2 on 28x28) for w = 1..20, with ORT's NCHWc layout
    (ORT_ENABLE_ALL) and without it (ORT_ENABLE_EXTENDED);
-3. exact alternatives to the pruned LeNet5: the widths `onnxprune prune --target ort-cpu --threads 1 --batch B`
-   picks from the dense-shaped model with the pruned channels zero, conv1 kept at 16 channels (13 zero), and the
-   pruned model without NCHWc.
+3. exact alternatives to the pruned LeNet5: what `onnxprune prune --target ort-cpu --threads 1 --batch B
+   --assume-finite` picks from the dense-shaped model with the pruned channels zero (widths, and whether to compute
+   Conv -> Relu -> MaxPool in phases), conv1 kept at 16 channels (13 zero), the pruned model without NCHWc, and the
+   pruned model with its Conv -> Relu -> MaxPool sites in phases (the `pool-phases` pass); and the dense model in
+   phases, to show that it does not gain.
 
     python -m benchmarks.layer_realisation            # about a minute on 2 cores
     python -m benchmarks.layer_realisation --quick    # a check that it runs
@@ -164,18 +166,28 @@ def zero_padded(pruned: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> 
 
 
 def target_choice(zeroed: Path, batch: int, scratch: Path) -> tuple[onnx.ModelProto, dict]:
-    """`onnxprune prune --target ort-cpu --threads 1 --batch B` of ``zeroed`` (fresh latency cache): model, report."""
+    """`onnxprune prune --target ort-cpu --threads 1 --batch B --assume-finite` of ``zeroed`` (fresh latency cache;
+    --assume-finite: the candidates are also timed in phases): model, report."""
     out, report = scratch / f"target-b{batch}.onnx", scratch / f"target-b{batch}.json"
     env = python_env({**os.environ, "ONNXPRUNE_CACHE_DIR": str(scratch / "cache")})
     cmd = [sys.executable, "-m", "onnxprune", "prune", str(zeroed), "-o", str(out), "--target", "ort-cpu", "--threads", "1",
-           "--batch", str(batch), "--report", str(report), "-q"]
+           "--batch", str(batch), "--assume-finite", "--report", str(report), "-q"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"onnxprune prune failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
     r = json.loads(report.read_text())
     widths = {layer["name"]: layer["out_channels"] for layer in r["after"]["layers"]}
     attempts = [{k: a[k] for k in ("attempt", "input_ms", "output_ms", "accepted")} for a in r["latency"]["attempts"]]
-    return onnx.load(out), {"widths": widths, "macs": r["after"]["macs"], "attempts": attempts}
+    return onnx.load(out), {"widths": widths, "macs": r["after"]["macs"], "attempts": attempts,
+                            "accepted": r["latency"]["accepted"]}
+
+
+def in_phases(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its Conv -> Relu -> MaxPool sites computed in phases (the pool-phases pass, checked on ORT)."""
+    from onnxprune.api import run_passes
+    from passes.pool_phases import PoolPhasesPass
+
+    return run_passes(model, [PoolPhasesPass()]).model
 
 
 def alternatives(dense: onnx.ModelProto, pruned: onnx.ModelProto, x: np.ndarray, rounds: int, warmup: int) -> dict:
@@ -187,11 +199,15 @@ def alternatives(dense: onnx.ModelProto, pruned: onnx.ModelProto, x: np.ndarray,
         chosen, report = target_choice(zeroed, len(x), Path(tmp))
     conv16 = zero_padded(pruned, {"conv1.weight": (16, 1, 5, 5), "conv1.bias": (16,), "conv2.weight": (10, 16, 5, 5)})
     variants = {"dense": (dense, True), "pruned": (pruned, True), "onnxprune --target": (chosen, True),
-                "conv1 at 16": (conv16, True), "pruned, no NCHWc": (pruned, False)}
-    reference = runner(session(pruned), x)()[0]
+                "conv1 at 16": (conv16, True), "pruned, no NCHWc": (pruned, False),
+                "pruned, conv+pool in phases": (in_phases(pruned), True), "dense, conv+pool in phases": (in_phases(dense), True)}
+    references = {w: runner(session(m), x)()[0] for w, m in (("dense", dense), ("pruned", pruned))}
     timed = side_by_side(variants, x, rounds, warmup)
     for k, (m, nchwc) in variants.items():  # the dense net was trained apart: another function
-        timed[k]["max_abs_diff"] = None if k == "dense" else float(np.abs(runner(session(m, nchwc=nchwc), x)()[0] - reference).max())
+        same_as = "dense" if k.startswith("dense") else "pruned"
+        out = runner(session(m, nchwc=nchwc), x)()[0]
+        timed[k]["max_abs_diff"] = None if k == "dense" else float(np.abs(out - references[same_as]).max())
+        timed[k]["compared_with"] = same_as
     return {"target_choice": report, "variants": timed}
 
 

@@ -434,7 +434,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--round-to", type=int, metavar="N",
                    help="manual override of --target: keep dead channels so every pruned layer width is a multiple of N")
     p.add_argument("--assume-finite", action="store_true",
-                   help="also delete channels read only by zero weights (a zero down_proj column, o_proj rows): exact "
+                   help="also delete channels read only by zero weights (a zero down_proj column, o_proj rows), and "
+                        "with --target also time each candidate with Conv -> MaxPool computed in phases: exact "
                         "wherever the input model's activations are finite (where one is inf or NaN it computes NaN)")
     p.add_argument("--explain", action="store_true", help="list, per channel group, why channels were kept")
     p.add_argument("--report", metavar="R.json", help="write a JSON report (groups, costs, timings)")

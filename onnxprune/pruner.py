@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from onnxprune.channels.analysis import analyze
 from onnxprune.channels.plan import PrunePlan
@@ -10,7 +11,7 @@ from onnxprune.channels.rewrite import apply_plan
 from onnxprune.cost import model_cost
 from onnxprune.graphio import to_graph, to_model
 from onnxprune.modelio import LoadedModel
-from onnxprune.pass_infra import PassManager
+from onnxprune.pass_infra import GraphPass, PassManager
 from onnxprune.progress import PhaseCallback, phase, report
 from onnxprune.report import RunReport, RunResult, removed_metadata
 
@@ -28,6 +29,7 @@ class Pruner:
         from passes import PROVIDERS, preparation
 
         self.loaded = loaded
+        self.assume_finite = assume_finite
         self.graph = to_graph(loaded)
         manager = PassManager(preparation(), PROVIDERS, on_start=lambda p: report(on_phase, f"pass {p.name}", 0, 1),
                               on_pass=lambda r: report(on_phase, f"pass {r.name}", 1, 1))
@@ -37,22 +39,24 @@ class Pruner:
         with phase(on_phase, "analysis"):
             self.analysis = analyze(self.graph, assume_finite=assume_finite)
 
-    def build(self, plan: PrunePlan) -> RunResult:
-        """The model ``plan`` makes of the prepared graph, with its report."""
+    def build(self, plan: PrunePlan, lowering: Sequence[GraphPass] = ()) -> RunResult:
+        """The model ``plan`` makes of the prepared graph, with its report; ``lowering``: passes run after the
+        pruning ones (their records in the report)."""
+        from passes import PROVIDERS, finishing
+
         start = time.perf_counter()
         graph = self.graph.copy()
         if plan.changes_graph:
             apply_plan(graph, plan)
-            from passes import PROVIDERS, finishing
-
             PassManager(finishing(), PROVIDERS).run(graph)
+        lowered = PassManager(lowering, PROVIDERS).run(graph) if lowering else []
         after = model_cost(graph)
         model = to_model(graph, self.loaded, removed_metadata(plan))
         report = RunReport.of(
             self.loaded,
             before=self.before,
             after=after,
-            passes=list(self.prepared),
+            passes=list(self.prepared) + lowered,
             timings={"analysis+rewrite": time.perf_counter() - start},
             plan=plan,
         )

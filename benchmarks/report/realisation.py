@@ -87,8 +87,13 @@ def _label(k: str, batches: dict) -> str:
     if k != "onnxprune --target":
         return f"{k} ({sum(next(iter(batches.values()))['alternatives']['variants'][k]['macs'].values()):,} MACs)"
     chosen = {b: x["alternatives"]["target_choice"] for b, x in batches.items()}
-    return k + " (" + "; ".join(f"b{b}: {'-'.join(map(str, c['widths'].values()))}, {c['macs']:,} MACs"
+    return k + " (" + "; ".join(f"b{b}: {_accepted(c)}{'-'.join(map(str, c['widths'].values()))}, {c['macs']:,} MACs"
                                 for b, c in chosen.items()) + ")"
+
+
+def _accepted(choice: dict) -> str:
+    """The attempt --target kept, where the run says (runs before the phase form do not)."""
+    return f"'{choice['accepted']}', " if "accepted" in choice else ""
 
 
 def _alternatives_table(batches: dict) -> str:
@@ -103,15 +108,17 @@ def _alternatives_table(batches: dict) -> str:
             v = b["alternatives"]["variants"]
             speedup = v["dense"]["ms"] / v[k]["ms"]
             cells.append(f"{1000 * v[k]['ms']:.0f} ({speedup:.2f}x)" + ("" if k == "dense" else f", {speedup / mac_reduction:.2f}"))
-        diff = first[k]["max_abs_diff"]
-        rows.append(cells + ["- (trained apart)" if diff is None else f"{diff:.1e}"])
+        diff, against = first[k]["max_abs_diff"], first[k].get("compared_with", "pruned")
+        shown = "- (trained apart)" if diff is None else f"{diff:.1e}" + ("" if against == "pruned" else f" (from {against})")
+        rows.append(cells + [shown])
     return md_table(head, rows)
 
 
 def _fastest_alternative(b: dict) -> str:
     """The fastest exact variant other than the pruned model: its time over the pruned model's, against the noise."""
     v = b["alternatives"]["variants"]
-    best = min((k for k in v if k not in ("dense", "pruned")), key=lambda k: v[k]["ms"])
+    exact = [k for k in v if k not in ("dense", "pruned") and v[k].get("compared_with", "pruned") == "pruned"]
+    best = min(exact, key=lambda k: v[k]["ms"])
     low, high = v["pruned"]["ms_quartiles"]
     inside = "inside" if low <= v[best]["ms"] <= high else "outside"
     return f"{best} at {v[best]['ms'] / v['pruned']['ms']:.2f}x ({inside} the pruned model's interquartile range)"

@@ -30,6 +30,7 @@ from onnxprune.latency.search import GroupChoice, LatencyChoice
 from onnxprune.latency.target import Target
 from onnxprune.latency.timing import clear_winner, interleaved
 from onnxprune.modelio import LoadedModel, as_loaded, check_output_path
+from onnxprune.pass_infra import GraphPass
 from onnxprune.progress import PhaseCallback, phase
 from onnxprune.pruner import Pruner
 from onnxprune.report import RunResult
@@ -45,6 +46,23 @@ CHECK_MIN_ROUNDS = 8
 # same widths with every input read. The Gather's copy can cost more than the columns it saves.
 READS_ALL = "{}, every input read"
 UNCHANGED = "no channel removed: the model is unchanged"
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """A pass that computes the same function in other ops: each pruning first-rung candidate it changes is also
+    timed in the form it gives."""
+
+    make: Callable[[], GraphPass]
+    label: str  # the candidate's label in "{}"
+    needs_finite: bool = False  # exact only where the input model's activations are finite (tried with assume_finite)
+
+
+def lowerings() -> tuple[Lowering, ...]:
+    """The lowerings tried on each candidate (passes are imported here: they import the library)."""
+    from passes.pool_phases import PoolPhasesPass
+
+    return (Lowering(PoolPhasesPass, "{}, conv+pool in phases", needs_finite=True),)
 
 
 def time_side_by_side(
@@ -73,11 +91,13 @@ class Candidate:
     rung: Rung
     result: RunResult
     reads_all: bool = False  # the rung's widths with every input read (no Gathers)
+    lowering: Lowering | None = None  # the candidate computed in the form this lowering gives
 
     @property
     def label(self) -> str:
         """What the report and the command line call it."""
-        return READS_ALL.format(self.rung.label) if self.reads_all else self.rung.label
+        label = READS_ALL.format(self.rung.label) if self.reads_all else self.rung.label
+        return self.lowering.label.format(label) if self.lowering else label
 
     @property
     def changes(self) -> bool:
@@ -126,8 +146,26 @@ class Ladder:
                               "output_ms": ms[candidate.label], "accepted": accepted})
 
 
+def lowered(ladder: Ladder, candidates: list[Candidate]) -> list[Candidate]:
+    """Each pruning candidate in the form each lowering gives, where it changes the candidate (a lowering that
+    needs finite activations only with ``assume_finite``; one that changes nothing in the prepared input is not
+    tried)."""
+    out = []
+    for lowering in lowerings():
+        if (lowering.needs_finite and not ladder.pruner.assume_finite) or not lowering.make()(ladder.pruner.graph.copy()).modified:
+            continue
+        for candidate in candidates:
+            if not candidate.changes:
+                continue
+            result = ladder.pruner.build(candidate.result.report.plan, [lowering.make()])
+            if result.report.passes[-1].result.modified:  # the lowering's own record (after any it required)
+                out.append(dataclasses.replace(candidate, result=result, lowering=lowering))
+    return out
+
+
 def first_rung_candidates(ladder: Ladder, planner: LatencyPlanner) -> list[Candidate]:
-    """The latency model's choice, the alternatives that differ from it, and each with every input read."""
+    """The latency model's choice, the alternatives that differ from it, each with every input read, and each in
+    the forms the lowerings give."""
     candidates = [Candidate(LATENCY_MODEL, ladder.pruner.build(planner(ladder.pruner.analysis)))]
     for rung in ALTERNATIVES:
         alternative = ladder.build(rung)
@@ -138,7 +176,7 @@ def first_rung_candidates(ladder: Ladder, planner: LatencyPlanner) -> list[Candi
         if plan.read_drops and plan.remove.any():
             reads_all = ladder.pruner.build(dataclasses.replace(plan, read_drops={}))
             candidates.append(Candidate(candidate.rung, reads_all, reads_all=True))
-    return candidates
+    return candidates + lowered(ladder, candidates)
 
 
 def pick_first_rung(ladder: Ladder, candidates: list[Candidate]) -> Candidate | None:
@@ -260,8 +298,9 @@ def prune_for_target(
 
     The latency model's choice is timed side by side with the input, together
     with the alternatives (every dead channel deleted; widths rounded to 16;
-    a candidate's widths with every input read instead of Gathers); the fastest
-    wins. If none is faster than the input, the remaining rungs of
+    a candidate's widths with every input read instead of Gathers; each candidate
+    in the form each of :func:`lowerings` gives, e.g. Conv -> MaxPool in phases,
+    which needs ``assume_finite``); the fastest wins. If none is faster than the input, the remaining rungs of
     :data:`~onnxprune.latency.planner.ATTEMPTS` are tried.
     ``measure_progress(done, total)`` is called while layer latencies are
     measured (cold cache); ``on_phase`` with each phase's progress (:mod:`onnxprune.progress`).
