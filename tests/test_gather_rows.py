@@ -139,3 +139,13 @@ def test_gathers_it_cannot_read_as_rows_stay_and_the_pass_says_why(model, reason
     assert reason in result.details["skipped"]["gather"]
     assert reason in result.summary
     assert [n.op_type for n in out.graph.node] == [n.op_type for n in model.graph.node]
+
+
+def test_target_times_the_candidate_with_its_kept_pixels_gathered_as_rows():
+    from onnxprune.api import prune_model
+
+    model = gated_image_mlp(side=12)
+    result = prune_model(model, target="ort-cpu", threads=1, batch=8)
+    names = [a["attempt"] for a in result.report.latency["attempts"]]
+    assert any(n.endswith("kept inputs gathered as rows") for n in names), names
+    assert same_outputs(model, result.model)

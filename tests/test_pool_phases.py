@@ -171,6 +171,16 @@ def test_target_times_each_candidate_in_phases_with_assume_finite():
     assert_same_function(model, result.model, rtol=1e-4)
 
 
+def test_target_times_an_already_pruned_model_in_phases():
+    """Nothing left to delete: the input itself is timed in phases beside it."""
+    model = conv_pool(relu=True)
+    result = prune_model(model, target="ort-cpu", threads=1, batch=4, assume_finite=True)
+    attempts = result.report.latency["attempts"]
+    assert [a["attempt"] for a in attempts if a["attempt"].endswith(PHASES)], attempts
+    assert all(a["removed_channels"] == 0 for a in attempts)
+    assert_same_function(model, result.model, rtol=1e-4)
+
+
 def test_target_does_not_try_phases_without_assume_finite():
     """A phase kernel's zeros multiply pixels the conv does not read there: 0 * inf is NaN."""
     result = prune_model(dead_first_layer(), target="ort-cpu", threads=1, batch=4)

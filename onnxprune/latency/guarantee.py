@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxprune.channels.plan import PrunePlan
 from onnxprune.checked_write import check_in_memory, input_blamed, runtime_reference, write_checked
 from onnxprune.latency.cache import LatencyCache
 from onnxprune.latency.planner import ALTERNATIVES, FALL_BACKS, LATENCY_MODEL, LatencyPlanner, Rung
@@ -50,19 +51,23 @@ UNCHANGED = "no channel removed: the model is unchanged"
 
 @dataclasses.dataclass(frozen=True)
 class Lowering:
-    """A pass that computes the same function in other ops: each pruning first-rung candidate it changes is also
-    timed in the form it gives."""
+    """A pass that computes the same function in other ops: each first-rung candidate it changes is also timed in
+    the form it gives."""
 
     make: Callable[[], GraphPass]
     label: str  # the candidate's label in "{}"
     needs_finite: bool = False  # exact only where the input model's activations are finite (tried with assume_finite)
+    # Which plans' rewrites add what the lowering changes; None: it changes what the input has (tried there first).
+    acts_on: Callable[[PrunePlan], bool] | None = None
 
 
 def lowerings() -> tuple[Lowering, ...]:
     """The lowerings tried on each candidate (passes are imported here: they import the library)."""
+    from passes.gather_rows import GatherRowsPass
     from passes.pool_phases import PoolPhasesPass
 
-    return (Lowering(PoolPhasesPass, "{}, conv+pool in phases", needs_finite=True),)
+    return (Lowering(PoolPhasesPass, "{}, conv+pool in phases", needs_finite=True),
+            Lowering(GatherRowsPass, "{}, kept inputs gathered as rows", acts_on=lambda plan: bool(plan.read_drops)))
 
 
 def time_side_by_side(
@@ -103,7 +108,7 @@ class Candidate:
     def changes(self) -> bool:
         """True when the candidate differs from the input."""
         plan = self.result.report.plan
-        return bool(plan and plan.changes_graph)
+        return self.lowering is not None or bool(plan and plan.changes_graph)
 
     @property
     def removed(self) -> int:
@@ -146,18 +151,26 @@ class Ladder:
                               "output_ms": ms[candidate.label], "accepted": accepted})
 
 
+def _worth_trying(lowering: Lowering, ladder: Ladder) -> bool:
+    """Whether ``lowering`` may change a candidate: allowed by the finiteness it needs, and (when it acts on what
+    the input has) changing the prepared input."""
+    if lowering.needs_finite and not ladder.pruner.assume_finite:
+        return False
+    return lowering.acts_on is not None or lowering.make()(ladder.pruner.graph.copy()).modified
+
+
 def lowered(ladder: Ladder, candidates: list[Candidate]) -> list[Candidate]:
-    """Each pruning candidate in the form each lowering gives, where it changes the candidate (a lowering that
-    needs finite activations only with ``assume_finite``; one that changes nothing in the prepared input is not
-    tried)."""
+    """Each candidate in the form each lowering gives, where it changes the candidate (an unpruned candidate too:
+    the input may be pruned already)."""
     out = []
     for lowering in lowerings():
-        if (lowering.needs_finite and not ladder.pruner.assume_finite) or not lowering.make()(ladder.pruner.graph.copy()).modified:
+        if not _worth_trying(lowering, ladder):
             continue
         for candidate in candidates:
-            if not candidate.changes:
+            plan = candidate.result.report.plan
+            if lowering.acts_on is not None and not lowering.acts_on(plan):
                 continue
-            result = ladder.pruner.build(candidate.result.report.plan, [lowering.make()])
+            result = ladder.pruner.build(plan, [lowering.make()])
             if result.report.passes[-1].result.modified:  # the lowering's own record (after any it required)
                 out.append(dataclasses.replace(candidate, result=result, lowering=lowering))
     return out
