@@ -38,9 +38,11 @@ def _ort():
 
 def lean_session_options(threads: int | None = None):
     """Options for checking results rather than speed: no graph rewrites, no weight prepacking,
-    no memory arena, so a session holds little beyond the model's own weights."""
+    no memory arena, so a session holds little beyond the model's own weights; nodes run in priority order
+    (the default order may convert every float16 weight to float32 first, each copy alive till its MatMul)."""
     so = session_options(threads, optimize=False)
     so.enable_cpu_mem_arena = False
+    so.execution_order = _ort().ExecutionOrder.PRIORITY_BASED
     so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 

@@ -223,6 +223,38 @@ def test_fp16_residual_branch_is_compared_on_its_own_scale():
     assert compare_blockwise(ref, fp16_residual(0.01)).ok
 
 
+def _peak_rss_rise(run) -> int:
+    """Bytes the process's peak RSS rises above its RSS now while ``run()`` runs (Linux: VmHWM reset through
+    /proc/self/clear_refs); the test is skipped where the peak cannot be reset."""
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    try:
+        before = status("VmRSS:")
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, StopIteration):
+        pytest.skip("peak RSS cannot be reset here")
+    run()
+    return status("VmHWM:") - before
+
+
+def test_a_check_session_holds_one_float32_copy_of_a_float16_weight_at_a_time():
+    """ONNX Runtime computes a float16 MatMul in float32 on a copy of its weight; the check's sessions make
+    each copy just before its MatMul (the default order made them all first: a chain's every weight at once)."""
+    from onnxprune.runtime import lean_session_options, make_session
+
+    n, layers = 2048, 4
+    rng = np.random.default_rng(0)
+    weights = {f"w{i}": (rng.standard_normal((n, n)) / 50).astype(np.float16) for i in range(layers)}
+    names = ["x", *(f"h{i}" for i in range(1, layers)), "out"]
+    nodes = [helper.make_node("MatMul", [names[i], f"w{i}"], [names[i + 1]]) for i in range(layers)]
+    session = make_session(make_model(nodes, weights, elem=TensorProto.FLOAT16, width=n), options=lean_session_options())
+    feed = {"x": rng.standard_normal((2, n)).astype(np.float16)}
+    session.run(None, feed)  # the first run reads the weights in
+    rise = _peak_rss_rise(lambda: session.run(None, feed))
+    assert rise < 2 * n * n * 4  # one float32 copy (16 MiB), not four
+
+
 # -- choosing the method; the command line ----------------------------------------------------------------------
 
 
