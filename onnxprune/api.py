@@ -199,9 +199,10 @@ def prune(
 
     ``assume_finite`` also deletes channels whose only readers multiply them by all-zero weights (a zero
     ``down_proj`` column, a head with zero ``o_proj`` rows), and with a runtime ``target`` also times each
-    candidate with Conv [-> Relu] -> MaxPool computed in phases (the ``pool-phases`` pass): exact on every
-    input on which the input model's activations are finite; where one is inf or NaN the input model computes
-    NaN there (``0 * inf``).
+    candidate with Conv [-> Relu] -> MaxPool computed in phases (the ``pool-phases`` pass). Both are exact on
+    every input on which the input model's activations are finite; where one is inf or NaN, the deleted channel
+    made the input model's output NaN there (``0 * inf``), and a phase kernel's zero tap can make NaN of an
+    output the input model computes as inf.
     """
     return prune_model(model_or_path, output=output, target=target, round_to_n=round_to, verify=verify,
                        assume_finite=assume_finite).model

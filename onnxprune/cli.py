@@ -436,7 +436,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--assume-finite", action="store_true",
                    help="also delete channels read only by zero weights (a zero down_proj column, o_proj rows), and "
                         "with --target also time each candidate with Conv -> MaxPool computed in phases: exact "
-                        "wherever the input model's activations are finite (where one is inf or NaN it computes NaN)")
+                        "wherever the input model's activations are finite (where one is inf or NaN the output may "
+                        "be NaN)")
     p.add_argument("--explain", action="store_true", help="list, per channel group, why channels were kept")
     p.add_argument("--report", metavar="R.json", help="write a JSON report (groups, costs, timings)")
     _verify_args(p)

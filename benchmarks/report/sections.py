@@ -228,7 +228,7 @@ def tvbi_batchnorm(run: str, r: dict) -> dict:
             "turbo_vbi": r["config"]["turbo_vbi"], "table": table}
 
 
-DEPLOY_VARIANTS = ("dense fp32", "dense int8", "pruned fp32", "pruned int8")
+DEPLOY_VARIANTS = ("dense fp32", "dense int8", "pruned fp32", "pruned int8", "pruned fp32, --target")
 
 
 def _deploy_row(label: str, variant: str, net: dict) -> list[str]:
@@ -257,11 +257,12 @@ def _deploy_checks(label: str, net: dict) -> str:
               for b, t in (("64", b64), ("1", b1))}
     kept = net["deploy"]["pruned int8 ort"]["layers_kept_float"]
     when = f" (measured {net['measured']})" if "measured" in net else ""
+    target = f"; `--target` kept '{net['target']['accepted']}'" if "target" in net else ""
     return (f"{label}{when}: pruned int8 minus pruned fp32 error {gap:+.2f} points; file {size['dense int8'] / size['pruned int8']:.2f}x "
             f"smaller than dense int8 (parameters, fp32 files: {size['dense fp32'] / size['pruned fp32']:.2f}x); "
             f"pruned int8 faster than both pruned fp32 and dense int8 at 1 thread: batch 64 "
             f"{'yes' if faster['64'] else 'no'}, batch 1 {'yes' if faster['1'] else 'no'}; layers ORT keeps in float32: "
-            + (", ".join(f"`{k}`" for k in kept) if kept else "none"))
+            + (", ".join(f"`{k}`" for k in kept) if kept else "none") + target)
 
 
 def deploy(run: str, r: dict) -> dict:
@@ -269,7 +270,7 @@ def deploy(run: str, r: dict) -> dict:
     settings = next(iter(r["nets"].values()))["latency_ms"]
     head = ["net", "model", "file"] + [f"{s}, b{b}: ms (x dense fp32)" for s in settings for b in (1, 64)]
     head += ["error % (ORT)", "error % (OpenVINO)", "realisation (ORT 1 thread b64)"]
-    rows = [_deploy_row(n["label"], v, n) for n in r["nets"].values() for v in DEPLOY_VARIANTS]
+    rows = [_deploy_row(n["label"], v, n) for n in r["nets"].values() for v in DEPLOY_VARIANTS if v in n["sizes"]]
     checks = [_deploy_checks(n["label"], n) for n in r["nets"].values()]
     return {"run": run, "machine": machine_line(r["machine"]), "table": md_table(head, rows),
             "checks": "\n".join(f"- {c}" for c in checks), "min_agreement": f"{r['config']['min_agreement']:g}",
