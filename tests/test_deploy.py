@@ -82,6 +82,16 @@ def test_each_precision_on_ort_writes_onnx_ort_and_operator_config_that_agree(de
     assert any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer) == (precision == "fp16")
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_converted_models_leave_out_the_training_metadata_and_keep_the_version(deployed, precision):
+    result = deployed("ort", precision)
+    source = {p.key for p in onnx.load(LENET5, load_external_data=False).metadata_props}
+    assert {"onnxprune.gates", "onnxprune.removed", "onnxprune.version"} <= source
+    written = {p.key for p in onnx.load(result.out_dir / "model.onnx").metadata_props}
+    assert not written & {"onnxprune.gates", "onnxprune.removed"} and "onnxprune.version" in written
+    assert sorted(result.report["conversion"]["metadata_dropped"]) == ["onnxprune.gates", "onnxprune.removed"]
+
+
 def test_the_ort_file_loads_in_onnx_runtime_and_computes_what_model_onnx_computes(deployed):
     out = deployed("ort", "int8").out_dir
     x = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)

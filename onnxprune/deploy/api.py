@@ -51,6 +51,10 @@ class DeployResult:
         return deploy_table(self.report)
 
 
+# Metadata onnxprune writes that describes training and pruning; deployed artifacts leave it out (smaller files)
+TRAINING_METADATA = ("onnxprune.gates", "onnxprune.removed")
+
+
 def _check_options(runtime: str, precision: str, mode: str, min_agreement: float, threads: int,
                    calibration, calibration_samples: int) -> None:
     """InputError for a setting deploy cannot use."""
@@ -74,6 +78,18 @@ def _convert(loaded: LoadedModel, precision: str, samples: Samples, runtime: Dep
     if precision == "fp16":
         return to_fp16(loaded.model, in_onnx=runtime.fp16_in_onnx)
     return Converted(loaded.model, "fp32", {"conversion": "none"})
+
+
+def drop_training_metadata(model: onnx.ModelProto) -> list[str]:
+    """Remove from ``model`` (in memory) the metadata that describes its training and pruning, not its inference
+    (:data:`TRAINING_METADATA`: per-gate statistics, removed channel indices; the pruned model keeps them).
+    Returns the keys removed."""
+    kept = [p for p in model.metadata_props if p.key not in TRAINING_METADATA]
+    dropped = [p.key for p in model.metadata_props if p.key in TRAINING_METADATA]
+    if dropped:
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+    return dropped
 
 
 def _input_file(loaded: LoadedModel, scratch: Path) -> Path:
@@ -163,6 +179,8 @@ def deploy(
     keep = keep_float_for(keep_float, runtime=runtime, threads=threads)
     converted = _convert(loaded, precision, samples, deploy_runtime, mode=mode or "", keep=keep,
                          settings=int8_settings or Int8Settings(), progress=progress)
+    if converted.model is not loaded.model:  # the float32 input is written as it came
+        converted.details["metadata_dropped"] = drop_training_metadata(converted.model)
     thread_counts = sorted({1, threads})
     settings = {"runtime": runtime, "precision": precision, "int8_mode": int8_mode, "min_agreement": min_agreement,
                 "calibration": None if calibration is None else str(calibration), "threads": thread_counts}
