@@ -286,10 +286,30 @@ def deploy(run: str, r: dict) -> dict:
             "rounds": r["config"]["rounds"], "calibration_samples": r["config"]["calibration_samples"]}
 
 
+def gather_forms(run: str, r: dict) -> dict:
+    """The pruned LeNet-500-300's read of its kept pixels in each exact form, against dense, at 1 thread."""
+    batches = [str(b) for b in r["config"]["batches"]]
+    forms = list(r["batches"][batches[0]])
+    rows = []
+    for form in forms:
+        cells = [form]
+        for b in batches:
+            at, dense = r["batches"][b][form], r["batches"][b]["dense"]
+            lo, hi = at["us_quartiles"]
+            read = at["kernel_us"].get("other", 0.0)
+            cells.append(f"{at['us']:.1f} [{lo:.1f}-{hi:.1f}] ({dense['us'] / at['us']:.2f}x), {read:.0f} / {at['kernel_us']['fc1']:.0f}")
+        rows.append(cells)
+    head = ["form"] + [f"batch {b}: us [quartiles] (x dense), read / fc1 kernel us" for b in batches]
+    reads = r["reads"]
+    return {"run": run, "machine": machine_line(r["machine"]), "rounds": r["config"]["rounds"],
+            "kept": reads["kept"], "pixels": reads["pixels"], "covering_range": reads["covering_range"],
+            "bounding_box": reads["bounding_box"], "table": md_table(head, rows)}
+
+
 # The experiments' folders in the store and the function giving each run's values
 SECTIONS = {"prune-resnet50": prune_resnet50, "latency-targets": latency_targets, "rbp-compile": rbp_compile,
             "sbp-step-time": sbp_step_time, "subnormals": subnormals, "bn-recalibration": bn_recalibration,
             "sbp-weight-lr": sbp_weight_lr, "tvbi-batchnorm": tvbi_batchnorm, "deploy": deploy,
-            "layer-realisation": layer_realisation,
+            "layer-realisation": layer_realisation, "gather-forms": gather_forms,
             "resnet18-dataloader": resnet18_dataloader, "user-architectures": user_architectures,
             "vit-heads": vit_heads, "prune-at-scale": prune_at_scale}
