@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxprune.zero_rows import ZERO_ROWS
+
 BLOCK = 1 << 18  # elements read at a time (the scratch arrays stay in the cache)
 
 
@@ -53,8 +55,9 @@ def reads_any(w: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
     """For each row of ``w`` (out, in, window; any strides): whether it holds a non-zero value (anything but +0
     and -0; NaN counts) in one of the ``columns`` (a mask over ``in``; None: every column).
 
-    The weight is read once, in memory order: a row at a time where rows lie apart (a Conv weight), a column at
-    a time where columns do (a MatMul weight read as its transpose)."""
+    The weight is read at most once, in memory order: where rows lie apart (a Conv weight), the first weights of
+    each row first (they decide a live row of a trained layer), then only the rows still undecided; where
+    columns lie apart (a MatMul weight read as its transpose), a column at a time until every row is decided."""
     out_ch = w.shape[0]
     if columns is not None and columns.all():
         columns = None
@@ -71,31 +74,59 @@ def reads_any(w: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
             acc |= reads_any(w[:, :, k : k + 1], columns)
         return acc
     if strides[1] > strides[0]:
-        acc = _or_over_columns(u, columns)
-    else:
-        acc = _or_over_rows(u, columns, bits)
+        return _or_over_columns(u, columns, bits)
+    return _rows_read_any(u, columns, bits, ZERO_ROWS.lookup(w, w.dtype))
+
+
+SAMPLE = 64  # weights of each row looked at first (about one cache line of a float32 row)
+
+
+def _nonzero(acc: np.ndarray, bits: FloatBits) -> np.ndarray:
+    """Where an OR of bits holds a magnitude bit: a value other than +0 and -0 was among them."""
     return (acc & bits.uint(bits.magnitude)) != 0
 
 
-def _or_over_rows(u: np.ndarray, columns: np.ndarray | None, bits: FloatBits) -> np.ndarray:
-    """Per row of ``u`` (rows lie apart in memory): the OR of its bits in ``columns``."""
-    out_ch, row = u.shape[0], u.shape[1] * u.shape[2]
+def _rows_read_any(u: np.ndarray, columns: np.ndarray | None, bits: FloatBits, zero: np.ndarray | None) -> np.ndarray:
+    """:func:`reads_any` where rows lie apart: the first ``SAMPLE`` weights of each row in ``columns``; for the rows
+    holding none, the whole row (a row that is zero everywhere is zero in ``columns``), unless it is known to be
+    ``zero``; only a row non-zero elsewhere but not in the sample is read again, in ``columns``."""
+    picked = None if columns is None else np.flatnonzero(columns)
+    read = u.shape[1] if picked is None else picked.size
+    first = max(1, SAMPLE // max(1, u.shape[2]))
+    head = u[:, :first] if picked is None else np.take(u, picked[:first], axis=1)
+    touched = _nonzero(np.bitwise_or.reduce(head, axis=(1, 2)), bits)
+    undecided = np.flatnonzero(~touched if zero is None else ~(touched | zero))
+    if first >= read or undecided.size == 0:
+        return touched
+    somewhere = undecided[_nonzero(_or_over_rows(u, undecided, None, bits), bits)]
+    if somewhere.size:
+        touched[somewhere] = True if columns is None else _nonzero(_or_over_rows(u, somewhere, columns, bits), bits)
+    return touched
+
+
+def _or_over_rows(u: np.ndarray, rows: np.ndarray, columns: np.ndarray | None, bits: FloatBits) -> np.ndarray:
+    """For the ``rows`` (indices) of ``u`` (rows lie apart in memory): the OR of each one's bits in ``columns``,
+    a block of rows at a time, gathered into one scratch array."""
+    row = u.shape[1] * u.shape[2]
     step = max(1, BLOCK // max(row, 1))
-    acc = np.empty(out_ch, dtype=u.dtype)
+    acc = np.empty(rows.size, dtype=u.dtype)
+    scratch = np.empty((min(step, rows.size), u.shape[1], u.shape[2]), dtype=u.dtype)
     keep = None
     if columns is not None:  # the magnitude bits where a column is read, none elsewhere
         keep = np.where(columns, bits.uint(bits.magnitude), bits.uint(0)).astype(u.dtype)[None, :, None]
-        scratch = np.empty((min(step, out_ch), u.shape[1], u.shape[2]), dtype=u.dtype)
-    for i in range(0, out_ch, step):
-        block = u[i : i + step]
+    for i in range(0, rows.size, step):
+        index = rows[i : i + step]
+        block = scratch[: index.size]
+        np.take(u, index, axis=0, out=block, mode="clip")  # in range; the default mode would buffer ``out``
         if keep is not None:
-            block = np.bitwise_and(block, keep, out=scratch[: block.shape[0]])
+            np.bitwise_and(block, keep, out=block)
         np.bitwise_or.reduce(block, axis=(1, 2), out=acc[i : i + step])
     return acc
 
 
-def _or_over_columns(u: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
-    """Per row of ``u`` (columns lie apart in memory): the OR of its bits in ``columns``, a few columns at a time."""
+def _or_over_columns(u: np.ndarray, columns: np.ndarray | None, bits: FloatBits) -> np.ndarray:
+    """:func:`reads_any` where columns lie apart in memory: the OR of each row's bits in ``columns``, a few
+    columns at a time, until every row holds a non-zero value."""
     out_ch, in_ch = u.shape[0], u.shape[1]
     step = max(1, BLOCK // max(out_ch * u.shape[2], 1))
     acc = np.zeros(out_ch, dtype=u.dtype)
@@ -108,7 +139,9 @@ def _or_over_columns(u: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
             index = picked[j : j + step]
             block = u[:, index[0] : index[-1] + 1] if index[-1] - index[0] + 1 == index.size else u[:, index]
         acc |= np.bitwise_or.reduce(block, axis=(1, 2))
-    return acc
+        if _nonzero(acc, bits).all():
+            break
+    return _nonzero(acc, bits)
 
 
 def _reads_any_by_value(w: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
@@ -149,13 +182,18 @@ def subnormal_mask(values: np.ndarray) -> np.ndarray:
     return (magnitude != 0) & (magnitude < bits.uint(bits.smallest_normal))
 
 
-def _subnormals_in(block: np.ndarray, bits: FloatBits, scratch: np.ndarray, flags: np.ndarray) -> np.ndarray:
-    """Flags (in ``flags``) of the subnormals among the bits ``block``: |x|'s bits minus 1 (zeros wrap round to
-    the top) below the smallest normal's minus 1."""
-    s, f = scratch[: block.size], flags[: block.size]
+def _magnitude_less_one(block: np.ndarray, bits: FloatBits, scratch: np.ndarray) -> np.ndarray:
+    """|x|'s bits minus 1 for the bits ``block`` (in ``scratch``): zeros wrap round to the top, and a subnormal is
+    below the smallest normal's bits minus 1."""
+    s = scratch[: block.size]
     np.bitwise_and(block, bits.uint(bits.magnitude), out=s)
-    np.subtract(s, bits.uint(1), out=s)
-    return np.less(s, bits.uint(bits.smallest_normal - 1), out=f)
+    return np.subtract(s, bits.uint(1), out=s)
+
+
+def _subnormals_in(block: np.ndarray, bits: FloatBits, scratch: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """Flags (in ``flags``) of the subnormals among the bits ``block``."""
+    s = _magnitude_less_one(block, bits, scratch)
+    return np.less(s, bits.uint(bits.smallest_normal - 1), out=flags[: block.size])
 
 
 def count_subnormals(values: np.ndarray) -> int:
@@ -169,22 +207,42 @@ def count_subnormals(values: np.ndarray) -> int:
                for i in range(0, flat.size, BLOCK))
 
 
+def _row_length(values: np.ndarray) -> int | None:
+    """The elements in each row (along axis 0) of a C-contiguous array of rank 2 or more, where whole rows fit in a
+    block; None otherwise."""
+    if values.ndim < 2 or values.shape[0] == 0 or not values.flags.c_contiguous:
+        return None
+    row = values.size // values.shape[0]
+    return row if 0 < row <= BLOCK else None
+
+
 def flush_subnormals(values: np.ndarray) -> tuple[np.ndarray | None, int]:
     """``values`` with every nonzero subnormal set to +0 (a new array; -0 and everything else as they are), and
     how many there were; (None, 0) when there are none. One pass over the data: blocks before the first
-    subnormal are copied over when it is found, later blocks are copied and flushed as they are read."""
+    subnormal are copied over when it is found, later blocks are copied and flushed as they are read.
+
+    On the way, the rows (along axis 0) holding only zeros are found, and remembered for :func:`reads_any`
+    where ``values`` cannot change (:mod:`onnxprune.zero_rows`)."""
     bits = float_bits(values.dtype)
     if bits is None:
         mask = subnormal_mask(values)
         count = int(mask.sum())
         return (np.where(mask, values.dtype.type(0), values), count) if count else (None, 0)
     flat = _flat_bits(values, bits)
-    scratch, flags = np.empty(min(BLOCK, flat.size), dtype=bits.uint), np.empty(min(BLOCK, flat.size), dtype=bool)
+    row = _row_length(values)
+    step = BLOCK if row is None else BLOCK // row * row  # whole rows per block
+    scratch = np.empty(min(step, flat.size), dtype=bits.uint)
+    lowest = None if row is None else np.empty(values.shape[0], dtype=bits.uint)
+    limit = bits.uint(bits.smallest_normal - 1)
     out, count = None, 0
-    for i in range(0, flat.size, BLOCK):
-        block = flat[i : i + BLOCK]
-        found = _subnormals_in(block, bits, scratch, flags)
-        n = int(np.count_nonzero(found))
+    for i in range(0, flat.size, step):
+        block = flat[i : i + step]
+        s = _magnitude_less_one(block, bits, scratch)
+        if lowest is None:
+            found = np.minimum.reduce(s) < limit
+        else:  # each row's lowest: the top value (all ones) only where the row is zero
+            found = np.minimum.reduce(s.reshape(-1, row), axis=1, out=lowest[i // row : (i + block.size) // row]).min() < limit
+        n = int(np.count_nonzero(s < limit)) if found else 0
         if n and out is None:
             out = np.empty_like(flat)
             out[:i] = flat[:i]
@@ -192,8 +250,10 @@ def flush_subnormals(values: np.ndarray) -> tuple[np.ndarray | None, int]:
             target = out[i : i + block.size]
             target[...] = block
             if n:
-                np.copyto(target, 0, where=found)
+                np.copyto(target, 0, where=s < limit)
         count += n
+    if lowest is not None:
+        ZERO_ROWS.remember(values, lowest == np.iinfo(bits.uint).max)
     if out is None:
         return None, 0
     return out.view(values.dtype).reshape(values.shape), count

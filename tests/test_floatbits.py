@@ -60,6 +60,19 @@ def test_reads_any_agrees_with_comparing_values_in_every_layout(dtype, layout):
         assert reads_any(stored, columns).tolist() == _by_value(w, columns).tolist()
 
 
+@pytest.mark.parametrize("dtype", FORMATS, ids=IDS)
+@pytest.mark.parametrize("layout", ["rows apart", "columns apart"])
+def test_reads_any_reads_the_rows_a_short_sample_leaves_undecided(dtype, layout, monkeypatch):
+    monkeypatch.setattr(floatbits, "SAMPLE", 3)  # one weight per row: most rows are read again, whole or in columns
+    w = _weights(dtype)
+    w[7] = 0
+    w[7, 9, 0] = 1  # non-zero only in the last column
+    stored = w if layout == "rows apart" else np.ascontiguousarray(w.transpose(1, 0, 2)).transpose(1, 0, 2)
+    rng = np.random.default_rng(5)
+    for columns in (np.ones(10, bool), rng.random(10) < 0.5, np.arange(10) < 9, np.arange(10) >= 9, np.arange(10) == 0):
+        assert reads_any(stored, columns).tolist() == _by_value(w, columns).tolist()
+
+
 def test_reads_any_sees_negative_zero_as_zero_and_nan_as_non_zero():
     w = np.array([[[-0.0], [0.0]], [[np.nan], [0.0]], [[1e-7], [-0.0]]], np.float16)
     assert reads_any(w).tolist() == [False, True, True]
@@ -150,3 +163,4 @@ def test_take_rows_cols_is_the_boolean_selection(rows, cols):
     got = take_rows_cols(w, r, c)
     assert np.array_equal(got, w[r][:, c]) and got.flags.c_contiguous and not np.shares_memory(got, w)
     assert np.array_equal(take_rows_cols(w.transpose(1, 0, 2), c, r), w.transpose(1, 0, 2)[c][:, r])
+

@@ -1,0 +1,104 @@
+"""Rows of immutable weights known to be all zero, so that a weight read whole once is not read again for them.
+
+``flush-subnormals`` reads every float weight whole; on the way it finds the rows (along axis 0) that hold only
++0 and -0, and remembers them here. The channel analysis then asks which rows of a weight are zero
+(:func:`onnxprune.floatbits.reads_any`): rows remembered as zero are zero in any of their columns, and are not
+read from memory again (a pruned model's dead rows are about half of its weights).
+
+Only weights nothing can write to are remembered: a read-only array whose memory belongs to a ``bytes`` object
+(a weight copied out of the protobuf) or a read-only map of an external data file. A rewrite gives a weight a
+new array, which is not known here. An entry is found by the address of the weight's first row and its row
+length, from any view of the same memory (the analysis reads a reshaped view of the array the scan read), and
+only while the object owning that memory is alive: no other array can then lie at that address.
+"""
+
+from __future__ import annotations
+
+import mmap
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One weight's zero rows: its rows lie ``row_bytes`` apart, one after the other."""
+
+    anchor: weakref.ref  # the object owning the memory (or the array itself, where that cannot be referenced weakly)
+    dtype: np.dtype
+    row_bytes: int
+    zero: np.ndarray  # bool per row
+
+
+def _owner(a: np.ndarray) -> object | None:
+    """The object owning ``a``'s memory, if nothing can write to it (None otherwise)."""
+    if a.flags.writeable:
+        return None
+    root = a.base
+    while isinstance(root, np.ndarray):
+        root = root.base
+    if root is None or (isinstance(root, mmap.mmap) and root.closed):
+        return None
+    try:
+        with memoryview(root) as view:
+            return root if view.readonly else None
+    except TypeError:
+        return None
+
+
+def _address(a: np.ndarray) -> int:
+    """Where ``a``'s first element lies in memory."""
+    return a.__array_interface__["data"][0]
+
+
+class ZeroRows:
+    """The zero rows of immutable weights, by the address and layout of their rows."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int], _Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def remember(self, values: np.ndarray, zero: np.ndarray) -> bool:
+        """Remember that the rows ``zero`` (along axis 0) of ``values`` (C-contiguous) hold only zeros; False where
+        ``values`` could change, and nothing is remembered."""
+        owner = _owner(values)
+        if owner is None or values.ndim < 2 or not values.flags.c_contiguous or not zero.any():
+            return False
+        key = (_address(values), values.shape[0])
+        forget = lambda ref, key=key: self._forget(key, ref)  # noqa: E731
+        try:
+            anchor = weakref.ref(owner, forget)
+        except TypeError:  # bytes: the array itself, which holds them, stands for them
+            anchor = weakref.ref(values, forget)
+        self._entries[key] = _Entry(anchor, values.dtype, values.strides[0], zero.copy())
+        return True
+
+    def _forget(self, key: tuple[int, int], anchor: weakref.ref) -> None:
+        """Drop the entry at ``key`` if ``anchor`` (now dead) is what kept it valid."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.anchor is anchor:
+            del self._entries[key]
+
+    def lookup(self, w: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+        """For each row of ``w`` (any view; its elements are ``dtype`` values): True where the row lies within a
+        row remembered as zero. None when nothing is known about ``w``."""
+        if not self._entries or w.ndim == 0:
+            return None
+        entry = self._entries.get((_address(w), w.shape[0]))
+        if entry is None or entry.dtype != dtype or w.itemsize != dtype.itemsize:
+            return None
+        if w.shape[0] > 1 and w.strides[0] != entry.row_bytes:
+            return None
+        extent = sum((n - 1) * s for n, s in zip(w.shape[1:], w.strides[1:]) if n > 1)
+        if any(s < 0 for n, s in zip(w.shape[1:], w.strides[1:]) if n > 1) or extent + w.itemsize > entry.row_bytes:
+            return None
+        owner = entry.anchor()
+        if owner is None or (isinstance(owner, mmap.mmap) and owner.closed):
+            return None
+        return entry.zero
+
+
+ZERO_ROWS = ZeroRows()
