@@ -164,3 +164,14 @@ def test_take_rows_cols_is_the_boolean_selection(rows, cols):
     assert np.array_equal(got, w[r][:, c]) and got.flags.c_contiguous and not np.shares_memory(got, w)
     assert np.array_equal(take_rows_cols(w.transpose(1, 0, 2), c, r), w.transpose(1, 0, 2)[c][:, r])
 
+
+def test_take_rows_cols_gathers_rows_a_block_at_a_time(monkeypatch):
+    from onnxprune.channels import rule_base
+
+    monkeypatch.setattr(rule_base, "_GATHER_BLOCK", 100)  # two rows of 9 x 3 float16 per block
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((11, 9, 3)).astype(np.float16)
+    r, c = rng.random(11) < 0.6, rng.random(9) < 0.5
+    got = take_rows_cols(w, r, c)
+    assert np.array_equal(got, w[r][:, c]) and got.flags.c_contiguous
+    assert np.array_equal(take_rows_cols(w.transpose(1, 0, 2), c, r), w.transpose(1, 0, 2)[c][:, r])
