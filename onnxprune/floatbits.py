@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxprune.zero_rows import ZERO_ROWS
+from onnxprune.known_rows import KNOWN_ROWS, Rows
 
 BLOCK = 1 << 18  # elements read at a time (the scratch arrays stay in the cache)
 
@@ -75,7 +75,7 @@ def reads_any(w: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         return acc
     if strides[1] > strides[0]:
         return _or_over_columns(u, columns, bits)
-    return _rows_read_any(u, columns, bits, ZERO_ROWS.lookup(w, w.dtype))
+    return _rows_read_any(u, columns, bits, KNOWN_ROWS.lookup(w, w.dtype))
 
 
 SAMPLE = 64  # weights of each row looked at first (about one cache line of a float32 row)
@@ -86,16 +86,23 @@ def _nonzero(acc: np.ndarray, bits: FloatBits) -> np.ndarray:
     return (acc & bits.uint(bits.magnitude)) != 0
 
 
-def _rows_read_any(u: np.ndarray, columns: np.ndarray | None, bits: FloatBits, zero: np.ndarray | None) -> np.ndarray:
-    """:func:`reads_any` where rows lie apart: the first ``SAMPLE`` weights of each row in ``columns``; for the rows
-    holding none, the whole row (a row that is zero everywhere is zero in ``columns``), unless it is known to be
-    ``zero``; only a row non-zero elsewhere but not in the sample is read again, in ``columns``."""
+def _rows_read_any(u: np.ndarray, columns: np.ndarray | None, bits: FloatBits, known: Rows | None) -> np.ndarray:
+    """:func:`reads_any` where rows lie apart. Rows ``known`` to be zero or full are answered without reading them
+    (some column is read), others whole in ``columns``. Where nothing is known: the first ``SAMPLE`` weights of
+    each row in ``columns``; for the rows holding none, the whole row (a row that is zero everywhere is zero in
+    ``columns``); only a row non-zero elsewhere but not in the sample is read again, in ``columns``."""
+    if known is not None:
+        touched = known.full.copy()
+        rest = np.flatnonzero(~(known.zero | known.full))
+        if rest.size:
+            touched[rest] = _nonzero(_or_over_rows(u, rest, columns, bits), bits)
+        return touched
     picked = None if columns is None else np.flatnonzero(columns)
     read = u.shape[1] if picked is None else picked.size
     first = max(1, SAMPLE // max(1, u.shape[2]))
     head = u[:, :first] if picked is None else np.take(u, picked[:first], axis=1)
     touched = _nonzero(np.bitwise_or.reduce(head, axis=(1, 2)), bits)
-    undecided = np.flatnonzero(~touched if zero is None else ~(touched | zero))
+    undecided = np.flatnonzero(~touched)
     if first >= read or undecided.size == 0:
         return touched
     somewhere = undecided[_nonzero(_or_over_rows(u, undecided, None, bits), bits)]
@@ -216,13 +223,32 @@ def _row_length(values: np.ndarray) -> int | None:
     return row if 0 < row <= BLOCK else None
 
 
+class _RowScan:
+    """The lowest and highest of |x|'s bits minus 1 in each row, as blocks of whole rows are scanned: the top value
+    (all ones) is a zero, so a row is zero where its lowest is the top, and full where its highest is not."""
+
+    def __init__(self, rows: int, row: int, bits: FloatBits) -> None:
+        self.row, self.top = row, np.iinfo(bits.uint).max
+        self.lowest, self.highest = np.empty(rows, dtype=bits.uint), np.empty(rows, dtype=bits.uint)
+
+    def scan(self, start: int, s: np.ndarray) -> np.ndarray:
+        """Take in the block ``s`` (whole rows, from element ``start``); returns its lowest value per row."""
+        rows, at = s.reshape(-1, self.row), slice(start // self.row, (start + s.size) // self.row)
+        np.maximum.reduce(rows, axis=1, out=self.highest[at])
+        return np.minimum.reduce(rows, axis=1, out=self.lowest[at])
+
+    def rows(self) -> Rows:
+        """What the scan found of each row."""
+        return Rows(zero=self.lowest == self.top, full=self.highest != self.top)
+
+
 def flush_subnormals(values: np.ndarray) -> tuple[np.ndarray | None, int]:
     """``values`` with every nonzero subnormal set to +0 (a new array; -0 and everything else as they are), and
     how many there were; (None, 0) when there are none. One pass over the data: blocks before the first
     subnormal are copied over when it is found, later blocks are copied and flushed as they are read.
 
-    On the way, the rows (along axis 0) holding only zeros are found, and remembered for :func:`reads_any`
-    where ``values`` cannot change (:mod:`onnxprune.zero_rows`)."""
+    On the way, the rows (along axis 0) holding only zeros or no zero are found, and remembered for the zero tests
+    where ``values`` cannot change (:mod:`onnxprune.known_rows`)."""
     bits = float_bits(values.dtype)
     if bits is None:
         mask = subnormal_mask(values)
@@ -230,19 +256,15 @@ def flush_subnormals(values: np.ndarray) -> tuple[np.ndarray | None, int]:
         return (np.where(mask, values.dtype.type(0), values), count) if count else (None, 0)
     flat = _flat_bits(values, bits)
     row = _row_length(values)
+    scan = None if row is None else _RowScan(values.shape[0], row, bits)
     step = BLOCK if row is None else BLOCK // row * row  # whole rows per block
     scratch = np.empty(min(step, flat.size), dtype=bits.uint)
-    lowest = None if row is None else np.empty(values.shape[0], dtype=bits.uint)
     limit = bits.uint(bits.smallest_normal - 1)
     out, count = None, 0
     for i in range(0, flat.size, step):
         block = flat[i : i + step]
         s = _magnitude_less_one(block, bits, scratch)
-        if lowest is None:
-            found = np.minimum.reduce(s) < limit
-        else:  # each row's lowest: the top value (all ones) only where the row is zero
-            found = np.minimum.reduce(s.reshape(-1, row), axis=1, out=lowest[i // row : (i + block.size) // row]).min() < limit
-        n = int(np.count_nonzero(s < limit)) if found else 0
+        n = int(np.count_nonzero(s < limit)) if (s if scan is None else scan.scan(i, s)).min() < limit else 0
         if n and out is None:
             out = np.empty_like(flat)
             out[:i] = flat[:i]
@@ -252,8 +274,8 @@ def flush_subnormals(values: np.ndarray) -> tuple[np.ndarray | None, int]:
             if n:
                 np.copyto(target, 0, where=s < limit)
         count += n
-    if lowest is not None:
-        ZERO_ROWS.remember(values, lowest == np.iinfo(bits.uint).max)
+    if scan is not None:
+        KNOWN_ROWS.remember(values, scan.rows())
     if out is None:
         return None, 0
     return out.view(values.dtype).reshape(values.shape), count

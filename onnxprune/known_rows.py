@@ -1,9 +1,12 @@
-"""Rows of immutable weights known to be all zero, so that a weight read whole once is not read again for them.
+"""Rows of immutable weights known to be all zero, or to hold no zero: a weight read whole once is not read again.
 
 ``flush-subnormals`` reads every float weight whole; on the way it finds the rows (along axis 0) that hold only
-+0 and -0, and remembers them here. The channel analysis then asks which rows of a weight are zero
-(:func:`onnxprune.floatbits.reads_any`): rows remembered as zero are zero in any of their columns, and are not
-read from memory again (a pruned model's dead rows are about half of its weights).
++0 and -0 (*zero*) and those that hold no +0 or -0 at all (*full*), and remembers them here. The channel
+analysis then asks which rows of a weight are zero in some of its columns (:func:`onnxprune.floatbits.reads_any`)
+and which input channels meet only zero weights (:func:`onnxprune.channels.rules_linear.zero_inputs`): a zero
+row is zero in any of its columns, a full row non-zero in any of them, and neither is read from memory again
+(a pruned model's dead rows are zero, the live rows of a dense layer full). Only rows that mix zeros with other
+values are read again.
 
 Only weights nothing can write to are remembered: a read-only array whose memory belongs to a ``bytes`` object
 (a weight copied out of the protobuf) or a read-only map of an external data file. A rewrite gives a weight a
@@ -22,13 +25,21 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class Rows:
+    """What is known of each row of a weight."""
+
+    zero: np.ndarray  # bool per row: every value is +0 or -0
+    full: np.ndarray  # bool per row: no value is +0 or -0
+
+
+@dataclass(frozen=True)
 class _Entry:
-    """One weight's zero rows: its rows lie ``row_bytes`` apart, one after the other."""
+    """One weight's rows: they lie ``row_bytes`` apart, one after the other."""
 
     anchor: weakref.ref  # the object owning the memory (or the array itself, where that cannot be referenced weakly)
     dtype: np.dtype
     row_bytes: int
-    zero: np.ndarray  # bool per row
+    rows: Rows
 
 
 def _owner(a: np.ndarray) -> object | None:
@@ -52,8 +63,8 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-class ZeroRows:
-    """The zero rows of immutable weights, by the address and layout of their rows."""
+class KnownRows:
+    """The zero and full rows of immutable weights, by the address and layout of their rows."""
 
     def __init__(self) -> None:
         self._entries: dict[tuple[int, int], _Entry] = {}
@@ -61,11 +72,11 @@ class ZeroRows:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def remember(self, values: np.ndarray, zero: np.ndarray) -> bool:
-        """Remember that the rows ``zero`` (along axis 0) of ``values`` (C-contiguous) hold only zeros; False where
-        ``values`` could change, and nothing is remembered."""
+    def remember(self, values: np.ndarray, rows: Rows) -> bool:
+        """Remember the ``rows`` (along axis 0) of ``values`` (C-contiguous); False where ``values`` could change, or
+        where no row is zero or full, and nothing is remembered."""
         owner = _owner(values)
-        if owner is None or values.ndim < 2 or not values.flags.c_contiguous or not zero.any():
+        if owner is None or values.ndim < 2 or not values.flags.c_contiguous or not (rows.zero.any() or rows.full.any()):
             return False
         key = (_address(values), values.shape[0])
         forget = lambda ref, key=key: self._forget(key, ref)  # noqa: E731
@@ -73,7 +84,7 @@ class ZeroRows:
             anchor = weakref.ref(owner, forget)
         except TypeError:  # bytes: the array itself, which holds them, stands for them
             anchor = weakref.ref(values, forget)
-        self._entries[key] = _Entry(anchor, values.dtype, values.strides[0], zero.copy())
+        self._entries[key] = _Entry(anchor, values.dtype, values.strides[0], rows)
         return True
 
     def _forget(self, key: tuple[int, int], anchor: weakref.ref) -> None:
@@ -82,9 +93,10 @@ class ZeroRows:
         if entry is not None and entry.anchor is anchor:
             del self._entries[key]
 
-    def lookup(self, w: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
-        """For each row of ``w`` (any view; its elements are ``dtype`` values): True where the row lies within a
-        row remembered as zero. None when nothing is known about ``w``."""
+    def lookup(self, w: np.ndarray, dtype: np.dtype) -> Rows | None:
+        """What is known of the rows of ``w`` (any view whose elements are ``dtype`` values, each of its rows within
+        the same row of a remembered weight): a row within a zero row is zero, one within a full row is full. None
+        when nothing is known about ``w``."""
         if not self._entries or w.ndim == 0:
             return None
         entry = self._entries.get((_address(w), w.shape[0]))
@@ -98,7 +110,7 @@ class ZeroRows:
         owner = entry.anchor()
         if owner is None or (isinstance(owner, mmap.mmap) and owner.closed):
             return None
-        return entry.zero
+        return entry.rows
 
 
-ZERO_ROWS = ZeroRows()
+KNOWN_ROWS = KnownRows()
