@@ -224,28 +224,38 @@ def _row_length(values: np.ndarray) -> int | None:
 
 
 class _RowScan:
-    """The lowest and highest of |x|'s bits minus 1 in each row, as blocks of whole rows are scanned: the top value
-    (all ones) is a zero, so a row is zero where its lowest is the top, and full where its highest is not."""
+    """The lowest and highest magnitude (|x|'s bits) in each row, as blocks of whole rows are scanned: a row is zero
+    where its highest is 0 and full where its lowest is not; it may hold a subnormal only where its lowest is below
+    the smallest normal and its highest is not 0 (a row of normal numbers, or of zeros, holds none)."""
 
     def __init__(self, rows: int, row: int, bits: FloatBits) -> None:
-        self.row, self.top = row, np.iinfo(bits.uint).max
+        self.row, self.normal = row, bits.uint(bits.smallest_normal)
         self.lowest, self.highest = np.empty(rows, dtype=bits.uint), np.empty(rows, dtype=bits.uint)
 
-    def scan(self, start: int, s: np.ndarray) -> np.ndarray:
-        """Take in the block ``s`` (whole rows, from element ``start``); returns its lowest value per row."""
+    def may_hold_subnormals(self, start: int, s: np.ndarray) -> bool:
+        """Take in the magnitudes ``s`` (whole rows, from element ``start``); whether they may hold a subnormal."""
         rows, at = s.reshape(-1, self.row), slice(start // self.row, (start + s.size) // self.row)
-        np.maximum.reduce(rows, axis=1, out=self.highest[at])
-        return np.minimum.reduce(rows, axis=1, out=self.lowest[at])
+        lowest = np.minimum.reduce(rows, axis=1, out=self.lowest[at])
+        highest = np.maximum.reduce(rows, axis=1, out=self.highest[at])
+        return bool(((lowest < self.normal) & (highest != 0)).any())
 
     def rows(self) -> Rows:
         """What the scan found of each row."""
-        return Rows(zero=self.lowest == self.top, full=self.highest != self.top)
+        return Rows(zero=self.highest == 0, full=self.lowest != 0)
+
+
+def _may_hold_subnormals(s: np.ndarray, bits: FloatBits) -> bool:
+    """Whether the magnitudes ``s`` may hold a subnormal: their lowest is below the smallest normal, and not all zero."""
+    lowest = np.minimum.reduce(s)
+    return bool(lowest < bits.smallest_normal and (lowest != 0 or np.maximum.reduce(s) != 0))
 
 
 def flush_subnormals(values: np.ndarray) -> tuple[np.ndarray | None, int]:
     """``values`` with every nonzero subnormal set to +0 (a new array; -0 and everything else as they are), and
     how many there were; (None, 0) when there are none. One pass over the data: blocks before the first
-    subnormal are copied over when it is found, later blocks are copied and flushed as they are read.
+    subnormal are copied over when it is found, later blocks are copied and flushed as they are read. A block's
+    lowest and highest magnitudes clear it in most weights; only a block that may hold subnormals is tested
+    value by value.
 
     On the way, the rows (along axis 0) holding only zeros or no zero are found, and remembered for the zero tests
     where ``values`` cannot change (:mod:`onnxprune.known_rows`)."""
@@ -259,12 +269,14 @@ def flush_subnormals(values: np.ndarray) -> tuple[np.ndarray | None, int]:
     scan = None if row is None else _RowScan(values.shape[0], row, bits)
     step = BLOCK if row is None else BLOCK // row * row  # whole rows per block
     scratch = np.empty(min(step, flat.size), dtype=bits.uint)
-    limit = bits.uint(bits.smallest_normal - 1)
     out, count = None, 0
     for i in range(0, flat.size, step):
         block = flat[i : i + step]
-        s = _magnitude_less_one(block, bits, scratch)
-        n = int(np.count_nonzero(s < limit)) if (s if scan is None else scan.scan(i, s)).min() < limit else 0
+        s = np.bitwise_and(block, bits.uint(bits.magnitude), out=scratch[: block.size])
+        found, n = None, 0
+        if scan.may_hold_subnormals(i, s) if scan is not None else _may_hold_subnormals(s, bits):
+            found = np.subtract(s, bits.uint(1), out=s) < bits.uint(bits.smallest_normal - 1)  # zeros wrap to the top
+            n = int(np.count_nonzero(found))
         if n and out is None:
             out = np.empty_like(flat)
             out[:i] = flat[:i]
@@ -272,7 +284,7 @@ def flush_subnormals(values: np.ndarray) -> tuple[np.ndarray | None, int]:
             target = out[i : i + block.size]
             target[...] = block
             if n:
-                np.copyto(target, 0, where=s < limit)
+                np.copyto(target, 0, where=found)
         count += n
     if scan is not None:
         KNOWN_ROWS.remember(values, scan.rows())

@@ -175,3 +175,15 @@ def test_take_rows_cols_gathers_rows_a_block_at_a_time(monkeypatch):
     got = take_rows_cols(w, r, c)
     assert np.array_equal(got, w[r][:, c]) and got.flags.c_contiguous
     assert np.array_equal(take_rows_cols(w.transpose(1, 0, 2), c, r), w.transpose(1, 0, 2)[c][:, r])
+
+
+@pytest.mark.parametrize("dtype", FORMATS, ids=IDS)
+def test_a_lone_subnormal_among_normal_rows_and_zero_rows_is_flushed(dtype):
+    rng = np.random.default_rng(7)
+    w = rng.uniform(0.5, 1.0, (40, 5)).astype(dtype)
+    w[::3] = 0  # zero rows and rows of normal numbers: cleared by their lowest and highest magnitudes
+    assert flush_subnormals(w) == (None, 0)
+    w[10, 2] = -_smallest_subnormal(dtype)
+    flushed, count = flush_subnormals(w)
+    assert count == 1 and flushed[10, 2] == 0
+    assert np.array_equal(np.delete(flushed.reshape(-1), 52).astype(np.float64), np.delete(w.reshape(-1), 52).astype(np.float64))
