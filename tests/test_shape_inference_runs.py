@@ -68,3 +68,16 @@ def test_an_inference_asked_for_on_a_fresh_graph_runs():
     graph = gs.import_onnx(_conv_chain())
     (record,) = PassManager([InferShapesPass()]).run(graph)
     assert not record.result.summary.startswith("skipped")
+
+
+def test_nodes_shape_inference_exported_are_exported_the_same_into_the_model():
+    from onnxprune.graphio import to_model
+
+    model = _conv_chain()
+    fresh = to_model(gs.import_onnx(model), model)  # nodes never exported before
+    graph = gs.import_onnx(model)
+    infer_shapes(graph)  # exports every node: the model's export finds them again
+    again = to_model(graph, model)
+    assert again.graph.node == fresh.graph.node and again.graph.node == model.graph.node
+    again.graph.node[0].name = "changed"  # the model holds copies
+    assert to_model(graph, model).graph.node[0].name == "c1"
