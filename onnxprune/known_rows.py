@@ -36,26 +36,48 @@ class Rows:
 class _Entry:
     """One weight's rows: they lie ``row_bytes`` apart, one after the other."""
 
-    anchor: weakref.ref  # the object owning the memory (or the array itself, where that cannot be referenced weakly)
+    anchor: weakref.ref  # what holds the memory: while it lives, no other array lies at that address
     dtype: np.dtype
     row_bytes: int
     rows: Rows
 
 
-def _owner(a: np.ndarray) -> object | None:
-    """The object owning ``a``'s memory, if nothing can write to it (None otherwise)."""
-    if a.flags.writeable:
-        return None
-    root = a.base
-    while isinstance(root, np.ndarray):
-        root = root.base
-    if root is None or (isinstance(root, mmap.mmap) and root.closed):
-        return None
+def _holders(a: np.ndarray) -> list[object]:
+    """``a``, the arrays and buffer views it is a view of, and the object owning the memory (last), each holding
+    the next."""
+    chain: list[object] = [a]
+    while True:
+        last = chain[-1]
+        inner = last.base if isinstance(last, np.ndarray) else last.obj if isinstance(last, memoryview) else None
+        if inner is None:
+            return chain
+        chain.append(inner)
+
+
+def _immutable(owner: object) -> bool:
+    """Whether nothing can write to the memory ``owner`` (not an array) exposes: bytes, a read-only map."""
+    if isinstance(owner, np.ndarray) or (isinstance(owner, mmap.mmap) and owner.closed):
+        return False
     try:
-        with memoryview(root) as view:
-            return root if view.readonly else None
+        with memoryview(owner) as view:
+            return view.readonly
     except TypeError:
+        return False
+
+
+def _anchor(a: np.ndarray) -> object | None:
+    """What keeps ``a``'s memory alive and can be referenced weakly, the closest to its owner (a map, the array
+    bytes are viewed through), if nothing can write to that memory; None otherwise."""
+    chain = _holders(a)
+    if a.flags.writeable or not _immutable(chain[-1]):
         return None
+    for holder in reversed(chain):
+        try:
+            weakref.ref(holder)
+        except TypeError:  # bytes
+            continue
+        return holder
+    return None
 
 
 def _address(a: np.ndarray) -> int:
@@ -75,15 +97,11 @@ class KnownRows:
     def remember(self, values: np.ndarray, rows: Rows) -> bool:
         """Remember the ``rows`` (along axis 0) of ``values`` (C-contiguous); False where ``values`` could change, or
         where no row is zero or full, and nothing is remembered."""
-        owner = _owner(values)
-        if owner is None or values.ndim < 2 or not values.flags.c_contiguous or not (rows.zero.any() or rows.full.any()):
+        holder = _anchor(values)
+        if holder is None or values.ndim < 2 or not values.flags.c_contiguous or not (rows.zero.any() or rows.full.any()):
             return False
         key = (_address(values), values.shape[0])
-        forget = lambda ref, key=key: self._forget(key, ref)  # noqa: E731
-        try:
-            anchor = weakref.ref(owner, forget)
-        except TypeError:  # bytes: the array itself, which holds them, stands for them
-            anchor = weakref.ref(values, forget)
+        anchor = weakref.ref(holder, lambda ref, key=key: self._forget(key, ref))
         self._entries[key] = _Entry(anchor, values.dtype, values.strides[0], rows)
         return True
 

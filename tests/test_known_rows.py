@@ -96,3 +96,26 @@ def test_reads_any_gives_the_same_answer_with_remembered_rows(monkeypatch):
     assert KNOWN_ROWS.lookup(w.reshape(8, 6, -1), w.dtype) is not None
     assert [reads_any(w.reshape(8, 6, -1), m).tolist() for m in masks] == expected
     assert expected[2] == [True, False, True, True, False, False, False, True]
+
+
+def test_a_weight_mapped_from_external_data_is_remembered_through_its_map(tmp_path):
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    from onnxprune.graphio import to_graph
+    from onnxprune.graphutil import constant_values
+    from onnxprune.modelio import as_loaded
+    from passes.flush_subnormals import FlushSubnormalsPass
+    from tests.graphs import GraphBuilder
+
+    b = GraphBuilder(seed=2)
+    b.output(b.conv(b.input("x", [1, 16, 8, 8]), 16, 32, dead=[0, 5, 9], name="c"))
+    path = tmp_path / "m.onnx"
+    onnx.save(b.build(), path, save_as_external_data=True, location="m.data", size_threshold=0)
+    loaded = as_loaded(path)
+    graph = to_graph(loaded)
+    FlushSubnormalsPass()(graph)
+    weight = next(t for t in graph.tensors().values() if isinstance(t, gs.Constant) and t.name == "c.weight")
+    view = constant_values(weight)  # a new view of the map on each access
+    rows = KNOWN_ROWS.lookup(view, view.dtype)
+    assert rows is not None and np.flatnonzero(rows.zero).tolist() == [0, 5, 9] and rows.full.sum() == 29
