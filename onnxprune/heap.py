@@ -8,8 +8,9 @@ ResNet-50 prune's analysis and rewrite (some 40 ms there, as much again in its O
 up to 32 MiB from the heap, and keeping up to 64 MiB freed at its top, lets each new array reuse memory an
 earlier one left; larger ones (a big model's weights) are still mapped and unmapped as before.
 
-Only the command sets this, in its own process (a library leaves its host's allocator alone), only on glibc,
-and not where the user tuned malloc through the environment.
+Only ``onnxprune prune``, ``run`` and ``inspect`` set this, in a process of their own (a library leaves its host's
+allocator alone; training keeps glibc's defaults), only on glibc, and not where the user tuned malloc through the
+environment.
 """
 
 from __future__ import annotations
