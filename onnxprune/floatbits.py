@@ -55,9 +55,10 @@ def reads_any(w: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
     """For each row of ``w`` (out, in, window; any strides): whether it holds a non-zero value (anything but +0
     and -0; NaN counts) in one of the ``columns`` (a mask over ``in``; None: every column).
 
-    The weight is read at most once, in memory order: where rows lie apart (a Conv weight), the first weights of
-    each row first (they decide a live row of a trained layer), then only the rows still undecided; where
-    columns lie apart (a MatMul weight read as its transpose), a column at a time until every row is decided."""
+    The weight is read at most once, in memory order: where rows lie apart (a Conv weight), not at all for rows
+    the subnormal scan found zero or without a zero (:mod:`onnxprune.known_rows`), else the first weights of each
+    row first (they decide a live row of a trained layer), then only the rows still undecided; where columns lie
+    apart (a MatMul weight read as its transpose), a column at a time until every row is decided."""
     out_ch = w.shape[0]
     if columns is not None and columns.all():
         columns = None
