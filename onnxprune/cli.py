@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 from onnxprune import __version__
 from onnxprune.errors import OnnxPruneError
+from onnxprune.heap import reuse_freed_memory
 
 EXIT_USAGE = 2
 
@@ -667,6 +668,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.own_process = argv is None
+    if args.own_process and args.func in (cmd_prune, cmd_run, cmd_inspect):
+        reuse_freed_memory()  # a model rewrite in its own process: large arrays reuse freed memory (onnxprune/heap.py)
     try:
         with warnings.catch_warnings(), user_logging(getattr(args, "quiet", False)):
             warnings.formatwarning = format_warning_line

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxprune.errors import InputError
@@ -22,6 +25,7 @@ from onnxprune.external_data import (
 )
 from onnxprune.graphutil import graphsurgeon_logging
 from onnxprune.modelio import LoadedModel
+from onnxprune.shapes import export_node
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +87,7 @@ def to_model(
         original = original.structure
     if defer_data or hand_over:
         log.debug("%d initializer(s) handed over to the exported model", _hand_over_initializers(graph))
-    with graphsurgeon_logging():
+    with graphsurgeon_logging(), _memoised_node_export():
         model = gs.export_onnx(graph, do_type_check=False)
     if hand_over and not defer_data:
         _fill_handed_over(model)
@@ -103,6 +107,19 @@ def to_model(
     if original.ir_version < 4:
         _list_initializers_as_inputs(model, [i.name for i in original.graph.input])
     return model
+
+
+@contextmanager
+def _memoised_node_export() -> Iterator[None]:
+    """While open, onnx-graphsurgeon exports each node through :func:`onnxprune.shapes.export_node`: a node shape
+    inference exported before, and nothing has changed since, is not exported again (its protobuf is copied into
+    the graph)."""
+    previous = OnnxExporter.__dict__["export_node"]
+    OnnxExporter.export_node = staticmethod(export_node)
+    try:
+        yield
+    finally:
+        OnnxExporter.export_node = previous
 
 
 def _list_initializers_as_inputs(model: onnx.ModelProto, original_order: list[str]) -> None:

@@ -40,6 +40,9 @@ class PassResult:
     modified: bool
     summary: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    # properties that held before and still hold although the pass changed the graph (shapes, where a pass
+    # changed only weights' values, or only channel counts it set in the shapes itself)
+    preserved: frozenset[str] = frozenset()
 
 
 class GraphPass(abc.ABC):
@@ -49,6 +52,9 @@ class GraphPass(abc.ABC):
     summary: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
     ensures: ClassVar[frozenset[str]] = frozenset()
+    # True for a pass that only establishes its ``ensures`` (shape inference): the manager skips it where they
+    # already hold, since running it again would find what is already known.
+    only_establishes: ClassVar[bool] = False
 
     @abc.abstractmethod
     def call(self, graph: gs.Graph) -> PassResult:
@@ -142,7 +148,14 @@ class PassManager:
         self.on_start = on_start  # called as each pass starts (progress: which pass is running)
 
     def _run_one(self, graph: gs.Graph, p: GraphPass, holds: set[str], records: list[PassRecord], auto: bool) -> None:
-        """Run ``p``, first the providers of its required properties that do not hold."""
+        """Run ``p``, first the providers of its required properties that do not hold (or skip it, where it only
+        establishes properties that already hold)."""
+        if p.only_establishes and p.ensures and p.ensures <= holds:
+            if self.on_start:
+                self.on_start(p)
+            self._record(p, PassResult(modified=False, summary="skipped: " + ", ".join(sorted(p.ensures)) + " already hold"),
+                         0.0, records, auto)
+            return
         for prop in sorted(p.requires):
             if prop in holds or (PROPERTY_CHECKS[prop] is not None and _check(prop, graph) is None):
                 holds.add(prop)
@@ -154,13 +167,17 @@ class PassManager:
             self.on_start(p)
         start = time.perf_counter()
         result = p(graph)
-        record = PassRecord(p.name, result, time.perf_counter() - start, auto)
+        self._record(p, result, time.perf_counter() - start, records, auto)
+        if result.modified:
+            holds.intersection_update(p.ensures | result.preserved)
+        holds.update(p.ensures)
+
+    def _record(self, p: GraphPass, result: PassResult, seconds: float, records: list[PassRecord], auto: bool) -> None:
+        """Keep what ``p`` did, and tell ``on_pass``."""
+        record = PassRecord(p.name, result, seconds, auto)
         records.append(record)
         if self.on_pass:
             self.on_pass(record)
-        if result.modified:
-            holds.intersection_update(p.ensures)
-        holds.update(p.ensures)
 
     def run(
         self, graph: gs.Graph, passes: Sequence[GraphPass] | None = None, *, holds: set[str] | None = None

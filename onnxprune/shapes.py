@@ -47,6 +47,7 @@ class _Memo:
         return found
 
 
+_GRAPHSURGEON_EXPORT_NODE = OnnxExporter.export_node  # onnx-graphsurgeon's own (to_model routes its exports here)
 _EXPORTED = _Memo(1 << 16)  # nodes and the typed inputs standing for large constants
 _EXPORTED_CONSTANTS = _Memo(1 << 12)  # small constants, keyed by their values too (8 KiB at most each)
 
@@ -66,13 +67,14 @@ def _attrs_key(attrs: dict) -> tuple | None:
     return tuple(items)
 
 
-def _export_node(node: gs.Node) -> onnx.NodeProto:
-    """onnx-graphsurgeon's export of ``node`` (memoised by op, names and attributes)."""
+def export_node(node: gs.Node) -> onnx.NodeProto:
+    """onnx-graphsurgeon's export of ``node`` (memoised by op, names and attributes; the protobuf returned is shared:
+    copy it, never change it)."""
     attrs = _attrs_key(node.attrs)
     key = None if attrs is None else (
         "node", node.op, node.domain, node.name, tuple(t.name for t in node.inputs), tuple(t.name for t in node.outputs), attrs
     )
-    return _EXPORTED.get(key, lambda: OnnxExporter.export_node(node))
+    return _EXPORTED.get(key, lambda: _GRAPHSURGEON_EXPORT_NODE(node))
 
 
 def _constant_as_input(t: gs.Constant) -> onnx.ValueInfoProto:
@@ -96,7 +98,7 @@ def _light_model(graph: gs.Graph, tensors: dict[str, gs.Tensor] | None = None) -
     """The graph as a model whose large constants are typed inputs (no weights copied); ``tensors``: the
     graph's tensor map, where the caller has it."""
     tensors = graph.tensors() if tensors is None else tensors
-    nodes = [_export_node(n) for n in graph.nodes]
+    nodes = [export_node(n) for n in graph.nodes]
     inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs]
     initializers = []
     for t in tensors.values():

@@ -69,4 +69,5 @@ class FlushSubnormalsPass(GraphPass):
             modified=flushed > 0,
             summary=f"{flushed} subnormal value(s) in {tensors} constant(s) set to zero",
             details={"flushed": flushed},
+            preserved=frozenset({"shapes", "toposorted"}),  # only weights' values change
         )

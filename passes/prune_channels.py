@@ -34,11 +34,11 @@ class PruneChannelsPass(GraphPass):
     def call(self, graph: gs.Graph) -> PassResult:
         analysis = analyze(graph, assume_finite=self.assume_finite)
         plan = self.planner(analysis) if self.planner else make_plan(analysis, self.width_policy)
-        if plan.changes_graph:
-            apply_plan(graph, plan)
+        set_shapes = apply_plan(graph, plan).set_shapes if plan.changes_graph else True
         groups = sum(1 for g in plan.groups if g.removed)
         return PassResult(
             modified=plan.changes_graph,
             summary=f"{plan.removed_channels} channel(s) removed from {groups} group(s)",
             details={"plan": plan},
+            preserved=frozenset({"shapes"}) if set_shapes else frozenset(),  # channel counts set by the rewrite
         )

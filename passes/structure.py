@@ -23,6 +23,7 @@ class InferShapesPass(GraphPass):
     name = "infer-shapes"
     summary = "run ONNX shape inference and record every tensor's shape (weights are not copied)"
     ensures = frozenset({"shapes"})
+    only_establishes = True  # skipped where no pass has changed the graph since shapes were last inferred
 
     def call(self, graph: gs.Graph) -> PassResult:
         return PassResult(modified=False, summary=f"{infer_shapes(graph)} tensor shapes updated")

@@ -60,6 +60,19 @@ def test_reads_any_agrees_with_comparing_values_in_every_layout(dtype, layout):
         assert reads_any(stored, columns).tolist() == _by_value(w, columns).tolist()
 
 
+@pytest.mark.parametrize("dtype", FORMATS, ids=IDS)
+@pytest.mark.parametrize("layout", ["rows apart", "columns apart"])
+def test_reads_any_reads_the_rows_a_short_sample_leaves_undecided(dtype, layout, monkeypatch):
+    monkeypatch.setattr(floatbits, "SAMPLE", 3)  # one weight per row: most rows are read again, whole or in columns
+    w = _weights(dtype)
+    w[7] = 0
+    w[7, 9, 0] = 1  # non-zero only in the last column
+    stored = w if layout == "rows apart" else np.ascontiguousarray(w.transpose(1, 0, 2)).transpose(1, 0, 2)
+    rng = np.random.default_rng(5)
+    for columns in (np.ones(10, bool), rng.random(10) < 0.5, np.arange(10) < 9, np.arange(10) >= 9, np.arange(10) == 0):
+        assert reads_any(stored, columns).tolist() == _by_value(w, columns).tolist()
+
+
 def test_reads_any_sees_negative_zero_as_zero_and_nan_as_non_zero():
     w = np.array([[[-0.0], [0.0]], [[np.nan], [0.0]], [[1e-7], [-0.0]]], np.float16)
     assert reads_any(w).tolist() == [False, True, True]
@@ -150,3 +163,27 @@ def test_take_rows_cols_is_the_boolean_selection(rows, cols):
     got = take_rows_cols(w, r, c)
     assert np.array_equal(got, w[r][:, c]) and got.flags.c_contiguous and not np.shares_memory(got, w)
     assert np.array_equal(take_rows_cols(w.transpose(1, 0, 2), c, r), w.transpose(1, 0, 2)[c][:, r])
+
+
+def test_take_rows_cols_gathers_rows_a_block_at_a_time(monkeypatch):
+    from onnxprune.channels import rule_base
+
+    monkeypatch.setattr(rule_base, "_GATHER_BLOCK", 100)  # two rows of 9 x 3 float16 per block
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((11, 9, 3)).astype(np.float16)
+    r, c = rng.random(11) < 0.6, rng.random(9) < 0.5
+    got = take_rows_cols(w, r, c)
+    assert np.array_equal(got, w[r][:, c]) and got.flags.c_contiguous
+    assert np.array_equal(take_rows_cols(w.transpose(1, 0, 2), c, r), w.transpose(1, 0, 2)[c][:, r])
+
+
+@pytest.mark.parametrize("dtype", FORMATS, ids=IDS)
+def test_a_lone_subnormal_among_normal_rows_and_zero_rows_is_flushed(dtype):
+    rng = np.random.default_rng(7)
+    w = rng.uniform(0.5, 1.0, (40, 5)).astype(dtype)
+    w[::3] = 0  # zero rows and rows of normal numbers: cleared by their lowest and highest magnitudes
+    assert flush_subnormals(w) == (None, 0)
+    w[10, 2] = -_smallest_subnormal(dtype)
+    flushed, count = flush_subnormals(w)
+    assert count == 1 and flushed[10, 2] == 0
+    assert np.array_equal(np.delete(flushed.reshape(-1), 52).astype(np.float64), np.delete(w.reshape(-1), 52).astype(np.float64))

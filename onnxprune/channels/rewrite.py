@@ -9,7 +9,7 @@ from onnxprune.channels.layout import dims, kept_per_part
 from onnxprune.channels.plan import PrunePlan
 from onnxprune.channels.rules import RULES
 from onnxprune.channels.stored import set_stored, stored_value
-from onnxprune.graphutil import NameSource, set_or_add_const_input
+from onnxprune.graphutil import NameSource, has_subgraphs, set_or_add_const_input
 
 
 class Rewriter:
@@ -27,6 +27,7 @@ class Rewriter:
             if not mask.all():
                 self._keep[tracked.tensor] = mask
         self.inserted: list[gs.Variable] = []
+        self.set_shapes = False  # set by apply_plan: whether the rewrite set every shape it changed
 
     # -- queries ------------------------------------------------------------
     def keep(self, t: gs.Tensor | None) -> np.ndarray | None:
@@ -124,11 +125,14 @@ class Rewriter:
 
 
 def apply_plan(graph: gs.Graph, plan: PrunePlan) -> Rewriter:
-    """Edit ``graph`` in place so that the plan's components disappear."""
+    """Edit ``graph`` in place so that the plan's components disappear. The returned rewriter's ``set_shapes``
+    says whether the rewrite set every shape it changed (see :func:`_set_pruned_shapes`)."""
     rw = Rewriter(graph, plan)
     if not rw.changed_tensors and not plan.read_drops:
+        rw.set_shapes = True
         return rw
     readers = {name for name, _ in plan.read_drops}
+    before = {id(node) for node in graph.nodes}
     for node in list(graph.nodes):
         if node.name not in readers and not any(rw.changed(t) for t in list(node.inputs) + list(node.outputs)):
             continue
@@ -136,13 +140,33 @@ def apply_plan(graph: gs.Graph, plan: PrunePlan) -> Rewriter:
         if rule is None:  # the analysis pins every channel that reaches an uncovered op
             raise AssertionError(f"no rule to rewrite {node.op} '{node.name}' although its channels change")
         rule.rewrite(node, rw)
-    tensors = graph.tensors()
-    for name, mask in rw.changed_tensors.items():
-        t = tensors.get(name)
-        if isinstance(t, gs.Variable) and t.shape is not None:
-            t.shape = _pruned_shape(rw, t, mask)
+    added = any(id(node) not in before for node in graph.nodes)
+    reads_shapes = bool(graph.functions) or any(node.op in _SHAPE_READERS or has_subgraphs(node) for node in graph.nodes)
+    rw.set_shapes = _set_pruned_shapes(rw, graph) and not added and not reads_shapes
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return rw
+
+
+# Ops whose output is a tensor's shape or size: shape inference follows such values into the shapes of other
+# tensors (a Reshape to a computed target), which a rewrite that only sets channel counts does not redo (nor
+# anything inside subgraphs and functions).
+_SHAPE_READERS = frozenset({"Shape", "Size"})
+
+
+def _set_pruned_shapes(rw: Rewriter, graph: gs.Graph) -> bool:
+    """Give every tensor that lost channels its new shape; True if each of them had a known shape with its
+    channels on one axis: only its channel count changed, to a number the rewrite knows (shape inference would
+    find the same shapes, as long as the rewrite added no node and no op reads a shape)."""
+    tensors = graph.tensors()
+    plain = True
+    for name, mask in rw.changed_tensors.items():
+        t = tensors.get(name)
+        if not isinstance(t, gs.Variable):
+            continue
+        plain = plain and t.shape is not None and not rw.tracked_layout(t)
+        if t.shape is not None:
+            t.shape = _pruned_shape(rw, t, mask)
+    return plain
 
 
 def _pruned_shape(rw: Rewriter, t: gs.Variable, mask: np.ndarray) -> list:

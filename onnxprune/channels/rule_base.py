@@ -153,14 +153,29 @@ def keep_or_all(mask: np.ndarray | None, size: int) -> np.ndarray:
 
 def take_rows_cols(w: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """``w[rows][:, cols]`` for boolean masks ``rows`` and ``cols``, as a new C-contiguous array: an axis that keeps
-    everything is not touched, and each cut is one ``np.compress`` (a copy of whole rows, or of the kept elements
-    of each row), the rows cut first so the column cut reads only what is kept."""
+    everything is not touched, and the result is the only array of its size made: where both axes are cut, the
+    kept rows are gathered a block at a time into a small scratch array (which stays in the cache) and their
+    kept columns copied from there."""
     cut_rows, cut_cols = not rows.all(), not cols.all()
     if not (cut_rows or cut_cols):
         return np.array(w, order="C")
-    if cut_rows:
-        w = np.compress(rows, w, axis=0)
-    return np.compress(cols, w, axis=1) if cut_cols else w
+    if not cut_cols:
+        return np.compress(rows, w, axis=0)
+    if not cut_rows:
+        return np.compress(cols, w, axis=1)
+    kept, picked = np.flatnonzero(rows), np.flatnonzero(cols)
+    out = np.empty((kept.size, picked.size, *w.shape[2:]), dtype=w.dtype)
+    step = max(1, _GATHER_BLOCK // max(1, w[0].nbytes))
+    scratch = np.empty((min(step, kept.size), *w.shape[1:]), dtype=w.dtype)
+    for i in range(0, kept.size, step):
+        index = kept[i : i + step]
+        # mode="clip" (the indices are in range): numpy buffers ``out`` under the default mode, a copy more
+        block = np.take(w, index, axis=0, out=scratch[: index.size], mode="clip")
+        np.take(block, picked, axis=1, out=out[i : i + step], mode="clip")
+    return out
+
+
+_GATHER_BLOCK = 1 << 20  # bytes of rows gathered at a time by take_rows_cols
 
 
 def ints_attr_or_input(

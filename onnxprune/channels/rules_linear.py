@@ -22,6 +22,7 @@ from onnxprune.channels.stored import frozen_axes, input_rounded_by_runtime, set
 from onnxprune.channels.values import linear_values
 from onnxprune.floatbits import reads_any
 from onnxprune.graphutil import optional_input
+from onnxprune.known_rows import KNOWN_ROWS
 
 
 def _conv_unpadded(node: gs.Node) -> bool:
@@ -75,9 +76,17 @@ _SAMPLE = 64  # weights per input channel looked at first: they decide almost ev
 
 
 def zero_inputs(w: np.ndarray, in_axis: int) -> np.ndarray:
-    """For each input channel of weight ``w`` (on ``in_axis``): True where all its weights are zero. The weights
-    of the first output rows (about ``_SAMPLE`` per channel, one block of memory) decide most channels; only the
-    channels still undecided are read whole. The weight is viewed, not copied (:func:`reads_any` on the bits)."""
+    """For each input channel of weight ``w`` (on ``in_axis``): True where all its weights are zero. What the
+    subnormal scan found of ``w``'s rows decides without a read where it can (:mod:`onnxprune.known_rows`): with
+    the input channels on axis 0, they are the zero rows; on another axis, none is zero if a row holds no zero.
+    Else the weights of the first output rows (about ``_SAMPLE`` per channel, one block of memory) decide most
+    channels; only the channels still undecided are read whole. The weight is viewed, not copied
+    (:func:`reads_any` on the bits)."""
+    known = KNOWN_ROWS.lookup(w, w.dtype) if w.ndim >= 2 else None
+    if known is not None and in_axis == 0:
+        return known.zero.copy()
+    if known is not None and known.full.any():
+        return np.zeros(w.shape[in_axis], dtype=bool)
     v = _inputs_first(w, in_axis)
     head = v[:, : max(1, _SAMPLE // max(1, v.shape[2]))]
     zero = ~reads_any(head)
