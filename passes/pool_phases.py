@@ -258,11 +258,17 @@ class PoolPhasesPass(GraphPass):
                "(exact where the conv's input is finite)")
     requires = frozenset({"shapes"})
 
+    def __init__(self, first_only: bool = False) -> None:
+        self.first_only = first_only  # only the first site in graph order (a net's narrow first layer)
+
     def call(self, graph: gs.Graph) -> PassResult:
         outputs, opset, names = {id(t) for t in graph.outputs}, opset_version(graph), NameSource(graph)
         rewritten: list[str] = []
         refused: dict[str, str] = {}
         for conv in [n for n in graph.nodes if n.op == "Conv" and is_default_domain(n)]:
+            if self.first_only and rewritten:
+                refused[conv.name] = "only the first site is computed in phases (first_only)"
+                continue
             site = qualify(conv, outputs, opset)
             if isinstance(site, str):
                 refused[conv.name] = site

@@ -29,10 +29,10 @@ def assert_same_function(a: onnx.ModelProto, b: onnx.ModelProto, rtol: float = 1
         assert np.abs(x - y).max() <= rtol * max(np.abs(x).max(), 1e-12)
 
 
-def in_phases(model: onnx.ModelProto, *, report: bool = False):
+def in_phases(model: onnx.ModelProto, *, report: bool = False, first_only: bool = False):
     """The pass's result on ``model`` (the model checked on ORT by run_passes too) and the pass's record (and the
     run's report)."""
-    result = run_passes(model, [PoolPhasesPass()])
+    result = run_passes(model, [PoolPhasesPass(first_only=first_only)])
     return (result.model, result.report.passes[-1].result) + ((result.report,) if report else ())
 
 
@@ -160,6 +160,24 @@ def dead_first_layer() -> onnx.ModelProto:
     b.gemm(h, 16 * 12 * 12, 10, name="fc", outputs=["logits"])
     b.output("logits")
     return b.build()
+
+
+def test_first_only_computes_the_first_site_in_phases_and_leaves_the_rest():
+    model = onnx.load(PRUNED_LENET5)
+    out, result = in_phases(model, first_only=True)
+    assert result.details["rewritten"] == ["/conv1/Conv"]
+    assert "first_only" in result.details["refused"]["/conv2/Conv"]
+    assert len(nodes_of(out, "SpaceToDepth")) == 1 and len(nodes_of(out, "MaxPool")) == 1
+    assert_same_function(model, out)
+
+
+def test_target_times_the_first_site_alone_only_where_it_differs_from_every_site():
+    one_site = prune_model(conv_pool(relu=True), target="ort-cpu", threads=1, batch=4, assume_finite=True)
+    names = [a["attempt"] for a in one_site.report.latency["attempts"]]
+    assert not any("first conv+pool" in n for n in names), names
+    two_sites = prune_model(onnx.load(PRUNED_LENET5), target="ort-cpu", threads=1, batch=4, assume_finite=True)
+    names = [a["attempt"] for a in two_sites.report.latency["attempts"]]
+    assert any(n.endswith("first conv+pool in phases") for n in names) and any(n.endswith(", " + PHASES) for n in names)
 
 
 def test_target_times_each_candidate_in_phases_with_assume_finite():

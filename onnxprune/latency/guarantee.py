@@ -67,6 +67,7 @@ def lowerings() -> tuple[Lowering, ...]:
     from passes.pool_phases import PoolPhasesPass
 
     return (Lowering(PoolPhasesPass, "{}, conv+pool in phases", needs_finite=True),
+            Lowering(lambda: PoolPhasesPass(first_only=True), "{}, first conv+pool in phases", needs_finite=True),
             Lowering(GatherRowsPass, "{}, kept inputs gathered as rows", acts_on=lambda plan: bool(plan.read_drops)))
 
 
@@ -162,16 +163,19 @@ def _worth_trying(lowering: Lowering, ladder: Ladder) -> bool:
 def lowered(ladder: Ladder, candidates: list[Candidate]) -> list[Candidate]:
     """Each candidate in the form each lowering gives, where it changes the candidate (an unpruned candidate too:
     the input may be pruned already)."""
-    out = []
+    out, seen = [], set()
     for lowering in lowerings():
         if not _worth_trying(lowering, ladder):
             continue
-        for candidate in candidates:
+        for index, candidate in enumerate(candidates):
             plan = candidate.result.report.plan
             if lowering.acts_on is not None and not lowering.acts_on(plan):
                 continue
             result = ladder.pruner.build(plan, [lowering.make()])
-            if result.report.passes[-1].result.modified:  # the lowering's own record (after any it required)
+            record = result.report.passes[-1]  # the lowering's own (after any pass it required)
+            same_form = (index, record.name, tuple(record.result.details.get("rewritten", ())))
+            if record.result.modified and same_form not in seen:  # two lowerings rewriting the same nodes: one
+                seen.add(same_form)
                 out.append(dataclasses.replace(candidate, result=result, lowering=lowering))
     return out
 
