@@ -149,3 +149,13 @@ def test_target_times_the_candidate_with_its_kept_pixels_gathered_as_rows():
     names = [a["attempt"] for a in result.report.latency["attempts"]]
     assert any(n.endswith("kept inputs gathered as rows") for n in names), names
     assert same_outputs(model, result.model)
+
+
+def test_target_times_an_already_pruned_model_with_its_kept_pixels_gathered_as_rows():
+    from onnxprune.api import prune_model
+
+    pruned = prune_checked(gated_image_mlp(side=12)).model
+    result = prune_model(pruned, target="ort-cpu", threads=1, batch=8)
+    attempts = result.report.latency["attempts"]
+    assert [a for a in attempts if a["attempt"].endswith("kept inputs gathered as rows")], attempts
+    assert same_outputs(pruned, result.model)

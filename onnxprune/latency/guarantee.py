@@ -57,8 +57,8 @@ class Lowering:
     make: Callable[[], GraphPass]
     label: str  # the candidate's label in "{}"
     needs_finite: bool = False  # exact only where the input model's activations are finite (tried with assume_finite)
-    # Which plans' rewrites add what the lowering changes; None: it changes what the input has (tried there first).
-    acts_on: Callable[[PrunePlan], bool] | None = None
+    # Plans whose rewrite adds what the lowering changes (tried on them even where the input has nothing it changes)
+    also_on: Callable[[PrunePlan], bool] | None = None
 
 
 def lowerings() -> tuple[Lowering, ...]:
@@ -68,7 +68,7 @@ def lowerings() -> tuple[Lowering, ...]:
 
     return (Lowering(PoolPhasesPass, "{}, conv+pool in phases", needs_finite=True),
             Lowering(lambda: PoolPhasesPass(first_only=True), "{}, first conv+pool in phases", needs_finite=True),
-            Lowering(GatherRowsPass, "{}, kept inputs gathered as rows", acts_on=lambda plan: bool(plan.read_drops)))
+            Lowering(GatherRowsPass, "{}, kept inputs gathered as rows", also_on=lambda plan: bool(plan.read_drops)))
 
 
 def time_side_by_side(
@@ -152,12 +152,12 @@ class Ladder:
                               "output_ms": ms[candidate.label], "accepted": accepted})
 
 
-def _worth_trying(lowering: Lowering, ladder: Ladder) -> bool:
-    """Whether ``lowering`` may change a candidate: allowed by the finiteness it needs, and (when it acts on what
-    the input has) changing the prepared input."""
+def _changes_input(lowering: Lowering, ladder: Ladder) -> bool | None:
+    """Whether ``lowering`` changes the prepared input; None if it may not run (it needs finite activations and
+    ``assume_finite`` is off)."""
     if lowering.needs_finite and not ladder.pruner.assume_finite:
-        return False
-    return lowering.acts_on is not None or lowering.make()(ladder.pruner.graph.copy()).modified
+        return None
+    return lowering.make()(ladder.pruner.graph.copy()).modified
 
 
 def lowered(ladder: Ladder, candidates: list[Candidate]) -> list[Candidate]:
@@ -165,11 +165,12 @@ def lowered(ladder: Ladder, candidates: list[Candidate]) -> list[Candidate]:
     the input may be pruned already)."""
     out, seen = [], set()
     for lowering in lowerings():
-        if not _worth_trying(lowering, ladder):
+        on_input = _changes_input(lowering, ladder)
+        if on_input is None or (not on_input and lowering.also_on is None):
             continue
         for index, candidate in enumerate(candidates):
             plan = candidate.result.report.plan
-            if lowering.acts_on is not None and not lowering.acts_on(plan):
+            if not on_input and not lowering.also_on(plan):
                 continue
             result = ladder.pruner.build(plan, [lowering.make()])
             record = result.report.passes[-1]  # the lowering's own (after any pass it required)
