@@ -159,3 +159,27 @@ def test_target_times_an_already_pruned_model_with_its_kept_pixels_gathered_as_r
     attempts = result.report.latency["attempts"]
     assert [a for a in attempts if a["attempt"].endswith("kept inputs gathered as rows")], attempts
     assert same_outputs(pruned, result.model)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_torchvision_mlp_from_both_exporters_reads_its_kept_inputs_as_rows(exporter):
+    """torchvision.ops.MLP with half its input features read only by zero weights: --assume-finite drops them
+    through a Gather, which gather-rows reads as rows; the target times that form too."""
+    torch = pytest.importorskip("torch")
+    from onnxprune.api import prune_model
+    from onnxprune.torch_export import export_onnx
+    from tests.vision import import_torchvision
+
+    torch.manual_seed(0)
+    mlp = import_torchvision().ops.MLP(64, [32, 16, 10]).eval()
+    with torch.no_grad():
+        mlp[0].weight[:, ::2] = 0
+    model = export_onnx(mlp, torch.rand(2, 64), exporter=exporter)
+    pruned = prune_model(model, target="none", assume_finite=True).model
+    out, result = lowered(pruned)
+    assert result.modified and [attr(n, "axis") for n in nodes_of(out, "Gather")] == [0]
+    assert same_outputs(model, out)
+    chosen = prune_model(model, target="ort-cpu", threads=1, batch=64, assume_finite=True)
+    attempts = [a["attempt"] for a in chosen.report.latency["attempts"]]
+    assert any(a.endswith("kept inputs gathered as rows") for a in attempts), attempts
