@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -36,16 +37,25 @@ def _latency_cache(tmp_path_factory):
         os.environ["ONNXPRUNE_CACHE_DIR"] = old
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op torch thread for the test: on a shared, busy CPU, threads wait on each other (tiny nets run
+@contextlib.contextmanager
+def single_torch_thread():
+    """One intra-op torch thread while open: on a shared, busy CPU, threads wait on each other (tiny nets run
     several times slower with two)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test (:func:`single_torch_thread`)."""
+    with single_torch_thread():
+        yield
 
 
 # The slowest cases, run only with `-m slow` (`make test-all`) so the default suite stays near ten minutes on

@@ -37,6 +37,7 @@ import torch
 from onnx import numpy_helper
 
 from tests import attention_models as am
+from tests.conftest import single_torch_thread
 from tests.prune_helpers import layer_widths
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -128,10 +129,8 @@ class Cache:
 
 @pytest.fixture(scope="module")
 def cache():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared, busy CPU: tiny models run faster on one thread
-    yield Cache()
-    torch.set_num_threads(threads)
+    with single_torch_thread():  # a shared, busy CPU: tiny models run faster on one thread
+        yield Cache()
 
 
 def float_parameters(model: onnx.ModelProto) -> int:

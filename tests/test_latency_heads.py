@@ -32,6 +32,7 @@ from onnxprune.latency.search import choose_widths
 from onnxprune.latency.target import Int8Target, Target
 from onnxprune.modelio import as_loaded
 from onnxprune.pruner import Pruner
+from tests.conftest import single_torch_thread
 from tests.graphs import GraphBuilder
 from tests.prune_helpers import layer_widths, same_outputs
 
@@ -81,10 +82,8 @@ class Exports:
 
 @pytest.fixture(scope="module")
 def exports():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Exports()
-    torch.set_num_threads(threads)
+    with single_torch_thread():  # a shared, busy CPU: tiny models run faster on one thread
+        yield Exports()
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from tests import rotary_models as rm
+from tests.conftest import single_torch_thread
 from tests.graphs import GraphBuilder, group_of_tensor, prune_ok
 from tests.prune_helpers import layer_widths
 from tests.test_attention_heads import Exported, assert_same_outputs, prune_exported
@@ -154,10 +155,8 @@ class _Exports:
 
 @pytest.fixture(scope="module")
 def exports():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared, busy CPU: tiny models run faster on one thread
-    yield _Exports()
-    torch.set_num_threads(threads)
+    with single_torch_thread():  # a shared, busy CPU: tiny models run faster on one thread
+        yield _Exports()
 
 
 @pytest.mark.parametrize(("name", "exporter"), _params(DEFAULT))
