@@ -31,10 +31,14 @@ PAPER = RESULTS / "paper-table"
 CIFAR_DIR = ROOT / "benchmarks" / "work" / "deploy"
 SETTINGS = (("ORT CPU", 1), ("ORT CPU", 2), ("OpenVINO CPU", 2))
 BATCHES = (1, 64)
-VARIANTS = ("dense fp32", "dense int8", "pruned fp32", "pruned int8", "pruned fp32, --target")
+VARIANTS = ("dense fp32", "dense int8", "pruned fp32", "pruned int8", "pruned fp32, --target", "pruned int8, --target")
 # The pruned float32 model after `onnxprune prune --target ort-cpu --threads 1 --batch 64 --assume-finite`: nothing
 # is left to delete, so the target times the forms its lowerings give (conv+pool in phases, kept pixels read as rows)
 TARGET = {"target": "ort-cpu", "threads": 1, "batch": 64, "assume_finite": True}
+# The pruned float32 model after `onnxprune prune --target ort-cpu-int8 --threads 1 --batch 64 --assume-finite` (the
+# forms timed quantized), then `onnxprune deploy --batch 64`: the layers measured slower in int8 at batch 64 stay float32
+INT8_TARGET = {**TARGET, "target": "ort-cpu-int8"}
+INT8_TARGET_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,17 @@ def nets(cifar_dir: Path) -> dict[str, Net]:
     }
 
 
-def deployed(source: Path, runtime: str, net: Net, data_dir: str | None, folder: Path, samples: int) -> tuple[Path, dict]:
-    """`onnxprune deploy --precision int8` of ``source`` for ``runtime`` into ``folder``: (the model file, its report)."""
+def deployed(source: Path, runtime: str, net: Net, data_dir: str | None, folder: Path, samples: int,
+             batch: int = 1) -> tuple[Path, dict]:
+    """`onnxprune deploy --precision int8` of ``source`` for ``runtime`` into ``folder``, on ORT leaving in float32 the
+    layers measured slower in int8 at ``batch``: (the model file, its report)."""
     from onnxprune.deploy import deploy
+    from onnxprune.deploy.keep_float import SlowerInInt8
 
+    keep = SlowerInInt8(1, batch) if runtime == "ort" else None
     result = deploy(source, folder, runtime=runtime, precision="int8", calibration=net.data, data_dir=data_dir,
-                    threads=1, min_agreement=0.95, calibration_samples=samples, check_samples=1000, timing_budget_s=0.5)
+                    threads=1, min_agreement=0.95, keep_float=keep, calibration_samples=samples, check_samples=1000,
+                    timing_budget_s=0.5)
     name = "model.onnx" if runtime == "ort" else "model.xml"
     return folder / name, result.report
 
@@ -106,19 +115,22 @@ def variant_files(net: Net, data_dir: str | None, scratch: Path, samples: int) -
             path, report = deployed(source, runtime, net, data_dir, scratch / f"{which}-{runtime}", samples)
             files[runtime][f"{which} int8"] = path
             reports[f"{which} int8 {runtime}"] = report
-    targeted, reports["pruned fp32, --target"] = for_target(net.pruned, scratch / "pruned-target.onnx")
+    targeted, reports["pruned fp32, --target"] = for_target(net.pruned, scratch / "pruned-target.onnx", TARGET)
+    for_int8, reports["pruned int8, --target"] = for_target(net.pruned, scratch / "pruned-int8-target.onnx", INT8_TARGET)
     for runtime in files:
         files[runtime]["pruned fp32, --target"] = targeted
+        files[runtime]["pruned int8, --target"], reports[f"pruned int8, --target {runtime}"] = deployed(
+            for_int8, runtime, net, data_dir, scratch / f"int8-target-{runtime}", samples, batch=INT8_TARGET_BATCH)
     return files, reports
 
 
-def for_target(source: Path, output: Path) -> tuple[Path, dict]:
-    """``source`` through `onnxprune prune` with :data:`TARGET`: (the file, the attempt the target kept)."""
+def for_target(source: Path, output: Path, options: dict) -> tuple[Path, dict]:
+    """``source`` through `onnxprune prune` with ``options``: (the file, the attempt the target kept)."""
     from onnxprune.api import prune_model
 
-    result = prune_model(source, output=output, **TARGET)
+    result = prune_model(source, output=output, **options)
     latency = result.report.latency
-    return output, {"target": TARGET, "accepted": latency["accepted"], "attempts": latency["attempts"]}
+    return output, {"target": options, "accepted": latency["accepted"], "attempts": latency["attempts"]}
 
 
 def measure_net(net: Net, data_dir: str | None, rounds: int, budget_s: float, samples: int) -> dict:
@@ -133,8 +145,8 @@ def measure_net(net: Net, data_dir: str | None, rounds: int, budget_s: float, sa
         out = {"sizes": {k: _size(p) for k, p in files["ort"].items()},
                "openvino_sizes": {k: _size(p) for k, p in files["openvino"].items()},
                "macs": {k: inspect_model(getattr(net, k))[2].macs for k in ("dense", "pruned")},  # the target's: as pruned
-               "errors": {}, "latency_ms": {}, "deploy": {k: _deploy_summary(r) for k, r in reports.items() if "int8" in k},
-               "target": reports["pruned fp32, --target"]}
+               "errors": {}, "latency_ms": {}, "deploy": {k: _deploy_summary(r) for k, r in reports.items() if k.endswith((" ort", " openvino"))},
+               "target": reports["pruned fp32, --target"], "int8_target": reports["pruned int8, --target"]}
         for runtime_label, threads in SETTINGS:
             runtime = "ort" if runtime_label.startswith("ORT") else "openvino"
             make = ort_runner if runtime == "ort" else openvino_runner

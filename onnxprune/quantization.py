@@ -134,9 +134,11 @@ def quantize_static_int8(
     *,
     settings: Int8Settings = Int8Settings(),
     exclude: Sequence[str] = (),
+    keep_int8: bool = True,
 ) -> onnx.ModelProto:
     """``model`` with its Conv/Gemm/MatMul layers (but those named in ``exclude``) in int8, QDQ, calibrated on
-    ``feeds`` (input name -> batch)."""
+    ``feeds`` (input name -> batch). ``keep_int8``: activations stay int8 through ops that only move or compare
+    values (passes.int8_movement; exact, and what ONNX Runtime's QDQ fusions need to keep them int8)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     activation = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[settings.activations]
@@ -151,7 +153,28 @@ def quantize_static_int8(
                         activation_type=activation, weight_type=QuantType.QInt8,
                         nodes_to_exclude=list(exclude) or None, calibrate_method=method,
                         extra_options={"CalibTensorRangeSymmetric": False})
-        return onnx.load(str(out))
+        quantized = onnx.load(str(out))
+    return int8_through_moves(quantized) if keep_int8 else quantized
+
+
+def int8_through_moves(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (QDQ) with its activations kept int8 through SpaceToDepth, Split, Max and the like (exact)."""
+    from onnxprune.graphio import to_graph, to_model
+    from passes.int8_movement import Int8MovementPass
+
+    graph = to_graph(model)
+    result = Int8MovementPass()(graph)
+    if not result.modified:
+        return model
+    logger.debug("int8-movement: %s", result.summary)
+    moved = to_model(graph, model)
+    # the graph inputs the quantizer wrote that are still there (to_model lists every initializer of an IR < 4
+    # model as an input: ONNX Runtime would then keep them as inputs in the ORT format)
+    names = {i.name for i in moved.graph.input}
+    kept = [i for i in model.graph.input if i.name in names]
+    del moved.graph.input[:]
+    moved.graph.input.extend(kept)
+    return moved
 
 
 def quantize_dynamic_int8(model: onnx.ModelProto, *, exclude: Sequence[str] = ()) -> onnx.ModelProto:

@@ -13,6 +13,7 @@ from passes.fold_bias_add import FoldBiasAddPass
 from passes.fold_constants import FoldConstantsPass
 from passes.fold_input_scale import FoldChannelScalePass, FoldInputScalePass
 from passes.gather_rows import GatherRowsPass
+from passes.int8_movement import Int8MovementPass
 from passes.pool_phases import PoolPhasesPass
 from passes.prune_channels import PruneChannelsPass
 from passes.remove_identity import RemoveIdentityPass
@@ -36,6 +37,7 @@ PASSES: dict[str, type[GraphPass]] = {
         PruneChannelsPass,
         GatherRowsPass,
         PoolPhasesPass,
+        Int8MovementPass,
     )
 }
 

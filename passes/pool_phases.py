@@ -4,13 +4,17 @@ The pool's output at (i, j) is the largest of the conv's outputs at (s*i + a, s*
 After SpaceToDepth(s) of the conv's input, the conv output of phase (a, b) is a stride-1 conv with a kernel of
 ceil((K + s - 1) / s) taps whose weights are the original taps moved to where SpaceToDepth put the pixels they read
 (zeros elsewhere). All phases are one Conv with s*s*O outputs (phase after phase), the max over the phases is a
-Split and a Max, and Relu, which commutes with max, comes after it. The conv's zero pads become the phase conv's
-pads, with a Pad node first where the pads at the start are not a multiple of s or the padded-at-start input is
-not a multiple of s long.
+Split and a Max. Relu, which commutes with max, reads the phase conv's output: runtimes fuse it into the conv,
+and an int8 model quantizes the conv's output over [0, max] as the pool's. The conv's zero pads become the phase
+conv's pads, with a Pad node first where the pads at the start are not a multiple of s or the padded-at-start
+input is not a multiple of s long.
 
 One Conv of s*s*O channels on an s-times smaller image, where ORT's NCHWc conv computes output channels in blocks
 of 16: a narrow first layer (pruned LeNet5's conv1, 3 channels) does the work of one block instead of s*s. It
 computes more MACs (the phase kernels are partly zero), so it pays only where measured faster.
+
+With ``int8_kernels`` the phase conv gets zero output channels up to what ONNX Runtime's CPU int8 conv runs
+without im2col (:func:`int8_padding`; LeNet5's conv1: 12 -> 16), split off into a part nobody reads.
 
 Exact where the conv's input is finite: a phase kernel's zeros multiply pixels the original conv does not read for
 that phase, and ``0 * inf`` is NaN (the condition of ``--assume-finite``).
@@ -216,40 +220,71 @@ def _blocks(site: Site, graph: gs.Graph, names: NameSource) -> gs.Variable:
     return blocks
 
 
-def _phase_conv(site: Site, blocks: gs.Variable, names: NameSource) -> gs.Variable:
-    """Turn the site's Conv (kept, with its name) into the phase conv reading ``blocks``; returns its output."""
+def int8_padding(outputs: int) -> int:
+    """Zero output channels that bring ``outputs`` to a count ONNX Runtime's CPU int8 conv runs without im2col:
+    MLAS's symmetric int8 kernel takes 16 or more output channels in a multiple of 8 (AVX2; 4 on AVX-512), and
+    input channels in a multiple of 4 (a phase conv with s = 2 has 4 * C)."""
+    return max(16, -(-outputs // 8) * 8) - outputs
+
+
+def _phase_conv(site: Site, blocks: gs.Variable, names: NameSource, padding: int) -> gs.Variable:
+    """Turn the site's Conv (kept, with its name) into the phase conv reading ``blocks``, with ``padding`` zero
+    output channels after the phases; returns its output."""
     conv, s = site.conv, site.stride
     h, w = site.axes
     conv.inputs[0] = blocks
-    set_const_input(conv, 1, phase_weight(site.weight, s, (h.taps, w.taps)), names)
+    weight = phase_weight(site.weight, s, (h.taps, w.taps))
+    set_const_input(conv, 1, np.concatenate([weight, np.zeros((padding, *weight.shape[1:]), weight.dtype)]), names)
     if site.bias is not None:
-        set_const_input(conv, 2, np.tile(np.asarray(site.bias).reshape(-1), s * s), names)
+        bias = np.tile(np.asarray(site.bias).reshape(-1), s * s)
+        set_const_input(conv, 2, np.concatenate([bias, np.zeros(padding, bias.dtype)]), names)
     conv.attrs.pop("auto_pad", None)
     conv.attrs.update(kernel_shape=[h.taps, w.taps], pads=[h.conv_before, w.conv_before, h.conv_after, w.conv_after],
                       strides=[1, 1], dilations=[1, 1])
-    phases = _variable(names, f"{conv.name}_phases", blocks, [blocks.shape[0], s * s * site.weight.shape[0], h.pooled, w.pooled])
+    channels = len(weight) + padding
+    phases = _variable(names, f"{conv.name}_phases", blocks, [blocks.shape[0], channels, h.pooled, w.pooled])
     conv.outputs[0] = phases
     return phases
 
 
-def rewrite(site: Site, graph: gs.Graph, names: NameSource, opset: int) -> None:
-    """Compute ``site`` in phases: [Pad ->] SpaceToDepth -> phase Conv -> Split -> Max [-> Relu] writes the pool's
-    output; the old Relu and MaxPool are left for cleanup."""
-    s, tag = site.stride, site.conv.name
-    phases = _phase_conv(site, _blocks(site, graph, names), names)
-    shape = [phases.shape[0], site.weight.shape[0], *phases.shape[2:]]
-    parts = [_variable(names, f"{tag}_phase_{k}", phases, shape) for k in range(s * s)]
-    split = {"axis": 1, **({"num_outputs": s * s} if opset >= 18 else {})}  # equal parts: no split sizes before 18
-    graph.nodes.append(gs.Node("Split", names.fresh(f"{tag}_phase_Split"), split, [phases], parts))
+def _rectified(site: Site, phases: gs.Variable, names: NameSource) -> gs.Variable:
+    """The site's Relu (if any) moved to read the phase conv's output, where runtimes fuse it into the conv
+    (Relu commutes with the max over phases); its output, or ``phases`` where there is no Relu."""
+    if site.relu is None:
+        return phases
+    rectified = _variable(names, f"{site.conv.name}_phases_relu", phases, list(phases.shape))
+    site.relu.inputs[0], site.relu.outputs[0] = phases, rectified
+    return rectified
+
+
+def _split(site: Site, source: gs.Variable, padding: int, graph: gs.Graph, names: NameSource,
+           opset: int) -> list[gs.Variable]:
+    """A Split of ``source`` into the s*s phases (and the padding, a part nobody reads): the phases' tensors."""
+    s, tag, out = site.stride, site.conv.name, site.weight.shape[0]
+    shape = [source.shape[0], out, *source.shape[2:]]
+    parts = [_variable(names, f"{tag}_phase_{k}", source, shape) for k in range(s * s)]
+    outputs, attrs, inputs = list(parts), {"axis": 1}, [source]
+    if padding:
+        outputs.append(_variable(names, f"{tag}_phase_padding", source, [shape[0], padding, *shape[2:]]))
+        sizes = np.array([out] * (s * s) + [padding], dtype=np.int64)
+        if opset >= 13:
+            inputs.append(gs.Constant(names.fresh(f"{tag}_phase_sizes"), sizes))
+        else:
+            attrs["split"] = [int(v) for v in sizes]
+    elif opset >= 18:
+        attrs["num_outputs"] = s * s  # equal parts: no split sizes before 18
+    graph.nodes.append(gs.Node("Split", names.fresh(f"{tag}_phase_Split"), attrs, inputs, outputs))
+    return parts
+
+
+def rewrite(site: Site, graph: gs.Graph, names: NameSource, opset: int, padding: int = 0) -> None:
+    """Compute ``site`` in phases: [Pad ->] SpaceToDepth -> phase Conv [-> Relu] -> Split -> Max writes the pool's
+    output; the old MaxPool is left for cleanup."""
+    phases = _phase_conv(site, _blocks(site, graph, names), names, padding)
+    parts = _split(site, _rectified(site, phases, names), padding, graph, names, opset)
     pooled = site.pool.outputs[0]
     site.pool.outputs.clear()
-    if site.relu is None:
-        graph.nodes.append(gs.Node("Max", names.fresh(f"{tag}_phase_Max"), {}, parts, [pooled]))
-        return
-    largest = _variable(names, f"{tag}_phase_max", phases, shape)
-    graph.nodes.append(gs.Node("Max", names.fresh(f"{tag}_phase_Max"), {}, parts, [largest]))
-    site.relu.inputs[0] = largest
-    site.relu.outputs[0] = pooled
+    graph.nodes.append(gs.Node("Max", names.fresh(f"{site.conv.name}_phase_Max"), {}, parts, [pooled]))
 
 
 class PoolPhasesPass(GraphPass):
@@ -258,8 +293,10 @@ class PoolPhasesPass(GraphPass):
                "(exact where the conv's input is finite)")
     requires = frozenset({"shapes"})
 
-    def __init__(self, first_only: bool = False) -> None:
+    def __init__(self, first_only: bool = False, int8_kernels: bool = False) -> None:
         self.first_only = first_only  # only the first site in graph order (a net's narrow first layer)
+        # zero output channels added where ORT's int8 conv needs them to skip im2col (see int8_padding)
+        self.int8_kernels = int8_kernels
 
     def call(self, graph: gs.Graph) -> PassResult:
         outputs, opset, names = {id(t) for t in graph.outputs}, opset_version(graph), NameSource(graph)
@@ -274,7 +311,8 @@ class PoolPhasesPass(GraphPass):
                 refused[conv.name] = site
                 logger.debug("pool-phases: %s stays: %s", conv.name, site)
                 continue
-            rewrite(site, graph, names, opset)
+            outputs_count = site.stride ** 2 * site.weight.shape[0]
+            rewrite(site, graph, names, opset, int8_padding(outputs_count) if self.int8_kernels else 0)
             rewritten.append(conv.name)
         if rewritten:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()

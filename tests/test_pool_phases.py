@@ -29,10 +29,10 @@ def assert_same_function(a: onnx.ModelProto, b: onnx.ModelProto, rtol: float = 1
         assert np.abs(x - y).max() <= rtol * max(np.abs(x).max(), 1e-12)
 
 
-def in_phases(model: onnx.ModelProto, *, report: bool = False, first_only: bool = False):
+def in_phases(model: onnx.ModelProto, *, report: bool = False, first_only: bool = False, int8_kernels: bool = False):
     """The pass's result on ``model`` (the model checked on ORT by run_passes too) and the pass's record (and the
     run's report)."""
-    result = run_passes(model, [PoolPhasesPass(first_only=first_only)])
+    result = run_passes(model, [PoolPhasesPass(first_only=first_only, int8_kernels=int8_kernels)])
     return (result.model, result.report.passes[-1].result) + ((result.report,) if report else ())
 
 
@@ -69,6 +69,36 @@ def test_pruned_lenet5_in_phases_computes_the_same_function():
     conv1 = next(n for n in out.graph.node if n.name == "/conv1/Conv")
     weights = {t.name: t for t in out.graph.initializer}
     assert list(weights[conv1.input[1]].dims) == [4 * 3, 4 * 1, 3, 3]  # 4 phases of 3 channels, 3x3 phase taps
+    assert_same_function(model, out)
+
+
+def test_relu_reads_the_phase_conv_so_runtimes_fuse_it():
+    out, _ = in_phases(conv_pool(relu=True))
+    (relu,) = nodes_of(out, "Relu")
+    (conv,) = nodes_of(out, "Conv")
+    (split,) = nodes_of(out, "Split")
+    assert relu.input[0] == conv.output[0] and split.input[0] == relu.output[0]
+
+
+@pytest.mark.parametrize("cout, outputs", [(3, 16), (5, 24), (4, 16), (8, 32)])
+def test_int8_kernels_pad_the_phase_conv_to_what_ort_int8_runs_without_im2col(cout, outputs):
+    model = conv_pool(cout=cout)
+    out, result = in_phases(model, int8_kernels=True)
+    assert result.modified
+    weights = {t.name: t for t in out.graph.initializer}
+    (conv,) = nodes_of(out, "Conv")
+    assert weights[conv.input[1]].dims[0] == outputs
+    (split,) = nodes_of(out, "Split")
+    assert len(split.output) == 4 + (outputs > 4 * cout)
+    assert_same_function(model, out)
+
+
+def test_int8_kernels_pad_with_a_split_attribute_before_opset_13():
+    model = conv_pool(cout=3)
+    model.opset_import[0].version = 12
+    out, _ = in_phases(model, int8_kernels=True)
+    (split,) = nodes_of(out, "Split")
+    assert [list(a.ints) for a in split.attribute if a.name == "split"] == [[3, 3, 3, 3, 4]]
     assert_same_function(model, out)
 
 

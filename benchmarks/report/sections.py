@@ -228,7 +228,8 @@ def tvbi_batchnorm(run: str, r: dict) -> dict:
             "turbo_vbi": r["config"]["turbo_vbi"], "table": table}
 
 
-DEPLOY_VARIANTS = ("dense fp32", "dense int8", "pruned fp32", "pruned int8", "pruned fp32, --target")
+DEPLOY_VARIANTS = ("dense fp32", "dense int8", "pruned fp32", "pruned int8", "pruned fp32, --target",
+                   "pruned int8, --target")
 
 
 def _deploy_row(label: str, variant: str, net: dict) -> list[str]:
@@ -271,7 +272,24 @@ def _deploy_checks(label: str, net: dict) -> str:
             f"smaller than dense int8 (parameters, fp32 files: {size['dense fp32'] / size['pruned fp32']:.2f}x); "
             f"pruned int8 faster than both pruned fp32 and dense int8 at 1 thread: batch 64 "
             f"{faster['64']}, batch 1 {faster['1']}; layers ORT keeps in float32 (measured slower in int8 at 1 thread): "
-            + (", ".join(f"`{k}`" for k in kept) if kept else "none") + target)
+            + (", ".join(f"`{k}`" for k in kept) if kept else "none") + target + _int8_target_checks(net, b64, b1))
+
+
+def _int8_target_checks(net: dict, b64: dict, b1: dict) -> str:
+    """The int8 row after `--target ort-cpu-int8`: against pruned fp32 and dense int8, and against the fastest
+    float32 form (`--target ort-cpu`)."""
+    variant = "pruned int8, --target"
+    if variant not in b64:
+        return ""
+    gap = 100 * (net["errors"]["ort"][variant] - net["errors"]["ort"]["pruned fp32"])
+    kept = net["deploy"][f"{variant} ort"]["layers_kept_float"]
+    return (f"; after `--target ort-cpu-int8` ('{net['int8_target']['accepted']}', layers kept float32 at batch 64: "
+            + (", ".join(f"`{k}`" for k in kept) if kept else "none")
+            + f"): error {gap:+.2f} points against pruned fp32; faster than both pruned fp32 and dense int8: batch 64 "
+            f"{_against(b64[variant], b64['pruned fp32'], b64['dense int8'])}, batch 1 "
+            f"{_against(b1[variant], b1['pruned fp32'], b1['dense int8'])}; faster than pruned fp32 after `--target "
+            f"ort-cpu`: batch 64 {_against(b64[variant], b64['pruned fp32, --target'])}, batch 1 "
+            f"{_against(b1[variant], b1['pruned fp32, --target'])}")
 
 
 def deploy(run: str, r: dict) -> dict:

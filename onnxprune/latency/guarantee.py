@@ -61,13 +61,16 @@ class Lowering:
     also_on: Callable[[PrunePlan], bool] | None = None
 
 
-def lowerings() -> tuple[Lowering, ...]:
-    """The lowerings tried on each candidate (passes are imported here: they import the library)."""
+def lowerings(target: Target | None = None) -> tuple[Lowering, ...]:
+    """The lowerings tried on each candidate on ``target`` (passes are imported here: they import the library).
+    On an int8 target the phase convs get the output channels ORT's int8 conv runs without im2col."""
     from passes.gather_rows import GatherRowsPass
     from passes.pool_phases import PoolPhasesPass
 
-    return (Lowering(PoolPhasesPass, "{}, conv+pool in phases", needs_finite=True),
-            Lowering(lambda: PoolPhasesPass(first_only=True), "{}, first conv+pool in phases", needs_finite=True),
+    int8 = target is not None and target.precision == "int8"
+    return (Lowering(lambda: PoolPhasesPass(int8_kernels=int8), "{}, conv+pool in phases", needs_finite=True),
+            Lowering(lambda: PoolPhasesPass(first_only=True, int8_kernels=int8), "{}, first conv+pool in phases",
+                     needs_finite=True),
             Lowering(GatherRowsPass, "{}, kept inputs gathered as rows", also_on=lambda plan: bool(plan.read_drops)))
 
 
@@ -164,7 +167,7 @@ def lowered(ladder: Ladder, candidates: list[Candidate]) -> list[Candidate]:
     """Each candidate in the form each lowering gives, where it changes the candidate (an unpruned candidate too:
     the input may be pruned already)."""
     out, seen = [], set()
-    for lowering in lowerings():
+    for lowering in lowerings(ladder.target):
         on_input = _changes_input(lowering, ladder)
         if on_input is None or (not on_input and lowering.also_on is None):
             continue
