@@ -391,7 +391,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         args.input, args.output, runtime=args.runtime, precision=args.precision, calibration=args.calibration,
         data_dir=args.data_dir, min_agreement=args.min_agreement, threads=args.threads, int8_mode=args.int8_mode,
         keep_float=_keep_float_choice(args.keep_float), calibration_samples=args.calibration_samples,
-        check_samples=args.check_samples, timing_budget_s=args.timing_budget, report_path=args.report,
+        check_samples=args.check_samples, timing_budget_s=args.timing_budget, batch=args.batch, report_path=args.report,
         progress=not args.quiet,
     )
     if not args.quiet:
@@ -569,7 +569,7 @@ DEPLOY_DESCRIPTION = (
     "model.ort (ORT format for ORT Mobile) and required_operators.config (for a reduced-size build), for OpenVINO its "
     "IR (model.xml, model.bin). Every artifact is run on held-out data against the float32 input (top-1 agreement, "
     "test error with labels); below --min-agreement nothing is written and the exit code is 2. Then each is timed "
-    "at batch 1 with 1 thread and with --threads, side by side, and DIR/deploy.json records it all.")
+    "at --batch with 1 thread and with --threads, side by side, and DIR/deploy.json records it all.")
 
 
 def _add_deploy(sub) -> None:
@@ -590,6 +590,10 @@ def _add_deploy(sub) -> None:
                    help=f"least top-1 agreement with the float32 input on held-out data (default {options.MIN_AGREEMENT})")
     p.add_argument("--threads", type=int, default=options.THREADS, metavar="N",
                    help=f"thread count of the second latency column, beside 1 thread (default {options.THREADS})")
+    p.add_argument("--batch", type=int, metavar="N",
+                   help="batch size to be fast at (default 1): int8 leaves in float32 the layers measured slower at "
+                        "this batch, and rows are timed at it. A model whose batch is fixed at K: default K, any "
+                        "other N refused")
     p.add_argument("--int8-mode", choices=options.INT8_MODES, default="auto", help=options.DYNAMIC_RULE)
     p.add_argument("--keep-float", default="auto", metavar="auto|none|NAMES",
                    help="layers int8 leaves in float32: auto (on ort: those measured slower in int8, where this onnxprune "

@@ -502,4 +502,5 @@ def deploy_summary(report: dict) -> str | None:
     from onnxprune.deploy.report import deploy_table
 
     deployed = report["deploy"]
-    return f"pruned.onnx deployed ({deployed['settings']['precision']}, ORT CPU, batch 1):\n" + deploy_table(deployed)
+    where = f"{deployed['settings']['precision']}, ORT CPU, batch {deployed['timing']['batch']}"
+    return f"pruned.onnx deployed ({where}):\n" + deploy_table(deployed)

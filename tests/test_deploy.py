@@ -165,7 +165,7 @@ def test_the_cli_prints_a_table_and_writes_the_report_where_asked(tmp_path, caps
                              "--calibration", "digits", "--check-samples", "100", "--timing-budget", "0.05",
                              "--report", str(tmp_path / "r.json"), "--threads", "1")
     assert code == 0, err
-    assert "ms, 1 thread" in out and "model.ort (fp16)" in out and "wrote" in out
+    assert "ms, 1 thread" in out and "model.ort (fp16)" in out and "wrote" in out and "timed at batch 1 on" in out
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["precision"] == "fp16"
 
 
@@ -251,6 +251,41 @@ def test_keep_float_defaults_to_measured_layers_on_ort_and_none_elsewhere(monkey
     keep = SlowerInInt8(threads=1)
     assert keep.layers(tied_logits_model()) == [] and "not available" in keep.describe()
 
+
+
+def gemm_model(batch: int | str = "batch") -> onnx.ModelProto:
+    """One Gemm, 16 features to 10 well-separated logits; ``batch`` fixes the batch size where it is an int."""
+    w = np.random.default_rng(0).standard_normal((16, 10)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc")], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_deploy_at_batch_8_measures_keep_float_and_times_rows_at_batch_8(tmp_path):
+    model = tmp_path / "gemm.onnx"
+    onnx.save(gemm_model(), model)
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(1).random((20, 16), dtype=np.float32))  # 4 held out
+    result = deploy(model, tmp_path / "out", calibration=tmp_path / "data.npz", batch=8, threads=1, min_agreement=0.0,
+                    timing_budget_s=0.05)
+    assert result.report["timing"]["batch"] == 8 and "at batch 8" in result.report["timing"]["method"]
+    assert "batch 8" in result.report["conversion"]["keep_float"]
+    assert keep_float_for(None, runtime="ort", threads=1, batch=8).describe().endswith("batch 8)")
+
+
+def test_batch_0_is_refused_before_anything_is_written(tmp_path, capsys):
+    assert "--batch 0" in refused(capsys, tmp_path, "--precision", "fp32", "--batch", "0")
+
+
+def test_a_fixed_batch_model_is_timed_at_its_batch_and_refuses_another(tmp_path, capsys):
+    model = tmp_path / "fixed.onnx"
+    onnx.save(gemm_model(batch=2), model)
+    result = deploy(model, tmp_path / "ok", precision="fp32", check_samples=10, timing_budget_s=0.05)
+    assert result.report["timing"]["batch"] == 2
+    assert "fixed at 2" in refused(capsys, tmp_path, "--precision", "fp32", "--batch", "4", model=model)
 
 def test_target_choices_come_from_the_latency_targets():
     parser = build_parser()

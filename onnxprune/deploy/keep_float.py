@@ -2,7 +2,8 @@
 
 ``KeepFloat`` is the extension point: its ``layers(model)`` names the nodes to leave in float32; the
 base class keeps none (every layer quantized). ``SlowerInInt8`` asks onnxprune.latency.int8, where
-that module exists, for the layers measured slower in int8 than in float32 on ONNX Runtime's CPU.
+that module exists, for the layers measured slower in int8 than in float32 on ONNX Runtime's CPU at
+the thread count and batch size deploy is fast at.
 """
 
 from __future__ import annotations
@@ -92,12 +93,13 @@ class SlowerInInt8(KeepFloat):
 
 
 def keep_float_for(choice: KeepFloat | Callable[[onnx.ModelProto], list[str]] | Sequence[str] | None, *,
-                   runtime: str, threads: int) -> KeepFloat:
-    """A KeepFloat from what the caller gave: None is the runtime's default (measured on ORT, none elsewhere)."""
+                   runtime: str, threads: int, batch: int = 1) -> KeepFloat:
+    """A KeepFloat from what the caller gave: None is the runtime's default (measured on ORT at ``threads`` and
+    ``batch``, none elsewhere)."""
     if isinstance(choice, KeepFloat):
         return choice
     if choice is None:
-        return SlowerInInt8(threads) if runtime == "ort" else KeepFloat()
+        return SlowerInInt8(threads, batch) if runtime == "ort" else KeepFloat()
     if callable(choice):
         return KeepChosenBy(choice)
     return KeepNamed([str(name) for name in choice])

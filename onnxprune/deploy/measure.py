@@ -1,4 +1,5 @@
-"""Latency of every row at batch 1, timed side by side: interleaved runs, medians, one thread count at a time."""
+"""Latency of every row at the batch deploy is fast at, timed side by side: interleaved runs, medians, one thread
+count at a time."""
 
 from __future__ import annotations
 
@@ -18,10 +19,16 @@ MIN_ROUNDS = 10
 WARMUP_RUNS = 5
 
 
-def batch_one_feed(samples: Samples) -> dict[str, np.ndarray]:
-    """The first held-out sample (the model's fixed batch of them, where its batch is fixed)."""
-    size = samples.fixed_batch or 1
-    return {name: np.ascontiguousarray(x[:size]) for name, x in samples.held_out.items()}
+def timing_feed(samples: Samples, batch: int) -> dict[str, np.ndarray]:
+    """The first ``batch`` held-out samples, as one batch to time."""
+    return {name: _filled(x, batch) for name, x in samples.held_out.items()}
+
+
+def _filled(x: np.ndarray, batch: int) -> np.ndarray:
+    """The first ``batch`` rows of ``x``; where ``x`` has fewer, its rows repeated in order until there are ``batch``
+    (latency depends on the shape, not on which samples fill it)."""
+    rows = np.arange(batch) % len(x)
+    return np.ascontiguousarray(x[rows])
 
 
 def _bound(run: Runner, feed: dict[str, np.ndarray]) -> Callable[[], object]:

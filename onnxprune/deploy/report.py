@@ -1,4 +1,4 @@
-"""deploy's report (deploy.json) and its table: per row, size, latency at batch 1, agreement and error."""
+"""deploy's report (deploy.json) and its table: per row, size, latency at the timed batch, agreement and error."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from onnxprune.deploy.checks import INPUT_LABEL, CheckResult
 from onnxprune.deploy.runtimes import Artifact
 from onnxprune.latency.timing import Timing
 
-TIMING_METHOD = ("medians of interleaved runs at batch 1, every row timed side by side within one thread count; "
-                 "ONNX Runtime sessions with their own pool (spinning off), OpenVINO with INFERENCE_NUM_THREADS, "
-                 "NUM_STREAMS 1, PERFORMANCE_HINT LATENCY, compiled for the timed batch size (a static shape)")
+
+def timing_method(batch: int) -> str:
+    """How deploy timed the rows (the report's "timing" "method")."""
+    return (f"medians of interleaved runs at batch {batch}, every row timed side by side within one thread count; "
+            "ONNX Runtime sessions with their own pool (spinning off), OpenVINO with INFERENCE_NUM_THREADS, "
+            "NUM_STREAMS 1, PERFORMANCE_HINT LATENCY, compiled for the timed batch size (a static shape)")
 
 
 @dataclass
@@ -158,5 +161,6 @@ def deploy_notes(report: dict) -> list[str]:
                      f"{', '.join(openvino['cpu_capabilities'])}): the IR holds float16 weights, computed in f32")
     m = report["machine"]
     load = m["load_average_1_5_15_min_before"]
-    notes.append(f"timed on {m['cpu']} ({m['cpus']} cores" + (f", load average {load[0]:.2f} before deploy" if load else "") + ")")
+    busy = f", load average {load[0]:.2f} before deploy" if load else ""
+    notes.append(f"timed at batch {report['timing']['batch']} on {m['cpu']} ({m['cpus']} cores{busy})")
     return notes
