@@ -62,15 +62,13 @@ def nets(cifar_dir: Path) -> dict[str, Net]:
 
 
 def deployed(source: Path, runtime: str, net: Net, data_dir: str | None, folder: Path, samples: int,
-             batch: int = 1) -> tuple[Path, dict]:
+             batch: int | None = None) -> tuple[Path, dict]:
     """`onnxprune deploy --precision int8` of ``source`` for ``runtime`` into ``folder``, on ORT leaving in float32 the
     layers measured slower in int8 at ``batch``: (the model file, its report)."""
     from onnxprune.deploy import deploy
-    from onnxprune.deploy.keep_float import SlowerInInt8
 
-    keep = SlowerInInt8(1, batch) if runtime == "ort" else None
     result = deploy(source, folder, runtime=runtime, precision="int8", calibration=net.data, data_dir=data_dir,
-                    threads=1, min_agreement=0.95, keep_float=keep, calibration_samples=samples, check_samples=1000,
+                    threads=1, batch=batch, min_agreement=0.95, calibration_samples=samples, check_samples=1000,
                     timing_budget_s=0.5)
     name = "model.onnx" if runtime == "ort" else "model.xml"
     return folder / name, result.report
@@ -145,7 +143,8 @@ def measure_net(net: Net, data_dir: str | None, rounds: int, budget_s: float, sa
         out = {"sizes": {k: _size(p) for k, p in files["ort"].items()},
                "openvino_sizes": {k: _size(p) for k, p in files["openvino"].items()},
                "macs": {k: inspect_model(getattr(net, k))[2].macs for k in ("dense", "pruned")},  # the target's: as pruned
-               "errors": {}, "latency_ms": {}, "deploy": {k: _deploy_summary(r) for k, r in reports.items() if k.endswith((" ort", " openvino"))},
+               "errors": {}, "latency_ms": {},
+               "deploy": {k: _deploy_summary(r) for k, r in reports.items() if k.endswith((" ort", " openvino"))},
                "target": reports["pruned fp32, --target"], "int8_target": reports["pruned int8, --target"]}
         for runtime_label, threads in SETTINGS:
             runtime = "ort" if runtime_label.startswith("ORT") else "openvino"
