@@ -229,6 +229,26 @@ def test_target_times_an_already_pruned_model_in_phases():
     assert_same_function(model, result.model, rtol=1e-4)
 
 
+def test_the_report_says_which_sites_each_timed_lowering_rewrote_and_why_it_left_the_others():
+    model = onnx.load(PRUNED_LENET5)
+    result = prune_model(model, target="ort-cpu", threads=1, batch=4, assume_finite=True)
+    lowered = {a["attempt"]: a["lowering"] for a in result.report.latency["attempts"] if "lowering" in a}
+    first = next(v for k, v in lowered.items() if k.endswith("first conv+pool in phases"))
+    assert first == {"pass": "pool-phases", "rewritten": ["/conv1/Conv"],
+                     "left": {"/conv2/Conv": "only the first site is computed in phases (first_only)"}}
+
+
+def test_an_int8_target_times_phase_convs_padded_for_int8_kernels():
+    from onnxprune.latency.guarantee import lowerings
+    from onnxprune.latency.target import make_target
+
+    def phase_passes(target):
+        return [p for p in (lowering.make() for lowering in lowerings(target)) if isinstance(p, PoolPhasesPass)]
+
+    assert all(p.int8_kernels for p in phase_passes(make_target("ort-cpu-int8", threads=1)))
+    assert not any(p.int8_kernels for p in phase_passes(make_target("ort-cpu", threads=1)))
+
+
 def test_target_does_not_try_phases_without_assume_finite():
     """A phase kernel's zeros multiply pixels the conv does not read there: 0 * inf is NaN."""
     result = prune_model(dead_first_layer(), target="ort-cpu", threads=1, batch=4)

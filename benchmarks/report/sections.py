@@ -77,7 +77,17 @@ def _latency_row(m: dict, b: dict) -> list:
     return [m["model"] + (f" ({', '.join(notes)})" if notes else ""), *reference, f"{lat['input']:.3g} ms",
             f"{b['noise_floor']:.1%}", cell("none"), cell("round16"), "**" + cell("target") + "**",
             b["attempts"] and next(a["attempt"] for a in b["attempts"] if a["accepted"]), f"{b['calibration_s']:.1f} s",
-            "yes" if all(checks.values()) else "no: " + ", ".join(k for k, v in checks.items() if not v)]
+            "yes" if all(checks.values()) else "no: " + ", ".join(k for k, v in checks.items() if not v) + _same_widths(b)]
+
+
+def _same_widths(b: dict) -> str:
+    """For a failing row whose --target model has --round-to 16's MACs (the same widths): how far apart the two
+    were timed, which is this run's noise on one model, not a difference between models."""
+    macs, lat = b.get("macs", {}), b["latency"]
+    if not macs or macs.get("target") != macs.get("round16"):
+        return ""
+    apart = abs(lat["target"]["median_ms"] / lat["round16"]["median_ms"] - 1.0)
+    return f" (its widths are --round-to 16's, same MACs, and the two were timed {apart:.0%} apart)"
 
 
 def _latency_batch(r: dict, batch: int) -> dict:

@@ -151,8 +151,19 @@ class Ladder:
 
     def record_timed(self, candidate: Candidate, ms: dict[str, float], *, accepted: bool) -> None:
         """Record ``candidate``'s measured time beside the input's."""
-        self.attempts.append({"attempt": candidate.label, "removed_channels": candidate.removed, "input_ms": ms["input"],
-                              "output_ms": ms[candidate.label], "accepted": accepted})
+        record = {"attempt": candidate.label, "removed_channels": candidate.removed, "input_ms": ms["input"],
+                  "output_ms": ms[candidate.label], "accepted": accepted}
+        if candidate.lowering is not None:
+            record["lowering"] = lowering_record(candidate)
+        self.attempts.append(record)
+
+
+def lowering_record(candidate: Candidate) -> dict:
+    """What the candidate's lowering pass rewrote, and why it left each other site (for the JSON report)."""
+    last = candidate.result.report.passes[-1]
+    details = last.result.details
+    return {"pass": last.name, "rewritten": list(details.get("rewritten", [])),
+            "left": dict(details.get("refused", details.get("skipped", {})))}
 
 
 def _changes_input(lowering: Lowering, ladder: Ladder) -> bool | None:
