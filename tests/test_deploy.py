@@ -303,3 +303,18 @@ def test_the_api_refuses_an_unknown_runtime_or_precision_and_the_cli_offers_ever
         with pytest.raises(InputError, match="unknown"):
             deploy(LENET5, tmp_path / "out", **settings)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_int8_model_slower_than_its_input_on_ort_is_pointed_to_the_int8_target(deployed):
+    from onnxprune.deploy.report import deploy_notes
+
+    report = json.loads(json.dumps(deployed("ort", "int8").report))
+    for row in report["rows"]:  # the int8 rows timed slower than the input, whatever this machine measured
+        for timing in row["latency_ms"].values():
+            timing["median_ms"] = 1.0 if row["label"].startswith("input") else 2.0
+    hints = [n for n in deploy_notes(report) if "--target ort-cpu-int8" in n]
+    assert len(hints) == 1 and f"--batch {report['timing']['batch']}" in hints[0]
+    for row in report["rows"]:
+        for timing in row["latency_ms"].values():
+            timing["median_ms"] = 1.0
+    assert not any("--target ort-cpu-int8" in n for n in deploy_notes(report))
