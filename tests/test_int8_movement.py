@@ -117,3 +117,51 @@ def test_a_graph_output_written_by_a_move_keeps_its_name_and_values():
     assert result.details["dequantize_later"] == 1
     assert [o.name for o in out.graph.output] == ["y"] and nodes_of(out, "DequantizeLinear")[0].output[0] == "y"
     np.testing.assert_array_equal(outputs(model)[0], outputs(out)[0])
+
+
+def torchvision_vgg_in_phases(exporter: str) -> onnx.ModelProto:
+    """torchvision's VGG layers (1/8 of VGG11's widths) then a classifier, every block's last conv in phases."""
+    torch = pytest.importorskip("torch")
+    from onnxprune.torch_export import export_onnx
+    from tests.vision import import_torchvision
+
+    vgg = import_torchvision().models.vgg
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(vgg.make_layers([8, "M", 16, "M", 32, "M"]), torch.nn.Flatten(), torch.nn.Linear(512, 10))
+    model = export_onnx(net.eval(), torch.rand(1, 3, 32, 32), exporter=exporter)
+    graph = to_graph(model)
+    assert PoolPhasesPass(int8_kernels=True)(graph).modified
+    return to_model(graph, model)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_torchvision_layers_in_phases_from_both_exporters_keep_int8_with_identical_outputs(exporter, one_thread):
+    model = torchvision_vgg_in_phases(exporter)
+    feeds = random_feeds(model, 4, 2)
+    plain = quantize_static_int8(model, feeds, keep_int8=False)
+    kept = quantize_static_int8(model, feeds)
+    assert float_readers(plain, "Max") > 0 and float_readers(kept, "Max") == 0
+    for a, b in zip(outputs(plain, 4), outputs(kept, 4), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_a_timm_vit_keeps_its_outputs_when_its_reshapes_and_transposes_run_on_int8(exporter, one_thread):
+    """A ViT's attention reshapes, transposes and splits its activations: quantized statically, the moves leave
+    every output bit-identical."""
+    torch = pytest.importorskip("torch")
+    from onnxprune.torch_export import export_onnx
+    from tests.vision import import_timm
+
+    torch.manual_seed(0)
+    vit = import_timm().create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                                     num_classes=10).eval()
+    model = export_onnx(vit, torch.rand(1, 3, 32, 32), exporter=exporter)
+    feeds = random_feeds(model, 1, 2)
+    plain = quantize_static_int8(model, feeds, keep_int8=False)
+    graph = to_graph(plain)
+    result = Int8MovementPass()(graph)
+    kept = to_model(graph, plain)
+    for a, b in zip(outputs(plain, 1), outputs(kept, 1), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert result.details["dequantize_later"] > 10 and result.details["pairs_removed"] > 10
