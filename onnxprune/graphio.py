@@ -104,7 +104,7 @@ def to_model(
     del model.metadata_props[:]
     for key, value in props.items():
         model.metadata_props.add(key=key, value=value)
-    if original.ir_version < 4:
+    if original.ir_version < 4 and _lists_its_initializers(original):
         _list_initializers_as_inputs(model, [i.name for i in original.graph.input])
     return model
 
@@ -120,6 +120,13 @@ def _memoised_node_export() -> Iterator[None]:
         yield
     finally:
         OnnxExporter.export_node = previous
+
+
+def _lists_its_initializers(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` lists every initializer as a graph input, as IR < 4 requires (onnxruntime's quantizer
+    writes IR 3 models that do not, and ONNX Runtime runs them: their initializers stay unlisted)."""
+    listed = {i.name for i in model.graph.input}
+    return all(t.name in listed for t in model.graph.initializer)
 
 
 def _list_initializers_as_inputs(model: onnx.ModelProto, original_order: list[str]) -> None:

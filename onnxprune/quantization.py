@@ -167,14 +167,7 @@ def int8_through_moves(model: onnx.ModelProto) -> onnx.ModelProto:
     if not result.modified:
         return model
     logger.debug("int8-movement: %s", result.summary)
-    moved = to_model(graph, model)
-    # the graph inputs the quantizer wrote that are still there (to_model lists every initializer of an IR < 4
-    # model as an input: ONNX Runtime would then keep them as inputs in the ORT format)
-    names = {i.name for i in moved.graph.input}
-    kept = [i for i in model.graph.input if i.name in names]
-    del moved.graph.input[:]
-    moved.graph.input.extend(kept)
-    return moved
+    return to_model(graph, model)
 
 
 def quantize_dynamic_int8(model: onnx.ModelProto, *, exclude: Sequence[str] = ()) -> onnx.ModelProto:

@@ -170,7 +170,5 @@ class Int8MovementPass(GraphPass):
             if not mover.one_round():
                 break
         modified = any(mover.moved.values())
-        if modified:  # the parameters of removed pairs, where an IR < 4 model lists its initializers as inputs
-            graph.inputs = [t for t in graph.inputs if not (isinstance(t, gs.Constant) and not t.outputs)]
         summary = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in mover.moved.items() if n) or "no change"
         return PassResult(modified=modified, summary=summary, details=dict(mover.moved))

@@ -282,7 +282,12 @@ def _deploy_checks(label: str, net: dict) -> str:
             f"smaller than dense int8 (parameters, fp32 files: {size['dense fp32'] / size['pruned fp32']:.2f}x); "
             f"pruned int8 faster than both pruned fp32 and dense int8 at 1 thread: batch 64 "
             f"{faster['64']}, batch 1 {faster['1']}; layers ORT keeps in float32 (measured slower in int8 at 1 thread): "
-            + (", ".join(f"`{k}`" for k in kept) if kept else "none") + target + _int8_target_checks(net, b64, b1))
+            + _layer_names(kept) + target + _int8_target_checks(net, b64, b1))
+
+
+def _layer_names(names: list[str]) -> str:
+    """Layer names in code quotes, or 'none'."""
+    return ", ".join(f"`{k}`" for k in names) if names else "none"
 
 
 def _int8_target_checks(net: dict, b64: dict, b1: dict) -> str:
@@ -294,7 +299,7 @@ def _int8_target_checks(net: dict, b64: dict, b1: dict) -> str:
     gap = 100 * (net["errors"]["ort"][variant] - net["errors"]["ort"]["pruned fp32"])
     kept = net["deploy"][f"{variant} ort"]["layers_kept_float"]
     return (f"; after `--target ort-cpu-int8` ('{net['int8_target']['accepted']}', layers kept float32 at batch 64: "
-            + (", ".join(f"`{k}`" for k in kept) if kept else "none")
+            + _layer_names(kept)
             + f"): error {gap:+.2f} points against pruned fp32; faster than both pruned fp32 and dense int8: batch 64 "
             f"{_against(b64[variant], b64['pruned fp32'], b64['dense int8'])}, batch 1 "
             f"{_against(b1[variant], b1['pruned fp32'], b1['dense int8'])}; faster than pruned fp32 after `--target "
